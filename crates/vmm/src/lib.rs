@@ -1,0 +1,24 @@
+//! ferry's virtual machine monitor: one process per VM.
+//!
+//! - [`vm`]: the VM and its control loop (pause, resume, snapshot, API);
+//! - [`vcpu`]: vCPU state and threads; [`cpuid`]: what a vCPU is told about its CPU;
+//! - [`memory`]: guest RAM, KVM slots, dirty-page tracking; [`layout`]: the physical map;
+//! - [`boot`]: kernel loading (PVH, Multiboot, bzImage);
+//! - [`kvm_vm`]: in-kernel irqchip, PIT and clock; [`devices`], [`bus`], [`serial_backend`];
+//! - [`snapshot`]: the on-disk snapshot; [`api_server`]: the control socket.
+
+pub mod api_server;
+pub mod boot;
+pub mod bus;
+pub mod cpuid;
+pub mod devices;
+pub mod event;
+pub mod kvm_vm;
+pub mod layout;
+pub mod memory;
+pub mod serial_backend;
+pub mod snapshot;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{error_chain, RestoreOverrides, RunOptions, Vm, VmError, VmExit};

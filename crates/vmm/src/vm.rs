@@ -1,0 +1,555 @@
+//! A running VM and its control loop.
+//!
+//! [`Vm`] owns the KVM VM, guest memory, devices and vCPU threads. [`Vm::run`] is the control
+//! loop: it serves API requests (pause, resume, save, status, quit) and ends the VM when the
+//! guest powers off or resets, a vCPU fails, or the process is asked to stop (SIGINT/SIGTERM).
+//! Everything that touches the whole VM happens on this one thread, so no two requests race.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_api::{
+    ConfigError, Request, Response, ResponseBody, SerialBackend, VmConfig, VmRunState, VmStatus,
+};
+use ferry_devices::VmAction;
+use ferry_migration::Persist;
+use vmm_sys_util::signal::Killable;
+
+use crate::api_server::{ApiError, ApiServer};
+use crate::boot::{self, BootEntry, BootError};
+use crate::bus::PioBus;
+use crate::cpuid::{self, CpuidError};
+use crate::devices::{Devices, DevicesArgs, DevicesError};
+use crate::event::Event;
+use crate::kvm_vm::{KvmVm, KvmVmError};
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::vcpu::{self, Vcpu, VcpuAck, VcpuCmd, VcpuError, VcpuEvent};
+
+/// How long a vCPU may take to acknowledge a pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors creating, running or restoring a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("{wanted_mib} MiB of guest memory requested, but this host has only {available_mib} MiB available")]
+    HostMemory { wanted_mib: u64, available_mib: u64 },
+    #[error(transparent)]
+    Kvm(#[from] KvmVmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("creating vCPU {id} failed")]
+    CreateVcpu {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
+    #[error("cannot wire the device bus")]
+    Bus(#[from] crate::bus::Overlap),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    #[error("vCPU {id} did not pause within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout { id: u8 },
+    #[error("vCPU {id} thread is gone")]
+    VcpuGone { id: u8 },
+    #[error("vCPU {id} stopped: {msg}")]
+    VcpuFailed { id: u8, msg: String },
+}
+
+/// Why a VM ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (ferry ends the VM rather than rebooting it, like Firecracker).
+    Reset,
+    /// An API client asked the VMM to quit.
+    Quit,
+    /// The process got SIGINT or SIGTERM.
+    Signal,
+}
+
+/// Host-side options that are not part of the VM's config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Serve the control API on this unix socket.
+    pub api: Option<PathBuf>,
+    /// Create the VM with its vCPUs paused.
+    pub paused: bool,
+}
+
+/// Host-side overrides when restoring a snapshot (host ends of the serial ports).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOverrides {
+    pub serial: Option<SerialBackend>,
+    pub serial2: Option<SerialBackend>,
+}
+
+struct VcpuHandle {
+    id: u8,
+    thread: Option<JoinHandle<()>>,
+    cmds: Sender<VcpuCmd>,
+    acks: Receiver<VcpuAck>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            let _ = t.kill(vcpu::kick_signal());
+        }
+    }
+
+    fn wait_ack(&self, want: VcpuAck) -> Result<(), VmError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            match self.acks.recv_timeout(Duration::from_millis(1)) {
+                Ok(a) if a == want => return Ok(()),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(VmError::PauseTimeout { id: self.id });
+                    }
+                    if want == VcpuAck::Paused {
+                        // The first kick may land before the thread enters KVM_RUN; keep kicking.
+                        self.kick();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VmError::VcpuGone { id: self.id })
+                }
+            }
+        }
+    }
+}
+
+/// A VM.
+pub struct Vm {
+    config: VmConfig,
+    kvm_vm: KvmVm,
+    memory: GuestMemory,
+    devices: Devices,
+    vcpus: Vec<VcpuHandle>,
+    events_tx: Sender<Event>,
+    events: Receiver<Event>,
+    state: VmRunState,
+    started: Instant,
+    boot: Option<BootEntry>,
+    api: Option<ApiServer>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let _ = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal);
+    }
+}
+
+/// Memory the host can still give, from /proc/meminfo.
+fn host_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn check_host_memory(config: &VmConfig) -> Result<(), VmError> {
+    let wanted = config.memory_mib << 20;
+    if let Some(avail) = host_available_bytes() {
+        if wanted > avail {
+            return Err(VmError::HostMemory {
+                wanted_mib: config.memory_mib,
+                available_mib: avail >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Create a VM from `config`, load its kernel and start its vCPUs.
+    pub fn create(config: VmConfig, opts: RunOptions) -> Result<Vm, VmError> {
+        config.validate()?;
+        check_host_memory(&config)?;
+        // Fail on an unreadable kernel before touching KVM.
+        std::fs::metadata(&config.kernel).map_err(|source| BootError::OpenKernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        let kvm_vm = KvmVm::create()?;
+        let memory = memory::create_guest_memory(config.memory_mib << 20)?;
+        memory::register_slots(&kvm_vm.fd, &memory, false)?;
+        let entry = boot::load_kernel(
+            &memory,
+            &config.kernel,
+            &config.cmdline,
+            config.initrd.as_deref(),
+        )?;
+        tracing::info!(
+            "booting {} by {}",
+            config.kernel.display(),
+            entry.protocol()
+        );
+
+        let devices = Devices::new(DevicesArgs {
+            vm: &kvm_vm.fd,
+            serial: &config.serial,
+            serial2: &config.serial2,
+        })?;
+
+        let mut base = cpuid::supported(&kvm_vm.kvm)?;
+        let probe_fd = kvm_vm
+            .fd
+            .create_vcpu(0)
+            .map_err(|source| VmError::CreateVcpu { id: 0, source })?;
+        probe_fd
+            .set_cpuid2(&cpuid::for_vcpu(&base, 0, config.vcpus)?)
+            .map_err(|source| VcpuError::Kvm {
+                id: 0,
+                what: "KVM_SET_CPUID2",
+                source,
+            })?;
+        let msr_list = Arc::new(cpuid::saveable_msrs(&kvm_vm.kvm, &probe_fd)?);
+        cpuid::hide_unusable(&mut base, &msr_list);
+        if let Ok(khz) = probe_fd.get_tsc_khz() {
+            cpuid::add_timing_leaf(&mut base, khz);
+        }
+        let mut fds = vec![probe_fd];
+        for id in 1..config.vcpus {
+            fds.push(
+                kvm_vm
+                    .fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(|source| VmError::CreateVcpu { id, source })?,
+            );
+        }
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (id, fd) in fds.into_iter().enumerate() {
+            let id = id as u8;
+            let v = Vcpu::new(
+                id,
+                fd,
+                &cpuid::for_vcpu(&base, id, config.vcpus)?,
+                msr_list.clone(),
+            )?;
+            v.configure(entry)?;
+            vcpus.push(v);
+        }
+        Vm::assemble(config, kvm_vm, memory, devices, vcpus, Some(entry), opts)
+    }
+
+    /// Restore a VM from a snapshot directory written by `save`.
+    pub fn restore(
+        dir: &Path,
+        overrides: RestoreOverrides,
+        opts: RunOptions,
+    ) -> Result<Vm, VmError> {
+        let (snap, mut mem_file) = snapshot::read(dir)?;
+        let Snapshot {
+            mut config,
+            vm: vm_state,
+            vcpus: vcpu_states,
+            devices: dev_state,
+            ..
+        } = snap;
+        if let Some(s) = overrides.serial {
+            config.serial = s;
+        }
+        if let Some(s) = overrides.serial2 {
+            config.serial2 = s;
+        }
+        config.validate()?;
+        check_host_memory(&config)?;
+        let kvm_vm = KvmVm::create()?;
+        let memory = memory::create_guest_memory(config.memory_mib << 20)?;
+        memory::load_from_file(&memory, &mut mem_file)?;
+        memory::register_slots(&kvm_vm.fd, &memory, false)?;
+        let kvm_vm = KvmVm::restore(kvm_vm, &vm_state)?;
+        let devices = Devices::restore(
+            DevicesArgs {
+                vm: &kvm_vm.fd,
+                serial: &config.serial,
+                serial2: &config.serial2,
+            },
+            &dev_state,
+        )?;
+        let msr_list: Arc<Vec<u32>> = Arc::new(
+            vcpu_states
+                .first()
+                .map(|s| s.msrs.iter().map(|m| m.index).collect())
+                .unwrap_or_default(),
+        );
+        let mut vcpus = Vec::with_capacity(vcpu_states.len());
+        for s in &vcpu_states {
+            let fd = kvm_vm
+                .fd
+                .create_vcpu(u64::from(s.id))
+                .map_err(|source| VmError::CreateVcpu { id: s.id, source })?;
+            vcpus.push(Vcpu::restore((s.id, fd, msr_list.clone()), s)?);
+        }
+        Vm::assemble(config, kvm_vm, memory, devices, vcpus, None, opts)
+    }
+
+    fn assemble(
+        config: VmConfig,
+        kvm_vm: KvmVm,
+        memory: GuestMemory,
+        devices: Devices,
+        vcpus: Vec<Vcpu>,
+        boot: Option<BootEntry>,
+        opts: RunOptions,
+    ) -> Result<Vm, VmError> {
+        vcpu::install_kick_handler().map_err(VmError::Thread)?;
+        install_stop_handlers();
+        let mut bus = PioBus::default();
+        devices.attach(&mut bus)?;
+        let bus = Arc::new(bus);
+        let (events_tx, events) = mpsc::channel();
+        let api = opts
+            .api
+            .as_deref()
+            .map(|p| ApiServer::start(p, events_tx.clone()))
+            .transpose()?;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for v in vcpus {
+            let id = v.id;
+            let (cmd_tx, cmd_rx) = mpsc::channel();
+            let (ack_tx, ack_rx) = mpsc::channel();
+            let (bus, ev) = (bus.clone(), events_tx.clone());
+            let paused = opts.paused;
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_thread(v, bus, cmd_rx, ack_tx, ev, paused))
+                .map_err(VmError::Thread)?;
+            handles.push(VcpuHandle {
+                id,
+                thread: Some(thread),
+                cmds: cmd_tx,
+                acks: ack_rx,
+            });
+        }
+        Ok(Vm {
+            config,
+            kvm_vm,
+            memory,
+            devices,
+            vcpus: handles,
+            events_tx,
+            events,
+            state: if opts.paused {
+                VmRunState::Paused
+            } else {
+                VmRunState::Running
+            },
+            started: Instant::now(),
+            boot,
+            api,
+        })
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// How the VM booted (None when restored).
+    pub fn boot_entry(&self) -> Option<BootEntry> {
+        self.boot
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The KVM VM fd (dirty logging, tests).
+    pub fn vm_fd(&self) -> &kvm_ioctls::VmFd {
+        &self.kvm_vm.fd
+    }
+
+    /// A sender for injecting events (API requests) into the control loop.
+    pub fn event_sender(&self) -> Sender<Event> {
+        self.events_tx.clone()
+    }
+
+    /// Stop every vCPU (they leave KVM_RUN and wait).
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.state == VmRunState::Paused {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            let _ = v.cmds.send(VcpuCmd::Pause);
+            v.kick();
+        }
+        for v in &self.vcpus {
+            v.wait_ack(VcpuAck::Paused)?;
+        }
+        self.state = VmRunState::Paused;
+        Ok(())
+    }
+
+    /// Let every vCPU run again.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.state == VmRunState::Running {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            let _ = v.cmds.send(VcpuCmd::Resume);
+        }
+        for v in &self.vcpus {
+            v.wait_ack(VcpuAck::Resumed)?;
+        }
+        self.state = VmRunState::Running;
+        Ok(())
+    }
+
+    /// The state of every vCPU, the in-kernel devices and the emulated devices. The VM must
+    /// be paused.
+    pub fn save_state(&self) -> Result<Snapshot, VmError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let (tx, rx) = mpsc::channel();
+            v.cmds
+                .send(VcpuCmd::Save(tx))
+                .map_err(|_| VmError::VcpuGone { id: v.id })?;
+            vcpus.push(rx.recv().map_err(|_| VmError::VcpuGone { id: v.id })??);
+        }
+        Ok(Snapshot {
+            config: self.config.clone(),
+            memory_bytes: memory::total_bytes(&self.memory),
+            memory_crc32: 0,
+            vm: self.kvm_vm.save()?,
+            vcpus,
+            devices: self.devices.save()?,
+        })
+    }
+
+    /// Pause (if needed) and write a snapshot to `dir`; the VM stays paused.
+    pub fn save_snapshot(&mut self, dir: &Path) -> Result<u64, VmError> {
+        self.pause()?;
+        let snap = self.save_state()?;
+        Ok(snapshot::write(dir, &self.memory, snap)?)
+    }
+
+    /// The VM's status.
+    pub fn status(&self) -> VmStatus {
+        VmStatus {
+            state: self.state,
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    fn handle(&mut self, req: Request) -> (Response, bool) {
+        let r = match req {
+            Request::Status => Ok(ResponseBody::Status(self.status())),
+            Request::Pause => self.pause().map(|_| ResponseBody::Status(self.status())),
+            Request::Resume => self.resume().map(|_| ResponseBody::Status(self.status())),
+            Request::Save { dir } => {
+                let t = Instant::now();
+                self.save_snapshot(&dir).map(|written| ResponseBody::Saved {
+                    dir,
+                    memory_bytes: written,
+                    ms: t.elapsed().as_millis() as u64,
+                })
+            }
+            Request::Quit => return (Response::Ok(ResponseBody::Done), true),
+        };
+        match r {
+            Ok(body) => (Response::Ok(body), false),
+            Err(e) => (Response::Error(error_chain(&e)), false),
+        }
+    }
+
+    /// Run the control loop until the VM ends.
+    pub fn run(mut self) -> Result<VmExit, VmError> {
+        let result = loop {
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(Event::Vcpu(VcpuEvent::Action(id, action))) => {
+                    tracing::info!("vCPU {id}: guest {action:?}");
+                    break Ok(match action {
+                        VmAction::PowerOff => VmExit::PowerOff,
+                        VmAction::Reset => VmExit::Reset,
+                    });
+                }
+                Ok(Event::Vcpu(VcpuEvent::Failed(id, msg))) => {
+                    break Err(VmError::VcpuFailed { id, msg })
+                }
+                Ok(Event::Api(req, reply)) => {
+                    let (resp, quit) = self.handle(req);
+                    let _ = reply.send(resp);
+                    if quit {
+                        break Ok(VmExit::Quit);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if STOP.load(Ordering::SeqCst) {
+                        break Ok(VmExit::Signal);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break Ok(VmExit::Quit),
+            }
+        };
+        self.shutdown();
+        result
+    }
+
+    fn shutdown(&mut self) {
+        self.api = None;
+        for v in &self.vcpus {
+            let _ = v.cmds.send(VcpuCmd::Exit);
+            v.kick();
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                // A vCPU stuck in KVM_RUN is kicked until it sees Exit.
+                while !t.is_finished() {
+                    let _ = t.kill(vcpu::kick_signal());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
