@@ -1,0 +1,243 @@
+//! `ferry`: run, snapshot and restore VMs; write the test guest; benchmarks.
+
+mod bench;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_api::{Request, Response, ResponseBody, SerialBackend, VmConfig};
+use ferry_vmm::{api_server, RestoreOverrides, RunOptions, Vm, VmExit};
+
+/// ferry moves running virtual machines between hosts. This build runs VMs on KVM, saves and
+/// restores them, and ships its own test guest.
+#[derive(Parser)]
+#[command(name = "ferry", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run, control, save and restore VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Write ferry's test guest (an x86-64 ELF with PVH and Multiboot entries) to a file.
+    ///
+    /// The guest runs its workload in ring 3. Its command line selects it, e.g.
+    /// `mode=run hb=2 dirty=64 rate=0` (heartbeat on COM2 every ms, 64 MiB dirtier flat out)
+    /// or `mode=exit code=0`. On COM1 it prints a banner and `READY`, and answers `v`
+    /// (verify), `s` (status), `p` (power off), `r` (reset).
+    Testguest {
+        /// Where to write the ELF.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Boot the test guest, snapshot it, restore it in a new process and verify it: the
+    /// quickest proof that ferry works on this machine.
+    Demo(demo::DemoArgs),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Run a VM in the foreground until the guest powers off or resets (exit status 0).
+    ///
+    /// Example: ferry vm run --kernel guest.elf --cmdline "mode=run" --memory 256 --serial stdio
+    Run(RunArgs),
+    /// Restore a VM saved with `ferry vm save` and run it in the foreground.
+    Restore(RestoreArgs),
+    /// Pause a running VM (through its --api socket).
+    Pause(ApiArg),
+    /// Resume a paused VM.
+    Resume(ApiArg),
+    /// Show a VM's state.
+    Status(ApiArg),
+    /// Pause a VM and save its complete state and memory to DIR; it stays paused.
+    Save {
+        #[command(flatten)]
+        api: ApiArg,
+        /// An empty or new directory.
+        dir: PathBuf,
+    },
+    /// Stop a VM and end its VMM.
+    Quit(ApiArg),
+}
+
+#[derive(Args)]
+struct ApiArg {
+    /// The VM's control socket (as given to `vm run --api`).
+    #[arg(long)]
+    api: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel: ELF with a PVH note or Multiboot header, or a Linux bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// COM1: stdio, null, file:PATH or unix:PATH (ferry listens there).
+    #[arg(long, default_value = "stdio")]
+    serial: SerialBackend,
+    /// COM2: stdio, null, file:PATH or unix:PATH.
+    #[arg(long, default_value = "null")]
+    serial2: SerialBackend,
+    /// Serve the control API (pause, resume, save, status, quit) on this unix socket.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Create the VM paused; `ferry vm resume` starts it.
+    #[arg(long)]
+    paused: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// A directory written by `ferry vm save`.
+    dir: PathBuf,
+    /// COM1 backend (default: as saved).
+    #[arg(long)]
+    serial: Option<SerialBackend>,
+    /// COM2 backend (default: as saved).
+    #[arg(long)]
+    serial2: Option<SerialBackend>,
+    /// Serve the control API on this unix socket.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Restore paused; `ferry vm resume` starts it.
+    #[arg(long)]
+    paused: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Vm(cmd) => vm(cmd),
+        Cmd::Testguest { out } => std::fs::write(&out, ferry_testguest::elf())
+            .with_context(|| format!("writing {}", out.display())),
+        Cmd::Bench(cmd) => bench::run(cmd),
+        Cmd::Demo(a) => demo::run(a),
+    }
+}
+
+fn report(exit: VmExit) {
+    tracing::info!("VM ended: {exit:?}");
+}
+
+fn vm(cmd: VmCmd) -> Result<()> {
+    match cmd {
+        VmCmd::Run(a) => {
+            let config = VmConfig {
+                kernel: a.kernel,
+                cmdline: a.cmdline,
+                initrd: a.initrd,
+                memory_mib: a.memory,
+                vcpus: a.vcpus,
+                serial: a.serial,
+                serial2: a.serial2,
+            };
+            let vm = Vm::create(
+                config,
+                RunOptions {
+                    api: a.api,
+                    paused: a.paused,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?;
+            report(
+                vm.run()
+                    .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?,
+            );
+            Ok(())
+        }
+        VmCmd::Restore(a) => {
+            let overrides = RestoreOverrides {
+                serial: a.serial,
+                serial2: a.serial2,
+            };
+            let vm = Vm::restore(
+                &a.dir,
+                overrides,
+                RunOptions {
+                    api: a.api,
+                    paused: a.paused,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?;
+            report(
+                vm.run()
+                    .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?,
+            );
+            Ok(())
+        }
+        VmCmd::Pause(a) => call(&a.api, Request::Pause),
+        VmCmd::Resume(a) => call(&a.api, Request::Resume),
+        VmCmd::Status(a) => call(&a.api, Request::Status),
+        VmCmd::Save { api, dir } => {
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            call(&api.api, Request::Save { dir })
+        }
+        VmCmd::Quit(a) => call(&a.api, Request::Quit),
+    }
+}
+
+fn call(api: &std::path::Path, req: Request) -> Result<()> {
+    let resp = api_server::call(api, &req).with_context(|| {
+        format!(
+            "cannot reach the VMM at {} (is it running with --api?)",
+            api.display()
+        )
+    })?;
+    match resp {
+        Response::Ok(ResponseBody::Status(s)) => {
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Saved {
+            dir,
+            memory_bytes,
+            ms,
+        }) => {
+            println!(
+                "saved to {} in {ms} ms ({} MiB of memory written)",
+                dir.display(),
+                memory_bytes >> 20
+            );
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Done) => Ok(()),
+        Response::Error(e) => bail!("{e}"),
+    }
+}
