@@ -5,5 +5,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{PioDevice, VmAction};

@@ -1,0 +1,60 @@
+//! Saved virtio-blk state. The image itself is not state: it is reopened by path, and its
+//! size must not have changed.
+
+use std::fs::File;
+
+use ferry_migration::Persist;
+use serde::{Deserialize, Serialize};
+
+use super::Block;
+
+/// What a block device must carry besides its transport and queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    pub serial: String,
+    pub acked_features: u64,
+}
+
+/// Why a block device could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockPersistError {
+    #[error("cannot read the disk image")]
+    Io(#[from] std::io::Error),
+    #[error("disk image has {now} sectors, the saved VM had {saved}: it was resized or replaced")]
+    Resized { saved: u64, now: u64 },
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    /// The reopened image.
+    type ConstructorArgs = File;
+    type Error = BlockPersistError;
+
+    fn save(&self) -> Result<BlockState, BlockPersistError> {
+        let end = self
+            .serial
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.serial.len());
+        Ok(BlockState {
+            capacity_sectors: self.capacity_sectors,
+            read_only: self.read_only,
+            serial: String::from_utf8_lossy(&self.serial[..end]).into_owned(),
+            acked_features: self.acked_features,
+        })
+    }
+
+    fn restore(file: File, s: &BlockState) -> Result<Block, BlockPersistError> {
+        let mut b = Block::new(file, s.read_only, &s.serial)?;
+        if b.capacity_sectors != s.capacity_sectors {
+            return Err(BlockPersistError::Resized {
+                saved: s.capacity_sectors,
+                now: b.capacity_sectors,
+            });
+        }
+        b.acked_features = s.acked_features;
+        Ok(b)
+    }
+}
