@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 64;
+/// Most virtio devices (disks + network cards) a VM may have.
+pub const MAX_VIRTIO_DEVICES: usize = 16;
 
 /// Where a serial port's bytes go (and, for `stdio` and `unix`, come from).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -54,6 +56,125 @@ impl FromStr for SerialBackend {
     }
 }
 
+/// A virtio-blk disk on a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Expose the disk read-only (several VMMs may then share it).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial number the guest reads (up to 20 bytes); default `ferry-diskN`.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `PATH[,readonly][,serial=S]`
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ConfigError::Disk(s.into()))?;
+        let mut d = DiskConfig {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+        };
+        for p in parts {
+            match p.split_once('=') {
+                None if p == "readonly" || p == "ro" => d.read_only = true,
+                Some(("serial", v)) if !v.is_empty() && v.len() <= 20 => d.serial = Some(v.into()),
+                _ => return Err(ConfigError::Disk(s.into())),
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// Where a virtio-net card is plugged in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetBackend {
+    /// An existing tap device (e.g. made with `ip tuntap add NAME mode tap`).
+    Tap(String),
+    /// A bridge: ferry makes a tap, attaches it and removes it when the VM ends.
+    Bridge(String),
+}
+
+/// A virtio-net card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+    /// The card's MAC, `52:54:00:xx:xx:xx` style; ferry picks one if unset, and keeps it for
+    /// the VM's lifetime (it travels with snapshots and moves).
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// `tap=NAME[,mac=MAC]` or `bridge=BR[,mac=MAC]`
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Net(s.into());
+        let mut backend = None;
+        let mut mac = None;
+        for p in s.split(',') {
+            match p.split_once('=') {
+                Some(("tap", v)) if valid_ifname(v) => backend = Some(NetBackend::Tap(v.into())),
+                Some(("bridge", v)) if valid_ifname(v) => {
+                    backend = Some(NetBackend::Bridge(v.into()))
+                }
+                Some(("mac", v)) => {
+                    parse_mac(v).ok_or_else(bad)?;
+                    mac = Some(v.to_ascii_lowercase());
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(NetConfig {
+            backend: backend.ok_or_else(bad)?,
+            mac,
+        })
+    }
+}
+
+fn valid_ifname(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 15
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut it = s.split(':');
+    for b in mac.iter_mut() {
+        let part = it.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(part, 16).ok()?;
+    }
+    if it.next().is_some() || mac[0] & 1 != 0 {
+        return None;
+    }
+    Some(mac)
+}
+
+/// Format a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 /// A VM's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -77,6 +198,12 @@ pub struct VmConfig {
     /// COM2 (0x2f8, IRQ 3).
     #[serde(default)]
     pub serial2: SerialBackend,
+    /// virtio-blk disks.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net cards.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 fn default_memory_mib() -> u64 {
@@ -100,6 +227,16 @@ pub enum ConfigError {
     TwoStdio,
     #[error("COM1 and COM2 cannot share {0}")]
     SharedPath(String),
+    #[error("disk {0:?} is not PATH[,readonly][,serial=S] (serial up to 20 bytes)")]
+    Disk(String),
+    #[error("network card {0:?} is not tap=NAME[,mac=MAC] or bridge=BR[,mac=MAC]")]
+    Net(String),
+    #[error("too many devices: at most {MAX_VIRTIO_DEVICES} disks and network cards together")]
+    TooManyDevices,
+    #[error("disk {0} is given twice")]
+    DuplicateDisk(String),
+    #[error("MAC {0} is not a unicast address like 52:54:00:12:34:56")]
+    Mac(String),
 }
 
 impl VmConfig {
@@ -113,6 +250,8 @@ impl VmConfig {
             vcpus: default_vcpus(),
             serial: SerialBackend::Null,
             serial2: SerialBackend::Null,
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -133,6 +272,19 @@ impl VmConfig {
                 return Err(ConfigError::SharedPath(a.display().to_string()))
             }
             _ => {}
+        }
+        if self.disks.len() + self.nets.len() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices);
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if self.disks[..i].iter().any(|o| o.path == d.path) {
+                return Err(ConfigError::DuplicateDisk(d.path.display().to_string()));
+            }
+        }
+        for n in &self.nets {
+            if let Some(m) = &n.mac {
+                parse_mac(m).ok_or_else(|| ConfigError::Mac(m.clone()))?;
+            }
         }
         Ok(())
     }
@@ -170,6 +322,38 @@ mod tests {
         c.serial = SerialBackend::Stdio;
         c.serial2 = SerialBackend::Stdio;
         assert_eq!(c.validate(), Err(ConfigError::TwoStdio));
+    }
+
+    #[test]
+    fn disks_and_nets_parse() {
+        let d: DiskConfig = "/img/a.raw,readonly,serial=abc".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img/a.raw".into(),
+                read_only: true,
+                serial: Some("abc".into())
+            }
+        );
+        assert!("".parse::<DiskConfig>().is_err());
+        assert!("/a,bogus".parse::<DiskConfig>().is_err());
+        let n: NetConfig = "bridge=br0,mac=52:54:00:AA:bb:01".parse().unwrap();
+        assert_eq!(n.backend, NetBackend::Bridge("br0".into()));
+        assert_eq!(n.mac.as_deref(), Some("52:54:00:aa:bb:01"));
+        assert!("tap=".parse::<NetConfig>().is_err());
+        assert!(
+            "tap=x,mac=01:00:00:00:00:00".parse::<NetConfig>().is_err(),
+            "multicast"
+        );
+        assert!("tap=waytoolonginterfacename".parse::<NetConfig>().is_err());
+        assert!(
+            "mac=52:54:00:00:00:01".parse::<NetConfig>().is_err(),
+            "no backend"
+        );
+        assert_eq!(
+            format_mac(&parse_mac("52:54:00:0a:0b:0c").unwrap()),
+            "52:54:00:0a:0b:0c"
+        );
     }
 
     #[test]

@@ -6,5 +6,8 @@
 mod config;
 mod control;
 
-pub use config::{ConfigError, SerialBackend, VmConfig, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use config::{
+    format_mac, parse_mac, ConfigError, DiskConfig, NetBackend, NetConfig, SerialBackend, VmConfig,
+    MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+};
 pub use control::{Request, Response, ResponseBody, VmRunState, VmStatus};

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry_api::{Request, Response, ResponseBody, SerialBackend, VmConfig};
+use ferry_api::{DiskConfig, NetConfig, Request, Response, ResponseBody, SerialBackend, VmConfig};
 use ferry_vmm::{api_server, RestoreOverrides, RunOptions, Vm, VmExit};
 
 /// ferry moves running virtual machines between hosts. This build runs VMs on KVM, saves and
@@ -99,6 +99,14 @@ struct RunArgs {
     /// COM2: stdio, null, file:PATH or unix:PATH.
     #[arg(long, default_value = "null")]
     serial2: SerialBackend,
+    /// A virtio disk on a raw image: PATH[,readonly][,serial=S]. Repeat for more disks.
+    /// The image is locked: a second VMM cannot open it for writing.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<DiskConfig>,
+    /// A virtio network card: tap=NAME[,mac=MAC] (an existing tap) or bridge=BR[,mac=MAC]
+    /// (ferry makes a tap on bridge BR and removes it at exit). Repeat for more cards.
+    #[arg(long = "net", value_name = "tap=NAME|bridge=BR")]
+    nets: Vec<NetConfig>,
     /// Serve the control API (pause, resume, save, status, quit) on this unix socket.
     #[arg(long)]
     api: Option<PathBuf>,
@@ -167,6 +175,8 @@ fn vm(cmd: VmCmd) -> Result<()> {
                 vcpus: a.vcpus,
                 serial: a.serial,
                 serial2: a.serial2,
+                disks: a.disks,
+                nets: a.nets,
             };
             let vm = Vm::create(
                 config,

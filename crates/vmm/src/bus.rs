@@ -66,6 +66,78 @@ impl PioBus {
     }
 }
 
+/// A device on the MMIO bus (virtio-mmio transports). `offset` is relative to its base.
+pub trait MmioDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+impl<D: ferry_devices::virtio::VirtioDevice> MmioDevice
+    for Mutex<ferry_devices::virtio::mmio::MmioTransport<D>>
+{
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data)
+    }
+}
+
+/// Address ranges and their MMIO devices.
+#[derive(Default)]
+pub struct MmioBus {
+    ranges: Vec<(u64, u64, Arc<dyn MmioDevice>)>,
+}
+
+impl MmioBus {
+    /// Place `dev` at `base..base+len`.
+    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<dyn MmioDevice>) -> Result<(), Overlap> {
+        if self
+            .ranges
+            .iter()
+            .any(|&(b, l, _)| base < b + l && b < base + len)
+        {
+            return Err(Overlap { base: 0, len: 0 });
+        }
+        self.ranges.push((base, len, dev));
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, &Arc<dyn MmioDevice>)> {
+        self.ranges
+            .iter()
+            .find(|(b, l, _)| addr >= *b && addr < b + l)
+            .map(|(b, _, d)| (addr - b, d))
+    }
+
+    /// A guest read; false when nothing is mapped there.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((off, d)) => {
+                d.read(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A guest write; false when nothing is mapped there.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((off, d)) => {
+                d.write(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,19 +1,39 @@
-//! The VM's device set: two UARTs, the i8042 reset line and the ACPI PM1a control port,
-//! placed on the port-I/O bus, wired to interrupts, saved and restored together.
+//! The VM's device set: two UARTs, the i8042 reset line, the ACPI PM1a control port, and the
+//! virtio-mmio disks and network cards; placed on the buses, wired to interrupts, saved and
+//! restored together.
+//!
+//! Virtio slot `i` (disks first, then network cards) has its registers at
+//! `VIRTIO_MMIO_BASE + i * 4 KiB` and IOAPIC pin `VIRTIO_IRQS[i]`; the guest learns of it from
+//! a `virtio_mmio.device=4K@BASE:IRQ` token added to its command line. QueueNotify writes go
+//! to KVM ioeventfds, so a notification wakes the device's worker without leaving the kernel.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ferry_api::SerialBackend;
+use ferry_api::{parse_mac, NetBackend, SerialBackend, VmConfig};
 use ferry_devices::legacy::{I8042State, PmState, PowerManagement, I8042, PM_BASE};
 use ferry_devices::serial::{IrqTrigger, SerialDevice, SerialDeviceState, SERIAL_PORT_LEN};
+use ferry_devices::virtio::block::{Block, BlockState};
+use ferry_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use ferry_devices::virtio::net::{Net, NetState};
+use ferry_devices::virtio::persist::{MmioArgs, MmioState};
+use ferry_devices::virtio::worker::{self, Worker};
+use ferry_devices::virtio::{GuestMemoryMmap, Interrupt, VirtioDevice};
 use ferry_migration::Persist;
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::PioBus;
+use crate::bus::{MmioBus, PioBus};
+use crate::host_io::{self, HostIoError};
 use crate::serial_backend::{self, BackendError, OpenedBackend};
+
+/// First virtio-mmio register window (inside the 32-bit MMIO gap).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// IOAPIC pins for virtio slots (ISA-style edge interrupts, avoiding the PIT, UARTs, RTC).
+pub const VIRTIO_IRQS: [u32; 16] = [5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22];
 
 /// COM1 base port and IRQ.
 pub const COM1: (u16, u32) = (0x3f8, 4);
@@ -39,6 +59,108 @@ pub enum DevicesError {
     Serial(#[from] ferry_devices::serial::persist::SerialPersistError),
     #[error("cannot start serial input thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    HostIo(#[from] HostIoError),
+    #[error("cannot set up virtio device {index}")]
+    Virtio {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot wire virtio device {index}'s notifications")]
+    Ioevent {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("virtio device {index} state")]
+    VirtioState {
+        index: usize,
+        #[source]
+        source: ferry_devices::virtio::persist::MmioPersistError,
+    },
+    #[error("the saved VM has {saved} virtio devices, its config {config}")]
+    VirtioCount { saved: usize, config: usize },
+    #[error("virtio device {0} in the saved VM is of another kind than in its config")]
+    VirtioKind(usize),
+}
+
+/// Saved state of one virtio slot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioSlotState {
+    Block(MmioState<BlockState>),
+    Net(MmioState<NetState>),
+}
+
+enum VirtioKind {
+    Block(Arc<Mutex<MmioTransport<Block>>>),
+    Net(Arc<Mutex<MmioTransport<Net>>>),
+}
+
+/// One virtio device: its transport, where it sits, and its worker thread.
+pub struct VirtioSlot {
+    pub base: u64,
+    pub irq: u32,
+    kind: VirtioKind,
+    _worker: Worker,
+}
+
+impl VirtioSlot {
+    fn with<R>(&self, f: impl FnOnce(&mut dyn PauseSave) -> R) -> R {
+        match &self.kind {
+            VirtioKind::Block(t) => f(&mut *t.lock().unwrap_or_else(|e| e.into_inner())),
+            VirtioKind::Net(t) => f(&mut *t.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
+/// What the VM does to a virtio transport, whatever the device.
+trait PauseSave {
+    fn pause(&mut self, paused: bool);
+    fn save_slot(
+        &self,
+    ) -> Result<VirtioSlotState, ferry_devices::virtio::persist::MmioPersistError>;
+}
+
+impl PauseSave for MmioTransport<Block> {
+    fn pause(&mut self, paused: bool) {
+        self.set_paused(paused)
+    }
+    fn save_slot(
+        &self,
+    ) -> Result<VirtioSlotState, ferry_devices::virtio::persist::MmioPersistError> {
+        self.save().map(VirtioSlotState::Block)
+    }
+}
+
+impl PauseSave for MmioTransport<Net> {
+    fn pause(&mut self, paused: bool) {
+        self.set_paused(paused)
+    }
+    fn save_slot(
+        &self,
+    ) -> Result<VirtioSlotState, ferry_devices::virtio::persist::MmioPersistError> {
+        self.save().map(VirtioSlotState::Net)
+    }
+}
+
+/// The `virtio_mmio.device=` tokens announcing `count` virtio slots on a kernel command line.
+pub fn virtio_cmdline(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+                VIRTIO_IRQS[i]
+            )
+        })
+        .collect()
+}
+
+/// The name of the tap ferry makes for network card `index` of this process.
+pub fn own_tap_name(index: usize) -> String {
+    format!("fy{}n{index}", std::process::id())
 }
 
 /// Saved state of every device.
@@ -50,6 +172,8 @@ pub struct DevicesState {
     pub i8042: I8042State,
     #[serde(default)]
     pub pm: PmState,
+    #[serde(default)]
+    pub virtio: Vec<VirtioSlotState>,
 }
 
 /// The device set of a VM.
@@ -58,6 +182,7 @@ pub struct Devices {
     pub com2: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub pm: Arc<Mutex<PowerManagement>>,
+    pub virtio: Vec<VirtioSlot>,
     /// Socket files to remove when the VMM ends.
     pub sockets: Vec<PathBuf>,
 }
@@ -80,8 +205,151 @@ fn irq(vm: &VmFd, irq: u32) -> Result<IrqTrigger, DevicesError> {
 /// What the devices need from their surroundings.
 pub struct DevicesArgs<'a> {
     pub vm: &'a VmFd,
-    pub serial: &'a SerialBackend,
-    pub serial2: &'a SerialBackend,
+    pub config: &'a VmConfig,
+    pub mem: &'a GuestMemoryMmap,
+}
+
+fn nonblocking_eventfd() -> std::io::Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK)
+}
+
+/// Build (or restore) the transport of virtio slot `index` around `device` and start its
+/// worker.
+fn virtio_slot<D>(
+    args: &DevicesArgs<'_>,
+    index: usize,
+    name: &str,
+    build: impl FnOnce(Interrupt, EventFd) -> Result<MmioTransport<D>, DevicesError>,
+    wrap: impl FnOnce(Arc<Mutex<MmioTransport<D>>>) -> VirtioKind,
+    queues: usize,
+) -> Result<VirtioSlot, DevicesError>
+where
+    D: VirtioDevice,
+{
+    let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW;
+    let irq_no = VIRTIO_IRQS[index];
+    let io = |source| DevicesError::Virtio { index, source };
+    let irq_evt = nonblocking_eventfd().map_err(io)?;
+    args.vm
+        .register_irqfd(&irq_evt, irq_no)
+        .map_err(|source| DevicesError::Irqfd {
+            irq: irq_no,
+            source,
+        })?;
+    let transport = build(Interrupt::new(irq_evt), nonblocking_eventfd().map_err(io)?)?;
+    let mut queue_evts = Vec::with_capacity(queues);
+    for q in 0..queues {
+        let evt = nonblocking_eventfd().map_err(io)?;
+        args.vm
+            .register_ioevent(&evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+            .map_err(|source| DevicesError::Ioevent { index, source })?;
+        queue_evts.push(evt);
+    }
+    let shared = Arc::new(Mutex::new(transport));
+    let worker = worker::spawn(format!("{name}{index}"), shared.clone(), queue_evts).map_err(io)?;
+    Ok(VirtioSlot {
+        base,
+        irq: irq_no,
+        kind: wrap(shared),
+        _worker: worker,
+    })
+}
+
+fn open_net(config: &VmConfig, i: usize) -> Result<(File, [u8; 6]), DevicesError> {
+    let net = &config.nets[i];
+    let tap = match &net.backend {
+        NetBackend::Tap(name) => host_io::open_tap(name)?,
+        NetBackend::Bridge(br) => {
+            let name = own_tap_name(i);
+            let f = host_io::open_tap(&name)?;
+            host_io::attach_to_bridge(&name, br)?;
+            f
+        }
+    };
+    let mac = net
+        .mac
+        .as_deref()
+        .and_then(parse_mac)
+        .unwrap_or([0x52, 0x54, 0, 0, 0, i as u8]);
+    Ok((tap, mac))
+}
+
+fn build_virtio(
+    args: &DevicesArgs<'_>,
+    saved: Option<&[VirtioSlotState]>,
+) -> Result<Vec<VirtioSlot>, DevicesError> {
+    let cfg = args.config;
+    let total = cfg.disks.len() + cfg.nets.len();
+    if let Some(s) = saved {
+        if s.len() != total {
+            return Err(DevicesError::VirtioCount {
+                saved: s.len(),
+                config: total,
+            });
+        }
+    }
+    let mut slots = Vec::with_capacity(total);
+    for index in 0..total {
+        let state = saved.map(|s| &s[index]);
+        let mem = args.mem.clone();
+        let vstate = |source| DevicesError::VirtioState { index, source };
+        let slot = if index < cfg.disks.len() {
+            let d = &cfg.disks[index];
+            let file = host_io::open_disk(&d.path, d.read_only)?;
+            let serial = d
+                .serial
+                .clone()
+                .unwrap_or_else(|| format!("ferry-disk{index}"));
+            let build = |interrupt, kick| match state {
+                None => {
+                    let dev = Block::new(file, d.read_only, &serial)
+                        .map_err(|source| DevicesError::Virtio { index, source })?;
+                    MmioTransport::new(dev, mem, interrupt, kick).map_err(|e| {
+                        DevicesError::Virtio {
+                            index,
+                            source: std::io::Error::other(format!("{e:?}")),
+                        }
+                    })
+                }
+                Some(VirtioSlotState::Block(s)) => MmioTransport::restore(
+                    MmioArgs {
+                        device: file,
+                        mem,
+                        interrupt,
+                        kick,
+                    },
+                    s,
+                )
+                .map_err(vstate),
+                Some(_) => Err(DevicesError::VirtioKind(index)),
+            };
+            virtio_slot(args, index, "blk", build, VirtioKind::Block, 1)?
+        } else {
+            let (tap, mac) = open_net(cfg, index - cfg.disks.len())?;
+            let build = |interrupt, kick| match state {
+                None => MmioTransport::new(Net::new(tap, mac), mem, interrupt, kick).map_err(|e| {
+                    DevicesError::Virtio {
+                        index,
+                        source: std::io::Error::other(format!("{e:?}")),
+                    }
+                }),
+                Some(VirtioSlotState::Net(s)) => MmioTransport::restore(
+                    MmioArgs {
+                        device: tap,
+                        mem,
+                        interrupt,
+                        kick,
+                    },
+                    s,
+                )
+                .map_err(vstate),
+                Some(_) => Err(DevicesError::VirtioKind(index)),
+            };
+            virtio_slot(args, index, "net", build, VirtioKind::Net, 2)?
+        };
+        slots.push(slot);
+    }
+    Ok(slots)
 }
 
 impl Devices {
@@ -92,8 +360,9 @@ impl Devices {
             com2: SerialDeviceState::default(),
             i8042: I8042State::default(),
             pm: PmState::default(),
+            virtio: Vec::new(),
         };
-        Devices::restore(args, &state)
+        Devices::build(args, &state, false)
     }
 
     /// Place every device on `bus`.
@@ -103,6 +372,26 @@ impl Devices {
         bus.insert(0x60, 5, self.i8042.clone())?;
         bus.insert(PM_BASE, 8, self.pm.clone())?;
         Ok(())
+    }
+
+    /// Place every virtio device on `mmio`.
+    pub fn attach_mmio(&self, mmio: &mut MmioBus) -> Result<(), DevicesError> {
+        for slot in &self.virtio {
+            let dev: Arc<dyn crate::bus::MmioDevice> = match &slot.kind {
+                VirtioKind::Block(t) => t.clone(),
+                VirtioKind::Net(t) => t.clone(),
+            };
+            mmio.insert(slot.base, MMIO_WINDOW, dev)?;
+        }
+        Ok(())
+    }
+
+    /// Stop (or restart) all virtio queue processing. Taking each transport's lock also waits
+    /// for a worker that is mid-request, so once this returns no device touches guest memory.
+    pub fn set_paused(&self, paused: bool) {
+        for slot in &self.virtio {
+            slot.with(|t| t.pause(paused));
+        }
     }
 
     /// Save every device's state.
@@ -117,16 +406,32 @@ impl Devices {
             Ok(s) => s,
             Err(e) => match e {},
         };
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for (index, slot) in self.virtio.iter().enumerate() {
+            virtio.push(
+                slot.with(|t| t.save_slot())
+                    .map_err(|source| DevicesError::VirtioState { index, source })?,
+            );
+        }
         Ok(DevicesState {
             com1: serial(&self.com1)?,
             com2: serial(&self.com2)?,
             i8042,
             pm,
+            virtio,
         })
     }
 
     /// Rebuild the devices from a saved state, with host backends from `args`.
     pub fn restore(args: DevicesArgs<'_>, state: &DevicesState) -> Result<Devices, DevicesError> {
+        Devices::build(args, state, true)
+    }
+
+    fn build(
+        args: DevicesArgs<'_>,
+        state: &DevicesState,
+        restoring: bool,
+    ) -> Result<Devices, DevicesError> {
         let mut sockets = vec![];
         let mut port = |backend: &SerialBackend, irq_no: u32, s: &SerialDeviceState, name: &str| {
             let mut opened: OpenedBackend = serial_backend::open(backend)?;
@@ -143,8 +448,9 @@ impl Devices {
                 .map_err(DevicesError::Thread)?;
             Ok::<_, DevicesError>(dev)
         };
-        let com1 = port(args.serial, COM1.1, &state.com1, "com1")?;
-        let com2 = port(args.serial2, COM2.1, &state.com2, "com2")?;
+        let com1 = port(&args.config.serial, COM1.1, &state.com1, "com1")?;
+        let com2 = port(&args.config.serial2, COM2.1, &state.com2, "com2")?;
+        let virtio = build_virtio(&args, restoring.then_some(&state.virtio[..]))?;
         let i8042 = match I8042::restore((), &state.i8042) {
             Ok(d) => d,
             Err(e) => match e {},
@@ -158,6 +464,7 @@ impl Devices {
             com2,
             i8042: Arc::new(Mutex::new(i8042)),
             pm: Arc::new(Mutex::new(pm)),
+            virtio,
             sockets,
         })
     }

@@ -13,6 +13,7 @@ pub mod bus;
 pub mod cpuid;
 pub mod devices;
 pub mod event;
+pub mod host_io;
 pub mod kvm_vm;
 pub mod layout;
 pub mod memory;

@@ -31,7 +31,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use crate::boot::{self, BootEntry};
-use crate::bus::PioBus;
+use crate::bus::{MmioBus, PioBus};
 use crate::cpuid::{MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE};
 use crate::event::Event;
 use crate::layout;
@@ -459,6 +459,7 @@ fn log_exit(vcpu: &Vcpu) {
 pub fn run_thread(
     mut vcpu: Vcpu,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     cmds: Receiver<VcpuCmd>,
     acks: Sender<VcpuAck>,
     events: Sender<Event>,
@@ -513,14 +514,16 @@ pub fn run_thread(
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if unhandled.allow() {
-                    tracing::debug!("vCPU {id}: read of unmapped MMIO {addr:#x}");
+                if !mmio.read(addr, data) {
+                    if unhandled.allow() {
+                        tracing::debug!("vCPU {id}: read of unmapped MMIO {addr:#x}");
+                    }
+                    data.fill(0xff);
                 }
-                data.fill(0xff);
                 None
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                if unhandled.allow() {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) && unhandled.allow() {
                     tracing::debug!("vCPU {id}: write to unmapped MMIO {addr:#x}");
                 }
                 None

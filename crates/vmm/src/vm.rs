@@ -21,9 +21,9 @@ use vmm_sys_util::signal::Killable;
 
 use crate::api_server::{ApiError, ApiServer};
 use crate::boot::{self, BootEntry, BootError};
-use crate::bus::PioBus;
+use crate::bus::{MmioBus, PioBus};
 use crate::cpuid::{self, CpuidError};
-use crate::devices::{Devices, DevicesArgs, DevicesError};
+use crate::devices::{self, Devices, DevicesArgs, DevicesError};
 use crate::event::Event;
 use crate::kvm_vm::{KvmVm, KvmVmError};
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -167,6 +167,20 @@ fn install_stop_handlers() {
     }
 }
 
+/// Give every network card without a MAC a random locally administered one (52:54:00 like
+/// QEMU's, then three random bytes). It is part of the config from now on, so it stays the
+/// same across snapshots and moves.
+fn assign_macs(config: &mut VmConfig) {
+    let mut seed = std::fs::read("/proc/sys/kernel/random/uuid").unwrap_or_default();
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    for (i, net) in config.nets.iter_mut().enumerate() {
+        if net.mac.is_none() {
+            let h = crc32fast::hash(&[&seed[..], &(i as u32).to_le_bytes()].concat()).to_le_bytes();
+            net.mac = Some(ferry_api::format_mac(&[0x52, 0x54, 0x00, h[0], h[1], h[2]]));
+        }
+    }
+}
+
 /// Memory the host can still give, from /proc/meminfo.
 fn host_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -198,13 +212,25 @@ impl Vm {
             path: config.kernel.clone(),
             source,
         })?;
+        let mut config = config;
+        assign_macs(&mut config);
         let kvm_vm = KvmVm::create()?;
         let memory = memory::create_guest_memory(config.memory_mib << 20)?;
         memory::register_slots(&kvm_vm.fd, &memory, false)?;
+        let devices = Devices::new(DevicesArgs {
+            vm: &kvm_vm.fd,
+            config: &config,
+            mem: &memory,
+        })?;
+        let cmdline = format!(
+            "{}{}",
+            config.cmdline,
+            devices::virtio_cmdline(devices.virtio.len())
+        );
         let entry = boot::load_kernel(
             &memory,
             &config.kernel,
-            &config.cmdline,
+            cmdline.trim_start(),
             config.initrd.as_deref(),
         )?;
         tracing::info!(
@@ -212,12 +238,6 @@ impl Vm {
             config.kernel.display(),
             entry.protocol()
         );
-
-        let devices = Devices::new(DevicesArgs {
-            vm: &kvm_vm.fd,
-            serial: &config.serial,
-            serial2: &config.serial2,
-        })?;
 
         let mut base = cpuid::supported(&kvm_vm.kvm)?;
         let probe_fd = kvm_vm
@@ -287,14 +307,12 @@ impl Vm {
         memory::load_from_file(&memory, &mut mem_file)?;
         memory::register_slots(&kvm_vm.fd, &memory, false)?;
         let kvm_vm = KvmVm::restore(kvm_vm, &vm_state)?;
-        let devices = Devices::restore(
-            DevicesArgs {
-                vm: &kvm_vm.fd,
-                serial: &config.serial,
-                serial2: &config.serial2,
-            },
-            &dev_state,
-        )?;
+        let args = DevicesArgs {
+            vm: &kvm_vm.fd,
+            config: &config,
+            mem: &memory,
+        };
+        let devices = Devices::restore(args, &dev_state)?;
         let msr_list: Arc<Vec<u32>> = Arc::new(
             vcpu_states
                 .first()
@@ -326,6 +344,12 @@ impl Vm {
         let mut bus = PioBus::default();
         devices.attach(&mut bus)?;
         let bus = Arc::new(bus);
+        let mut mmio = MmioBus::default();
+        devices.attach_mmio(&mut mmio)?;
+        let mmio = Arc::new(mmio);
+        // Look at every virtio queue once: a restored device may have work that was notified
+        // before the save.
+        devices.set_paused(false);
         let (events_tx, events) = mpsc::channel();
         let api = opts
             .api
@@ -337,11 +361,11 @@ impl Vm {
             let id = v.id;
             let (cmd_tx, cmd_rx) = mpsc::channel();
             let (ack_tx, ack_rx) = mpsc::channel();
-            let (bus, ev) = (bus.clone(), events_tx.clone());
+            let (bus, mmio, ev) = (bus.clone(), mmio.clone(), events_tx.clone());
             let paused = opts.paused;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_thread(v, bus, cmd_rx, ack_tx, ev, paused))
+                .spawn(move || vcpu::run_thread(v, bus, mmio, cmd_rx, ack_tx, ev, paused))
                 .map_err(VmError::Thread)?;
             handles.push(VcpuHandle {
                 id,
@@ -406,6 +430,7 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_ack(VcpuAck::Paused)?;
         }
+        self.devices.set_paused(true);
         self.state = VmRunState::Paused;
         Ok(())
     }
@@ -415,6 +440,7 @@ impl Vm {
         if self.state == VmRunState::Running {
             return Ok(());
         }
+        self.devices.set_paused(false);
         for v in &self.vcpus {
             let _ = v.cmds.send(VcpuCmd::Resume);
         }
