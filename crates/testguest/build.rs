@@ -1,19 +1,61 @@
-//! Builds the freestanding test guest (guest/*.rs + boot.S) with the same
-//! rustc that builds this crate, for the host target (x86_64-unknown-linux-gnu,
-//! no extra targets needed), and links it with GNU ld into
+//! Builds the freestanding test guest (the standalone cargo package in
+//! `guest/`, which depends on smoltcp) with a nested
+//! `cargo build --release --target x86_64-unknown-linux-gnu` (no extra
+//! targets needed), and links the resulting static library with GNU ld into
 //! `$OUT_DIR/ferry-testguest.elf`.
+//!
+//! The nested build uses its own target directory under `OUT_DIR` (so it
+//! never waits for the outer build's lock) and `--locked` (guest/Cargo.lock).
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: &[&str] = &[
-    "guest/main.rs",
-    "guest/bootinfo.rs",
-    "guest/io.rs",
-    "guest/mem.rs",
-    "guest/boot.S",
-    "guest/link.ld",
+/// Rust flags for the guest code (not for build scripts: `--target` is
+/// always passed, so cargo applies these to target crates only).
+const GUEST_RUSTFLAGS: &[&str] = &[
+    "-Crelocation-model=static",
+    "-Ccode-model=small",
+    "-Cforce-frame-pointers=no",
+    "-Cdebuginfo=0",
+];
+
+/// Variables of the outer build that must not leak into the nested one.
+const SCRUB_ENV: &[&str] = &[
+    "CARGO_ENCODED_RUSTFLAGS",
+    "RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "RUSTDOCFLAGS",
+    "CARGO_ENCODED_RUSTDOCFLAGS",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_BUILD_RUSTC_WRAPPER",
+    "CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_BUILD_DIR",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_PKG_NAME",
+    "CARGO_CRATE_NAME",
+    "CARGO_PROFILE_RELEASE_LTO",
+    "CARGO_INCREMENTAL",
+    "CARGO_LLVM_COV",
+    "CARGO_LLVM_COV_TARGET_DIR",
+    "LLVM_PROFILE_FILE",
+    "CLIPPY_ARGS",
+    "CLIPPY_CONF_DIR",
+    "__CARGO_FIX_PLZ",
+    "__CARGO_DEFAULT_LIB_METADATA",
+    "TARGET",
+    "HOST",
+    "OUT_DIR",
+    "PROFILE",
+    "OPT_LEVEL",
+    "DEBUG",
+    "NUM_JOBS",
 ];
 
 fn run(cmd: &mut Command) {
@@ -28,43 +70,60 @@ fn run(cmd: &mut Command) {
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let ld = env::var_os("FERRY_TESTGUEST_LD").unwrap_or_else(|| "ld".into());
+    let guest = manifest.join("guest");
 
-    for s in SOURCES {
-        println!("cargo:rerun-if-changed={}", manifest.join(s).display());
+    // Every guest source (new files too: the directory itself is watched).
+    println!("cargo:rerun-if-changed={}", guest.display());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&guest)
+        .expect("read guest/")
+        .map(|e| e.expect("guest/ entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
     }
     println!("cargo:rerun-if-env-changed=FERRY_TESTGUEST_LD");
+    println!("cargo:rerun-if-env-changed=CARGO_NET_OFFLINE");
 
-    let lib = out.join("libferry_testguest_guest.a");
+    let target_dir = out.join("guest-target");
+    let mut c = Command::new(&cargo);
+    c.arg("build")
+        .arg("--release")
+        .arg("--locked")
+        .arg("--target=x86_64-unknown-linux-gnu")
+        .arg("--manifest-path")
+        .arg(guest.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(&guest);
+    if env::var_os("CARGO_NET_OFFLINE").is_some_and(|v| v == "true" || v == "1") {
+        c.arg("--offline");
+    }
+    for v in SCRUB_ENV {
+        c.env_remove(v);
+    }
+    // Also drop per-profile overrides meant for the outer workspace.
+    for (k, _) in env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("CARGO_PROFILE_")
+                || (k.starts_with("CARGO_TARGET_") && k.ends_with("_RUSTFLAGS"))
+            {
+                c.env_remove(k);
+            }
+        }
+    }
+    c.env("CARGO_ENCODED_RUSTFLAGS", GUEST_RUSTFLAGS.join("\x1f"));
+    run(&mut c);
+
+    let lib = target_dir.join("x86_64-unknown-linux-gnu/release/libferry_testguest_guest.a");
     let elf = out.join("ferry-testguest.elf");
-    let main_rs = manifest.join("guest/main.rs");
-
-    let mut rc = Command::new(&rustc);
-    rc.args([
-        "--edition=2021",
-        "--crate-type=staticlib",
-        "--crate-name=ferry_testguest_guest",
-        "--target=x86_64-unknown-linux-gnu",
-        "-Cpanic=abort",
-        "-Copt-level=2",
-        "-Crelocation-model=static",
-        "-Ccode-model=small",
-        "-Ccodegen-units=1",
-        "-Cdebuginfo=0",
-        "-Cforce-frame-pointers=no",
-    ])
-    .arg("-o")
-    .arg(&lib)
-    .arg(&main_rs);
-    // Don't let the outer build's flags (e.g. coverage, sanitizers) leak in.
-    rc.env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS");
-    run(&mut rc);
 
     let mut l = Command::new(&ld);
     l.arg("-T")
-        .arg(manifest.join("guest/link.ld"))
+        .arg(guest.join("link.ld"))
         .args([
             "--gc-sections",
             "-static",

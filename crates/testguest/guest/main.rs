@@ -9,9 +9,12 @@
 #![no_main]
 #![allow(clippy::missing_safety_doc)]
 
+mod blk;
 mod bootinfo;
 mod io;
 mod mem;
+mod net;
+mod virtio;
 
 use bootinfo::{BootInfo, BOOT_MULTIBOOT, BOOT_PVH};
 use core::fmt::Write;
@@ -278,6 +281,42 @@ struct Config {
     hb: u8,
     dirty_mib: u64,
     rate: u64,
+    disk: Option<blk::Mode>,
+    flush: u64,
+    qd: usize,
+    ip: Option<([u8; 4], u8)>,
+    gw: Option<[u8; 4]>,
+    devs: [virtio::DevSpec; virtio::MAX_DEVS],
+    ndevs: usize,
+}
+
+/// `A.B.C.D`
+fn parse_ipv4(v: &[u8]) -> Option<[u8; 4]> {
+    let mut a = [0u8; 4];
+    let mut parts = v.split(|&b| b == b'.');
+    for x in a.iter_mut() {
+        let p = parts.next()?;
+        if p.len() > 3 || p.first() == Some(&b'0') && p.len() > 1 {
+            return None;
+        }
+        *x = u8::try_from(parse_num(p)?).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(a)
+}
+
+/// `A.B.C.D/PREFIX` (prefix defaults to 24).
+fn parse_cidr(v: &[u8]) -> Option<([u8; 4], u8)> {
+    let (a, p) = match v.iter().position(|&b| b == b'/') {
+        Some(i) => (&v[..i], parse_num(&v[i + 1..])?),
+        None => (v, 24),
+    };
+    if p > 32 {
+        return None;
+    }
+    Some((parse_ipv4(a)?, p as u8))
 }
 
 fn parse_num(v: &[u8]) -> Option<u64> {
@@ -303,6 +342,13 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
         hb: 2,
         dirty_mib: 0,
         rate: 0,
+        disk: None,
+        flush: 1,
+        qd: 4,
+        ip: None,
+        gw: None,
+        devs: [virtio::DevSpec::default(); virtio::MAX_DEVS],
+        ndevs: 0,
     };
     for tok in s.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
         if tok.is_empty() {
@@ -334,6 +380,39 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
             },
             b"dirty" => parse_num(v).map(|n| c.dirty_mib = n).is_some(),
             b"rate" => parse_num(v).map(|n| c.rate = n).is_some(),
+            b"disk" => match v {
+                b"off" => {
+                    c.disk = None;
+                    true
+                }
+                b"write" => {
+                    c.disk = Some(blk::Mode::Write);
+                    true
+                }
+                b"verify" => {
+                    c.disk = Some(blk::Mode::Verify);
+                    true
+                }
+                _ => false,
+            },
+            b"flush" => parse_num(v).map(|n| c.flush = n).is_some(),
+            b"qd" => match parse_num(v) {
+                Some(n @ 1..=16) => {
+                    c.qd = n as usize;
+                    true
+                }
+                _ => false,
+            },
+            b"ip" => parse_cidr(v).map(|n| c.ip = Some(n)).is_some(),
+            b"gw" => parse_ipv4(v).map(|n| c.gw = Some(n)).is_some(),
+            b"virtio_mmio.device" => match virtio::parse_devspec(v) {
+                Some(d) if c.ndevs < virtio::MAX_DEVS => {
+                    c.devs[c.ndevs] = d;
+                    c.ndevs += 1;
+                    true
+                }
+                _ => false,
+            },
             _ => {
                 let _ = out.write_str(" unknown=");
                 put_sanitized(out, k);
@@ -458,6 +537,13 @@ struct Guest {
     hb_count: u64,
     poll_next: u64,
     dirty: Option<Dirty>,
+    blk: Option<blk::Blk>,
+    net: Option<&'static mut net::Net>,
+    /// Devices whose status is checked for DEVICE_NEEDS_RESET:
+    /// (transport, index on the command line, already reported).
+    watched: [(virtio::Mmio, usize, bool); 2],
+    nwatched: usize,
+    watch_next: u64,
 }
 
 impl Guest {
@@ -500,7 +586,7 @@ impl Guest {
         let _ = writeln!(out, "VERIFY OK pages={} writes={}", pages, writes);
     }
 
-    fn status(&self) {
+    fn status(&mut self) {
         let mut out = Uart(COM1);
         let uptime = (rdtsc() - self.tsc0) / self.tsc_khz;
         let writes = self.dirty.as_ref().map_or(0, |d| d.writes);
@@ -515,7 +601,51 @@ impl Guest {
             }
             let _ = write!(out, "{}", AP_COUNTERS[i].0.load(Ordering::Relaxed));
         }
+        if let Some(b) = self.blk.as_ref() {
+            let _ = write!(
+                out,
+                " disk_acked={} disk_durable={} disk_errors={}",
+                b.acked, b.durable, b.errors
+            );
+        }
+        if let Some(n) = self.net.as_mut() {
+            let conns = n.conns();
+            let _ = write!(
+                out,
+                " net_rx={} net_tx={} tcp_conns={}",
+                n.rx_frames(),
+                n.tx_frames(),
+                conns
+            );
+        }
         let _ = out.write_str("\n");
+    }
+
+    fn now_ms(&self, now: u64) -> u64 {
+        (now - self.tsc0) / self.tsc_khz
+    }
+
+    /// Device I/O: completions, new requests, network stack. Bounded work.
+    fn poll_devices(&mut self, now: u64) {
+        if self.blk.is_none() && self.net.is_none() {
+            return;
+        }
+        let ms = self.now_ms(now);
+        if let Some(b) = self.blk.as_mut() {
+            b.poll(ms);
+        }
+        if let Some(n) = self.net.as_mut() {
+            n.poll(ms);
+        }
+        if now >= self.watch_next {
+            self.watch_next = now + 100 * self.tsc_khz;
+            for (dev, idx, reported) in self.watched[..self.nwatched].iter_mut() {
+                if !*reported && dev.status() & virtio::S_NEEDS_RESET != 0 {
+                    *reported = true;
+                    let _ = writeln!(Uart(COM1), "VIRTIO needs-reset dev={}", idx);
+                }
+            }
+        }
     }
 
     fn run(&mut self) -> ! {
@@ -528,6 +658,12 @@ impl Guest {
                     match b {
                         b'v' => self.verify(),
                         b's' => self.status(),
+                        b'd' => match self.blk.as_mut() {
+                            Some(b) => b.request_verify(),
+                            None => {
+                                let _ = writeln!(Uart(COM1), "DISK off");
+                            }
+                        },
                         b'p' => io::poweroff(),
                         b'r' => io::reset(),
                         // Test hook: take an exception (#UD) to exercise the fault path.
@@ -537,6 +673,7 @@ impl Guest {
                     }
                 }
             }
+            self.poll_devices(now);
             match self.dirty.as_mut() {
                 Some(d) if d.rate == 0 => d.step(),
                 Some(d) => {
@@ -565,12 +702,12 @@ fn align_up(x: u64, a: u64) -> u64 {
     (x + a - 1) & !(a - 1)
 }
 
-/// Lay out the gens array and the working set after the image; None if it
-/// does not fit in the RAM region holding the image (or crosses 3 GiB).
-fn place_working_set(bi: &BootInfo, mib: u64) -> Option<(u64, u64)> {
-    let image_end = core::ptr::addr_of!(_image_end) as u64;
+/// Lay out the gens array and the working set after the image and the
+/// virtio arena (which ends at `after`); None if it does not fit in the RAM
+/// region holding the image (or crosses 3 GiB).
+fn place_working_set(bi: &BootInfo, after: u64, mib: u64) -> Option<(u64, u64)> {
     let pages = mib.checked_mul(MIB / PAGE)?;
-    let gens = align_up(image_end, PAGE);
+    let gens = align_up(after, PAGE);
     let ws = align_up(gens.checked_add(pages * 4)?, 2 * MIB);
     let ws_end = ws.checked_add(mib * MIB)?;
     if ws_end > MMIO_GAP {
@@ -627,9 +764,12 @@ fn bsp_main(proto: u64, info: u64) -> ! {
         io::uart_init(COM2);
     }
 
+    let mut arena = arena_for(&bi);
+    let (blk, net, watched, nwatched) = setup_virtio(&cfg, &mut arena, tsc0, tsc_khz);
+
     let mut dirty = None;
     if cfg.dirty_mib > 0 {
-        let Some((gens, base)) = place_working_set(&bi, cfg.dirty_mib) else {
+        let Some((gens, base)) = place_working_set(&bi, arena.next, cfg.dirty_mib) else {
             let _ = writeln!(out, "ERROR dirty working set does not fit");
             io::poweroff();
         };
@@ -663,7 +803,113 @@ fn bsp_main(proto: u64, info: u64) -> ! {
         hb_count: 0,
         poll_next: now,
         dirty,
+        blk,
+        net,
+        watched,
+        nwatched,
+        watch_next: now,
     };
     let _ = writeln!(out, "READY");
     g.run()
+}
+
+/// DMA memory for virtio rings, buffers and the network stack: from the end
+/// of the image to the end of its RAM region (below the MMIO gap).
+fn arena_for(bi: &BootInfo) -> virtio::Arena {
+    let start = align_up(core::ptr::addr_of!(_image_end) as u64, PAGE);
+    let end = bi.ram[..bi.nram]
+        .iter()
+        .find(|&&(a, l)| a <= 0x10_0000 && a + l > start)
+        .map_or(start, |&(a, l)| (a + l).min(MMIO_GAP));
+    virtio::Arena { next: start, end }
+}
+
+type Watched = [(virtio::Mmio, usize, bool); 2];
+
+/// Probes the `virtio_mmio.device=` windows and brings up the first block
+/// device (if `disk=` is on) and the first network device (if `ip=` is set).
+fn setup_virtio(
+    cfg: &Config,
+    arena: &mut virtio::Arena,
+    tsc0: u64,
+    tsc_khz: u64,
+) -> (
+    Option<blk::Blk>,
+    Option<&'static mut net::Net>,
+    Watched,
+    usize,
+) {
+    let mut out = Uart(COM1);
+    let mut blk = None;
+    let mut net = None;
+    let mut watched: Watched = [(virtio::Mmio { base: 0 }, 0, false); 2];
+    let mut nw = 0;
+    let mut saw_blk = false;
+    let mut saw_net = false;
+    for (i, d) in cfg.devs[..cfg.ndevs].iter().enumerate() {
+        let m = virtio::Mmio { base: d.base };
+        let magic = m.magic();
+        if magic != virtio::MAGIC {
+            let _ = writeln!(out, "VIRTIO skip base={:#x} magic={:#x}", d.base, magic);
+            continue;
+        }
+        let version = m.version();
+        if version != 2 {
+            let _ = writeln!(out, "VIRTIO skip base={:#x} version={}", d.base, version);
+            continue;
+        }
+        let id = m.device_id();
+        let kind = match id {
+            0 => continue,
+            virtio::DEV_BLOCK if !saw_blk => {
+                saw_blk = true;
+                "block"
+            }
+            virtio::DEV_NET if !saw_net => {
+                saw_net = true;
+                "net"
+            }
+            _ => {
+                let _ = writeln!(out, "VIRTIO skip base={:#x} device={}", d.base, id);
+                continue;
+            }
+        };
+        let _ = writeln!(
+            out,
+            "VIRTIO dev={} base={:#x} irq={} type={}",
+            i, d.base, d.irq, kind
+        );
+        let now_ms = (rdtsc() - tsc0) / tsc_khz;
+        let r = if id == virtio::DEV_BLOCK {
+            let Some(mode) = cfg.disk else { continue };
+            blk::Blk::new(m, arena, mode, cfg.qd, cfg.flush).map(|b| blk = Some(b))
+        } else {
+            let Some((addr, prefix)) = cfg.ip else {
+                let _ = writeln!(out, "NET no ip=");
+                continue;
+            };
+            let ip = net::IpConf {
+                addr,
+                prefix,
+                gw: cfg.gw,
+            };
+            net::Net::new(m, arena, ip, now_ms).map(|n| net = Some(n))
+        };
+        match r {
+            Ok(()) => {
+                watched[nw] = (m, i, false);
+                nw += 1;
+            }
+            Err(e) => {
+                let _ = writeln!(out, "VIRTIO dev={} error={}", i, e);
+            }
+        }
+    }
+    if cfg.disk.is_some() && blk.is_none() {
+        let _ = writeln!(out, "DISK none");
+    }
+    if cfg.ip.is_some() && net.is_none() {
+        let _ = writeln!(out, "NET none");
+    }
+    (blk, net, watched, nw)
 }

@@ -2,8 +2,12 @@
 //! the VMM (boot protocols, SMP bring-up, serial, timing, dirty-page
 //! tracking and live migration).
 //!
-//! The guest is built by `build.rs` from `guest/` with the host rustc (no
-//! extra targets) and GNU ld, and embedded here; see [`elf`].
+//! The guest is the standalone cargo package in `guest/` (its own
+//! `[workspace]`, `Cargo.lock`, dependency: smoltcp). `build.rs` builds it
+//! with a nested `cargo build --release --locked --target
+//! x86_64-unknown-linux-gnu` (host target only; own target dir under
+//! `OUT_DIR`, outer RUSTFLAGS/wrappers scrubbed) into a static library and
+//! links that with GNU ld; the image is embedded here, see [`elf`].
 //!
 //! # Image
 //!
@@ -16,10 +20,13 @@
 //!   mmap flag 6, else mem_lower/mem_upper). A leading command-line token
 //!   without `=` (the image path that GRUB/QEMU prepend) is dropped.
 //!
-//! Memory used: the image itself (about 1.3 MiB incl. bss), a 4 KiB AP
+//! Memory used: the image itself (about 1.4 MiB incl. bss), a 4 KiB AP
 //! trampoline at 0x8000 (written only after the boot info and command line
-//! have been copied), the LAPIC at 0xFEE00000, and for `dirty=` the
-//! bookkeeping array + working set placed right after the image. Nothing
+//! have been copied), the LAPIC at 0xFEE00000, the virtio arena (only when a
+//! virtio device is used: rings, request/packet buffers, socket buffers and
+//! the network stack, about 0.1 MiB for the disk and 1.5 MiB for the
+//! network, page aligned right after the image), and for `dirty=` the
+//! bookkeeping array + working set placed right after that. Nothing
 //! else below 1 MiB is written. The boot-time ring-0 path is ~45 straight-line
 //! instructions per CPU; everything else runs in ring 3 (IF=0). Port I/O from
 //! ring 3 is allowed both by IOPL=3 and by a full, all-zero I/O permission
@@ -36,6 +43,12 @@
 //! | `hb=0\|1\|2` | 2 | heartbeat UART: off, COM1 (0x3f8), COM2 (0x2f8) |
 //! | `dirty=MIB` | 0 | memory-dirtier working set in MiB (0 = none) |
 //! | `rate=PAGES_PER_SEC` | 0 | dirtier pace (0 = flat out) |
+//! | `virtio_mmio.device=SIZE@BASE:IRQ` | – | a virtio-mmio window, as Linux/Firecracker: SIZE decimal or `0x` hex with optional `K`/`M`/`G`, BASE `0x` hex below 4 GiB, optional `:ID` ignored; may repeat (at most 8 kept) |
+//! | `disk=off\|write\|verify` | `off` | disk writer/verifier on the first virtio-blk device |
+//! | `flush=N` | 1 | `disk=write`: FLUSH after every N acknowledged records (0 = only when the disk is full) |
+//! | `qd=N` | 4 | disk requests in flight, 1..=16 |
+//! | `ip=A.B.C.D/PREFIX` | – | enables the first virtio-net device with this address (prefix defaults to 24) |
+//! | `gw=A.B.C.D` | – | default IPv4 route |
 //!
 //! Unknown keys are reported in the banner as ` unknown=KEY`, keys with an
 //! invalid value as ` bad=KEY`; both are otherwise ignored.
@@ -49,7 +62,23 @@
 //! ERROR dirty working set does not fit    (then power off)
 //! VERIFY OK pages=P writes=W
 //! VERIFY FAIL page=P gen=G word=I expected=0x%016x got=0x%016x
-//! STATUS uptime_ms=U writes=W hb=H cpus=C ap_counters=a,b,c
+//! STATUS uptime_ms=U writes=W hb=H cpus=C ap_counters=a,b,c[ disk_acked=A disk_durable=D disk_errors=E][ net_rx=R net_tx=T tcp_conns=N]
+//! VIRTIO skip base=0xB version=V          (legacy or unknown version)
+//! VIRTIO skip base=0xB magic=0xM          (no virtio-mmio device there)
+//! VIRTIO skip base=0xB device=ID          (unsupported type, or a second blk/net)
+//! VIRTIO dev=N base=0xB irq=I type=block|net   (first of each type; printed even if unused)
+//! VIRTIO dev=N error=WHY                  (init failed; device set FAILED)
+//! VIRTIO needs-reset dev=N                (DeviceStatus has DEVICE_NEEDS_RESET; once)
+//! NET up mac=xx:xx:xx:xx:xx:xx ip=A.B.C.D/P   (before READY)
+//! NET no ip=                              (net device present, no ip=)
+//! NET none                                (ip= given, no usable net device)
+//! DISK none                               (disk= on, no usable block device)
+//! DISK found=N capacity=C serial="..."    (after READY, when the start-up scan ends)
+//! DISK full records=C                     (disk=write: all records written and durable)
+//! DISK VERIFY OK records=N
+//! DISK VERIFY FAIL record=K reason=R
+//! DISK error record=K status=S            (rate limited: first 10, then <= 1/s)
+//! DISK off                                (`d` without disk=)
 //! FAULT vector=N error=0xE rip=0xR cr2=0xC    (then power off)
 //! PANIC <message>                             (then power off)
 //! ```
@@ -68,10 +97,18 @@
 //! * `writes` counts dirtier page rewrites since READY (not the initial fill).
 //! * `hb` counts heartbeat bytes sent; `ap_counters` are the per-AP loop
 //!   counters (APs in ticket order; empty with one CPU).
+//! * `dev=N` is the index of the device's token among the
+//!   `virtio_mmio.device=` tokens (0-based).
+//! * `disk_*` fields appear when `disk=` is not `off` and a block device
+//!   was set up; `net_*`/`tcp_conns` when the network is up. `net_rx` /
+//!   `net_tx` count Ethernet frames, `tcp_conns` the TCP connections
+//!   currently open (not listening, closed or in TIME-WAIT).
 //!
 //! Every UART byte is written after polling LSR THRE (bit 5). With `hb=1`
 //! heartbeat dots are interleaved with the lines above (never inside a
-//! line); strip `.` before parsing.
+//! line, so they only ever precede a line's first character); strip
+//! leading `.`s of each line before parsing (lines can contain dots, e.g.
+//! IP addresses in `NET up` and in the banner's `cmdline`).
 //!
 //! # Heartbeat
 //!
@@ -100,8 +137,85 @@
 //! | `p` | power off |
 //! | `r` | reset (`outb(0x64, 0xFE)`) |
 //! | `f` | test hook: execute `ud2` (prints `FAULT vector=6 ...`, powers off) |
+//! | `d` | re-read records 0..acked-1 and print `DISK VERIFY ...` (deferred until the start-up scan is over; writing pauses meanwhile) |
 //!
 //! Other bytes are ignored.
+//!
+//! # virtio (modern virtio-mmio, version 2 only; polling drivers)
+//!
+//! Every `virtio_mmio.device=` window is probed (MagicValue 0x74726976,
+//! Version 2, DeviceID: 2 block, 1 net, 0 empty slot, silently skipped).
+//! Only the first block device (if `disk=` is on) and the first net device
+//! (if `ip=` is set) are initialised; others are not touched beyond the
+//! ID registers. Init follows VIRTIO 1.1 §3.1.1: reset (waits for status
+//! 0), ACKNOWLEDGE, DRIVER, DeviceFeatures (sel 0, 1), DriverFeatures =
+//! offered ∩ wanted, FEATURES_OK (re-checked), queues (QueueSel,
+//! QueueReady must read 0, QueueNumMax, QueueNum = min(QueueNumMax, want)
+//! rounded down to a power of two, Desc/Driver/Device Low/High,
+//! QueueReady=1), DRIVER_OK. A device without VIRTIO_F_VERSION_1 fails
+//! init (`VIRTIO dev=N error=no-version-1`).
+//!
+//! * Features accepted (if offered): VERSION_1 (32, required),
+//!   ACCESS_PLATFORM (33; DMA is identity mapped); block: FLUSH (9);
+//!   net: MAC (5). Nothing else (no EVENT_IDX, INDIRECT_DESC, packed rings,
+//!   offloads or MRG_RXBUF).
+//! * Split virtqueues in the arena, `VIRTQ_AVAIL_F_NO_INTERRUPT` set (IF=0;
+//!   interrupts are never acknowledged). The used rings are polled from the
+//!   BSP main loop; QueueNotify is written at most once per queue per loop
+//!   pass and only after adding buffers, and skipped while the device sets
+//!   `VIRTQ_USED_F_NO_NOTIFY`. DeviceStatus is read every ~100 ms.
+//! * Block: one queue (index 0), wants 64 entries (needs >= 8). Each request
+//!   is a 3-descriptor chain: 16-byte header (device-readable), data
+//!   (4096 bytes, or 20 for GET_ID), 1-byte status (device-writable); FLUSH
+//!   is header + status. `qd` is capped at QueueNum/3 - 1. Types used: IN,
+//!   OUT, FLUSH (only if negotiated), GET_ID (once at start; a non-OK
+//!   status just means `serial=""`). Capacity from config offset 0 (u64,
+//!   read under ConfigGeneration).
+//! * Net: rx queue 0 and tx queue 1, 128 entries wanted each (any power of
+//!   two works). 12-byte `virtio_net_hdr_v1` (all zero on tx), one
+//!   2048-byte device-writable buffer per rx descriptor (the rx queue is
+//!   kept full), one descriptor per tx frame. MAC from config bytes 0..6
+//!   if VIRTIO_NET_F_MAC, else 02:00:00:fe:ee:01.
+//!
+//! # Disk writer / verifier (`disk=`)
+//!
+//! The disk is an array of 4 KiB records, record k at sector 8k:
+//! `FERRYREC`, u64 LE seq = k, u64 LE version = 1, words 3..510 u64 LE
+//! `seed(k) + i * 0x9E3779B97F4A7C15` (`seed` = splitmix64 finaliser of
+//! `k ^ 0xD15CF0E77E570002`), and at 4088 the FNV-1a 64 of bytes 0..4088.
+//! `capacity` = config capacity / 8.
+//!
+//! After READY the guest reads the serial (GET_ID), then scans from record
+//! 0 with `qd` reads in flight: `found` = the length of the valid prefix
+//! (records 0..found-1 intact with seq == index). It reads up to 32 records
+//! past the first invalid one: an intact record with seq != index anywhere
+//! in the scanned range (including at `found`) prints `DISK VERIFY FAIL
+//! record=K reason=seq:S` after the `DISK found=` line. Reasons: `magic`
+//! (zero/foreign), `checksum` (torn), `version`, `seq:S` (misplaced or
+//! stale), `payload`, `io:S` (request status S).
+//!
+//! `disk=write` then appends records found, found+1, ... (up to `qd` writes
+//! in flight, completions tracked out of order): `disk_acked` = length of
+//! the contiguous prefix of records whose write completed OK;
+//! `disk_durable` = `disk_acked` as of the last FLUSH that completed OK
+//! (= `disk_acked` if the device lacks VIRTIO_BLK_F_FLUSH). A failed write
+//! (IOERR/UNSUPP) counts in `disk_errors`, prints `DISK error`, and is
+//! retried after 10 ms. Writing stops at capacity (`DISK full` once the
+//! last flush is done). `disk=verify` only scans; then `disk_acked` =
+//! `disk_durable` = found.
+//!
+//! # Network (`ip=`)
+//!
+//! smoltcp 0.14 (Ethernet, ARP, IPv4, ICMP echo replies, TCP; clock = TSC
+//! ms since boot, so a VMM that preserves the TSC across pause/save/restore
+//! keeps connections: smoltcp just retransmits; no TCP timeouts or
+//! keep-alives are set). 64 KiB socket buffers, Nagle off.
+//!
+//! | port | service |
+//! |------|---------|
+//! | 7 | echo, 4 sockets (4 concurrent connections), any number of sequential ones |
+//! | 19 | stream, 2 sockets: u64 LE counters 0, 1, 2, ... as fast as the window allows; input discarded; closes when the peer closes |
+//! | 9 | discard, 1 socket |
 //!
 //! # Power off
 //!
