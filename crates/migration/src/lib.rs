@@ -3,12 +3,14 @@
 //! - [`envelope`]: the framing every saved or migrated state blob travels in (magic, format
 //!   version, length, checksum), so a damaged or foreign file is refused before anything is
 //!   restored from it.
-//! - [`persist`]: the one save/restore trait every stateful piece of a VM implements.
+//! - [`persist`]: the one save/restore trait every stateful piece of a VM implements;
+//! - [`protocol`]: the live-migration wire protocol (framing, page lists, receiver state machine).
 //!
 //! This crate has no KVM dependency: it is unit-tested (and later fuzzed) on its own.
 
 pub mod envelope;
 pub mod persist;
+pub mod protocol;
 
 pub use envelope::{Envelope, EnvelopeError};
 pub use persist::Persist;

@@ -1,0 +1,474 @@
+//! The live-migration wire protocol: framed messages over one byte stream (TCP today, TLS
+//! later: anything `Read + Write`).
+//!
+//! Every message is a fixed 16-byte little-endian header, then its payload:
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic    "FMIG" (0x47494d46)
+//!      4    2 command  see `Command`
+//!      6    2 flags    0
+//!      8    8 length   payload bytes, bounded per command
+//! ```
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source VMM
+//!     participant D as destination VMM
+//!     S->>D: Start {protocol version, memory size}
+//!     D-->>S: Ack
+//!     S->>D: Config (VmConfig)
+//!     D-->>S: Ack (memory allocated, devices can be opened)
+//!     loop pre-copy rounds
+//!         S->>D: Pages (all, then dirtied ones)
+//!         S->>D: RoundEnd
+//!     end
+//!     Note over S: pause guest, last dirty pages, save vCPU+device state
+//!     S->>D: Pages (last), State
+//!     D-->>S: Ack (restored, paused)
+//!     Note over S: flush disks, release disk locks
+//!     S->>D: Commit
+//!     Note over D: take disk locks, resume guest, announce MAC
+//!     D-->>S: Ack (running)
+//!     Note over S: discard the guest, exit
+//! ```
+//!
+//! Until the source has the final Ack, any failure (cut connection, destination crash, error,
+//! cancel) resumes the guest on the source. The destination resumes only after Commit and only
+//! once it holds every disk's lock, so two hosts never run the guest or write its disks.
+//!
+//! Versioning: `Start` carries the protocol version; a receiver accepts its own and the one
+//! before it ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`]).
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Frame magic.
+pub const MAGIC: u32 = 0x4749_4d46;
+/// Header length.
+pub const HEADER_LEN: usize = 16;
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest version it accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Guest page size on the wire.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one `Pages` message.
+pub const MAX_PAGES_PER_MESSAGE: usize = 1024;
+/// Flag in a page entry: the page is all zero, no data follows for it.
+pub const PAGE_ZERO: u64 = 1;
+
+/// A message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Command {
+    Start = 1,
+    Config = 2,
+    Pages = 3,
+    RoundEnd = 4,
+    State = 5,
+    Commit = 6,
+    Cancel = 7,
+    Ack = 64,
+}
+
+impl Command {
+    fn from_u16(v: u16) -> Option<Command> {
+        Some(match v {
+            1 => Command::Start,
+            2 => Command::Config,
+            3 => Command::Pages,
+            4 => Command::RoundEnd,
+            5 => Command::State,
+            6 => Command::Commit,
+            7 => Command::Cancel,
+            64 => Command::Ack,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload this command may carry.
+    pub fn max_len(self) -> u64 {
+        match self {
+            Command::Start | Command::RoundEnd | Command::Cancel | Command::Ack => 64 << 10,
+            Command::Config => 1 << 20,
+            Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
+            Command::State => crate::envelope::MAX_PAYLOAD + crate::envelope::HEADER_LEN as u64,
+            Command::Commit => 0,
+        }
+    }
+}
+
+/// Errors on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection lost")]
+    Io(#[from] io::Error),
+    #[error("stream ended in the middle of a message (truncated)")]
+    Truncated,
+    #[error("not a ferry migration stream (bad magic {0:#010x})")]
+    BadMagic(u32),
+    #[error("unknown command {0}")]
+    UnknownCommand(u16),
+    #[error("{command:?} message of {len} bytes exceeds its limit of {max}")]
+    TooLong {
+        command: Command,
+        len: u64,
+        max: u64,
+    },
+    #[error("unexpected {got:?} while {state}")]
+    OutOfOrder { got: Command, state: &'static str },
+    #[error("protocol version {0} is not supported (this ferry speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})")]
+    Version(u32),
+    #[error("malformed {0:?} message: {1}")]
+    Malformed(Command, String),
+    #[error("page {gpa:#x} lies outside guest memory or is not page aligned")]
+    BadPage { gpa: u64 },
+    #[error("the other side refused: {0}")]
+    Refused(String),
+    #[error("the source cancelled the migration: {0}")]
+    Cancelled(String),
+}
+
+/// One message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub command: Command,
+    pub payload: Vec<u8>,
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, ProtocolError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) if n == 0 => return Ok(false),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Read one frame. `Ok(None)` at a clean end of stream (between frames).
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    if !read_full(r, &mut h)? {
+        return Ok(None);
+    }
+    let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let cmd = u16::from_le_bytes([h[4], h[5]]);
+    let command = Command::from_u16(cmd).ok_or(ProtocolError::UnknownCommand(cmd))?;
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&h[8..16]);
+    let len = u64::from_le_bytes(l);
+    let max = command.max_len();
+    if len > max {
+        return Err(ProtocolError::TooLong { command, len, max });
+    }
+    let mut payload = vec![0u8; len as usize];
+    if !read_full(r, &mut payload)? && len > 0 {
+        return Err(ProtocolError::Truncated);
+    }
+    Ok(Some(Frame { command, payload }))
+}
+
+/// Write one frame.
+pub fn write_frame(
+    w: &mut impl Write,
+    command: Command,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&(command as u16).to_le_bytes());
+    h[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    w.write_all(&h)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// `Start`: who is talking and what is coming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartInfo {
+    pub protocol_version: u32,
+    pub ferry_version: String,
+    pub memory_bytes: u64,
+}
+
+/// `RoundEnd`: a pre-copy round is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundInfo {
+    pub round: u32,
+    pub pages: u64,
+}
+
+/// `Ack`: the answer to Start, Config, State and Commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckInfo {
+    pub ok: bool,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Serialise a small control payload.
+pub fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Parse a small control payload.
+pub fn parse<T: for<'de> Deserialize<'de>>(f: &Frame) -> Result<T, ProtocolError> {
+    serde_json::from_slice(&f.payload)
+        .map_err(|e| ProtocolError::Malformed(f.command, e.to_string()))
+}
+
+/// Encode a `Pages` payload: `count: u32`, `count` entries of `gpa | flags` (u64), then the
+/// data of every non-zero page in order.
+pub fn encode_pages(pages: &[(u64, &[u8])], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for (gpa, data) in pages {
+        let zero = data.iter().all(|&b| b == 0);
+        out.extend_from_slice(&(gpa | if zero { PAGE_ZERO } else { 0 }).to_le_bytes());
+    }
+    for (_, data) in pages {
+        if !data.iter().all(|&b| b == 0) {
+            out.extend_from_slice(data);
+        }
+    }
+}
+
+/// Decode a `Pages` payload, checking every address with `valid` (page aligned, inside guest
+/// memory). Calls `sink(gpa, Some(data))` for data pages and `sink(gpa, None)` for zero pages.
+pub fn decode_pages(
+    payload: &[u8],
+    valid: impl Fn(u64) -> bool,
+    mut sink: impl FnMut(u64, Option<&[u8]>),
+) -> Result<usize, ProtocolError> {
+    let bad = |m: &str| ProtocolError::Malformed(Command::Pages, m.to_string());
+    let count = payload.get(0..4).ok_or_else(|| bad("no page count"))?;
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    if count > MAX_PAGES_PER_MESSAGE {
+        return Err(bad("too many pages"));
+    }
+    let entries = payload
+        .get(4..4 + count * 8)
+        .ok_or_else(|| bad("page list truncated"))?;
+    let mut data = &payload[4 + count * 8..];
+    let mut gpas = Vec::with_capacity(count);
+    for e in entries.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(e);
+        let raw = u64::from_le_bytes(b);
+        let gpa = raw & !(PAGE_SIZE as u64 - 1);
+        if raw & (PAGE_SIZE as u64 - 1) & !PAGE_ZERO != 0 || !valid(gpa) {
+            return Err(ProtocolError::BadPage { gpa: raw });
+        }
+        gpas.push((gpa, raw & PAGE_ZERO != 0));
+    }
+    let needed = gpas.iter().filter(|(_, z)| !z).count() * PAGE_SIZE;
+    if data.len() != needed {
+        return Err(bad("page data length does not match the page list"));
+    }
+    for (gpa, zero) in gpas {
+        if zero {
+            sink(gpa, None);
+        } else {
+            sink(gpa, Some(&data[..PAGE_SIZE]));
+            data = &data[PAGE_SIZE..];
+        }
+    }
+    Ok(count)
+}
+
+/// Where a receiver is in a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverState {
+    AwaitStart,
+    AwaitConfig,
+    Memory,
+    AwaitCommit,
+    Done,
+}
+
+impl ReceiverState {
+    fn name(self) -> &'static str {
+        match self {
+            ReceiverState::AwaitStart => "waiting for Start",
+            ReceiverState::AwaitConfig => "waiting for Config",
+            ReceiverState::Memory => "receiving memory",
+            ReceiverState::AwaitCommit => "waiting for Commit",
+            ReceiverState::Done => "done",
+        }
+    }
+
+    /// The state after `cmd`, or an error if `cmd` is not allowed now.
+    pub fn next(self, cmd: Command) -> Result<ReceiverState, ProtocolError> {
+        use Command as C;
+        use ReceiverState as S;
+        Ok(match (self, cmd) {
+            (_, C::Cancel) if self != S::Done => S::Done,
+            (S::AwaitStart, C::Start) => S::AwaitConfig,
+            (S::AwaitConfig, C::Config) => S::Memory,
+            (S::Memory, C::Pages | C::RoundEnd) => S::Memory,
+            (S::Memory, C::State) => S::AwaitCommit,
+            (S::AwaitCommit, C::Commit) => S::Done,
+            (state, got) => {
+                return Err(ProtocolError::OutOfOrder {
+                    got,
+                    state: state.name(),
+                })
+            }
+        })
+    }
+}
+
+/// Check a `Start` message.
+pub fn check_start(f: &Frame) -> Result<StartInfo, ProtocolError> {
+    let s: StartInfo = parse(f)?;
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&s.protocol_version) {
+        return Err(ProtocolError::Version(s.protocol_version));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(cmd: Command, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_frame(&mut v, cmd, payload).unwrap();
+        v
+    }
+
+    #[test]
+    fn frames_round_trip_and_end_cleanly() {
+        let mut bytes = frame(Command::Start, b"{}");
+        bytes.extend(frame(Command::Commit, b""));
+        let mut r = &bytes[..];
+        assert_eq!(read_frame(&mut r).unwrap().unwrap().command, Command::Start);
+        assert_eq!(
+            read_frame(&mut r).unwrap().unwrap().command,
+            Command::Commit
+        );
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_streams_are_errors() {
+        let good = frame(Command::Config, b"0123456789");
+        for cut in 1..good.len() {
+            assert!(
+                matches!(read_frame(&mut &good[..cut]), Err(ProtocolError::Truncated)),
+                "cut at {cut}"
+            );
+        }
+        let mut b = good.clone();
+        b[0] ^= 1;
+        assert!(matches!(
+            read_frame(&mut &b[..]),
+            Err(ProtocolError::BadMagic(_))
+        ));
+        let mut b = good.clone();
+        b[4] = 99;
+        assert!(matches!(
+            read_frame(&mut &b[..]),
+            Err(ProtocolError::UnknownCommand(99))
+        ));
+        let mut b = good;
+        b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut &b[..]),
+            Err(ProtocolError::TooLong { .. })
+        ));
+        let commit_with_payload = frame(Command::Commit, b"x");
+        assert!(matches!(
+            read_frame(&mut &commit_with_payload[..]),
+            Err(ProtocolError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn pages_round_trip_with_zero_pages_elided() {
+        let a = vec![7u8; PAGE_SIZE];
+        let z = vec![0u8; PAGE_SIZE];
+        let mut out = Vec::new();
+        encode_pages(&[(0x1000, &a), (0x2000, &z), (0x3000, &a)], &mut out);
+        assert_eq!(out.len(), 4 + 3 * 8 + 2 * PAGE_SIZE);
+        let mut got = vec![];
+        let n = decode_pages(&out, |g| g < 0x10000, |g, d| got.push((g, d.map(|d| d[0])))).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            got,
+            vec![(0x1000, Some(7)), (0x2000, None), (0x3000, Some(7))]
+        );
+    }
+
+    #[test]
+    fn hostile_page_lists_are_refused() {
+        let a = vec![7u8; PAGE_SIZE];
+        let mut out = Vec::new();
+        encode_pages(&[(0x1000, &a)], &mut out);
+        assert!(matches!(
+            decode_pages(&out, |g| g < 0x1000, |_, _| {}),
+            Err(ProtocolError::BadPage { .. })
+        ));
+        let mut unaligned = out.clone();
+        unaligned[4] = 0x10;
+        assert!(decode_pages(&unaligned, |_| true, |_, _| {}).is_err());
+        assert!(decode_pages(&out[..out.len() - 1], |_| true, |_, _| {}).is_err());
+        let mut huge = out.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_pages(&huge, |_| true, |_, _| {}).is_err());
+        assert!(decode_pages(&[], |_| true, |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn receiver_state_machine_refuses_out_of_order() {
+        use Command as C;
+        let mut s = ReceiverState::AwaitStart;
+        assert!(s.next(C::Pages).is_err());
+        for c in [
+            C::Start,
+            C::Config,
+            C::Pages,
+            C::RoundEnd,
+            C::Pages,
+            C::State,
+            C::Commit,
+        ] {
+            s = s.next(c).unwrap();
+        }
+        assert_eq!(s, ReceiverState::Done);
+        assert!(ReceiverState::Memory.next(C::Commit).is_err());
+        assert!(ReceiverState::AwaitCommit.next(C::Pages).is_err());
+        assert_eq!(
+            ReceiverState::Memory.next(C::Cancel).unwrap(),
+            ReceiverState::Done
+        );
+    }
+
+    #[test]
+    fn versions_n_and_n_minus_one_only() {
+        let f = |v: u32| Frame {
+            command: Command::Start,
+            payload: json(&StartInfo {
+                protocol_version: v,
+                ferry_version: "x".into(),
+                memory_bytes: 1,
+            }),
+        };
+        assert!(check_start(&f(PROTOCOL_VERSION)).is_ok());
+        assert!(matches!(
+            check_start(&f(PROTOCOL_VERSION + 1)),
+            Err(ProtocolError::Version(_))
+        ));
+        assert!(matches!(check_start(&f(0)), Err(ProtocolError::Version(0))));
+    }
+}
