@@ -29,6 +29,18 @@ pub enum Request {
     Save { dir: PathBuf },
     /// Stop the VM and end the VMM process.
     Quit,
+    /// Move the running VM to a destination VMM. With `follow`, the answer is a stream of
+    /// progress lines ending with the final report; without, one line: started.
+    Migrate {
+        #[serde(flatten)]
+        settings: MigrateSettings,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// The current (or last) migration's progress.
+    MigrationStatus,
+    /// Cancel a migration that has not committed yet; the VM keeps running here.
+    MigrateCancel,
 }
 
 /// Where a VM is in its life.
@@ -49,7 +61,7 @@ pub struct VmStatus {
 }
 
 /// A VMM's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The request was carried out.
@@ -59,7 +71,7 @@ pub enum Response {
 }
 
 /// The payload of a successful response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseBody {
     Status(VmStatus),
@@ -68,5 +80,97 @@ pub enum ResponseBody {
         memory_bytes: u64,
         ms: u64,
     },
+    Migration(MigrationProgress),
     Done,
+}
+
+/// What to do when a migration does not converge in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// Give up and keep the VM running on the source.
+    #[default]
+    Cancel,
+    /// Switch over anyway, with a longer pause than the budget.
+    Force,
+}
+
+/// How to migrate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateSettings {
+    /// The destination VMM's `host:port` (as given to `ferry vm receive --listen`).
+    pub to: String,
+    /// Longest pause the guest may see, in ms (the switch-over happens once the rest fits).
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Bandwidth cap in Mbit/s; 0 = none.
+    #[serde(default)]
+    pub bandwidth_mbit: u64,
+    /// Give up (or force, see `on_timeout`) after this many seconds; 0 = never.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+fn default_downtime() -> u64 {
+    300
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+impl MigrateSettings {
+    /// Settings with the defaults (300 ms downtime budget, no cap, 10 min, cancel on timeout).
+    pub fn to(addr: impl Into<String>) -> Self {
+        MigrateSettings {
+            to: addr.into(),
+            downtime_ms: default_downtime(),
+            bandwidth_mbit: 0,
+            timeout_s: default_timeout(),
+            on_timeout: OnTimeout::Cancel,
+        }
+    }
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    #[default]
+    Connecting,
+    Memory,
+    Switchover,
+    Committing,
+    /// The destination runs the guest; this VMM is about to exit.
+    Done,
+    /// It failed; the guest runs on here as before.
+    Failed,
+    /// It was cancelled; the guest runs on here as before.
+    Cancelled,
+}
+
+/// A migration's progress and, at the end, its report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MigrationProgress {
+    pub phase: MigrationPhase,
+    pub round: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Pages found dirty at the start of the current round.
+    pub dirty_pages: u64,
+    /// Pages the guest dirties per second (last round).
+    pub dirty_rate_pps: u64,
+    /// Measured link throughput, Mbit/s.
+    pub bandwidth_mbit: f64,
+    /// What switching over now would cost, ms.
+    pub expected_downtime_ms: f64,
+    pub elapsed_ms: u64,
+    /// The pause, measured by the source from pausing to the destination's "running".
+    #[serde(default)]
+    pub downtime_ms: Option<f64>,
+    pub converged: bool,
+    #[serde(default)]
+    pub error: Option<String>,
 }

@@ -10,4 +10,7 @@ pub use config::{
     format_mac, parse_mac, ConfigError, DiskConfig, NetBackend, NetConfig, SerialBackend, VmConfig,
     MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
-pub use control::{Request, Response, ResponseBody, VmRunState, VmStatus};
+pub use control::{
+    MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Request, Response, ResponseBody,
+    VmRunState, VmStatus,
+};

@@ -128,10 +128,14 @@ fn find_multiboot(image: &[u8]) -> Option<MultibootHeader> {
 
 /// Load the kernel (and initrd) named by the config into `mem`, write the boot structures
 /// and return how the boot vCPU must start.
+///
+/// `device_tokens` (`virtio_mmio.device=...`) are appended to the command line of ELF kernels
+/// (PVH, Multiboot), which may not read ACPI; a bzImage finds its devices in the ACPI DSDT.
 pub fn load_kernel(
     mem: &GuestMemory,
     kernel: &Path,
     cmdline: &str,
+    device_tokens: &str,
     initrd: Option<&Path>,
 ) -> Result<BootEntry, BootError> {
     let open_err = |source| BootError::OpenKernel {
@@ -143,9 +147,11 @@ pub fn load_kernel(
     let n = read_up_to(&mut file, &mut head).map_err(open_err)?;
     head.truncate(n);
     file.seek(SeekFrom::Start(0)).map_err(open_err)?;
-    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+    let with_tokens = format!("{cmdline}{device_tokens}");
+    let with_tokens = with_tokens.trim_start();
+    if with_tokens.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong {
-            len: cmdline.len(),
+            len: with_tokens.len(),
             max: CMDLINE_MAX_SIZE - 1,
         });
     }
@@ -202,7 +208,7 @@ pub fn load_kernel(
         });
     };
 
-    write_cmdline(mem, cmdline)?;
+    write_cmdline(mem, with_tokens)?;
     match entry {
         BootEntry::Pvh { .. } => {
             let initrd = initrd.map(|p| load_initrd(mem, p, mem_bytes)).transpose()?;
@@ -342,7 +348,7 @@ fn write_pvh_start_info(
     info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
     info.extend_from_slice(&PVH_MODLIST_START.to_le_bytes());
     info.extend_from_slice(&CMDLINE_START.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr: no ACPI yet
+    info.extend_from_slice(&crate::acpi::RSDP_START.to_le_bytes()); // rsdp_paddr
     info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
@@ -409,6 +415,7 @@ fn write_zero_page(
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
     params.hdr.loadflags |= 0x01; // LOADED_HIGH
+    params.acpi_rsdp_addr = crate::acpi::RSDP_START;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -473,12 +480,12 @@ mod tests {
         let k = dir.join("garbage");
         std::fs::write(&k, vec![0x5au8; 10000]).unwrap();
         let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
-        let e = load_kernel(&mem, &k, "", None).unwrap_err();
+        let e = load_kernel(&mem, &k, "", "", None).unwrap_err();
         assert!(matches!(e, BootError::UnknownFormat { .. }), "{e}");
         std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
-        assert!(load_kernel(&mem, &k, "", None).is_err());
+        assert!(load_kernel(&mem, &k, "", "", None).is_err());
         assert!(matches!(
-            load_kernel(&mem, &dir.join("missing"), "", None),
+            load_kernel(&mem, &dir.join("missing"), "", "", None),
             Err(BootError::OpenKernel { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -183,6 +183,8 @@ pub struct Devices {
     pub i8042: Arc<Mutex<I8042>>,
     pub pm: Arc<Mutex<PowerManagement>>,
     pub virtio: Vec<VirtioSlot>,
+    /// The disk images, in slot order.
+    pub disks: Vec<DiskHandle>,
     /// Socket files to remove when the VMM ends.
     pub sockets: Vec<PathBuf>,
 }
@@ -207,6 +209,15 @@ pub struct DevicesArgs<'a> {
     pub vm: &'a VmFd,
     pub config: &'a VmConfig,
     pub mem: &'a GuestMemoryMmap,
+    /// Lock disk images now (false for a migration's destination until commit).
+    pub lock_disks: bool,
+}
+
+/// A disk image as the VM holds it, for taking and releasing its lock.
+pub struct DiskHandle {
+    pub path: PathBuf,
+    pub read_only: bool,
+    file: File,
 }
 
 fn nonblocking_eventfd() -> std::io::Result<EventFd> {
@@ -277,6 +288,7 @@ fn open_net(config: &VmConfig, i: usize) -> Result<(File, [u8; 6]), DevicesError
 fn build_virtio(
     args: &DevicesArgs<'_>,
     saved: Option<&[VirtioSlotState]>,
+    disks: &mut Vec<DiskHandle>,
 ) -> Result<Vec<VirtioSlot>, DevicesError> {
     let cfg = args.config;
     let total = cfg.disks.len() + cfg.nets.len();
@@ -295,7 +307,19 @@ fn build_virtio(
         let vstate = |source| DevicesError::VirtioState { index, source };
         let slot = if index < cfg.disks.len() {
             let d = &cfg.disks[index];
-            let file = host_io::open_disk(&d.path, d.read_only)?;
+            let file = if args.lock_disks {
+                host_io::open_disk(&d.path, d.read_only)?
+            } else {
+                host_io::open_disk_unlocked(&d.path, d.read_only)?
+            };
+            let dup = file
+                .try_clone()
+                .map_err(|source| DevicesError::Virtio { index, source })?;
+            disks.push(DiskHandle {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                file: dup,
+            });
             let serial = d
                 .serial
                 .clone()
@@ -374,6 +398,59 @@ impl Devices {
         Ok(())
     }
 
+    /// Flush every disk image and let go of its lock (a migration's source, just before it
+    /// lets the destination commit).
+    pub fn release_disks(&self) -> Result<(), DevicesError> {
+        for d in &self.disks {
+            host_io::release_disk(&d.file).map_err(|source| {
+                DevicesError::HostIo(HostIoError::OpenDisk {
+                    path: d.path.clone(),
+                    source,
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Take every disk image's lock; on failure, none is held.
+    pub fn lock_disks(&self) -> Result<(), DevicesError> {
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(e) = host_io::lock_disk(&d.file, &d.path, d.read_only) {
+                for held in &self.disks[..i] {
+                    let _ = held.file.unlock();
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Tell the network where each card's MAC now lives: a broadcast RARP from every card, as
+    /// QEMU's self-announce does after a move, so switches and bridges learn the new port.
+    pub fn announce_macs(&self) {
+        for slot in &self.virtio {
+            if let VirtioKind::Net(t) = &slot.kind {
+                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                let frame = rarp_announce(t.device().mac());
+                if let Err(e) = t.device_mut().inject_tx(&frame) {
+                    tracing::warn!("MAC announcement failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Where the virtio devices are, for the ACPI DSDT.
+    pub fn mmio_info(&self) -> Vec<crate::acpi::MmioDeviceInfo> {
+        self.virtio
+            .iter()
+            .map(|s| crate::acpi::MmioDeviceInfo {
+                base: s.base,
+                len: MMIO_WINDOW,
+                irq: s.irq,
+            })
+            .collect()
+    }
+
     /// Place every virtio device on `mmio`.
     pub fn attach_mmio(&self, mmio: &mut MmioBus) -> Result<(), DevicesError> {
         for slot in &self.virtio {
@@ -450,7 +527,8 @@ impl Devices {
         };
         let com1 = port(&args.config.serial, COM1.1, &state.com1, "com1")?;
         let com2 = port(&args.config.serial2, COM2.1, &state.com2, "com2")?;
-        let virtio = build_virtio(&args, restoring.then_some(&state.virtio[..]))?;
+        let mut disks = Vec::new();
+        let virtio = build_virtio(&args, restoring.then_some(&state.virtio[..]), &mut disks)?;
         let i8042 = match I8042::restore((), &state.i8042) {
             Ok(d) => d,
             Err(e) => match e {},
@@ -465,7 +543,23 @@ impl Devices {
             i8042: Arc::new(Mutex::new(i8042)),
             pm: Arc::new(Mutex::new(pm)),
             virtio,
+            disks,
             sockets,
         })
     }
+}
+
+/// A broadcast RARP "reverse request" for `mac` (ethertype 0x8035), padded to 60 bytes.
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x80, 0x35]); // RARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, lengths, op 3
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
 }

@@ -4,6 +4,7 @@ use std::sync::mpsc::Sender;
 
 use ferry_api::{Request, Response};
 
+use crate::migration::{CallReply, MigrationCall};
 use crate::vcpu::VcpuEvent;
 
 /// An event for the control loop.
@@ -11,6 +12,8 @@ use crate::vcpu::VcpuEvent;
 pub enum Event {
     /// A vCPU stopped on its own (poweroff, reset, failure).
     Vcpu(VcpuEvent),
-    /// An API request and where to send its answer.
+    /// An API request and where to send its answer (one or more lines).
     Api(Request, Sender<Response>),
+    /// The migration thread needs the VM.
+    Migration(MigrationCall, Sender<Result<CallReply, String>>),
 }

@@ -37,6 +37,14 @@ pub enum HostIoError {
 /// Open a raw disk image and lock it: exclusively for a writable disk, shared for a read-only
 /// one. A second writer gets an error naming the holder.
 pub fn open_disk(path: &Path, read_only: bool) -> Result<File, HostIoError> {
+    let file = open_disk_unlocked(path, read_only)?;
+    lock_disk(&file, path, read_only)?;
+    Ok(file)
+}
+
+/// Open a raw disk image without locking it (a migration's destination, which takes the lock
+/// only when the source has let go of it).
+pub fn open_disk_unlocked(path: &Path, read_only: bool) -> Result<File, HostIoError> {
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -52,28 +60,40 @@ pub fn open_disk(path: &Path, read_only: bool) -> Result<File, HostIoError> {
             source,
         })?
         .len();
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         return Err(HostIoError::DiskSize {
             path: path.into(),
             size,
         });
     }
+    Ok(file)
+}
+
+/// Take the lock on an open disk image (the lock belongs to the open file description, so
+/// any duplicate of `file` holds it too).
+pub fn lock_disk(file: &File, path: &Path, read_only: bool) -> Result<(), HostIoError> {
     let locked = if read_only {
         file.try_lock_shared()
     } else {
         file.try_lock()
     };
     match locked {
-        Ok(()) => Ok(file),
+        Ok(()) => Ok(()),
         Err(std::fs::TryLockError::WouldBlock) => Err(HostIoError::DiskInUse {
             path: path.into(),
-            holder: lock_holder(&file),
+            holder: lock_holder(file),
         }),
         Err(std::fs::TryLockError::Error(source)) => Err(HostIoError::OpenDisk {
             path: path.into(),
             source,
         }),
     }
+}
+
+/// Flush an image to stable storage and let go of its lock.
+pub fn release_disk(file: &File) -> io::Result<()> {
+    file.sync_all()?;
+    file.unlock()
 }
 
 /// Who holds a lock on `file`, from /proc/locks.

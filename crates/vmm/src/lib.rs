@@ -7,6 +7,7 @@
 //! - [`kvm_vm`]: in-kernel irqchip, PIT and clock; [`devices`], [`bus`], [`serial_backend`];
 //! - [`snapshot`]: the on-disk snapshot; [`api_server`]: the control socket.
 
+pub mod acpi;
 pub mod api_server;
 pub mod boot;
 pub mod bus;
@@ -17,6 +18,7 @@ pub mod host_io;
 pub mod kvm_vm;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod serial_backend;
 pub mod snapshot;
 pub mod vcpu;

@@ -8,17 +8,19 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_api::{
-    ConfigError, Request, Response, ResponseBody, SerialBackend, VmConfig, VmRunState, VmStatus,
+    ConfigError, MigrationProgress, Request, Response, ResponseBody, SerialBackend, VmConfig,
+    VmRunState, VmStatus,
 };
 use ferry_devices::VmAction;
 use ferry_migration::Persist;
 use vmm_sys_util::signal::Killable;
 
+use crate::acpi::{self, AcpiError};
 use crate::api_server::{ApiError, ApiServer};
 use crate::boot::{self, BootEntry, BootError};
 use crate::bus::{MmioBus, PioBus};
@@ -27,6 +29,7 @@ use crate::devices::{self, Devices, DevicesArgs, DevicesError};
 use crate::event::Event;
 use crate::kvm_vm::{KvmVm, KvmVmError};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::migration::{send, CallReply, MigrationCall};
 use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vcpu::{self, Vcpu, VcpuAck, VcpuCmd, VcpuError, VcpuEvent};
 
@@ -63,6 +66,8 @@ pub enum VmError {
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
@@ -72,6 +77,10 @@ pub enum VmError {
     VcpuGone { id: u8 },
     #[error("vCPU {id} stopped: {msg}")]
     VcpuFailed { id: u8, msg: String },
+    #[error("{0}")]
+    Busy(&'static str),
+    #[error(transparent)]
+    Receive(#[from] crate::migration::receive::ReceiveError),
 }
 
 /// Why a VM ended without error.
@@ -85,6 +94,15 @@ pub enum VmExit {
     Quit,
     /// The process got SIGINT or SIGTERM.
     Signal,
+    /// The VM moved to another host.
+    MigratedAway,
+}
+
+/// A migration this VMM is sending (or sent).
+struct Migration {
+    thread: JoinHandle<()>,
+    progress: Arc<Mutex<MigrationProgress>>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Host-side options that are not part of the VM's config.
@@ -96,11 +114,27 @@ pub struct RunOptions {
     pub paused: bool,
 }
 
-/// Host-side overrides when restoring a snapshot (host ends of the serial ports).
+/// Host-side overrides when restoring a snapshot or receiving a VM (host ends of the serial
+/// ports).
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOverrides {
     pub serial: Option<SerialBackend>,
     pub serial2: Option<SerialBackend>,
+}
+
+impl RestoreOverrides {
+    /// The saved config with this host's choices, checked against this host.
+    pub fn apply(&self, mut config: VmConfig) -> Result<VmConfig, VmError> {
+        if let Some(s) = &self.serial {
+            config.serial = s.clone();
+        }
+        if let Some(s) = &self.serial2 {
+            config.serial2 = s.clone();
+        }
+        config.validate()?;
+        check_host_memory(&config)?;
+        Ok(config)
+    }
 }
 
 struct VcpuHandle {
@@ -143,7 +177,7 @@ impl VcpuHandle {
 /// A VM.
 pub struct Vm {
     config: VmConfig,
-    kvm_vm: KvmVm,
+    kvm_vm: Arc<KvmVm>,
     memory: GuestMemory,
     devices: Devices,
     vcpus: Vec<VcpuHandle>,
@@ -153,9 +187,15 @@ pub struct Vm {
     started: Instant,
     boot: Option<BootEntry>,
     api: Option<ApiServer>,
+    migration: Option<Migration>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether SIGINT or SIGTERM asked this process to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
 
 extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP.store(true, Ordering::SeqCst);
@@ -221,18 +261,17 @@ impl Vm {
             vm: &kvm_vm.fd,
             config: &config,
             mem: &memory,
+            lock_disks: true,
         })?;
-        let cmdline = format!(
-            "{}{}",
-            config.cmdline,
-            devices::virtio_cmdline(devices.virtio.len())
-        );
+        let tokens = devices::virtio_cmdline(devices.virtio.len());
         let entry = boot::load_kernel(
             &memory,
             &config.kernel,
-            cmdline.trim_start(),
+            &config.cmdline,
+            &tokens,
             config.initrd.as_deref(),
         )?;
+        acpi::write(&memory, config.vcpus, &devices.mmio_info())?;
         tracing::info!(
             "booting {} by {}",
             config.kernel.display(),
@@ -287,30 +326,43 @@ impl Vm {
         opts: RunOptions,
     ) -> Result<Vm, VmError> {
         let (snap, mut mem_file) = snapshot::read(dir)?;
+        let config = overrides.apply(snap.config.clone())?;
+        let memory = memory::create_guest_memory(config.memory_mib << 20)?;
+        memory::load_from_file(&memory, &mut mem_file)?;
+        Vm::restore_state(config, memory, snap, true, opts)
+    }
+
+    /// Build a VM from saved state and memory already filled in (a snapshot, or a migration's
+    /// pages). `lock_disks` false leaves the disk images unlocked for a migration's
+    /// destination, which takes the locks only at commit.
+    pub(crate) fn restore_state(
+        config: VmConfig,
+        memory: GuestMemory,
+        state: Snapshot,
+        lock_disks: bool,
+        opts: RunOptions,
+    ) -> Result<Vm, VmError> {
         let Snapshot {
-            mut config,
             vm: vm_state,
             vcpus: vcpu_states,
             devices: dev_state,
             ..
-        } = snap;
-        if let Some(s) = overrides.serial {
-            config.serial = s;
+        } = state;
+        if vcpu_states.len() != usize::from(config.vcpus) {
+            return Err(VmError::Snapshot(SnapshotError::Inconsistent(format!(
+                "{} vCPU states for {} vCPUs",
+                vcpu_states.len(),
+                config.vcpus
+            ))));
         }
-        if let Some(s) = overrides.serial2 {
-            config.serial2 = s;
-        }
-        config.validate()?;
-        check_host_memory(&config)?;
         let kvm_vm = KvmVm::create()?;
-        let memory = memory::create_guest_memory(config.memory_mib << 20)?;
-        memory::load_from_file(&memory, &mut mem_file)?;
         memory::register_slots(&kvm_vm.fd, &memory, false)?;
         let kvm_vm = KvmVm::restore(kvm_vm, &vm_state)?;
         let args = DevicesArgs {
             vm: &kvm_vm.fd,
             config: &config,
             mem: &memory,
+            lock_disks,
         };
         let devices = Devices::restore(args, &dev_state)?;
         let msr_list: Arc<Vec<u32>> = Arc::new(
@@ -376,7 +428,7 @@ impl Vm {
         }
         Ok(Vm {
             config,
-            kvm_vm,
+            kvm_vm: Arc::new(kvm_vm),
             memory,
             devices,
             vcpus: handles,
@@ -390,6 +442,7 @@ impl Vm {
             started: Instant::now(),
             boot,
             api,
+            migration: None,
         })
     }
 
@@ -489,9 +542,22 @@ impl Vm {
         }
     }
 
-    fn handle(&mut self, req: Request) -> (Response, bool) {
+    fn migrating(&self) -> bool {
+        self.migration
+            .as_ref()
+            .is_some_and(|m| !m.thread.is_finished())
+    }
+
+    /// Serve one API request; returns whether the VMM should quit.
+    fn handle(&mut self, req: Request, reply: Sender<Response>) -> bool {
+        let busy = || {
+            Err(VmError::Busy(
+                "a migration is in progress; cancel it or wait for it to end",
+            ))
+        };
         let r = match req {
             Request::Status => Ok(ResponseBody::Status(self.status())),
+            Request::Pause | Request::Resume | Request::Save { .. } if self.migrating() => busy(),
             Request::Pause => self.pause().map(|_| ResponseBody::Status(self.status())),
             Request::Resume => self.resume().map(|_| ResponseBody::Status(self.status())),
             Request::Save { dir } => {
@@ -502,12 +568,116 @@ impl Vm {
                     ms: t.elapsed().as_millis() as u64,
                 })
             }
-            Request::Quit => return (Response::Ok(ResponseBody::Done), true),
+            Request::Quit => {
+                if let Some(m) = &self.migration {
+                    m.cancel.store(true, Ordering::SeqCst);
+                }
+                let _ = reply.send(Response::Ok(ResponseBody::Done));
+                return true;
+            }
+            Request::Migrate { .. } if self.migrating() => busy(),
+            Request::Migrate { .. } if self.state != VmRunState::Running => Err(VmError::Busy(
+                "only a running VM can be migrated; resume it first",
+            )),
+            Request::Migrate { settings, follow } => {
+                let progress = Arc::new(Mutex::new(MigrationProgress::default()));
+                let cancel = Arc::new(AtomicBool::new(false));
+                let ctx = send::SendCtx {
+                    settings,
+                    config: self.config.clone(),
+                    memory: self.memory.clone(),
+                    vm: self.kvm_vm.clone(),
+                    events: self.events_tx.clone(),
+                    progress: progress.clone(),
+                    cancel: cancel.clone(),
+                    follow: follow.then(|| reply.clone()),
+                };
+                match std::thread::Builder::new()
+                    .name("migrate-send".into())
+                    .spawn(move || send::run(ctx))
+                {
+                    Ok(thread) => {
+                        self.migration = Some(Migration {
+                            thread,
+                            progress: progress.clone(),
+                            cancel,
+                        });
+                        if follow {
+                            return false; // the migration thread answers, line by line
+                        }
+                        Ok(ResponseBody::Migration(
+                            progress.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                        ))
+                    }
+                    Err(e) => Err(VmError::Thread(e)),
+                }
+            }
+            Request::MigrationStatus => match &self.migration {
+                Some(m) => Ok(ResponseBody::Migration(
+                    m.progress.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                )),
+                None => Err(VmError::Busy("no migration has run on this VMM")),
+            },
+            Request::MigrateCancel => match &self.migration {
+                Some(m) if !m.thread.is_finished() => {
+                    m.cancel.store(true, Ordering::SeqCst);
+                    Ok(ResponseBody::Done)
+                }
+                _ => Err(VmError::Busy("no migration is in progress")),
+            },
         };
-        match r {
-            Ok(body) => (Response::Ok(body), false),
-            Err(e) => (Response::Error(error_chain(&e)), false),
-        }
+        let _ = reply.send(match r {
+            Ok(body) => Response::Ok(body),
+            Err(e) => Response::Error(error_chain(&e)),
+        });
+        false
+    }
+
+    /// Carry out what the migration thread asks; `Some(exit)` ends the VM.
+    fn migration_call(
+        &mut self,
+        call: MigrationCall,
+    ) -> (Result<CallReply, String>, Option<VmExit>) {
+        let s = |e: VmError| error_chain(&e);
+        let r = match call {
+            MigrationCall::Pause => self.pause().map(|_| CallReply::Done).map_err(s),
+            MigrationCall::SaveState => self
+                .save_state()
+                .map(|st| CallReply::State(Box::new(st)))
+                .map_err(s),
+            MigrationCall::ReleaseDisks => self
+                .devices
+                .release_disks()
+                .map(|_| CallReply::Done)
+                .map_err(|e| s(e.into())),
+            MigrationCall::Rollback {
+                disks_released,
+                commit_sent,
+            } => {
+                if commit_sent && self.devices.disks.is_empty() {
+                    Err("the VM has no disk whose lock would prove the destination did not take over".into())
+                } else if disks_released {
+                    match self.devices.lock_disks() {
+                        Ok(()) => self.resume().map(|_| CallReply::Done).map_err(s),
+                        Err(e) => Err(s(e.into())),
+                    }
+                } else {
+                    self.resume().map(|_| CallReply::Done).map_err(s)
+                }
+            }
+            MigrationCall::Finished => return (Ok(CallReply::Done), Some(VmExit::MigratedAway)),
+        };
+        (r, None)
+    }
+
+    /// Take the disk images' locks (a migration's destination, at commit).
+    pub fn take_disks(&self) -> Result<(), VmError> {
+        Ok(self.devices.lock_disks()?)
+    }
+
+    /// Announce every network card's MAC (after a move).
+    pub fn announce_macs(&self) {
+        self.devices.announce_macs();
     }
 
     /// Run the control loop until the VM ends.
@@ -525,10 +695,15 @@ impl Vm {
                     break Err(VmError::VcpuFailed { id, msg })
                 }
                 Ok(Event::Api(req, reply)) => {
-                    let (resp, quit) = self.handle(req);
-                    let _ = reply.send(resp);
-                    if quit {
+                    if self.handle(req, reply) {
                         break Ok(VmExit::Quit);
+                    }
+                }
+                Ok(Event::Migration(call, reply)) => {
+                    let (r, exit) = self.migration_call(call);
+                    let _ = reply.send(r);
+                    if let Some(exit) = exit {
+                        break Ok(exit);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {

@@ -34,9 +34,11 @@ impl PioDevice for I8042 {
     }
 }
 
-/// The ACPI PM1a control register block at port 0x600 (8 ports: PM1a event at 0x600, control
-/// at 0x604), the place QEMU's q35 machine and ferry's ACPI tables put it. Writing SLP_EN
-/// (bit 13) powers the VM off; ferry has only the S5 sleep state.
+/// Power management at port 0x600 (8 ports). Two ways to power off, both S5:
+/// - 0x600, the hardware-reduced ACPI sleep control register ferry's FADT declares (Linux):
+///   a byte with SLP_TYP = 5 and SLP_EN (bit 5);
+/// - 0x604, a PM1a control register where QEMU's q35 machine has it (the test guest, which
+///   runs under both): a word with SLP_EN (bit 13).
 #[derive(Debug, Default)]
 pub struct PowerManagement {
     pub(crate) control: u16,
@@ -48,6 +50,12 @@ pub const PM_BASE: u16 = 0x600;
 pub const PM1A_CNT_OFFSET: u16 = 4;
 /// SLP_EN bit of PM1a_CNT.
 pub const SLP_EN: u16 = 1 << 13;
+/// Offset of the hardware-reduced ACPI sleep control register (the FADT points there).
+pub const SLEEP_CONTROL_OFFSET: u16 = 0;
+/// SLP_EN of the sleep control register.
+pub const HW_SLP_EN: u8 = 1 << 5;
+/// The S5 sleep type ferry's DSDT declares.
+pub const S5_SLEEP_TYPE: u8 = 5;
 
 impl PioDevice for PowerManagement {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
@@ -60,6 +68,12 @@ impl PioDevice for PowerManagement {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> Option<VmAction> {
+        if offset == SLEEP_CONTROL_OFFSET && data.len() == 1 {
+            // Hardware-reduced ACPI sleep control: SLP_TYP in bits 2-4, SLP_EN bit 5.
+            let v = data[0];
+            return (v & HW_SLP_EN != 0 && (v >> 2) & 7 == S5_SLEEP_TYPE)
+                .then_some(VmAction::PowerOff);
+        }
         if offset != PM1A_CNT_OFFSET || data.is_empty() {
             return None;
         }
@@ -96,7 +110,13 @@ mod tests {
         assert_eq!(u16::from_le_bytes(r), 1);
         assert_eq!(d.write(0, &SLP_EN.to_le_bytes()), None);
         assert_eq!(d.write(4, &SLP_EN.to_le_bytes()), Some(VmAction::PowerOff));
-        // The high byte alone (an 8-bit write to 0x605) carries SLP_EN too.
         assert_eq!(d.write(4, &[0x00]), None);
+        // Hardware-reduced sleep control: only S5 with SLP_EN powers off.
+        assert_eq!(d.write(0, &[5 << 2]), None);
+        assert_eq!(d.write(0, &[(3 << 2) | HW_SLP_EN]), None);
+        assert_eq!(
+            d.write(0, &[(5 << 2) | HW_SLP_EN]),
+            Some(VmAction::PowerOff)
+        );
     }
 }

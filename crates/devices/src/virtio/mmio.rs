@@ -74,6 +74,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device model, to act on it from the VMM (e.g. a MAC announcement).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Whether the driver finished initialisation.
     pub fn active(&self) -> bool {
         self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0

@@ -51,7 +51,10 @@ fn write_read_flush_and_id() {
         .write_slice(&[0xab; 1024], GuestAddress(0x11000))
         .unwrap();
     h.add_chain(&[(0x10000, 16, 0), (0x11000, 1024, 0), (0x12000, 1, WRITE)]);
-    assert!(b.process(Wake::Queue(0), std::slice::from_mut(&mut q), &h.mem), "interrupt wanted");
+    assert!(
+        b.process(Wake::Queue(0), std::slice::from_mut(&mut q), &h.mem),
+        "interrupt wanted"
+    );
     assert_eq!(status(&h, 0x12000), S_OK);
     // Read it back into another buffer.
     header(&h, 0x13000, T_IN, 3);

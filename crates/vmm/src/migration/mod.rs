@@ -1,0 +1,37 @@
+//! Live migration: the source side ([`send`]) runs in its own thread next to the VM's control
+//! loop and asks the loop to pause, save, release disks, roll back or finish; the destination
+//! side ([`receive`]) builds a VM from the stream. The wire protocol and its state machine
+//! are in `ferry_migration::protocol` (no KVM there, so it is fuzzed on its own).
+
+pub mod receive;
+pub mod send;
+pub mod transport;
+
+use crate::snapshot::Snapshot;
+
+/// What the sending thread asks of the VM's control loop.
+#[derive(Debug)]
+pub enum MigrationCall {
+    /// Stop vCPUs and devices for the switch-over.
+    Pause,
+    /// Save vCPU, irqchip/PIT/clock and device state (the VM is paused).
+    SaveState,
+    /// Flush the disks and let go of their locks, so the destination can take them.
+    ReleaseDisks,
+    /// The move failed before the destination took over: take the disks back (if released)
+    /// and let the guest run on. After Commit, only a disk lock taken back proves the
+    /// destination did not take over; without disks the guest is not resumed here.
+    Rollback {
+        disks_released: bool,
+        commit_sent: bool,
+    },
+    /// The destination runs the guest: end this VMM.
+    Finished,
+}
+
+/// The control loop's answer.
+#[derive(Debug)]
+pub enum CallReply {
+    Done,
+    State(Box<Snapshot>),
+}

@@ -1,0 +1,413 @@
+//! The source side of a live migration: pre-copy rounds, switch-over, two-phase hand-over.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Connecting
+//!     Connecting --> Memory: Start, Config acked
+//!     Memory --> Memory: round (send dirty pages)
+//!     Memory --> Switchover: rest fits the downtime budget (or forced)
+//!     Switchover --> Committing: paused, last pages + state sent, destination restored
+//!     Committing --> Done: destination says running
+//!     Connecting --> Failed
+//!     Memory --> Failed: error, timeout, cancel
+//!     Switchover --> Failed
+//!     Committing --> Failed: no answer and the disks could be taken back
+//!     Failed --> [*]: guest resumed here
+//!     Done --> [*]: VMM exits
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_api::{
+    MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Response, ResponseBody, VmConfig,
+};
+use ferry_migration::protocol::{
+    self, AckInfo, Command, ProtocolError, RoundInfo, StartInfo, PAGE_SIZE,
+};
+use ferry_migration::Envelope;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::transport::Transport;
+use super::{CallReply, MigrationCall};
+use crate::event::Event;
+use crate::kvm_vm::KvmVm;
+use crate::memory::{self, GuestMemory};
+
+/// Pre-copy gives up (or forces, per settings) after this many rounds.
+const MAX_ROUNDS: u32 = 40;
+
+/// Everything the sending thread needs.
+pub struct SendCtx {
+    pub settings: MigrateSettings,
+    pub config: VmConfig,
+    pub memory: GuestMemory,
+    pub vm: Arc<KvmVm>,
+    pub events: Sender<Event>,
+    pub progress: Arc<Mutex<MigrationProgress>>,
+    pub cancel: Arc<AtomicBool>,
+    pub follow: Option<Sender<Response>>,
+}
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot reach the destination {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("dirty-page tracking failed")]
+    Memory(#[from] memory::MemoryError),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("did not converge: the guest dirties memory faster than the link sends it ({0})")]
+    NotConverged(String),
+    #[error("the VM could not {0}")]
+    Vm(String),
+    #[error("cannot encode the VM state")]
+    Encode(#[source] ferry_migration::EnvelopeError),
+}
+
+struct Outgoing<'a> {
+    ctx: &'a SendCtx,
+    t: Transport,
+    start: Instant,
+    buf: Vec<u8>,
+    payload: Vec<u8>,
+    paused: bool,
+    disks_released: bool,
+    commit_sent: bool,
+    last_push: Instant,
+    /// Pages found dirty in the last round, sent during the pause.
+    pending: Option<memory::DirtyBitmap>,
+}
+
+impl SendCtx {
+    fn call(&self, call: MigrationCall) -> Result<CallReply, SendError> {
+        let (tx, rx) = mpsc::channel();
+        let what = format!("{call:?}");
+        self.events
+            .send(Event::Migration(call, tx))
+            .map_err(|_| SendError::Vm(format!("{what}: VM gone")))?;
+        rx.recv()
+            .map_err(|_| SendError::Vm(format!("{what}: VM gone")))?
+            .map_err(|e| SendError::Vm(format!("{what}: {e}")))
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationProgress)) -> MigrationProgress {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p);
+        p.clone()
+    }
+}
+
+impl Outgoing<'_> {
+    fn push_progress(&mut self, force: bool) {
+        if !force && self.last_push.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        self.last_push = Instant::now();
+        let (elapsed, sent) = (self.start.elapsed().as_millis() as u64, self.t.bytes_sent());
+        let p = self.ctx.update(|p| {
+            p.elapsed_ms = elapsed;
+            p.bytes_sent = sent;
+        });
+        if let Some(f) = &self.ctx.follow {
+            let _ = f.send(Response::Ok(ResponseBody::Migration(p)));
+        }
+    }
+
+    fn check(&self) -> Result<(), SendError> {
+        if self.ctx.cancel.load(Ordering::SeqCst) {
+            return Err(SendError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn expect_ack(&mut self) -> Result<(), SendError> {
+        match protocol::read_frame(&mut self.t)? {
+            Some(f) if f.command == Command::Ack => {
+                let a: AckInfo = protocol::parse(&f)?;
+                if a.ok {
+                    Ok(())
+                } else {
+                    Err(ProtocolError::Refused(a.message).into())
+                }
+            }
+            Some(f) => Err(ProtocolError::OutOfOrder {
+                got: f.command,
+                state: "waiting for Ack",
+            }
+            .into()),
+            None => Err(ProtocolError::Truncated.into()),
+        }
+    }
+
+    /// Send `pages` (guest-physical addresses), in messages of up to 1024 pages.
+    fn send_pages(&mut self, pages: impl Iterator<Item = u64>) -> Result<u64, SendError> {
+        let mut batch: Vec<u64> = Vec::with_capacity(protocol::MAX_PAGES_PER_MESSAGE);
+        let mut count = 0u64;
+        let mut pages = pages.peekable();
+        while pages.peek().is_some() {
+            batch.clear();
+            batch.extend(pages.by_ref().take(protocol::MAX_PAGES_PER_MESSAGE));
+            self.buf.resize(batch.len() * PAGE_SIZE, 0);
+            for (i, gpa) in batch.iter().enumerate() {
+                self.ctx
+                    .memory
+                    .read_slice(
+                        &mut self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+                        GuestAddress(*gpa),
+                    )
+                    .map_err(|e| SendError::Memory(memory::MemoryError::Access(e)))?;
+            }
+            let list: Vec<(u64, &[u8])> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (*g, &self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+                .collect();
+            protocol::encode_pages(&list, &mut self.payload);
+            protocol::write_frame(&mut self.t, Command::Pages, &self.payload)?;
+            count += batch.len() as u64;
+            let n = batch.len() as u64;
+            self.ctx.update(|p| p.pages_sent += n);
+            self.push_progress(false);
+            if !self.paused {
+                self.check()?;
+            }
+        }
+        Ok(count)
+    }
+
+    fn run(&mut self) -> Result<f64, SendError> {
+        let s = &self.ctx.settings;
+        let info = StartInfo {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            ferry_version: env!("CARGO_PKG_VERSION").into(),
+            memory_bytes: memory::total_bytes(&self.ctx.memory),
+        };
+        protocol::write_frame(&mut self.t, Command::Start, &protocol::json(&info))?;
+        self.expect_ack()?;
+        protocol::write_frame(
+            &mut self.t,
+            Command::Config,
+            &protocol::json(&self.ctx.config),
+        )?;
+        self.expect_ack()?;
+        self.check()?;
+
+        self.ctx.update(|p| p.phase = MigrationPhase::Memory);
+        memory::start_dirty_log(&self.ctx.vm.fd, &self.ctx.memory)?;
+        let all: Vec<u64> = self
+            .ctx
+            .memory
+            .iter()
+            .flat_map(|r| {
+                (0..r.len())
+                    .step_by(PAGE_SIZE)
+                    .map(move |o| r.start_addr().0 + o)
+            })
+            .collect();
+        let mut round_start = Instant::now();
+        let mut round_bytes_start = self.t.bytes_sent();
+        self.send_pages(all.into_iter())?;
+        let mut round = 0u32;
+        let deadline = (s.timeout_s > 0).then(|| self.start + Duration::from_secs(s.timeout_s));
+        let mut converged = true;
+        loop {
+            let secs = round_start.elapsed().as_secs_f64().max(1e-3);
+            let bw = (self.t.bytes_sent() - round_bytes_start) as f64 / secs; // bytes/s
+            let dirty = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
+            let n = dirty.count();
+            let expected_ms = n as f64 * (PAGE_SIZE as f64 + 8.0) / bw.max(1.0) * 1000.0;
+            self.ctx.update(|p| {
+                p.round = round;
+                p.dirty_pages = n;
+                p.dirty_rate_pps = (n as f64 / secs) as u64;
+                p.bandwidth_mbit = bw * 8.0 / 1e6;
+                p.expected_downtime_ms = expected_ms;
+            });
+            self.push_progress(true);
+            protocol::write_frame(
+                &mut self.t,
+                Command::RoundEnd,
+                &protocol::json(&RoundInfo { round, pages: n }),
+            )?;
+            if expected_ms <= s.downtime_ms as f64 {
+                // What is left goes during the pause; put it back in the log for the last pass.
+                self.resend_later(dirty);
+                break;
+            }
+            let out_of_time =
+                deadline.is_some_and(|d| Instant::now() > d) || round + 1 >= MAX_ROUNDS;
+            if out_of_time {
+                match s.on_timeout {
+                    OnTimeout::Cancel => {
+                        return Err(SendError::NotConverged(format!(
+                            "after {} rounds, {n} pages still dirty, {:.0} ms to send",
+                            round + 1,
+                            expected_ms
+                        )))
+                    }
+                    OnTimeout::Force => {
+                        converged = false;
+                        self.resend_later(dirty);
+                        break;
+                    }
+                }
+            }
+            round += 1;
+            round_start = Instant::now();
+            round_bytes_start = self.t.bytes_sent();
+            self.send_pages(dirty.pages())?;
+        }
+
+        // Switch-over.
+        self.check()?;
+        self.ctx.update(|p| {
+            p.phase = MigrationPhase::Switchover;
+            p.converged = converged;
+        });
+        let pause_at = Instant::now();
+        self.ctx.call(MigrationCall::Pause)?;
+        self.paused = true;
+        let mut last = self
+            .pending
+            .take()
+            .map(|d| d.pages().collect::<Vec<_>>())
+            .unwrap_or_default();
+        last.extend(memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?.pages());
+        last.sort_unstable();
+        last.dedup();
+        self.send_pages(last.into_iter())?;
+        let CallReply::State(state) = self.ctx.call(MigrationCall::SaveState)? else {
+            return Err(SendError::Vm("save its state".into()));
+        };
+        // One more pass after saving device state: anything written while saving goes too.
+        let after = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
+        self.send_pages(after.pages())?;
+        let bytes = Envelope::MigrationState
+            .encode(&*state)
+            .map_err(SendError::Encode)?;
+        protocol::write_frame(&mut self.t, Command::State, &bytes)?;
+        self.expect_ack()?;
+
+        // Two-phase hand-over: let go of the disks, then let the destination run.
+        self.ctx.call(MigrationCall::ReleaseDisks)?;
+        self.disks_released = true;
+        self.ctx.update(|p| p.phase = MigrationPhase::Committing);
+        self.commit_sent = true;
+        protocol::write_frame(&mut self.t, Command::Commit, &[])?;
+        self.expect_ack()?;
+        Ok(pause_at.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    fn resend_later(&mut self, dirty: memory::DirtyBitmap) {
+        self.pending = Some(dirty);
+    }
+}
+
+/// Run a migration to the end; the VM either leaves (Done) or runs on here.
+pub fn run(ctx: SendCtx) {
+    let start = Instant::now();
+    ctx.update(|p| *p = MigrationProgress::default());
+    let connected =
+        Transport::connect(&ctx.settings.to, Duration::from_secs(10)).map_err(|source| {
+            SendError::Connect {
+                addr: ctx.settings.to.clone(),
+                source,
+            }
+        });
+    let (result, state) = match connected {
+        Err(e) => (Err(e), None),
+        Ok(mut t) => {
+            t.set_cap_mbit(ctx.settings.bandwidth_mbit);
+            let mut s = Outgoing {
+                ctx: &ctx,
+                t,
+                start,
+                buf: Vec::new(),
+                payload: Vec::new(),
+                paused: false,
+                disks_released: false,
+                commit_sent: false,
+                last_push: Instant::now(),
+                pending: None,
+            };
+            let r = s.run();
+            if r.is_err() && !s.commit_sent {
+                // Tell the destination, if it still listens, then hang up.
+                let _ = protocol::write_frame(&mut s.t, Command::Cancel, b"{}");
+                s.t.shutdown();
+            }
+            let bytes = s.t.bytes_sent();
+            (r, Some((s.paused, s.disks_released, s.commit_sent, bytes)))
+        }
+    };
+    let _ = memory::stop_dirty_log(&ctx.vm.fd, &ctx.memory);
+    let elapsed = start.elapsed().as_millis() as u64;
+    match result {
+        Ok(downtime) => {
+            let p = ctx.update(|p| {
+                p.phase = MigrationPhase::Done;
+                p.downtime_ms = Some(downtime);
+                p.elapsed_ms = elapsed;
+                if let Some((.., b)) = state {
+                    p.bytes_sent = b;
+                }
+            });
+            send_final(&ctx, p);
+            let _ = ctx.call(MigrationCall::Finished);
+        }
+        Err(e) => {
+            let (paused, released, commit_sent, _) = state.unwrap_or((false, false, false, 0));
+            let cancelled = matches!(e, SendError::Cancelled);
+            let mut msg = crate::vm::error_chain(&e);
+            let mut handed_over = false;
+            if paused || released || commit_sent {
+                // After Commit the destination may have taken over: the disk locks decide.
+                match ctx.call(MigrationCall::Rollback {
+                    disks_released: released,
+                    commit_sent,
+                }) {
+                    Ok(_) if commit_sent => {
+                        msg.push_str("; the destination did not take over: the guest runs on here")
+                    }
+                    Ok(_) => {}
+                    Err(r) if commit_sent => {
+                        handed_over = true;
+                        msg.push_str(&format!(
+                            "; the destination holds the disks, not resuming here: {r}"
+                        ));
+                    }
+                    Err(r) => msg.push_str(&format!("; ROLLBACK FAILED: {r}")),
+                }
+            }
+            let p = ctx.update(|p| {
+                p.phase = if cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                p.error = Some(msg);
+                p.elapsed_ms = elapsed;
+            });
+            send_final(&ctx, p);
+            if handed_over {
+                let _ = ctx.call(MigrationCall::Finished);
+            }
+        }
+    }
+}
+
+fn send_final(ctx: &SendCtx, p: MigrationProgress) {
+    if let Some(f) = &ctx.follow {
+        let _ = f.send(Response::Ok(ResponseBody::Migration(p)));
+    }
+}
