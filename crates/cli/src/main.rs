@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry_api::{DiskConfig, NetConfig, Request, Response, ResponseBody, SerialBackend, VmConfig};
+use ferry_api::{
+    DiskConfig, MigrateSettings, MigrationPhase, MigrationProgress, NetConfig, OnTimeout, Request,
+    Response, ResponseBody, SerialBackend, VmConfig,
+};
 use ferry_vmm::{api_server, RestoreOverrides, RunOptions, Vm, VmExit};
 
 /// ferry moves running virtual machines between hosts. This build runs VMs on KVM, saves and
@@ -67,6 +70,61 @@ enum VmCmd {
     },
     /// Stop a VM and end its VMM.
     Quit(ApiArg),
+    /// Wait for a VM to arrive from another host's `ferry vm migrate`, then run it in the
+    /// foreground. Nothing runs here unless the move completes.
+    ///
+    /// Example: ferry vm receive --listen 0.0.0.0:7788 --api /run/web01.sock --serial stdio
+    Receive(ReceiveArgs),
+    /// Move a running VM (through its --api socket) to a VMM waiting with `vm receive`.
+    /// Prints progress and a final report; on failure or cancel the VM keeps running here.
+    ///
+    /// Example: ferry vm migrate --api /run/web01.sock --to hv2:7788
+    Migrate(MigrateArgs),
+    /// Cancel a migration that has not committed yet; the VM keeps running here.
+    MigrateCancel(ApiArg),
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Address to listen on for the source VMM (host:port).
+    #[arg(long)]
+    listen: String,
+    /// Give up if no source connects within this many seconds (0 = wait forever).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+    /// COM1 backend on this host (default: as on the source).
+    #[arg(long)]
+    serial: Option<SerialBackend>,
+    /// COM2 backend on this host (default: as on the source).
+    #[arg(long)]
+    serial2: Option<SerialBackend>,
+    /// Serve the control API on this unix socket (once the VM has arrived).
+    #[arg(long)]
+    api: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    api: ApiArg,
+    /// The destination VMM (host:port given to its `vm receive --listen`).
+    #[arg(long)]
+    to: String,
+    /// Longest pause the guest may see, in ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Bandwidth cap in Mbit/s (0 = none).
+    #[arg(long, default_value_t = 0)]
+    bandwidth_mbit: u64,
+    /// Give up after this many seconds (0 = never).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// What to do when the memory copy does not converge in time: cancel (stay here) or force.
+    #[arg(long, default_value = "cancel", value_parser = ["cancel", "force"])]
+    on_timeout: String,
+    /// Print progress and the report as JSON lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -220,6 +278,96 @@ fn vm(cmd: VmCmd) -> Result<()> {
             call(&api.api, Request::Save { dir })
         }
         VmCmd::Quit(a) => call(&a.api, Request::Quit),
+        VmCmd::MigrateCancel(a) => call(&a.api, Request::MigrateCancel),
+        VmCmd::Receive(a) => {
+            let overrides = RestoreOverrides {
+                serial: a.serial,
+                serial2: a.serial2,
+            };
+            let timeout = (a.timeout > 0).then(|| std::time::Duration::from_secs(a.timeout));
+            let opts = RunOptions {
+                api: a.api,
+                paused: false,
+            };
+            let vm =
+                ferry_vmm::migration::receive::receive(&a.listen, timeout, &overrides, opts, |m| {
+                    eprintln!("ferry: {m}")
+                })
+                .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?;
+            report(
+                vm.run()
+                    .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?,
+            );
+            Ok(())
+        }
+        VmCmd::Migrate(a) => migrate(a),
+    }
+}
+
+fn migrate(a: MigrateArgs) -> Result<()> {
+    let settings = MigrateSettings {
+        to: a.to,
+        downtime_ms: a.downtime_ms,
+        bandwidth_mbit: a.bandwidth_mbit,
+        timeout_s: a.timeout,
+        on_timeout: if a.on_timeout == "force" {
+            OnTimeout::Force
+        } else {
+            OnTimeout::Cancel
+        },
+    };
+    let mut last: Option<MigrationProgress> = None;
+    let mut error = None;
+    api_server::call_stream(&a.api.api, &Request::Migrate { settings, follow: true }, |r| {
+        match r {
+            Response::Ok(ResponseBody::Migration(p)) => {
+                if a.json {
+                    println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                } else if !matches!(p.phase, MigrationPhase::Done | MigrationPhase::Failed | MigrationPhase::Cancelled) {
+                    eprintln!(
+                        "{:>7.1}s {:?} round {} sent {:.1} MiB, dirty {} pages ({} pages/s), link {:.0} Mbit/s, expected pause {:.1} ms",
+                        p.elapsed_ms as f64 / 1000.0,
+                        p.phase,
+                        p.round,
+                        p.bytes_sent as f64 / (1 << 20) as f64,
+                        p.dirty_pages,
+                        p.dirty_rate_pps,
+                        p.bandwidth_mbit,
+                        p.expected_downtime_ms
+                    );
+                }
+                last = Some(p);
+            }
+            Response::Ok(_) => {}
+            Response::Error(e) => error = Some(e),
+        }
+        true
+    })
+    .with_context(|| format!("cannot reach the VMM at {} (is it running with --api?)", a.api.api.display()))?;
+    if let Some(e) = error {
+        bail!("{e}");
+    }
+    let p = last.context("the VMM ended the migration without a report")?;
+    if !a.json {
+        println!(
+            "migration {:?}: {:.2} s total, pause {}, {:.1} MiB in {} rounds{}",
+            p.phase,
+            p.elapsed_ms as f64 / 1000.0,
+            p.downtime_ms
+                .map(|d| format!("{d:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            p.bytes_sent as f64 / (1 << 20) as f64,
+            p.round + 1,
+            if p.converged || p.phase != MigrationPhase::Done {
+                ""
+            } else {
+                " (forced: did not converge)"
+            }
+        );
+    }
+    match p.phase {
+        MigrationPhase::Done => Ok(()),
+        _ => bail!("{}", p.error.unwrap_or_else(|| format!("{:?}", p.phase))),
     }
 }
 
@@ -245,6 +393,10 @@ fn call(api: &std::path::Path, req: Request) -> Result<()> {
                 dir.display(),
                 memory_bytes >> 20
             );
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Migration(p)) => {
+            println!("{}", serde_json::to_string(&p)?);
             Ok(())
         }
         Response::Ok(ResponseBody::Done) => Ok(()),

@@ -2,6 +2,8 @@
 //! talks to the guest through its serial ports on unix sockets.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -206,6 +208,11 @@ impl Vmm {
     /// Start ferry with COM1/COM2 on unix sockets and the API socket, paused, so the test
     /// can connect to both ports before the guest prints anything.
     pub fn spawn(dir: &Path, tag: &str, args: &[&str]) -> Vmm {
+        Vmm::spawn_in(&[], dir, tag, args)
+    }
+
+    /// Like [`Vmm::spawn`], run under `prefix` (e.g. `ip netns exec NS`).
+    pub fn spawn_in(prefix: &[String], dir: &Path, tag: &str, args: &[&str]) -> Vmm {
         let api = dir.join(format!("{tag}.api"));
         let com1 = dir.join(format!("{tag}.com1"));
         let com2 = dir.join(format!("{tag}.com2"));
@@ -219,7 +226,15 @@ impl Vmm {
             format!("unix:{}", com2.display()),
             "--paused".into(),
         ]);
-        let child = Command::new(ferry_bin())
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let child = cmd
             .args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

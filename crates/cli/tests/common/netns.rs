@@ -1,0 +1,126 @@
+//! Hosts as network namespaces: each test makes its own, with unique names, and removes them.
+//!
+//! ```text
+//!   ns "<tag>h" (the VM's host)            ns "<tag>c" (a client host)
+//!   br0 10.77.0.1/24 ── tap (ferry's) ── guest 10.77.0.2
+//!        └── veth "vh" ─────────────────── veth "vc" 10.77.0.3/24
+//! ```
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A VM host namespace with a bridge, and a client namespace wired to it.
+pub struct Lab {
+    pub host: String,
+    pub client: String,
+    pub bridge: &'static str,
+    pub guest_ip: &'static str,
+    pub client_ip: &'static str,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("fy{}x{n}", std::process::id());
+        let lab = Lab {
+            host: format!("{tag}h"),
+            client: format!("{tag}c"),
+            bridge: "br0",
+            guest_ip: "10.77.0.2",
+            client_ip: "10.77.0.3",
+        };
+        ip(&["netns", "add", &lab.host]);
+        ip(&["netns", "add", &lab.client]);
+        let h = |args: &[&str]| {
+            let mut v = vec!["-n", lab.host.as_str()];
+            v.extend_from_slice(args);
+            ip(&v)
+        };
+        let c = |args: &[&str]| {
+            let mut v = vec!["-n", lab.client.as_str()];
+            v.extend_from_slice(args);
+            ip(&v)
+        };
+        h(&["link", "set", "lo", "up"]);
+        c(&["link", "set", "lo", "up"]);
+        h(&["link", "add", "br0", "type", "bridge"]);
+        h(&["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+        h(&["link", "set", "br0", "up"]);
+        h(&[
+            "link",
+            "add",
+            "vh",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vc",
+            "netns",
+            &lab.client,
+        ]);
+        h(&["link", "set", "vh", "master", "br0"]);
+        h(&["link", "set", "vh", "up"]);
+        c(&["addr", "add", "10.77.0.3/24", "dev", "vc"]);
+        c(&["link", "set", "vc", "up"]);
+        lab
+    }
+
+    /// `ip netns exec HOST` prefix for running a VMM in the host namespace.
+    pub fn in_host(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.host.clone(),
+        ]
+    }
+
+    /// Connect to the guest from the client namespace (in a thread that joins it).
+    pub fn connect_from_client(&self, port: u16, timeout: Duration) -> TcpStream {
+        let ns = format!("/var/run/netns/{}", self.client);
+        let addr = format!("{}:{port}", self.guest_ip);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).unwrap();
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+                    Ok(s) => return s,
+                    Err(e) if std::time::Instant::now() > deadline => {
+                        panic!("cannot connect to {addr}: {e}")
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.host])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.client])
+            .status();
+    }
+}

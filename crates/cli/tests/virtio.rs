@@ -1,0 +1,296 @@
+//! Virtio disks and network end to end: real KVM, the test guest's own drivers, real files,
+//! real taps on bridges in network namespaces, real TCP from another namespace.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::netns::Lab;
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-test-")
+        .tempdir()
+        .unwrap()
+}
+
+fn disk_image(dir: &std::path::Path, mib: u64) -> std::path::PathBuf {
+    let p = dir.join("disk.img");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    p
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        .parse()
+        .unwrap()
+}
+
+/// Start the guest with `cmdline` and one disk; returns the VMM and its console after READY.
+fn start(
+    dir: &std::path::Path,
+    tag: &str,
+    disk: &std::path::Path,
+    cmdline: &str,
+) -> (Vmm, Console) {
+    let kernel = testguest(dir);
+    let disk_arg = disk.to_str().unwrap().to_string();
+    let vmm = Vmm::spawn(
+        dir,
+        tag,
+        &[
+            "vm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            cmdline,
+        ],
+    );
+    let con = Console::connect(&vmm.com1);
+    vmm.ctl_ok("resume", &[]);
+    con.wait_line("READY", T);
+    (vmm, con)
+}
+
+fn wait_durable(con: &mut Console, at_least: u64) -> u64 {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = con.ask(b's', "STATUS");
+        let d = num(&s, "disk_durable");
+        assert_eq!(num(&s, "disk_errors"), 0, "{s}");
+        if d >= at_least {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "disk writer stalled: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn disk_writes_survive_a_restart_and_verify() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tmp();
+    let disk = disk_image(dir.path(), 32);
+    let (mut vmm, mut con) = start(dir.path(), "w", &disk, "hb=0 disk=write flush=8 qd=8");
+    let found = con.wait_line("DISK found=", T);
+    assert_eq!(
+        num(&found, "found"),
+        0,
+        "a fresh disk holds nothing: {found}"
+    );
+    assert!(found.contains("serial=\"ferry-disk0\""), "{found}");
+    let durable = wait_durable(&mut con, 500);
+    let v = con.ask(b'd', "DISK VERIFY");
+    assert!(v.starts_with("DISK VERIFY OK"), "{v}");
+    con.send(b'p');
+    assert!(vmm.wait(T).success());
+    drop(con);
+
+    let (mut vmm, mut con) = start(dir.path(), "v", &disk, "hb=0 disk=verify");
+    let found = con.wait_line("DISK found=", T);
+    assert!(
+        num(&found, "found") >= durable,
+        "{found}, but {durable} records were durable"
+    );
+    let v = con.ask(b'd', "DISK VERIFY");
+    assert!(v.starts_with("DISK VERIFY OK"), "{v}");
+    con.send(b'p');
+    assert!(vmm.wait(T).success());
+}
+
+#[test]
+fn flushed_writes_survive_sigkill_of_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tmp();
+    let disk = disk_image(dir.path(), 32);
+    let (mut vmm, mut con) = start(dir.path(), "k", &disk, "hb=0 disk=write flush=1 qd=4");
+    let durable = wait_durable(&mut con, 200);
+    vmm.child.kill().unwrap(); // SIGKILL
+    vmm.child.wait().unwrap();
+    drop(con);
+    let (mut vmm, mut con) = start(dir.path(), "k2", &disk, "hb=0 disk=verify");
+    let found = con.wait_line("DISK found=", T);
+    assert!(
+        num(&found, "found") >= durable,
+        "{found}: {durable} flushed records must survive"
+    );
+    con.send(b'p');
+    assert!(vmm.wait(T).success());
+}
+
+#[test]
+fn a_second_writer_is_refused_naming_the_holder() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tmp();
+    let disk = disk_image(dir.path(), 8);
+    let (mut vmm, mut con) = start(dir.path(), "a", &disk, "hb=0 disk=verify");
+    let kernel = testguest(dir.path());
+    let out = ferry_output(
+        &[
+            "vm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--serial",
+            "null",
+        ],
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("in use by process") && err.contains(&vmm.child.id().to_string()),
+        "{err}"
+    );
+    con.send(b'p');
+    assert!(vmm.wait(T).success());
+}
+
+fn read_counters(
+    s: &mut std::net::TcpStream,
+    expect_from: &mut u64,
+    bytes: usize,
+    carry: &mut Vec<u8>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < bytes {
+        let n = s.read(&mut buf).expect("stream read");
+        assert!(n > 0, "guest closed the stream");
+        got += n;
+        carry.extend_from_slice(&buf[..n]);
+        let whole = carry.len() / 8 * 8;
+        for c in carry[..whole].chunks_exact(8) {
+            let v = u64::from_le_bytes(c.try_into().unwrap());
+            assert_eq!(v, *expect_from, "stream byte lost or reordered");
+            *expect_from += 1;
+        }
+        carry.drain(..whole);
+    }
+}
+
+fn net_vmm(lab: &Lab, dir: &std::path::Path, tag: &str, extra: &[&str]) -> (Vmm, Console) {
+    let kernel = testguest(dir);
+    let mut args = vec![
+        "vm",
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128",
+        "--net",
+        "bridge=br0",
+    ];
+    args.extend_from_slice(extra);
+    let vmm = Vmm::spawn_in(&lab.in_host(), dir, tag, &args);
+    let con = Console::connect(&vmm.com1);
+    vmm.ctl_ok("resume", &[]);
+    (vmm, con)
+}
+
+#[test]
+fn tcp_echo_and_stream_from_another_namespace() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = tmp();
+    let cmd = format!("hb=0 ip={}/24", lab.guest_ip);
+    let (mut vmm, mut con) = net_vmm(&lab, dir.path(), "n", &["--cmdline", &cmd]);
+    let up = con.wait_line("NET up", T);
+    assert!(up.contains(lab.guest_ip), "{up}");
+    con.wait_line("READY", T);
+
+    let mut echo = lab.connect_from_client(7, T);
+    echo.set_read_timeout(Some(T)).unwrap();
+    for round in 0..50u32 {
+        let msg: Vec<u8> = (0..(1 + round * 97) as usize)
+            .map(|i| (i as u32 ^ round) as u8)
+            .collect();
+        echo.write_all(&msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        echo.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg, "echo round {round}");
+    }
+
+    let mut stream = lab.connect_from_client(19, T);
+    stream.set_read_timeout(Some(T)).unwrap();
+    let (mut next, mut carry) = (0u64, Vec::new());
+    read_counters(&mut stream, &mut next, 8 << 20, &mut carry);
+    let s = con.ask(b's', "STATUS");
+    assert!(num(&s, "tcp_conns") >= 1, "{s}");
+    drop((echo, stream));
+    con.send(b'p');
+    assert!(vmm.wait(T).success());
+}
+
+#[test]
+fn save_and_restore_keep_the_disk_writer_and_a_tcp_stream_going() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = tmp();
+    let disk = disk_image(dir.path(), 64);
+    let cmd = format!("hb=2 ip={}/24 disk=write flush=4 qd=4", lab.guest_ip);
+    let disk_arg = disk.to_str().unwrap().to_string();
+    let (vmm, mut con) = net_vmm(
+        &lab,
+        dir.path(),
+        "src",
+        &["--cmdline", &cmd, "--disk", &disk_arg],
+    );
+    con.wait_line("READY", T);
+    let mut stream = lab.connect_from_client(19, T);
+    stream.set_read_timeout(Some(T)).unwrap();
+    let (mut next, mut carry) = (0u64, Vec::new());
+    read_counters(&mut stream, &mut next, 1 << 20, &mut carry);
+    let before = wait_durable(&mut con, 100);
+
+    let snap = dir.path().join("snap");
+    vmm.ctl_ok("save", &[snap.to_str().unwrap()]);
+    vmm.ctl_ok("quit", &[]);
+    let mut vmm = vmm;
+    assert!(vmm.wait(T).success());
+    drop(con);
+
+    // Same host, new process: the tap is made again on the bridge; the client's TCP
+    // connection was never closed.
+    let restored = Vmm::spawn_in(
+        &lab.in_host(),
+        dir.path(),
+        "dst",
+        &["vm", "restore", snap.to_str().unwrap()],
+    );
+    let mut con = Console::connect(&restored.com1);
+    restored.ctl_ok("resume", &[]);
+    read_counters(&mut stream, &mut next, 4 << 20, &mut carry);
+    let after = wait_durable(&mut con, before + 100);
+    assert!(after > before);
+    let v = con.ask(b'd', "DISK VERIFY");
+    assert!(v.starts_with("DISK VERIFY OK"), "{v}");
+    con.send(b'p');
+    let mut restored = restored;
+    assert!(restored.wait(T).success());
+}
