@@ -227,17 +227,27 @@ pub fn parse<T: for<'de> Deserialize<'de>>(f: &Frame) -> Result<T, ProtocolError
         .map_err(|e| ProtocolError::Malformed(f.command, e.to_string()))
 }
 
+/// Whether a page is all zero (a word at a time).
+pub fn is_zero(page: &[u8]) -> bool {
+    let words = page.chunks_exact(8);
+    let tail = words.remainder();
+    words.fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8]))
+    }) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
 /// Encode a `Pages` payload: `count: u32`, `count` entries of `gpa | flags` (u64), then the
 /// data of every non-zero page in order.
 pub fn encode_pages(pages: &[(u64, &[u8])], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
-    for (gpa, data) in pages {
-        let zero = data.iter().all(|&b| b == 0);
-        out.extend_from_slice(&(gpa | if zero { PAGE_ZERO } else { 0 }).to_le_bytes());
+    let zero: Vec<bool> = pages.iter().map(|(_, d)| is_zero(d)).collect();
+    for ((gpa, _), z) in pages.iter().zip(&zero) {
+        out.extend_from_slice(&(gpa | if *z { PAGE_ZERO } else { 0 }).to_le_bytes());
     }
-    for (_, data) in pages {
-        if !data.iter().all(|&b| b == 0) {
+    for ((_, data), z) in pages.iter().zip(&zero) {
+        if !z {
             out.extend_from_slice(data);
         }
     }

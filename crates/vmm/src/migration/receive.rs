@@ -39,6 +39,15 @@ pub enum ReceiveError {
     Disks(#[source] Box<VmError>),
 }
 
+/// Failure injection for tests: `FERRY_CRASH_AT=<point>` makes a receiving VMM die abruptly
+/// (as a crashed host would) at that point of the protocol. Not for production use.
+fn crash_point(point: &str) {
+    if std::env::var("FERRY_CRASH_AT").is_ok_and(|p| p == point) {
+        eprintln!("ferry: FERRY_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
 fn ack(t: &mut Transport, ok: bool, message: String) -> Result<(), ProtocolError> {
     protocol::write_frame(t, Command::Ack, &protocol::json(&AckInfo { ok, message }))
 }
@@ -194,6 +203,7 @@ fn receive_on(
                     ..opts.clone()
                 };
                 vm = Some(Vm::restore_state(c, m, snap, false, paused)?);
+                crash_point("after-state");
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }
             Command::Commit => {
@@ -201,6 +211,7 @@ fn receive_on(
                     .take()
                     .ok_or(ProtocolError::Truncated)
                     .map_err(ReceiveError::from)?;
+                crash_point("on-commit");
                 v.take_disks()
                     .map_err(|e| ReceiveError::Disks(Box::new(e)))?;
                 v.resume()?;

@@ -18,19 +18,26 @@ pub struct Transport<S = TcpStream> {
 }
 
 impl Transport<TcpStream> {
-    /// Connect to `addr` (host:port).
+    /// Connect to `addr` (host:port). A refused connection is retried until `timeout`: the
+    /// destination VMM may still be starting.
     pub fn connect(addr: &str, timeout: Duration) -> io::Result<Self> {
-        let mut last = io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{addr} resolves to no address"),
-        );
-        for a in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&a, timeout) {
-                Ok(s) => return Transport::over_tcp(s),
-                Err(e) => last = e,
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut last = io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{addr} resolves to no address"),
+            );
+            for a in addr.to_socket_addrs()? {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => return Transport::over_tcp(s),
+                    Err(e) => last = e,
+                }
             }
+            if last.kind() != io::ErrorKind::ConnectionRefused || Instant::now() > deadline {
+                return Err(last);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Err(last)
     }
 
     /// Wrap an accepted or connected socket.
