@@ -88,7 +88,7 @@ pub struct Console {
 
 impl Console {
     pub fn connect(path: &Path) -> Console {
-        let stream = connect_retry(path, Duration::from_secs(10));
+        let stream = connect_retry(path, Duration::from_secs(60));
         let text = Arc::new(Mutex::new(String::new()));
         let (t, s) = (text.clone(), stream.try_clone().unwrap());
         std::thread::spawn(move || {
@@ -144,6 +144,11 @@ impl Console {
     pub fn send(&mut self, cmd: u8) {
         self.stream.write_all(&[cmd]).unwrap();
     }
+
+    /// A second handle for sending bytes from another thread.
+    pub fn sender(&self) -> UnixStream {
+        self.stream.try_clone().unwrap()
+    }
 }
 
 /// COM2: heartbeat bytes, timestamped on arrival.
@@ -153,10 +158,37 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     pub fn connect(path: &Path) -> Heartbeat {
-        let s = connect_retry(path, Duration::from_secs(10));
+        let s = connect_retry(path, Duration::from_secs(60));
+        Heartbeat::reading(s)
+    }
+
+    /// Start listening in the background, connecting once `path` appears (a migration's
+    /// destination creates its ports only when the VM arrives).
+    pub fn connect_when_ready(path: &Path) -> Heartbeat {
+        let stamps = Arc::new(Mutex::new(Vec::new()));
+        let (st, path) = (stamps.clone(), path.to_path_buf());
+        std::thread::spawn(move || {
+            let s = connect_retry(&path, Duration::from_secs(120));
+            Heartbeat::read_into(s, st)
+        });
+        Heartbeat { stamps }
+    }
+
+    fn reading(s: UnixStream) -> Heartbeat {
         let stamps = Arc::new(Mutex::new(Vec::new()));
         let st = stamps.clone();
-        std::thread::spawn(move || {
+        std::thread::spawn(move || Heartbeat::read_into(s, st));
+        Heartbeat { stamps }
+    }
+
+    /// First and last beat.
+    pub fn span(&self) -> Option<(Instant, Instant)> {
+        let s = self.stamps.lock().unwrap();
+        Some((*s.first()?, *s.last()?))
+    }
+
+    fn read_into(s: UnixStream, st: Arc<Mutex<Vec<Instant>>>) {
+        {
             use std::io::Read;
             let mut s = s;
             let mut buf = [0u8; 4096];
@@ -167,8 +199,7 @@ impl Heartbeat {
                 let now = Instant::now();
                 st.lock().unwrap().extend(std::iter::repeat_n(now, n));
             }
-        });
-        Heartbeat { stamps }
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -247,6 +278,54 @@ impl Vmm {
             com1,
             com2,
         }
+    }
+
+    /// Start `ferry vm receive --listen ADDR` under `prefix`, with ports on unix sockets and
+    /// `env` set (e.g. FERRY_CRASH_AT).
+    pub fn receive_in(
+        prefix: &[String],
+        dir: &Path,
+        tag: &str,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Vmm {
+        let api = dir.join(format!("{tag}.api"));
+        let com1 = dir.join(format!("{tag}.com1"));
+        let com2 = dir.join(format!("{tag}.com2"));
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        cmd.args(["vm", "receive", "--listen", listen, "--api"])
+            .arg(&api)
+            .arg("--serial")
+            .arg(format!("unix:{}", com1.display()))
+            .arg("--serial2")
+            .arg(format!("unix:{}", com2.display()));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Vmm {
+            child,
+            api,
+            com1,
+            com2,
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Run `ferry vm SUB --api SOCK [extra]` and return its output.

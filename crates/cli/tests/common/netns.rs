@@ -23,9 +23,11 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A VM host namespace with a bridge, and a client namespace wired to it.
+/// A VM host namespace with a bridge, and a client namespace wired to it; optionally a second
+/// VM host ("B", bridge address 10.77.0.11) on the same Ethernet segment.
 pub struct Lab {
     pub host: String,
+    pub host_b: Option<String>,
     pub client: String,
     pub bridge: &'static str,
     pub guest_ip: &'static str,
@@ -38,6 +40,7 @@ impl Lab {
         let tag = format!("fy{}x{n}", std::process::id());
         let lab = Lab {
             host: format!("{tag}h"),
+            host_b: None,
             client: format!("{tag}c"),
             bridge: "br0",
             guest_ip: "10.77.0.2",
@@ -57,7 +60,17 @@ impl Lab {
         };
         h(&["link", "set", "lo", "up"]);
         c(&["link", "set", "lo", "up"]);
-        h(&["link", "add", "br0", "type", "bridge"]);
+        // A fixed bridge MAC: otherwise a bridge takes the lowest MAC of its ports and changes
+        // it when a VM's tap comes or goes, leaving stale ARP entries on the other hosts.
+        h(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:77:00:00:00:01",
+            "type",
+            "bridge",
+        ]);
         h(&["addr", "add", "10.77.0.1/24", "dev", "br0"]);
         h(&["link", "set", "br0", "up"]);
         h(&[
@@ -78,6 +91,55 @@ impl Lab {
         c(&["link", "set", "vc", "up"]);
         lab
     }
+
+    /// A lab with a second VM host B: its own bridge, joined to host A's by a veth pair.
+    pub fn two_hosts() -> Lab {
+        let mut lab = Lab::new();
+        let b = format!("{}b", lab.host.trim_end_matches('h'));
+        ip(&["netns", "add", &b]);
+        let hb = |args: &[&str]| {
+            let mut v = vec!["-n", b.as_str()];
+            v.extend_from_slice(args);
+            ip(&v)
+        };
+        hb(&["link", "set", "lo", "up"]);
+        hb(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:77:00:00:00:11",
+            "type",
+            "bridge",
+        ]);
+        hb(&["addr", "add", "10.77.0.11/24", "dev", "br0"]);
+        hb(&["link", "set", "br0", "up"]);
+        ip(&[
+            "-n", &lab.host, "link", "add", "vab", "type", "veth", "peer", "name", "vba", "netns",
+            &b,
+        ]);
+        ip(&["-n", &lab.host, "link", "set", "vab", "master", "br0"]);
+        ip(&["-n", &lab.host, "link", "set", "vab", "up"]);
+        hb(&["link", "set", "vba", "master", "br0"]);
+        hb(&["link", "set", "vba", "up"]);
+        lab.host_b = Some(b);
+        lab
+    }
+
+    /// `ip netns exec B` prefix.
+    pub fn in_host_b(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.host_b.clone().expect("two_hosts lab"),
+        ]
+    }
+
+    /// Host A's address on the segment.
+    pub const HOST_A_IP: &'static str = "10.77.0.1";
+    /// Host B's address on the segment.
+    pub const HOST_B_IP: &'static str = "10.77.0.11";
 
     /// `ip netns exec HOST` prefix for running a VMM in the host namespace.
     pub fn in_host(&self) -> Vec<String> {
