@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod lab;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,8 +40,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Boot the test guest, snapshot it, restore it in a new process and verify it: the
-    /// quickest proof that ferry works on this machine.
+    /// The quickest proof that ferry works here: a lab of two hosts (network namespaces; needs
+    /// root), the test guest running on host A with memory, disk and TCP workloads, moved live
+    /// to host B and back, verified after each move.
     Demo(demo::DemoArgs),
     /// Benchmarks that print figures.
     #[command(subcommand)]

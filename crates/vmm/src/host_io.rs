@@ -236,6 +236,31 @@ pub fn attach_to_bridge(tap: &str, bridge: &str) -> Result<(), HostIoError> {
     ioctl(&sock, SIOCBRADDIF, &mut r).map_err(err)
 }
 
+/// Run `f` on a thread that has joined network namespace `ns` (as made by `ip netns add`).
+/// Sockets it creates stay in that namespace's network stack wherever they are used later.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let nsfd = File::open(&path)?;
+        // SAFETY: setns(2) on the calling thread only, with a namespace fd we hold open.
+        if unsafe { libc::setns(nsfd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
+/// Open a TCP connection from inside network namespace `ns`.
+pub fn connect_in_netns(
+    ns: &str,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> io::Result<std::net::TcpStream> {
+    in_netns(ns, move || std::net::TcpStream::connect_timeout(&addr, timeout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

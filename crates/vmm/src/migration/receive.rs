@@ -134,6 +134,8 @@ fn receive_on(
     let mut vm: Option<Vm> = None;
     let mut pages = 0u64;
     let zero = [0u8; PAGE_SIZE];
+    // Pages that hold data from the stream (one bit per guest-physical page).
+    let mut written: Vec<u64> = Vec::new();
     loop {
         let frame = protocol::read_frame(t)
             .and_then(|f| f.ok_or(ProtocolError::Truncated))
@@ -173,7 +175,26 @@ fn receive_on(
                     &frame.payload,
                     |gpa| valid_page(m, gpa),
                     |gpa, data| {
-                        if let Err(e) = m.write_slice(data.unwrap_or(&zero), GuestAddress(gpa)) {
+                        // Fresh memory is zero: a zero page needs writing only where data
+                        // landed before. Skipping the rest keeps untouched guest memory
+                        // unallocated here, and the first round fast.
+                        let bit = (gpa / PAGE_SIZE as u64) as usize;
+                        let (word, mask) = (bit / 64, 1u64 << (bit % 64));
+                        if word >= written.len() {
+                            written.resize(word + 1, 0);
+                        }
+                        let page = match data {
+                            Some(d) => {
+                                written[word] |= mask;
+                                d
+                            }
+                            None if written[word] & mask != 0 => {
+                                written[word] &= !mask;
+                                &zero[..]
+                            }
+                            None => return,
+                        };
+                        if let Err(e) = m.write_slice(page, GuestAddress(gpa)) {
                             err = Some(e);
                         }
                     },
@@ -202,7 +223,9 @@ fn receive_on(
                     paused: true,
                     ..opts.clone()
                 };
+                let t_restore = Instant::now();
                 vm = Some(Vm::restore_state(c, m, snap, false, paused)?);
+                tracing::debug!("restored the VM in {:?}", t_restore.elapsed());
                 crash_point("after-state");
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }

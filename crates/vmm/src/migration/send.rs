@@ -38,6 +38,8 @@ use crate::memory::{self, GuestMemory};
 
 /// Pre-copy gives up (or forces, per settings) after this many rounds.
 const MAX_ROUNDS: u32 = 40;
+/// A pause this short is not worth another round.
+const SMALL_PAUSE_MS: f64 = 2.0;
 
 /// Everything the sending thread needs.
 pub struct SendCtx {
@@ -204,22 +206,15 @@ impl Outgoing<'_> {
 
         self.ctx.update(|p| p.phase = MigrationPhase::Memory);
         memory::start_dirty_log(&self.ctx.vm.fd, &self.ctx.memory)?;
-        let all: Vec<u64> = self
-            .ctx
-            .memory
-            .iter()
-            .flat_map(|r| {
-                (0..r.len())
-                    .step_by(PAGE_SIZE)
-                    .map(move |o| r.start_addr().0 + o)
-            })
-            .collect();
+        // First pass: every page that may hold data; never-written memory is zero there too.
+        let all = memory::populated_pages(&self.ctx.memory)?;
         let mut round_start = Instant::now();
         let mut round_bytes_start = self.t.bytes_sent();
         self.send_pages(all.into_iter())?;
         let mut round = 0u32;
         let deadline = (s.timeout_s > 0).then(|| self.start + Duration::from_secs(s.timeout_s));
         let mut converged = true;
+        let mut prev_dirty: Option<u64> = None;
         loop {
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
             let bw = (self.t.bytes_sent() - round_bytes_start) as f64 / secs; // bytes/s
@@ -239,11 +234,18 @@ impl Outgoing<'_> {
                 Command::RoundEnd,
                 &protocol::json(&RoundInfo { round, pages: n }),
             )?;
-            if expected_ms <= s.downtime_ms as f64 {
-                // What is left goes during the pause; put it back in the log for the last pass.
+            // The rest fits the budget. Switch over now unless another round is likely to
+            // shrink the pause a good deal: the budget is a ceiling, not a target.
+            // Unknown after the first pass: try one more round.
+            let shrinking = prev_dirty.is_none_or(|p| n * 10 < p * 8);
+            if expected_ms <= s.downtime_ms as f64
+                && (expected_ms <= SMALL_PAUSE_MS || !shrinking || round + 2 >= MAX_ROUNDS)
+            {
+                // What is left goes during the pause.
                 self.resend_later(dirty);
                 break;
             }
+            prev_dirty = Some(n);
             let out_of_time =
                 deadline.is_some_and(|d| Instant::now() > d) || round + 1 >= MAX_ROUNDS;
             if out_of_time {
@@ -285,7 +287,9 @@ impl Outgoing<'_> {
         last.extend(memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?.pages());
         last.sort_unstable();
         last.dedup();
+        let n_last = last.len();
         self.send_pages(last.into_iter())?;
+        tracing::debug!("switch-over: paused, {n_last} last pages sent at {:?}", pause_at.elapsed());
         let CallReply::State(state) = self.ctx.call(MigrationCall::SaveState)? else {
             return Err(SendError::Vm("save its state".into()));
         };
@@ -295,8 +299,10 @@ impl Outgoing<'_> {
         let bytes = Envelope::MigrationState
             .encode(&*state)
             .map_err(SendError::Encode)?;
+                tracing::debug!("switch-over: state saved, {} bytes, at {:?}", bytes.len(), pause_at.elapsed());
         protocol::write_frame(&mut self.t, Command::State, &bytes)?;
         self.expect_ack()?;
+        tracing::debug!("switch-over: destination restored at {:?}", pause_at.elapsed());
 
         // Two-phase hand-over: let go of the disks, then let the destination run.
         self.ctx.call(MigrationCall::ReleaseDisks)?;
@@ -305,6 +311,7 @@ impl Outgoing<'_> {
         self.commit_sent = true;
         protocol::write_frame(&mut self.t, Command::Commit, &[])?;
         self.expect_ack()?;
+        tracing::debug!("switch-over: destination runs at {:?}", pause_at.elapsed());
         Ok(pause_at.elapsed().as_secs_f64() * 1000.0)
     }
 
