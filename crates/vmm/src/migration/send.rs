@@ -28,7 +28,7 @@ use ferry_migration::protocol::{
     self, AckInfo, Command, ProtocolError, RoundInfo, StartInfo, PAGE_SIZE,
 };
 use ferry_migration::Envelope;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::transport::Transport;
 use super::{CallReply, MigrationCall};
