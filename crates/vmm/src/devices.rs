@@ -412,6 +412,16 @@ impl Devices {
         Ok(())
     }
 
+    /// Flush every disk image to stable storage (best effort; the flush that counts comes with
+    /// `release_disks`).
+    pub fn sync_disks(&self) {
+        for d in &self.disks {
+            if let Err(e) = d.file.sync_data() {
+                tracing::warn!("flushing {}: {e}", d.path.display());
+            }
+        }
+    }
+
     /// Take every disk image's lock; on failure, none is held.
     pub fn lock_disks(&self) -> Result<(), DevicesError> {
         for (i, d) in self.disks.iter().enumerate() {

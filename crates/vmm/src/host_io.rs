@@ -92,7 +92,7 @@ pub fn lock_disk(file: &File, path: &Path, read_only: bool) -> Result<(), HostIo
 
 /// Flush an image to stable storage and let go of its lock.
 pub fn release_disk(file: &File) -> io::Result<()> {
-    file.sync_all()?;
+    file.sync_data()?;
     file.unlock()
 }
 
@@ -238,7 +238,10 @@ pub fn attach_to_bridge(tap: &str, bridge: &str) -> Result<(), HostIoError> {
 
 /// Run `f` on a thread that has joined network namespace `ns` (as made by `ip netns add`).
 /// Sockets it creates stay in that namespace's network stack wherever they are used later.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let nsfd = File::open(&path)?;
@@ -258,7 +261,9 @@ pub fn connect_in_netns(
     addr: std::net::SocketAddr,
     timeout: std::time::Duration,
 ) -> io::Result<std::net::TcpStream> {
-    in_netns(ns, move || std::net::TcpStream::connect_timeout(&addr, timeout))
+    in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, timeout)
+    })
 }
 
 #[cfg(test)]

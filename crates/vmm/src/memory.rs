@@ -373,10 +373,13 @@ mod tests {
         assert!(!r.get_mmap().bitmap().is_addr_set(0x4000));
     }
 
-        #[test]
+    #[test]
     fn populated_pages_are_the_written_ones() {
         let mem = create_guest_memory(16 << 20).unwrap();
-        assert!(populated_pages(&mem).unwrap().is_empty(), "fresh memory holds nothing");
+        assert!(
+            populated_pages(&mem).unwrap().is_empty(),
+            "fresh memory holds nothing"
+        );
         mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
         mem.write_obj(1u8, GuestAddress(0x80_0123)).unwrap();
         assert_eq!(populated_pages(&mem).unwrap(), vec![0x5000, 0x80_0000]);

@@ -415,14 +415,37 @@ pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit` byte, for the kick handler.
+    static IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
 
-/// Install the (empty) handler for [`kick_signal`] once per process: its only job is to make
-/// KVM_RUN return with EINTR.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A kick that lands just before KVM_RUN would be lost; setting immediate_exit makes that
+    // KVM_RUN return at once instead (the KVM API's recipe). In KVM_RUN, the signal alone
+    // makes it return with EINTR.
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: `p` points into this thread's kvm_run mapping, set by the vCPU thread that
+        // owns it for as long as the thread runs; a byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+struct ForgetImmediateExit;
+
+impl Drop for ForgetImmediateExit {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// Install the handler for [`kick_signal`] once per process: it makes KVM_RUN return with
+/// EINTR, or right away if the kick came just before it.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_signal_handler)
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| e.errno())
     })
     .map_err(std::io::Error::from_raw_os_error)
@@ -466,6 +489,11 @@ pub fn run_thread(
     start_paused: bool,
 ) {
     let id = vcpu.id;
+    let immediate_exit: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+    // Dropped before `vcpu` (locals go before parameters): no kick may write into a kvm_run
+    // mapping that is gone.
+    let _forget = ForgetImmediateExit;
     let mut running = !start_paused;
     let mut stopped = false;
     let mut unhandled = Ratelimit(0);

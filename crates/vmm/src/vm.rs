@@ -25,12 +25,14 @@ use crate::api_server::{ApiError, ApiServer};
 use crate::boot::{self, BootEntry, BootError};
 use crate::bus::{MmioBus, PioBus};
 use crate::cpuid::{self, CpuidError};
+use crate::devices::DevicesState;
 use crate::devices::{self, Devices, DevicesArgs, DevicesError};
 use crate::event::Event;
-use crate::kvm_vm::{KvmVm, KvmVmError};
+use crate::kvm_vm::{KvmVm, KvmVmError, KvmVmState};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::migration::{send, CallReply, MigrationCall};
 use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::vcpu::VcpuState;
 use crate::vcpu::{self, Vcpu, VcpuAck, VcpuCmd, VcpuError, VcpuEvent};
 
 /// How long a vCPU may take to acknowledge a pause.
@@ -355,9 +357,37 @@ impl Vm {
                 config.vcpus
             ))));
         }
+        let kvm_vm = Vm::prepare(&memory)?;
+        Vm::restore_into(
+            kvm_vm,
+            config,
+            memory,
+            (vm_state, vcpu_states, dev_state),
+            lock_disks,
+            opts,
+        )
+    }
+
+    /// A KVM VM with its irqchip, PIT and `memory` registered, ready for a saved state: a
+    /// migration's destination makes it while pages still arrive, to keep it out of the pause.
+    pub(crate) fn prepare(memory: &GuestMemory) -> Result<KvmVm, VmError> {
         let kvm_vm = KvmVm::create()?;
-        memory::register_slots(&kvm_vm.fd, &memory, false)?;
+        memory::register_slots(&kvm_vm.fd, memory, false)?;
+        Ok(kvm_vm)
+    }
+
+    /// Apply a saved state to a prepared VM and start it.
+    pub(crate) fn restore_into(
+        kvm_vm: KvmVm,
+        config: VmConfig,
+        memory: GuestMemory,
+        (vm_state, vcpu_states, dev_state): (KvmVmState, Vec<VcpuState>, DevicesState),
+        lock_disks: bool,
+        opts: RunOptions,
+    ) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
         let kvm_vm = KvmVm::restore(kvm_vm, &vm_state)?;
+        tracing::debug!("restore: VM, memory, irqchip at {:?}", t0.elapsed());
         let args = DevicesArgs {
             vm: &kvm_vm.fd,
             config: &config,
@@ -365,6 +395,7 @@ impl Vm {
             lock_disks,
         };
         let devices = Devices::restore(args, &dev_state)?;
+        tracing::debug!("restore: devices at {:?}", t0.elapsed());
         let msr_list: Arc<Vec<u32>> = Arc::new(
             vcpu_states
                 .first()
@@ -379,6 +410,7 @@ impl Vm {
                 .map_err(|source| VmError::CreateVcpu { id: s.id, source })?;
             vcpus.push(Vcpu::restore((s.id, fd, msr_list.clone()), s)?);
         }
+        tracing::debug!("restore: vCPUs at {:?}", t0.elapsed());
         Vm::assemble(config, kvm_vm, memory, devices, vcpus, None, opts)
     }
 
@@ -640,6 +672,10 @@ impl Vm {
     ) -> (Result<CallReply, String>, Option<VmExit>) {
         let s = |e: VmError| error_chain(&e);
         let r = match call {
+            MigrationCall::SyncDisks => {
+                self.devices.sync_disks();
+                Ok(CallReply::Done)
+            }
             MigrationCall::Pause => self.pause().map(|_| CallReply::Done).map_err(s),
             MigrationCall::SaveState => self
                 .save_state()

@@ -12,6 +12,8 @@ use crate::snapshot::Snapshot;
 /// What the sending thread asks of the VM's control loop.
 #[derive(Debug)]
 pub enum MigrationCall {
+    /// Flush the disks while the guest still runs, so the flush inside the pause is short.
+    SyncDisks,
     /// Stop vCPUs and devices for the switch-over.
     Pause,
     /// Save vCPU, irqchip/PIT/clock and device state (the VM is paused).

@@ -131,6 +131,7 @@ fn receive_on(
     let mut memory_bytes = 0;
     let mut config: Option<VmConfig> = None;
     let mut mem: Option<GuestMemory> = None;
+    let mut prepared = None;
     let mut vm: Option<Vm> = None;
     let mut pages = 0u64;
     let zero = [0u8; PAGE_SIZE];
@@ -157,7 +158,10 @@ fn receive_on(
                     }
                     .into());
                 }
-                mem = Some(memory::create_guest_memory(memory_bytes)?);
+                let m = memory::create_guest_memory(memory_bytes)?;
+                // The KVM VM is made now, while pages arrive, not during the pause.
+                prepared = Some(Vm::prepare(&m)?);
+                mem = Some(m);
                 log(&format!(
                     "receiving a {} MiB, {}-vCPU VM",
                     c.memory_mib, c.vcpus
@@ -216,7 +220,8 @@ fn receive_on(
                 let (snap, _): (Snapshot, u32) = Envelope::MigrationState
                     .decode(&frame.payload)
                     .map_err(ReceiveError::State)?;
-                let (Some(c), Some(m)) = (config.take(), mem.take()) else {
+                let (Some(c), Some(m), Some(k)) = (config.take(), mem.take(), prepared.take())
+                else {
                     return Err(ReceiveError::Protocol(ProtocolError::Truncated).into());
                 };
                 let paused = RunOptions {
@@ -224,7 +229,20 @@ fn receive_on(
                     ..opts.clone()
                 };
                 let t_restore = Instant::now();
-                vm = Some(Vm::restore_state(c, m, snap, false, paused)?);
+                let Snapshot {
+                    vm: vm_state,
+                    vcpus,
+                    devices,
+                    ..
+                } = snap;
+                vm = Some(Vm::restore_into(
+                    k,
+                    c,
+                    m,
+                    (vm_state, vcpus, devices),
+                    false,
+                    paused,
+                )?);
                 tracing::debug!("restored the VM in {:?}", t_restore.elapsed());
                 crash_point("after-state");
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;

@@ -276,6 +276,7 @@ impl Outgoing<'_> {
             p.phase = MigrationPhase::Switchover;
             p.converged = converged;
         });
+        self.ctx.call(MigrationCall::SyncDisks)?;
         let pause_at = Instant::now();
         self.ctx.call(MigrationCall::Pause)?;
         self.paused = true;
@@ -289,7 +290,10 @@ impl Outgoing<'_> {
         last.dedup();
         let n_last = last.len();
         self.send_pages(last.into_iter())?;
-        tracing::debug!("switch-over: paused, {n_last} last pages sent at {:?}", pause_at.elapsed());
+        tracing::debug!(
+            "switch-over: paused, {n_last} last pages sent at {:?}",
+            pause_at.elapsed()
+        );
         let CallReply::State(state) = self.ctx.call(MigrationCall::SaveState)? else {
             return Err(SendError::Vm("save its state".into()));
         };
@@ -299,10 +303,17 @@ impl Outgoing<'_> {
         let bytes = Envelope::MigrationState
             .encode(&*state)
             .map_err(SendError::Encode)?;
-                tracing::debug!("switch-over: state saved, {} bytes, at {:?}", bytes.len(), pause_at.elapsed());
+        tracing::debug!(
+            "switch-over: state saved, {} bytes, at {:?}",
+            bytes.len(),
+            pause_at.elapsed()
+        );
         protocol::write_frame(&mut self.t, Command::State, &bytes)?;
         self.expect_ack()?;
-        tracing::debug!("switch-over: destination restored at {:?}", pause_at.elapsed());
+        tracing::debug!(
+            "switch-over: destination restored at {:?}",
+            pause_at.elapsed()
+        );
 
         // Two-phase hand-over: let go of the disks, then let the destination run.
         self.ctx.call(MigrationCall::ReleaseDisks)?;
