@@ -171,8 +171,10 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
     if len > max {
         return Err(ProtocolError::TooLong { command, len, max });
     }
-    let mut payload = vec![0u8; len as usize];
-    if !read_full(r, &mut payload)? && len > 0 {
+    // Grow the buffer as bytes arrive: a header alone must not make us allocate its length.
+    let mut payload = Vec::with_capacity((len as usize).min(1 << 20));
+    r.take(len).read_to_end(&mut payload)?;
+    if (payload.len() as u64) < len {
         return Err(ProtocolError::Truncated);
     }
     Ok(Some(Frame { command, payload }))

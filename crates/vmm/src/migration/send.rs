@@ -129,6 +129,19 @@ impl Outgoing<'_> {
         if self.ctx.cancel.load(Ordering::SeqCst) {
             return Err(SendError::Cancelled);
         }
+        let s = &self.ctx.settings;
+        // With `cancel`, the timeout also ends a round that is still under way; with `force`,
+        // the round ends and the switch-over follows.
+        if s.on_timeout == OnTimeout::Cancel
+            && s.timeout_s > 0
+            && self.start.elapsed().as_secs() >= s.timeout_s
+        {
+            return Err(SendError::NotConverged(format!(
+                "timed out after {} s, {:.1} MiB sent",
+                s.timeout_s,
+                self.t.bytes_sent() as f64 / f64::from(1 << 20)
+            )));
+        }
         Ok(())
     }
 
