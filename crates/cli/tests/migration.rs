@@ -524,3 +524,32 @@ fn disk_reads_by_the_vmm_during_a_move_verify_clean() {
     con.send(b'p');
     assert!(dst.wait(T).success());
 }
+
+/// A guest that dirties memory faster than a 20 Mbit/s cap lets it move: with the default
+/// `--on-timeout cancel` the migration gives up at its timeout and the guest runs on here.
+#[test]
+fn a_migration_that_cannot_converge_times_out_and_stays() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start_guest(&lab, dir.path(), &disk, "");
+    let (writes, _) = verify(&mut g.con, 0);
+    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &format!("{}:{PORT}", Lab::HOST_B_IP), &[]);
+    let out = migrate(
+        &g.vmm,
+        &format!("{}:{PORT}", Lab::HOST_B_IP),
+        &["--bandwidth-mbit", "20", "--timeout", "3", "--on-timeout", "cancel"],
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("did not converge"), "{text}");
+    assert!(g.vmm.running());
+    verify(&mut g.con, writes);
+    let st = dst.wait(T);
+    assert!(!st.success(), "the destination gives up too");
+    g.con.send(b'p');
+    assert!(g.vmm.wait(T).success());
+}
