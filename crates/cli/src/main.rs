@@ -220,8 +220,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn report(exit: VmExit) {
+/// Run a VM that was just built (or report why it could not be) until it ends.
+fn run_vm(vm: Result<Vm, ferry_vmm::VmError>) -> Result<()> {
+    let chain = |e: ferry_vmm::VmError| anyhow::anyhow!(ferry_vmm::error_chain(&e));
+    let exit: VmExit = vm.map_err(chain)?.run().map_err(chain)?;
     tracing::info!("VM ended: {exit:?}");
+    Ok(())
 }
 
 fn vm(cmd: VmCmd) -> Result<()> {
@@ -238,39 +242,22 @@ fn vm(cmd: VmCmd) -> Result<()> {
                 disks: a.disks,
                 nets: a.nets,
             };
-            let vm = Vm::create(
-                config,
-                RunOptions {
-                    api: a.api,
-                    paused: a.paused,
-                },
-            )
-            .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?;
-            report(
-                vm.run()
-                    .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?,
-            );
-            Ok(())
+            let opts = RunOptions {
+                api: a.api,
+                paused: a.paused,
+            };
+            run_vm(Vm::create(config, opts))
         }
         VmCmd::Restore(a) => {
             let overrides = RestoreOverrides {
                 serial: a.serial,
                 serial2: a.serial2,
             };
-            let vm = Vm::restore(
-                &a.dir,
-                overrides,
-                RunOptions {
-                    api: a.api,
-                    paused: a.paused,
-                },
-            )
-            .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?;
-            report(
-                vm.run()
-                    .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?,
-            );
-            Ok(())
+            let opts = RunOptions {
+                api: a.api,
+                paused: a.paused,
+            };
+            run_vm(Vm::restore(&a.dir, overrides, opts))
         }
         VmCmd::Pause(a) => call(&a.api, Request::Pause),
         VmCmd::Resume(a) => call(&a.api, Request::Resume),
@@ -291,16 +278,13 @@ fn vm(cmd: VmCmd) -> Result<()> {
                 api: a.api,
                 paused: false,
             };
-            let vm =
-                ferry_vmm::migration::receive::receive(&a.listen, timeout, &overrides, opts, |m| {
-                    eprintln!("ferry: {m}")
-                })
-                .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?;
-            report(
-                vm.run()
-                    .map_err(|e| anyhow::anyhow!(ferry_vmm::error_chain(&e)))?,
-            );
-            Ok(())
+            run_vm(ferry_vmm::migration::receive::receive(
+                &a.listen,
+                timeout,
+                &overrides,
+                opts,
+                |m| eprintln!("ferry: {m}"),
+            ))
         }
         VmCmd::Migrate(a) => migrate(a),
     }

@@ -40,6 +40,18 @@ pub fn testguest(dir: &Path) -> PathBuf {
     p
 }
 
+/// `ferry`, or `PREFIX... ferry` (e.g. `ip netns exec NS ferry`).
+fn ferry_command(prefix: &[String]) -> Command {
+    match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(ferry_bin());
+            c
+        }
+        None => Command::new(ferry_bin()),
+    }
+}
+
 /// Run `ferry ARGS` to completion with a timeout.
 pub fn ferry_output(args: &[&str], timeout: Duration) -> Output {
     let mut child = Command::new(ferry_bin())
@@ -257,14 +269,7 @@ impl Vmm {
             format!("unix:{}", com2.display()),
             "--paused".into(),
         ]);
-        let mut cmd = match prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(ferry_bin());
-                c
-            }
-            None => Command::new(ferry_bin()),
-        };
+        let mut cmd = ferry_command(prefix);
         let child = cmd
             .args(&full)
             .stdin(Stdio::null())
@@ -292,14 +297,7 @@ impl Vmm {
         let api = dir.join(format!("{tag}.api"));
         let com1 = dir.join(format!("{tag}.com1"));
         let com2 = dir.join(format!("{tag}.com2"));
-        let mut cmd = match prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(ferry_bin());
-                c
-            }
-            None => Command::new(ferry_bin()),
-        };
+        let mut cmd = ferry_command(prefix);
         cmd.args(["vm", "receive", "--listen", listen, "--api"])
             .arg(&api)
             .arg("--serial")
