@@ -43,7 +43,7 @@ fn linux_bzimage_starts_and_prints_its_first_lines() {
     let deadline = Instant::now() + Duration::from_secs(420);
     let (ok, text) = loop {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
-                if text.contains("Using ACPI (MADT) for SMP configuration") {
+        if text.contains("Using ACPI (MADT) for SMP configuration") {
             break (true, text);
         }
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
@@ -60,9 +60,15 @@ fn linux_bzimage_starts_and_prints_its_first_lines() {
         text.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"),
         "{text}"
     );
-        assert!(text.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"), "{text}");
+    assert!(
+        text.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
+        "{text}"
+    );
     // ferry's ACPI tables, as Linux found and parsed them.
     assert!(text.contains("ACPI: RSDP 0x00000000000E0000"), "{text}");
     assert!(text.contains("ACPI: DSDT 0x00000000000E1000"), "{text}");
-    assert!(text.contains("IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23"), "{text}");
+    assert!(
+        text.contains("IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23"),
+        "{text}"
+    );
 }

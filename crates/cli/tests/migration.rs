@@ -537,13 +537,30 @@ fn a_migration_that_cannot_converge_times_out_and_stays() {
     let disk = disk(dir.path());
     let mut g = start_guest(&lab, dir.path(), &disk, "");
     let (writes, _) = verify(&mut g.con, 0);
-    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &format!("{}:{PORT}", Lab::HOST_B_IP), &[]);
+    let mut dst = Vmm::receive_in(
+        &lab.in_host_b(),
+        dir.path(),
+        "g1",
+        &format!("{}:{PORT}", Lab::HOST_B_IP),
+        &[],
+    );
     let out = migrate(
         &g.vmm,
         &format!("{}:{PORT}", Lab::HOST_B_IP),
-        &["--bandwidth-mbit", "20", "--timeout", "3", "--on-timeout", "cancel"],
+        &[
+            "--bandwidth-mbit",
+            "20",
+            "--timeout",
+            "3",
+            "--on-timeout",
+            "cancel",
+        ],
     );
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("did not converge"), "{text}");
     assert!(g.vmm.running());
