@@ -255,6 +255,32 @@ pub fn encode_pages(pages: &[(u64, &[u8])], out: &mut Vec<u8>) {
     }
 }
 
+/// Encode a `Pages` payload for `gpas` straight into `out`: `fill` copies each page into its
+/// place (one copy, no staging buffer); zero pages are then dropped from the data area.
+pub fn encode_pages_with<E>(
+    gpas: &[u64],
+    out: &mut Vec<u8>,
+    mut fill: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let head = 4 + gpas.len() * 8;
+    out.clear();
+    out.resize(head + gpas.len() * PAGE_SIZE, 0);
+    out[0..4].copy_from_slice(&(gpas.len() as u32).to_le_bytes());
+    let mut data_end = head;
+    for (i, gpa) in gpas.iter().enumerate() {
+        let slot = &mut out[data_end..data_end + PAGE_SIZE];
+        fill(*gpa, slot)?;
+        let zero = is_zero(slot);
+        if !zero {
+            data_end += PAGE_SIZE;
+        }
+        let entry = gpa | if zero { PAGE_ZERO } else { 0 };
+        out[4 + i * 8..12 + i * 8].copy_from_slice(&entry.to_le_bytes());
+    }
+    out.truncate(data_end);
+    Ok(())
+}
+
 /// Decode a `Pages` payload, checking every address with `valid` (page aligned, inside guest
 /// memory). Calls `sink(gpa, Some(data))` for data pages and `sink(gpa, None)` for zero pages.
 pub fn decode_pages(
@@ -420,6 +446,21 @@ mod tests {
             got,
             vec![(0x1000, Some(7)), (0x2000, None), (0x3000, Some(7))]
         );
+    }
+
+        #[test]
+    fn encode_with_matches_encode() {
+        let a = vec![7u8; PAGE_SIZE];
+        let z = vec![0u8; PAGE_SIZE];
+        let mut want = Vec::new();
+        encode_pages(&[(0x1000, &a), (0x2000, &z), (0x3000, &a)], &mut want);
+        let mut got = Vec::new();
+        encode_pages_with::<()>(&[0x1000, 0x2000, 0x3000], &mut got, |g, slot| {
+            slot.copy_from_slice(if g == 0x2000 { &z } else { &a });
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]

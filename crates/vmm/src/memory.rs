@@ -160,15 +160,11 @@ pub fn take_dirty(vm: &VmFd, mem: &GuestMemory) -> Result<DirtyBitmap, MemoryErr
         let mut words = vm
             .get_dirty_log(slot, len)
             .map_err(|source| MemoryError::DirtyLog { slot, source })?;
-        let mmap = region.get_mmap();
-        let vmm_bits = mmap.bitmap();
-        let pages = len / PAGE_SIZE;
-        for page in 0..pages {
-            if vmm_bits.is_addr_set(page * PAGE_SIZE) {
-                words[page / 64] |= 1 << (page % 64);
-            }
+        // The VMM's own writes, a word (64 pages) at a time, taken and cleared atomically.
+        let vmm = region.get_mmap().bitmap().get_and_reset();
+        for (w, v) in words.iter_mut().zip(vmm) {
+            *w |= v;
         }
-        vmm_bits.reset();
         regions.push((region.start_addr().0, words));
     }
     Ok(DirtyBitmap { regions })
