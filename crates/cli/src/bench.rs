@@ -10,12 +10,26 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+#[path = "bench_migrate.rs"]
+mod migrate;
+#[path = "bench_io.rs"]
+mod io;
+
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Process start to the guest's first heartbeat, and the VMM's resident memory beyond
     /// guest RAM, for 256 MiB and 1 GiB guests; ferry and (if installed) QEMU side by side.
     Boot(BootArgs),
+    /// Live migration between two lab hosts (network namespaces; needs root) for 1 GiB and
+    /// 4 GiB guests, idle, dirtying 256 MiB at 100 MiB/s and flat out, with and without a
+    /// 1 Gbit/s link cap: total time, guest-observed pause (heartbeat gap) beside its noise
+    /// floor, the VMM's own pause figure, bytes, rounds, convergence and the guest's memory
+    /// check; ferry and (if installed) QEMU side by side, with ferry/QEMU ratios.
+    Migrate(migrate::MigrateArgs),
+    /// Virtio as the test guest sees it: 4 KiB disk write and read IOPS beside the same file
+    /// on the host, and guest-to-host TCP throughput (a lab host; needs root).
+    Io(io::IoArgs),
 }
 
 #[derive(Args)]
@@ -37,6 +51,8 @@ pub struct BootArgs {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Boot(a) => boot(a),
+        BenchCmd::Migrate(a) => migrate::run(a),
+        BenchCmd::Io(a) => io::run(a),
     }
 }
 

@@ -1,0 +1,209 @@
+//! `ferry bench io`: what the guest sees of its virtio disk and network, beside the same file
+//! read and written directly on the host.
+//!
+//! - disk: the test guest's writer (4 KiB records, `qd` in flight, no flushes) gives write
+//!   IOPS; its verifier (`d`) re-reads every record written, giving read IOPS. The host does
+//!   the same 4 KiB writes and reads on the same file with `pwrite`/`pread`, one at a time.
+//! - net: the host (the VM's host namespace) reads the guest's TCP stream port for a while.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::lab::{self, Lab};
+
+#[derive(Args)]
+pub struct IoArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Requests the guest keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    qd: u32,
+    /// One JSON object per figure.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Guest {
+    child: Child,
+    con: UnixStream,
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Guest {
+    fn line(&self, from: usize, prefix: &str, timeout: Duration) -> Result<(String, usize)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.text.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut off = 0;
+            for l in text.split_inclusive('\n') {
+                if off >= from && l.ends_with('\n') && l.starts_with(prefix) {
+                    return Ok((l.trim_end().to_string(), off + l.len()));
+                }
+                off += l.len();
+            }
+            if Instant::now() > deadline {
+                bail!("the guest did not print {prefix:?}:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn ask(&mut self, cmd: u8, prefix: &str) -> Result<(String, Duration)> {
+        let from = self.text.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let t = Instant::now();
+        self.con.write_all(&[cmd])?;
+        let (l, _) = self.line(from, prefix, Duration::from_secs(120))?;
+        Ok((l, t.elapsed()))
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(line: &str, key: &str) -> Result<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .with_context(|| format!("no {key}= in {line}"))?
+        .parse()
+        .with_context(|| format!("{key}= in {line}"))
+}
+
+fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
+    let guest = dir.join("testguest.elf");
+    std::fs::write(&guest, ferry_testguest::elf())?;
+    let (api, com1) = (dir.join("io.api"), dir.join("io.com1"));
+    let child = Lab::exec(&lab.a)
+        .arg(std::env::current_exe()?)
+        .args(["vm", "run", "--kernel"])
+        .arg(&guest)
+        .args(["--memory", "256", "--cmdline", cmdline, "--net", "bridge=br0", "--paused", "--disk"])
+        .arg(disk)
+        .arg("--api")
+        .arg(&api)
+        .arg("--serial")
+        .arg(format!("unix:{}", com1.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let con = loop {
+        match UnixStream::connect(&com1) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(e).context("the VMM did not start"),
+        }
+    };
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (t, mut r) = (text.clone(), con.try_clone()?);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = r.read(&mut buf) {
+            t.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    while !api.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ferry_vmm::api_server::call(&api, &ferry_api::Request::Resume)?;
+    let g = Guest { child, con, text };
+    g.line(0, "READY", Duration::from_secs(60))?;
+    Ok(g)
+}
+
+/// Host 4 KiB I/O on `path`: (write IOPS, read IOPS).
+fn host_io(path: &Path, secs: u64) -> Result<(f64, f64)> {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let records = f.metadata()?.len() / 4096;
+    let buf = [0x5au8; 4096];
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_secs(secs) {
+        f.write_all_at(&buf, (n % records) * 4096)?;
+        n += 1;
+    }
+    let w = n as f64 / t.elapsed().as_secs_f64();
+    let mut rb = [0u8; 4096];
+    let t = Instant::now();
+    let mut m = 0u64;
+    while t.elapsed() < Duration::from_secs(secs) {
+        f.read_exact_at(&mut rb, (m % records) * 4096)?;
+        m += 1;
+    }
+    Ok((w, m as f64 / t.elapsed().as_secs_f64()))
+}
+
+pub fn run(a: IoArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let r = bench(&a, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn bench(a: &IoArgs, dir: &Path) -> Result<()> {
+    let lab = Lab::new("io")?;
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)?.set_len(1 << 30)?;
+    let cmdline = format!("hb=0 disk=write flush=0 qd={} ip={}/24", a.qd, lab::GUEST_IP);
+    let mut g = boot(&lab, dir, &cmdline, &disk)?;
+    g.line(0, "DISK found=", Duration::from_secs(60))?;
+    let (s0, _) = g.ask(b's', "STATUS")?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    let (s1, _) = g.ask(b's', "STATUS")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let write_iops = (field(&s1, "disk_acked")? - field(&s0, "disk_acked")?) as f64 / secs;
+    let (v, took) = g.ask(b'd', "DISK VERIFY")?;
+    if !v.starts_with("DISK VERIFY OK") {
+        bail!("the guest's disk check failed: {v}");
+    }
+    let read_iops = field(&v, "records")? as f64 / took.as_secs_f64();
+
+    let addr = format!("{}:19", lab::GUEST_IP).parse()?;
+    let mut s = ferry_vmm::host_io::connect_in_netns(&lab.a, addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = vec![0u8; 256 << 10];
+    let t = Instant::now();
+    let mut bytes = 0u64;
+    while t.elapsed() < Duration::from_secs(a.seconds) {
+        bytes += s.read(&mut buf)? as u64;
+    }
+    let tcp_mbit = bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6;
+    drop(s);
+    drop(g);
+    let (host_w, host_r) = host_io(&disk, a.seconds)?;
+    let rows = [
+        ("disk_write_4k", "guest", write_iops, write_iops * 4096.0 / 1e6),
+        ("disk_write_4k", "host", host_w, host_w * 4096.0 / 1e6),
+        ("disk_read_4k", "guest", read_iops, read_iops * 4096.0 / 1e6),
+        ("disk_read_4k", "host", host_r, host_r * 4096.0 / 1e6),
+    ];
+    if a.json {
+        for (what, side, iops, mbs) in rows {
+            println!("{}", serde_json::json!({"bench": what, "side": side, "iops": iops.round(), "mb_s": (mbs * 10.0).round() / 10.0}));
+        }
+        println!("{}", serde_json::json!({"bench": "tcp_guest_to_host", "mbit_s": tcp_mbit.round()}));
+        return Ok(());
+    }
+    println!("virtio I/O as the test guest sees it ({} s each; guest qd {}):", a.seconds, a.qd);
+    println!("{:<16} {:>6} {:>12} {:>10}", "what", "side", "IOPS", "MB/s");
+    for (what, side, iops, mbs) in rows {
+        println!("{what:<16} {side:>6} {iops:>12.0} {mbs:>10.1}");
+    }
+    println!("guest/host: write {:.2}x, read {:.2}x", write_iops / host_w, read_iops / host_r);
+    println!("tcp guest->host (stream port 19, one connection): {tcp_mbit:.0} Mbit/s");
+    Ok(())
+}
