@@ -478,16 +478,30 @@ fn log_exit(vcpu: &Vcpu) {
     }
 }
 
+/// The period of vCPU throttling (auto-converge): a throttled vCPU sleeps its share of it.
+pub const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// What a vCPU thread is connected to.
+pub struct VcpuLinks {
+    pub bus: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
+    /// Percent of its time to give up (auto-converge during a migration).
+    pub throttle: Arc<std::sync::atomic::AtomicU32>,
+    pub cmds: Receiver<VcpuCmd>,
+    pub acks: Sender<VcpuAck>,
+    pub events: Sender<Event>,
+}
+
 /// The body of a vCPU thread.
-pub fn run_thread(
-    mut vcpu: Vcpu,
-    bus: Arc<PioBus>,
-    mmio: Arc<MmioBus>,
-    cmds: Receiver<VcpuCmd>,
-    acks: Sender<VcpuAck>,
-    events: Sender<Event>,
-    start_paused: bool,
-) {
+pub fn run_thread(mut vcpu: Vcpu, links: VcpuLinks, start_paused: bool) {
+    let VcpuLinks {
+        bus,
+        mmio,
+        throttle,
+        cmds,
+        acks,
+        events,
+    } = links;
     let id = vcpu.id;
     let immediate_exit: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
@@ -497,6 +511,7 @@ pub fn run_thread(
     let mut running = !start_paused;
     let mut stopped = false;
     let mut unhandled = Ratelimit(0);
+    let mut next_throttle: Option<std::time::Instant> = None;
     loop {
         if !running {
             match cmds.recv() {
@@ -535,6 +550,13 @@ pub fn run_thread(
                 (None, m) => VcpuEvent::Failed(id, m.unwrap_or_default()),
             }
         };
+        // Auto-converge: while a migration asks for it, give up `throttle`% of every period.
+        let pct = throttle.load(std::sync::atomic::Ordering::Relaxed);
+        if pct > 0 && next_throttle.is_none_or(|t| std::time::Instant::now() >= t) {
+            std::thread::sleep(THROTTLE_PERIOD * pct.min(95) / 100);
+            next_throttle =
+                Some(std::time::Instant::now() + THROTTLE_PERIOD * (100 - pct.min(95)) / 100);
+        }
         let outcome = match vcpu.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data).map(|a| stop(Some(a), None)),
             Ok(VcpuExit::IoIn(port, data)) => {

@@ -6,7 +6,7 @@
 //! Everything that touches the whole VM happens on this one thread, so no two requests race.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -190,6 +190,8 @@ pub struct Vm {
     boot: Option<BootEntry>,
     api: Option<ApiServer>,
     migration: Option<Migration>,
+    /// Percent of each vCPU's time taken away while a migration struggles to converge.
+    throttle: Arc<AtomicU32>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -440,16 +442,28 @@ impl Vm {
             .as_deref()
             .map(|p| ApiServer::start(p, events_tx.clone()))
             .transpose()?;
+        let throttle = Arc::new(AtomicU32::new(0));
         let mut handles = Vec::with_capacity(vcpus.len());
         for v in vcpus {
             let id = v.id;
             let (cmd_tx, cmd_rx) = mpsc::channel();
             let (ack_tx, ack_rx) = mpsc::channel();
             let (bus, mmio, ev) = (bus.clone(), mmio.clone(), events_tx.clone());
+            let thr = throttle.clone();
             let paused = opts.paused;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_thread(v, bus, mmio, cmd_rx, ack_tx, ev, paused))
+                .spawn(move || {
+                    let links = vcpu::VcpuLinks {
+                        bus,
+                        mmio,
+                        throttle: thr,
+                        cmds: cmd_rx,
+                        acks: ack_tx,
+                        events: ev,
+                    };
+                    vcpu::run_thread(v, links, paused)
+                })
                 .map_err(VmError::Thread)?;
             handles.push(VcpuHandle {
                 id,
@@ -475,6 +489,7 @@ impl Vm {
             boot,
             api,
             migration: None,
+            throttle,
         })
     }
 
@@ -672,11 +687,18 @@ impl Vm {
     ) -> (Result<CallReply, String>, Option<VmExit>) {
         let s = |e: VmError| error_chain(&e);
         let r = match call {
+            MigrationCall::Throttle(pct) => {
+                self.throttle.store(pct, Ordering::Relaxed);
+                Ok(CallReply::Done)
+            }
             MigrationCall::SyncDisks => {
                 self.devices.sync_disks();
                 Ok(CallReply::Done)
             }
-            MigrationCall::Pause => self.pause().map(|_| CallReply::Done).map_err(s),
+            MigrationCall::Pause => {
+                self.throttle.store(0, Ordering::Relaxed);
+                self.pause().map(|_| CallReply::Done).map_err(s)
+            }
             MigrationCall::SaveState => self
                 .save_state()
                 .map(|st| CallReply::State(Box::new(st)))
@@ -690,6 +712,7 @@ impl Vm {
                 disks_released,
                 commit_sent,
             } => {
+                self.throttle.store(0, Ordering::Relaxed);
                 if commit_sent && self.devices.disks.is_empty() {
                     Err("the VM has no disk whose lock would prove the destination did not take over".into())
                 } else if disks_released {
@@ -719,7 +742,13 @@ impl Vm {
     /// Run the control loop until the VM ends.
     pub fn run(mut self) -> Result<VmExit, VmError> {
         let result = loop {
-            match self.events.recv_timeout(Duration::from_millis(100)) {
+            let throttling = self.throttle.load(Ordering::Relaxed) > 0;
+            let tick = if throttling {
+                vcpu::THROTTLE_PERIOD
+            } else {
+                Duration::from_millis(100)
+            };
+            match self.events.recv_timeout(tick) {
                 Ok(Event::Vcpu(VcpuEvent::Action(id, action))) => {
                     tracing::info!("vCPU {id}: guest {action:?}");
                     break Ok(match action {
@@ -745,6 +774,12 @@ impl Vm {
                 Err(RecvTimeoutError::Timeout) => {
                     if STOP.load(Ordering::SeqCst) {
                         break Ok(VmExit::Signal);
+                    }
+                    if throttling {
+                        // A guest that never exits (no I/O) must still give up its share.
+                        for v in &self.vcpus {
+                            v.kick();
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => break Ok(VmExit::Quit),

@@ -12,6 +12,9 @@ use crate::snapshot::Snapshot;
 /// What the sending thread asks of the VM's control loop.
 #[derive(Debug)]
 pub enum MigrationCall {
+    /// Slow the guest's vCPUs by this many percent (0 = not at all): auto-converge for a guest
+    /// that dirties memory about as fast as the link sends it.
+    Throttle(u32),
     /// Flush the disks while the guest still runs, so the flush inside the pause is short.
     SyncDisks,
     /// Stop vCPUs and devices for the switch-over.

@@ -38,6 +38,8 @@ use crate::memory::{self, GuestMemory};
 
 /// Pre-copy gives up (or forces, per settings) after this many rounds.
 const MAX_ROUNDS: u32 = 40;
+/// The most of a vCPU's time auto-converge takes away, in percent.
+const MAX_THROTTLE: u32 = 95;
 /// A pause this short is not worth another round.
 const SMALL_PAUSE_MS: f64 = 2.0;
 
@@ -216,6 +218,7 @@ impl Outgoing<'_> {
         let deadline = (s.timeout_s > 0).then(|| self.start + Duration::from_secs(s.timeout_s));
         let mut converged = true;
         let mut prev_dirty: Option<u64> = None;
+        let mut throttle = 0u32;
         loop {
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
             let bw = (self.t.bytes_sent() - round_bytes_start) as f64 / secs; // bytes/s
@@ -241,14 +244,33 @@ impl Outgoing<'_> {
             // shorter as it does, so following that costs little time and halves the pause.
             // Unknown after the first pass: try one more round.
             let shrinking = prev_dirty.is_none_or(|p| n * 100 < p * 95);
+            // Auto-converge: a guest that dirties memory about as fast as the link carries it
+            // (the rest barely shrinks) gets a growing share of its vCPU time taken away, so
+            // the rest can shrink; rounds stop when even that does not help any more.
+            let stalled =
+                prev_dirty.is_some_and(|p| n * 100 >= p * 90) && expected_ms > SMALL_PAUSE_MS;
+            let can_throttle = throttle < MAX_THROTTLE;
             if expected_ms <= s.downtime_ms as f64
-                && (expected_ms <= SMALL_PAUSE_MS || !shrinking || round + 2 >= MAX_ROUNDS)
+                && (expected_ms <= SMALL_PAUSE_MS
+                    || (!shrinking && !can_throttle)
+                    || round + 2 >= MAX_ROUNDS)
             {
                 // What is left goes during the pause.
                 self.resend_later(dirty);
                 break;
             }
             prev_dirty = Some(n);
+            if stalled && can_throttle {
+                throttle = if throttle == 0 {
+                    30
+                } else {
+                    (throttle + 20).min(MAX_THROTTLE)
+                };
+                self.ctx.call(MigrationCall::Throttle(throttle))?;
+                tracing::debug!(
+                    "round {round}: {n} pages still dirty, throttling the guest by {throttle}%"
+                );
+            }
             let out_of_time =
                 deadline.is_some_and(|d| Instant::now() > d) || round + 1 >= MAX_ROUNDS;
             if out_of_time {
@@ -387,6 +409,8 @@ pub fn run(ctx: SendCtx) {
         }
         Err(e) => {
             let (paused, released, commit_sent, _) = state.unwrap_or((false, false, false, 0));
+            // Whatever happened, the guest runs at full speed again.
+            let _ = ctx.call(MigrationCall::Throttle(0));
             let cancelled = matches!(e, SendError::Cancelled);
             let mut msg = crate::vm::error_chain(&e);
             let mut handed_over = false;
