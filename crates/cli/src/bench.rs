@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-#[path = "bench_migrate.rs"]
-mod migrate;
 #[path = "bench_io.rs"]
 mod io;
+#[path = "bench_migrate.rs"]
+mod migrate;
 
 /// Benchmarks.
 #[derive(Subcommand)]

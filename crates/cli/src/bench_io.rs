@@ -88,7 +88,16 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
         .arg(std::env::current_exe()?)
         .args(["vm", "run", "--kernel"])
         .arg(&guest)
-        .args(["--memory", "256", "--cmdline", cmdline, "--net", "bridge=br0", "--paused", "--disk"])
+        .args([
+            "--memory",
+            "256",
+            "--cmdline",
+            cmdline,
+            "--net",
+            "bridge=br0",
+            "--paused",
+            "--disk",
+        ])
         .arg(disk)
         .arg("--api")
         .arg(&api)
@@ -111,7 +120,9 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n @ 1..) = r.read(&mut buf) {
-            t.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
     while !api.exists() {
@@ -125,7 +136,10 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
 
 /// Host 4 KiB I/O on `path`: (write IOPS, read IOPS).
 fn host_io(path: &Path, secs: u64) -> Result<(f64, f64)> {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     let records = f.metadata()?.len() / 4096;
     let buf = [0x5au8; 4096];
     let t = Instant::now();
@@ -157,7 +171,11 @@ fn bench(a: &IoArgs, dir: &Path) -> Result<()> {
     let lab = Lab::new("io")?;
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)?.set_len(1 << 30)?;
-    let cmdline = format!("hb=0 disk=write flush=0 qd={} ip={}/24", a.qd, lab::GUEST_IP);
+    let cmdline = format!(
+        "hb=0 disk=write flush=0 qd={} ip={}/24",
+        a.qd,
+        lab::GUEST_IP
+    );
     let mut g = boot(&lab, dir, &cmdline, &disk)?;
     g.line(0, "DISK found=", Duration::from_secs(60))?;
     let (s0, _) = g.ask(b's', "STATUS")?;
@@ -186,24 +204,42 @@ fn bench(a: &IoArgs, dir: &Path) -> Result<()> {
     drop(g);
     let (host_w, host_r) = host_io(&disk, a.seconds)?;
     let rows = [
-        ("disk_write_4k", "guest", write_iops, write_iops * 4096.0 / 1e6),
+        (
+            "disk_write_4k",
+            "guest",
+            write_iops,
+            write_iops * 4096.0 / 1e6,
+        ),
         ("disk_write_4k", "host", host_w, host_w * 4096.0 / 1e6),
         ("disk_read_4k", "guest", read_iops, read_iops * 4096.0 / 1e6),
         ("disk_read_4k", "host", host_r, host_r * 4096.0 / 1e6),
     ];
     if a.json {
         for (what, side, iops, mbs) in rows {
-            println!("{}", serde_json::json!({"bench": what, "side": side, "iops": iops.round(), "mb_s": (mbs * 10.0).round() / 10.0}));
+            println!(
+                "{}",
+                serde_json::json!({"bench": what, "side": side, "iops": iops.round(), "mb_s": (mbs * 10.0).round() / 10.0})
+            );
         }
-        println!("{}", serde_json::json!({"bench": "tcp_guest_to_host", "mbit_s": tcp_mbit.round()}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "tcp_guest_to_host", "mbit_s": tcp_mbit.round()})
+        );
         return Ok(());
     }
-    println!("virtio I/O as the test guest sees it ({} s each; guest qd {}):", a.seconds, a.qd);
+    println!(
+        "virtio I/O as the test guest sees it ({} s each; guest qd {}):",
+        a.seconds, a.qd
+    );
     println!("{:<16} {:>6} {:>12} {:>10}", "what", "side", "IOPS", "MB/s");
     for (what, side, iops, mbs) in rows {
         println!("{what:<16} {side:>6} {iops:>12.0} {mbs:>10.1}");
     }
-    println!("guest/host: write {:.2}x, read {:.2}x", write_iops / host_w, read_iops / host_r);
+    println!(
+        "guest/host: write {:.2}x, read {:.2}x",
+        write_iops / host_w,
+        read_iops / host_r
+    );
     println!("tcp guest->host (stream port 19, one connection): {tcp_mbit:.0} Mbit/s");
     Ok(())
 }

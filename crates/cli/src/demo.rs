@@ -50,7 +50,9 @@ impl Port {
             let s = loop {
                 match UnixStream::connect(&path) {
                     Ok(s) => break s,
-                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Err(_) => return,
                 }
             };
@@ -61,21 +63,32 @@ impl Port {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = r.read(&mut buf) {
                 let now = Instant::now();
-                q.text.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
-                q.stamps.lock().unwrap_or_else(|e| e.into_inner()).extend(std::iter::repeat_n(now, n));
+                q.text
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&buf[..n]);
+                q.stamps
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(std::iter::repeat_n(now, n));
             }
         });
         p
     }
 
     fn connected(&self) -> bool {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.stream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn line_after(&self, from: usize, prefix: &str, timeout: Duration) -> Result<(String, usize)> {
         let deadline = Instant::now() + timeout;
         loop {
-            let text = String::from_utf8_lossy(&self.text.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+            let text =
+                String::from_utf8_lossy(&self.text.lock().unwrap_or_else(|e| e.into_inner()))
+                    .into_owned();
             let mut off = 0;
             for line in text.split_inclusive('\n') {
                 let clean = line.trim_start_matches('.');
@@ -94,13 +107,19 @@ impl Port {
     fn ask(&self, cmd: u8, prefix: &str) -> Result<String> {
         let from = self.text.lock().unwrap_or_else(|e| e.into_inner()).len();
         let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_mut().context("console not connected")?.write_all(&[cmd])?;
+        guard
+            .as_mut()
+            .context("console not connected")?
+            .write_all(&[cmd])?;
         drop(guard);
         Ok(self.line_after(from, prefix, Duration::from_secs(60))?.0)
     }
 
     fn beats(&self) -> Vec<Instant> {
-        self.stamps.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.stamps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -114,7 +133,10 @@ struct Vmm {
 impl Vmm {
     fn spawn(ns: &str, dir: &Path, tag: &str, args: &[String]) -> Result<Vmm> {
         let api = dir.join(format!("{tag}.api"));
-        let (c1, c2) = (dir.join(format!("{tag}.com1")), dir.join(format!("{tag}.com2")));
+        let (c1, c2) = (
+            dir.join(format!("{tag}.com1")),
+            dir.join(format!("{tag}.com2")),
+        );
         let child = Lab::exec(ns)
             .arg(std::env::current_exe()?)
             .args(args)
@@ -128,7 +150,12 @@ impl Vmm {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("{tag}.log")))?)
             .spawn()?;
-        Ok(Vmm { child, api, con: Port::follow(c1), hb: Port::follow(c2) })
+        Ok(Vmm {
+            child,
+            api,
+            con: Port::follow(c1),
+            hb: Port::follow(c2),
+        })
     }
 
     fn ctl(&self, req: ferry_api::Request) -> Result<ferry_api::ResponseBody> {
@@ -174,7 +201,10 @@ impl Stream {
             for c in self.carry[..whole].chunks_exact(8) {
                 let v = u64::from_le_bytes(c.try_into().unwrap_or_default());
                 if v != self.next {
-                    bail!("TCP stream corrupted: expected counter {}, got {v}", self.next);
+                    bail!(
+                        "TCP stream corrupted: expected counter {}, got {v}",
+                        self.next
+                    );
                 }
                 self.next += 1;
             }
@@ -206,13 +236,22 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
-    println!("[1/5] lab: hosts A ({}) and B ({}) and a client ({}) on one segment", lab::HOST_A_IP, lab::HOST_B_IP, lab::CLIENT_IP);
+    println!(
+        "[1/5] lab: hosts A ({}) and B ({}) and a client ({}) on one segment",
+        lab::HOST_A_IP,
+        lab::HOST_B_IP,
+        lab::CLIENT_IP
+    );
     let lab = Lab::new("demo")?;
     let guest = dir.join("testguest.elf");
     std::fs::write(&guest, ferry_testguest::elf())?;
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)?.set_len(256 << 20)?;
-    let cmdline = format!("hb=2 dirty={} rate=0 disk=write flush=8 qd=8 ip={}/24", a.dirty, lab::GUEST_IP);
+    let cmdline = format!(
+        "hb=2 dirty={} rate=0 disk=write flush=8 qd=8 ip={}/24",
+        a.dirty,
+        lab::GUEST_IP
+    );
     println!(
         "[2/5] booting ferry's test guest on host A: {} MiB, {} vCPUs, disk {}, net on A's bridge\n      workloads: `{cmdline}`",
         a.memory,
@@ -220,9 +259,21 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
         disk.display()
     );
     let args: Vec<String> = [
-        "vm", "run", "--kernel", &guest.display().to_string(), "--cmdline", &cmdline, "--memory",
-        &a.memory.to_string(), "--vcpus", &a.vcpus.to_string(), "--disk", &disk.display().to_string(),
-        "--net", "bridge=br0", "--paused",
+        "vm",
+        "run",
+        "--kernel",
+        &guest.display().to_string(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        &a.memory.to_string(),
+        "--vcpus",
+        &a.vcpus.to_string(),
+        "--disk",
+        &disk.display().to_string(),
+        "--net",
+        "bridge=br0",
+        "--paused",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -230,43 +281,84 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let mut src = Vmm::spawn(&lab.a, dir, "hostA", &args)?;
     while !(src.con.connected() && src.hb.connected()) {
         if src.child.try_wait()?.is_some() {
-            bail!("the VMM on host A did not start; see {}", dir.join("hostA.log").display());
+            bail!(
+                "the VMM on host A did not start; see {}",
+                dir.join("hostA.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     src.ctl(ferry_api::Request::Resume)?;
     let t = Instant::now();
-    let (banner, _) = src.con.line_after(0, "ferry-testguest", Duration::from_secs(60))?;
+    let (banner, _) = src
+        .con
+        .line_after(0, "ferry-testguest", Duration::from_secs(60))?;
     src.con.line_after(0, "READY", Duration::from_secs(60))?;
     println!("      guest: {banner}");
-    println!("      READY {} ms after resume (the dirtier's working set is filled first)", t.elapsed().as_millis());
+    println!(
+        "      READY {} ms after resume (the dirtier's working set is filled first)",
+        t.elapsed().as_millis()
+    );
     let addr = format!("{}:19", lab::GUEST_IP).parse()?;
     let s = ferry_vmm::host_io::connect_in_netns(&lab.client, addr, Duration::from_secs(10))
         .context("the client cannot reach the guest's TCP server")?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut stream = Stream { s, next: 0, carry: Vec::new() };
+    let mut stream = Stream {
+        s,
+        next: 0,
+        carry: Vec::new(),
+    };
     stream.read(4 << 20)?;
     std::thread::sleep(Duration::from_millis(1000));
     let (v, d, s) = check(&src.con)?;
-    println!("      client holds a TCP stream to the guest: {} counters verified", stream.next);
+    println!(
+        "      client holds a TCP stream to the guest: {} counters verified",
+        stream.next
+    );
     println!("      {v}\n      {d}\n      {s}");
 
     let mut here = src;
     let mut noise = Duration::ZERO;
-    for (step, (from, to_ns, to_ip, tag)) in
-        [("A", &lab.b, lab::HOST_B_IP, "hostB"), ("B", &lab.a, lab::HOST_A_IP, "hostA2")].into_iter().enumerate()
+    for (step, (from, to_ns, to_ip, tag)) in [
+        ("A", &lab.b, lab::HOST_B_IP, "hostB"),
+        ("B", &lab.a, lab::HOST_A_IP, "hostA2"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let to_name = if step == 0 { "B" } else { "A" };
         println!("[{}/5] live migration {from} -> {to_name}", 3 + step);
         let beats = here.hb.beats();
-        noise = noise.max(beats.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default());
+        noise = noise.max(
+            beats
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or_default(),
+        );
         let listen = format!("{to_ip}:7788");
-        let dst = Vmm::spawn(to_ns, dir, tag, &["vm".into(), "receive".into(), "--listen".into(), listen.clone()])?;
+        let dst = Vmm::spawn(
+            to_ns,
+            dir,
+            tag,
+            &[
+                "vm".into(),
+                "receive".into(),
+                "--listen".into(),
+                listen.clone(),
+            ],
+        )?;
         let mut report = None;
         let settings = ferry_api::MigrateSettings::to(listen);
-        ferry_vmm::api_server::call_stream(&here.api, &ferry_api::Request::Migrate { settings, follow: true }, |r| {
-            if let ferry_api::Response::Ok(ferry_api::ResponseBody::Migration(p)) = r {
-                println!(
+        ferry_vmm::api_server::call_stream(
+            &here.api,
+            &ferry_api::Request::Migrate {
+                settings,
+                follow: true,
+            },
+            |r| {
+                if let ferry_api::Response::Ok(ferry_api::ResponseBody::Migration(p)) = r {
+                    println!(
                     "      {:>6.2}s {:?} round {} sent {:>6.1} MiB, dirty {:>6} pages, link {:>6.0} Mbit/s, expected pause {:>6.1} ms",
                     p.elapsed_ms as f64 / 1000.0,
                     p.phase,
@@ -276,10 +368,11 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
                     p.bandwidth_mbit,
                     p.expected_downtime_ms
                 );
-                report = Some(p);
-            }
-            true
-        })?;
+                    report = Some(p);
+                }
+                true
+            },
+        )?;
         let p = report.context("no migration report")?;
         if p.phase != ferry_api::MigrationPhase::Done {
             bail!("the migration failed: {}", p.error.unwrap_or_default());
@@ -288,7 +381,11 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
         while !dst.hb.connected() || dst.hb.beats().is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let last_src = *here.hb.beats().last().context("no heartbeat on the source")?;
+        let last_src = *here
+            .hb
+            .beats()
+            .last()
+            .context("no heartbeat on the source")?;
         let first_dst = dst.hb.beats()[0];
         stream.read(4 << 20)?;
         let (v, d, s) = check(&dst.con)?;
@@ -300,12 +397,21 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
             p.downtime_ms.unwrap_or_default(),
             (first_dst - last_src).as_secs_f64() * 1000.0
         );
-        println!("      TCP stream: {} counters, none lost or reordered", stream.next);
+        println!(
+            "      TCP stream: {} counters, none lost or reordered",
+            stream.next
+        );
         println!("      {v}\n      {d}\n      {s}");
         here = dst;
     }
     println!("[5/5] powering the guest off on host A");
-    if let Some(s) = here.con.stream.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+    if let Some(s) = here
+        .con
+        .stream
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
         s.write_all(b"p")?;
     }
     let st = here.child.wait()?;

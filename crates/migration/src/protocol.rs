@@ -448,7 +448,7 @@ mod tests {
         );
     }
 
-        #[test]
+    #[test]
     fn encode_with_matches_encode() {
         let a = vec![7u8; PAGE_SIZE];
         let z = vec![0u8; PAGE_SIZE];
