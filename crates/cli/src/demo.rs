@@ -4,18 +4,21 @@
 //! the client, moves the running guest to host B and back, and has the guest prove after each
 //! move that its memory, its disk and the stream are intact.
 
-use std::io::{BufReader, Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::lab::{self, Lab};
+use crate::lab::{self, Lab, Port};
+
+/// How often to look for a serial socket that is not there yet.
+const POLL: Duration = Duration::from_millis(5);
+/// How long the guest may take to answer.
+const ANSWER: Duration = Duration::from_secs(60);
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -31,96 +34,6 @@ pub struct DemoArgs {
     /// Keep sockets, disk image and logs here instead of a temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
-}
-
-/// Bytes from a guest serial port, collected in the background once its socket exists.
-#[derive(Clone, Default)]
-struct Port {
-    text: Arc<Mutex<Vec<u8>>>,
-    stamps: Arc<Mutex<Vec<Instant>>>,
-    stream: Arc<Mutex<Option<UnixStream>>>,
-}
-
-impl Port {
-    fn follow(path: PathBuf) -> Port {
-        let p = Port::default();
-        let q = p.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(300);
-            let s = loop {
-                match UnixStream::connect(&path) {
-                    Ok(s) => break s,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(_) => return,
-                }
-            };
-            if let Ok(w) = s.try_clone() {
-                *q.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-            }
-            let mut r = BufReader::new(s);
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = r.read(&mut buf) {
-                let now = Instant::now();
-                q.text
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(&buf[..n]);
-                q.stamps
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(std::iter::repeat_n(now, n));
-            }
-        });
-        p
-    }
-
-    fn connected(&self) -> bool {
-        self.stream
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
-    fn line_after(&self, from: usize, prefix: &str, timeout: Duration) -> Result<(String, usize)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text =
-                String::from_utf8_lossy(&self.text.lock().unwrap_or_else(|e| e.into_inner()))
-                    .into_owned();
-            let mut off = 0;
-            for line in text.split_inclusive('\n') {
-                let clean = line.trim_start_matches('.');
-                if off >= from && line.ends_with('\n') && clean.starts_with(prefix) {
-                    return Ok((clean.trim_end().to_string(), off + line.len()));
-                }
-                off += line.len();
-            }
-            if Instant::now() > deadline {
-                bail!("the guest did not print {prefix:?}; its console:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn ask(&self, cmd: u8, prefix: &str) -> Result<String> {
-        let from = self.text.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        guard
-            .as_mut()
-            .context("console not connected")?
-            .write_all(&[cmd])?;
-        drop(guard);
-        Ok(self.line_after(from, prefix, Duration::from_secs(60))?.0)
-    }
-
-    fn beats(&self) -> Vec<Instant> {
-        self.stamps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
 }
 
 struct Vmm {
@@ -153,8 +66,8 @@ impl Vmm {
         Ok(Vmm {
             child,
             api,
-            con: Port::follow(c1),
-            hb: Port::follow(c2),
+            con: Port::follow(c1, POLL),
+            hb: Port::follow(c2, POLL),
         })
     }
 
@@ -215,9 +128,9 @@ impl Stream {
 }
 
 fn check(con: &Port) -> Result<(String, String, String)> {
-    let v = con.ask(b'v', "VERIFY")?;
-    let d = con.ask(b'd', "DISK VERIFY")?;
-    let s = con.ask(b's', "STATUS")?;
+    let v = con.ask(b'v', "VERIFY", ANSWER)?;
+    let d = con.ask(b'd', "DISK VERIFY", ANSWER)?;
+    let s = con.ask(b's', "STATUS", ANSWER)?;
     if !v.starts_with("VERIFY OK") || !d.starts_with("DISK VERIFY OK") {
         bail!("the guest found damage: {v} / {d}");
     }
@@ -405,15 +318,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
         here = dst;
     }
     println!("[5/5] powering the guest off on host A");
-    if let Some(s) = here
-        .con
-        .stream
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_mut()
-    {
-        s.write_all(b"p")?;
-    }
+    here.con.send(b'p')?;
     let st = here.child.wait()?;
     if !st.success() {
         bail!("the VMM ended with {st}");

@@ -329,16 +329,20 @@ impl Port {
         }
     }
 
-    /// Send one command byte and wait for the answer line starting with `prefix`.
-    pub fn ask(&self, cmd: u8, prefix: &str, timeout: Duration) -> Result<String> {
-        let from = self.len();
+    /// Send one command byte to the guest.
+    pub fn send(&self, cmd: u8) -> Result<()> {
         let mut guard = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         guard
             .as_mut()
             .context("the guest console is not connected")?
             .write_all(&[cmd])
-            .context("writing to the guest console")?;
-        drop(guard);
+            .context("writing to the guest console")
+    }
+
+    /// Send one command byte and wait for the answer line starting with `prefix`.
+    pub fn ask(&self, cmd: u8, prefix: &str, timeout: Duration) -> Result<String> {
+        let from = self.len();
+        self.send(cmd)?;
         Ok(self.line_after(from, prefix, timeout)?.0)
     }
 
