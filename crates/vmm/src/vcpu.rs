@@ -553,7 +553,13 @@ pub fn run_thread(mut vcpu: Vcpu, links: VcpuLinks, start_paused: bool) {
         // Auto-converge: while a migration asks for it, give up `throttle`% of every period.
         let pct = throttle.load(std::sync::atomic::Ordering::Relaxed);
         if pct > 0 && next_throttle.is_none_or(|t| std::time::Instant::now() >= t) {
-            std::thread::sleep(THROTTLE_PERIOD * pct.min(95) / 100);
+            // Sleep in short slices: the switch-over lifts the throttle and pauses at once.
+            let until = std::time::Instant::now() + THROTTLE_PERIOD * pct.min(95) / 100;
+            while std::time::Instant::now() < until
+                && throttle.load(std::sync::atomic::Ordering::Relaxed) > 0
+            {
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
             next_throttle =
                 Some(std::time::Instant::now() + THROTTLE_PERIOD * (100 - pct.min(95)) / 100);
         }
