@@ -14,13 +14,6 @@ use common::*;
 const T: Duration = Duration::from_secs(90);
 const PORT: &str = "7788";
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-test-")
-        .tempdir()
-        .unwrap()
-}
-
 fn num(line: &str, key: &str) -> u64 {
     field(line, key)
         .unwrap_or_else(|| panic!("no {key}= in {line}"))

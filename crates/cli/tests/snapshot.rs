@@ -8,13 +8,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-test-")
-        .tempdir()
-        .unwrap()
-}
-
 /// Boot a 2-vCPU guest with a 16 MiB dirtier, let it run, save it to `snap`; the source ends.
 fn save_running_guest(dir: &std::path::Path, snap: &std::path::Path) -> (u64, String) {
     let kernel = testguest(dir);

@@ -11,13 +11,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-test-")
-        .tempdir()
-        .unwrap()
-}
-
 fn disk_image(dir: &std::path::Path, mib: u64) -> std::path::PathBuf {
     let p = dir.join("disk.img");
     std::fs::File::create(&p)

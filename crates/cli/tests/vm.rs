@@ -8,13 +8,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-test-")
-        .tempdir()
-        .unwrap()
-}
-
 #[test]
 fn boots_heartbeats_and_powers_off_cleanly() {
     if !kvm_available() {
