@@ -178,6 +178,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some(b) = &self.host_b {
+            let _ = Command::new("ip").args(["netns", "del", b]).status();
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.host])
             .status();
