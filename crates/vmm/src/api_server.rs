@@ -164,11 +164,10 @@ pub fn call_stream(
 
 /// Send one request to the API socket at `path` and wait for the answer.
 pub fn call(path: &Path, req: &Request) -> io::Result<Response> {
-    let mut stream = UnixStream::connect(path)?;
-    let mut s = serde_json::to_string(req).map_err(io::Error::other)?;
-    s.push('\n');
-    stream.write_all(s.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(io::Error::other)
+    let mut first = None;
+    call_stream(path, req, |r| {
+        first = Some(r);
+        false
+    })?;
+    first.ok_or_else(|| io::Error::other("the VMM closed the connection without answering"))
 }

@@ -402,12 +402,7 @@ impl Devices {
     /// lets the destination commit).
     pub fn release_disks(&self) -> Result<(), DevicesError> {
         for d in &self.disks {
-            host_io::release_disk(&d.file).map_err(|source| {
-                DevicesError::HostIo(HostIoError::OpenDisk {
-                    path: d.path.clone(),
-                    source,
-                })
-            })?;
+            host_io::release_disk(&d.file, &d.path)?;
         }
         Ok(())
     }

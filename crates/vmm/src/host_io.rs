@@ -17,6 +17,12 @@ pub enum HostIoError {
     },
     #[error("disk image {path} is in use by {holder}; a disk has one writer at a time")]
     DiskInUse { path: PathBuf, holder: String },
+    #[error("cannot flush and release disk image {path}")]
+    Release {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk image {path} is {size} bytes; it must be a non-empty multiple of 512")]
     DiskSize { path: PathBuf, size: u64 },
     #[error("cannot open tap {name} (does /dev/net/tun exist, and may this user create taps?)")]
@@ -91,9 +97,13 @@ pub fn lock_disk(file: &File, path: &Path, read_only: bool) -> Result<(), HostIo
 }
 
 /// Flush an image to stable storage and let go of its lock.
-pub fn release_disk(file: &File) -> io::Result<()> {
-    file.sync_data()?;
-    file.unlock()
+pub fn release_disk(file: &File, path: &Path) -> Result<(), HostIoError> {
+    file.sync_data()
+        .and_then(|_| file.unlock())
+        .map_err(|source| HostIoError::Release {
+            path: path.into(),
+            source,
+        })
 }
 
 /// Who holds a lock on `file`, from /proc/locks.
