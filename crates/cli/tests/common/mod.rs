@@ -48,6 +48,12 @@ pub fn testguest(dir: &Path) -> PathBuf {
     p
 }
 
+/// The API, COM1 and COM2 sockets of VMM `tag` in `dir`.
+fn socket_paths(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |what: &str| dir.join(format!("{tag}.{what}"));
+    (p("api"), p("com1"), p("com2"))
+}
+
 /// `ferry`, or `PREFIX... ferry` (e.g. `ip netns exec NS ferry`).
 fn ferry_command(prefix: &[String]) -> Command {
     match prefix.split_first() {
@@ -264,9 +270,7 @@ impl Vmm {
 
     /// Like [`Vmm::spawn`], run under `prefix` (e.g. `ip netns exec NS`).
     pub fn spawn_in(prefix: &[String], dir: &Path, tag: &str, args: &[&str]) -> Vmm {
-        let api = dir.join(format!("{tag}.api"));
-        let com1 = dir.join(format!("{tag}.com1"));
-        let com2 = dir.join(format!("{tag}.com2"));
+        let (api, com1, com2) = socket_paths(dir, tag);
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         full.extend([
             "--api".into(),
@@ -302,9 +306,7 @@ impl Vmm {
         listen: &str,
         env: &[(&str, &str)],
     ) -> Vmm {
-        let api = dir.join(format!("{tag}.api"));
-        let com1 = dir.join(format!("{tag}.com1"));
-        let com2 = dir.join(format!("{tag}.com2"));
+        let (api, com1, com2) = socket_paths(dir, tag);
         let mut cmd = ferry_command(prefix);
         cmd.args(["vm", "receive", "--listen", listen, "--api"])
             .arg(&api)
