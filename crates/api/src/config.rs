@@ -204,6 +204,10 @@ pub struct VmConfig {
     /// virtio-net cards.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// CPU features to hide from the guest (names as in /proc/cpuinfo, e.g. `avx512f`), so it
+    /// can move to hosts whose processors lack them.
+    #[serde(default)]
+    pub cpu_hide: Vec<String>,
 }
 
 fn default_memory_mib() -> u64 {
@@ -237,6 +241,8 @@ pub enum ConfigError {
     DuplicateDisk(String),
     #[error("MAC {0} is not a unicast address like 52:54:00:12:34:56")]
     Mac(String),
+    #[error("CPU feature {0:?} is not one ferry knows (names as in /proc/cpuinfo, e.g. avx2)")]
+    CpuFeature(String),
 }
 
 impl VmConfig {
@@ -252,6 +258,7 @@ impl VmConfig {
             serial2: SerialBackend::Null,
             disks: Vec::new(),
             nets: Vec::new(),
+            cpu_hide: Vec::new(),
         }
     }
 

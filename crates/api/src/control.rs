@@ -41,6 +41,20 @@ pub enum Request {
     MigrationStatus,
     /// Cancel a migration that has not committed yet; the VM keeps running here.
     MigrateCancel,
+    /// Settle a migration that is in doubt (Commit sent, no answer): `committed` drops the
+    /// paused guest here (the destination has it), `aborted` resumes it here. Only whoever
+    /// read the destination's outcome record may say which.
+    MigrateResolve { outcome: Outcome },
+}
+
+/// What became of a move, as the destination's outcome record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The destination took the VM over (it runs the guest, or ran it).
+    Committed,
+    /// The destination will never run this move's guest.
+    Aborted,
 }
 
 /// Where a VM is in its life.
@@ -58,6 +72,9 @@ pub struct VmStatus {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub uptime_ms: u64,
+    /// CPU features the vCPUs were given (names as in /proc/cpuinfo).
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
 
 /// A VMM's answer.
@@ -98,7 +115,7 @@ pub enum OnTimeout {
 /// How to migrate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateSettings {
-    /// The destination VMM's `host:port` (as given to `ferry vm receive --listen`).
+    /// The destination VMM's `host:port` (as given to `ferry vmm receive --listen`).
     pub to: String,
     /// Longest pause the guest may see, in ms (the switch-over happens once the rest fits).
     #[serde(default = "default_downtime")]
@@ -111,6 +128,9 @@ pub struct MigrateSettings {
     pub timeout_s: u64,
     #[serde(default)]
     pub on_timeout: OnTimeout,
+    /// Names the move in outcome records (the host daemon sets it); made up if empty.
+    #[serde(default)]
+    pub migration_id: String,
 }
 
 fn default_downtime() -> u64 {
@@ -130,6 +150,7 @@ impl MigrateSettings {
             bandwidth_mbit: 0,
             timeout_s: default_timeout(),
             on_timeout: OnTimeout::Cancel,
+            migration_id: String::new(),
         }
     }
 }
@@ -143,6 +164,9 @@ pub enum MigrationPhase {
     Memory,
     Switchover,
     Committing,
+    /// Commit was sent and no answer came: the guest stays paused here until the
+    /// destination's outcome record is known (queried every second, or `MigrateResolve`).
+    InDoubt,
     /// The destination runs the guest; this VMM is about to exit.
     Done,
     /// It failed; the guest runs on here as before.
@@ -154,6 +178,8 @@ pub enum MigrationPhase {
 /// A migration's progress and, at the end, its report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct MigrationProgress {
+    #[serde(default)]
+    pub migration_id: String,
     pub phase: MigrationPhase,
     pub round: u32,
     pub bytes_sent: u64,

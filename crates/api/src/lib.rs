@@ -11,6 +11,6 @@ pub use config::{
     MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 pub use control::{
-    MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Request, Response, ResponseBody,
-    VmRunState, VmStatus,
+    MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Outcome, Request, Response,
+    ResponseBody, VmRunState, VmStatus,
 };

@@ -190,7 +190,7 @@ fn boot(a: BootArgs) -> Result<()> {
                 let (me, guest) = (me.clone(), guest.clone());
                 move || {
                     let mut c = Command::new(&me);
-                    c.args(["vm", "run", "--kernel"]).arg(&guest);
+                    c.args(["vmm", "run", "--kernel"]).arg(&guest);
                     c.args([
                         "--cmdline",
                         cmdline,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::lab::{self, Lab};
+use ferry_lab::{Lab, LabOptions};
 
 #[derive(Args)]
 pub struct IoArgs {
@@ -84,9 +84,9 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
     let guest = dir.join("testguest.elf");
     std::fs::write(&guest, ferry_testguest::elf())?;
     let (api, com1) = (dir.join("io.api"), dir.join("io.com1"));
-    let child = Lab::exec(&lab.a)
+    let child = Lab::exec(&lab.hosts[0].ns)
         .arg(std::env::current_exe()?)
-        .args(["vm", "run", "--kernel"])
+        .args(["vmm", "run", "--kernel"])
         .arg(&guest)
         .args([
             "--memory",
@@ -168,13 +168,13 @@ pub fn run(a: IoArgs) -> Result<()> {
 }
 
 fn bench(a: &IoArgs, dir: &Path) -> Result<()> {
-    let lab = Lab::new("io")?;
+    let lab = Lab::new(LabOptions::new(1, dir.join("lab")))?;
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)?.set_len(1 << 30)?;
     let cmdline = format!(
         "hb=0 disk=write flush=0 qd={} ip={}/24",
         a.qd,
-        lab::GUEST_IP
+        ferry_lab::guest_ip(0)
     );
     let mut g = boot(&lab, dir, &cmdline, &disk)?;
     g.line(0, "DISK found=", Duration::from_secs(60))?;
@@ -190,8 +190,9 @@ fn bench(a: &IoArgs, dir: &Path) -> Result<()> {
     }
     let read_iops = field(&v, "records")? as f64 / took.as_secs_f64();
 
-    let addr = format!("{}:19", lab::GUEST_IP).parse()?;
-    let mut s = ferry_vmm::host_io::connect_in_netns(&lab.a, addr, Duration::from_secs(10))?;
+    let addr = format!("{}:19", ferry_lab::guest_ip(0)).parse()?;
+    let mut s =
+        ferry_vmm::host_io::connect_in_netns(&lab.hosts[0].ns, addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut buf = vec![0u8; 256 << 10];
     let t = Instant::now();

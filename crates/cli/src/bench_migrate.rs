@@ -15,7 +15,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::lab::{self, longest_gap, Lab, Port, Proc, Qmp};
+use crate::qmp::Qmp;
+use ferry_lab::{longest_gap, Lab, LabOptions, Port, Proc};
 
 #[derive(Args)]
 pub struct MigrateArgs {
@@ -219,7 +220,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    lab::require_root("ferry bench migrate")?;
+    ferry_lab::require_root("ferry bench migrate")?;
     let qemu = super::which(&a.qemu);
     if qemu.is_none() {
         eprintln!(
@@ -238,7 +239,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
 }
 
 fn bench(a: &MigrateArgs, dir: &Path, qemu: Option<&Path>) -> Result<()> {
-    let lab = Lab::new("bm")?;
+    let lab = Lab::new(LabOptions::new(2, dir.join("lab")))?;
     let guest = dir.join("testguest.elf");
     std::fs::write(&guest, ferry_testguest::elf()).context("writing the test guest")?;
     let mems: &[u64] = if a.quick { &[1024] } else { &a.memory };
@@ -267,7 +268,7 @@ fn bench(a: &MigrateArgs, dir: &Path, qemu: Option<&Path>) -> Result<()> {
     let mut links = vec![];
     for &cap in &a.caps {
         lab.cap_link(cap)?;
-        let link = lab.link_mbit(7700 + cap as u16 % 100, 1.5)?;
+        let link = lab.link_mbit(0, 1, 7700 + cap as u16 % 100, 1.5)?;
         eprintln!(
             "link A->B, cap {}: {link:.0} Mbit/s measured",
             cap_name(cap)
@@ -478,7 +479,7 @@ fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
             Ok((p, ports, api))
         };
     let args: Vec<String> = [
-        "vm",
+        "vmm",
         "run",
         "--kernel",
         &ctx.guest.display().to_string(),
@@ -493,20 +494,29 @@ fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (mut src, src_ports, src_api) =
-        spawn(&ctx.lab.a, "ferry-A", &args, Duration::from_millis(5))?;
+    let (mut src, src_ports, src_api) = spawn(
+        &ctx.lab.hosts[0].ns,
+        "ferry-A",
+        &args,
+        Duration::from_millis(5),
+    )?;
     src_ports.wait_connected(&mut src, Duration::from_secs(60))?;
     ctl(&src_api, ferry_api::Request::Resume)?;
     let pre_noise = boot_and_noise(&src_ports, &mut src)?;
 
-    let listen = format!("{}:{}", lab::HOST_B_IP, ctx.port);
-    let rargs: Vec<String> = ["vm", "receive", "--listen", &listen, "--timeout", "120"]
+    let listen = format!("{}:{}", ctx.lab.hosts[1].ip, ctx.port);
+    let rargs: Vec<String> = ["vmm", "receive", "--listen", &listen, "--timeout", "120"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     // The destination opens its serial sockets during the pause: poll fast so that no
     // heartbeat is sent before the bench listens (bytes nobody reads are dropped).
-    let (mut dst, dst_ports, _) = spawn(&ctx.lab.b, "ferry-B", &rargs, Duration::from_micros(250))?;
+    let (mut dst, dst_ports, _) = spawn(
+        &ctx.lab.hosts[1].ns,
+        "ferry-B",
+        &rargs,
+        Duration::from_micros(250),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&dst.log)
         .unwrap_or_default()
@@ -524,6 +534,7 @@ fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
         bandwidth_mbit: 0,
         timeout_s: TIMEOUT_S,
         on_timeout: ferry_api::OnTimeout::Cancel,
+        migration_id: String::new(),
     };
     let mut last = None;
     let mut error = None;
@@ -648,13 +659,13 @@ fn qemu_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
         Ok((p, ports, q))
     };
     // Created stopped (-S), started once the bench listens on its serial ports.
-    let (mut src, src_ports, mut src_qmp) = spawn(&ctx.lab.a, "qemu-A", &["-S".into()])?;
+    let (mut src, src_ports, mut src_qmp) = spawn(&ctx.lab.hosts[0].ns, "qemu-A", &["-S".into()])?;
     src_qmp.cmd("cont", json!({}))?;
     let pre_noise = boot_and_noise(&src_ports, &mut src)?;
 
-    let incoming = format!("tcp:{}:{}", lab::HOST_B_IP, ctx.port);
+    let incoming = format!("tcp:{}:{}", ctx.lab.hosts[1].ip, ctx.port);
     let (mut dst, dst_ports, _dst_qmp) = spawn(
-        &ctx.lab.b,
+        &ctx.lab.hosts[1].ns,
         "qemu-B",
         &["-incoming".into(), incoming.clone()],
     )?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::lab::{self, Lab, Port};
+use ferry_lab::{Lab, LabOptions, Port};
 
 /// How often to look for a serial socket that is not there yet.
 const POLL: Duration = Duration::from_millis(5);
@@ -149,13 +149,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
+    let lab = Lab::new(LabOptions::new(2, dir.join("lab")))?;
     println!(
         "[1/5] lab: hosts A ({}) and B ({}) and a client ({}) on one segment",
-        lab::HOST_A_IP,
-        lab::HOST_B_IP,
-        lab::CLIENT_IP
+        lab.hosts[0].ip,
+        lab.hosts[1].ip,
+        ferry_lab::CLIENT_IP
     );
-    let lab = Lab::new("demo")?;
     let guest = dir.join("testguest.elf");
     std::fs::write(&guest, ferry_testguest::elf())?;
     let disk = dir.join("disk.img");
@@ -163,7 +163,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let cmdline = format!(
         "hb=2 dirty={} rate=0 disk=write flush=8 qd=8 ip={}/24",
         a.dirty,
-        lab::GUEST_IP
+        ferry_lab::guest_ip(0)
     );
     println!(
         "[2/5] booting ferry's test guest on host A: {} MiB, {} vCPUs, disk {}, net on A's bridge\n      workloads: `{cmdline}`",
@@ -172,7 +172,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
         disk.display()
     );
     let args: Vec<String> = [
-        "vm",
+        "vmm",
         "run",
         "--kernel",
         &guest.display().to_string(),
@@ -191,7 +191,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut src = Vmm::spawn(&lab.a, dir, "hostA", &args)?;
+    let mut src = Vmm::spawn(&lab.hosts[0].ns, dir, "hostA", &args)?;
     while !(src.con.connected() && src.hb.connected()) {
         if src.child.try_wait()?.is_some() {
             bail!(
@@ -212,7 +212,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
         "      READY {} ms after resume (the dirtier's working set is filled first)",
         t.elapsed().as_millis()
     );
-    let addr = format!("{}:19", lab::GUEST_IP).parse()?;
+    let addr = format!("{}:19", ferry_lab::guest_ip(0)).parse()?;
     let s = ferry_vmm::host_io::connect_in_netns(&lab.client, addr, Duration::from_secs(10))
         .context("the client cannot reach the guest's TCP server")?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -233,8 +233,8 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let mut here = src;
     let mut noise = Duration::ZERO;
     for (step, (from, to_ns, to_ip, tag)) in [
-        ("A", &lab.b, lab::HOST_B_IP, "hostB"),
-        ("B", &lab.a, lab::HOST_A_IP, "hostA2"),
+        ("A", &lab.hosts[1].ns, lab.hosts[1].ip.as_str(), "hostB"),
+        ("B", &lab.hosts[0].ns, lab.hosts[0].ip.as_str(), "hostA2"),
     ]
     .into_iter()
     .enumerate()
@@ -255,7 +255,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
             dir,
             tag,
             &[
-                "vm".into(),
+                "vmm".into(),
                 "receive".into(),
                 "--listen".into(),
                 listen.clone(),

@@ -28,7 +28,7 @@ fn linux_bzimage_starts_and_prints_its_first_lines() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("console.txt");
     let mut child = std::process::Command::new(ferry_bin())
-        .args(["vm", "run", "--kernel", &kernel, "--memory", "512"])
+        .args(["vmm", "run", "--kernel", &kernel, "--memory", "512"])
         .args([
             "--cmdline",
             "earlyprintk=serial,ttyS0,115200 console=ttyS0 loglevel=8",

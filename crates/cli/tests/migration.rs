@@ -1,10 +1,11 @@
 //! Live migration end to end: two VMM processes in two "hosts" (network namespaces on one
 //! Ethernet segment), the test guest with its memory dirtier, heartbeat, disk writer and TCP
-//! server, a client in a third namespace, and failures injected at every step.
+//! server, a client in a third namespace, and failures injected at every step, each checked on
+//! both sides: the copy that must run does, and the one that must not never ran.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +23,11 @@ fn num(line: &str, key: &str) -> u64 {
 }
 
 fn disk(dir: &Path) -> PathBuf {
-    let p = dir.join("disk.img");
+    disk_named(dir, "disk.img")
+}
+
+fn disk_named(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
     std::fs::File::create(&p)
         .unwrap()
         .set_len(64 << 20)
@@ -30,104 +35,119 @@ fn disk(dir: &Path) -> PathBuf {
     p
 }
 
-/// A guest on host A with every workload running.
+/// A guest on host A with its workloads running.
 struct Guest {
     vmm: Vmm,
     con: Console,
     hb: Heartbeat,
+    /// Whether its disk writer runs (it has a writable first disk).
+    writes_disk: bool,
+}
+
+/// What to boot.
+#[derive(Default)]
+struct GuestSpec<'a> {
+    /// Disks: (image, read-only).
+    disks: Vec<(&'a Path, bool)>,
+    extra_cmdline: &'a str,
+    env: Vec<(&'a str, &'a str)>,
 }
 
 fn start_guest(lab: &Lab, dir: &Path, disk: &Path, extra_cmdline: &str) -> Guest {
-    let kernel = testguest(dir);
-    let cmd = format!(
-        "hb=2 dirty=32 rate=0 ip={}/24 disk=write flush=4 qd=4 {extra_cmdline}",
-        lab.guest_ip
-    );
-    let vmm = Vmm::spawn_in(
-        &lab.in_host(),
+    start(
+        lab,
         dir,
-        "g0",
-        &[
-            "vm",
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "256",
-            "--vcpus",
-            "2",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--net",
-            "bridge=br0",
-            "--cmdline",
-            &cmd,
-        ],
+        GuestSpec {
+            disks: vec![(disk, false)],
+            extra_cmdline,
+            ..Default::default()
+        },
+    )
+}
+
+fn start(lab: &Lab, dir: &Path, spec: GuestSpec) -> Guest {
+    let kernel = testguest(dir);
+    let writes_disk = spec.disks.first().is_some_and(|d| !d.1);
+    let cmd = format!(
+        "hb=2 dirty=32 rate=0 ip={}/24 {} {}",
+        lab.guest_ip,
+        if writes_disk {
+            "disk=write flush=4 qd=4"
+        } else {
+            ""
+        },
+        spec.extra_cmdline
     );
+    let disk_args: Vec<String> = spec
+        .disks
+        .iter()
+        .map(|(p, ro)| format!("{}{}", p.display(), if *ro { ",readonly" } else { "" }))
+        .collect();
+    let mut args = vec![
+        "vmm",
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--vcpus",
+        "2",
+        "--net",
+        "bridge=br0",
+        "--cmdline",
+        &cmd,
+    ];
+    for d in &disk_args {
+        args.extend(["--disk", d.as_str()]);
+    }
+    let vmm = Vmm::spawn_env(&lab.in_host(), dir, "g0", &args, &spec.env);
     let con = Console::connect(&vmm.com1);
     let hb = Heartbeat::connect(&vmm.com2);
     vmm.ctl_ok("resume", &[]);
     con.wait_line("READY", T);
-    con.wait_line("DISK found=", T);
-    Guest { vmm, con, hb }
+    if writes_disk {
+        con.wait_line("DISK found=", T);
+    }
+    Guest {
+        vmm,
+        con,
+        hb,
+        writes_disk,
+    }
 }
 
 /// Everything the guest can prove about itself: memory, disk, progress.
 fn verify(con: &mut Console, min_writes: u64) -> (u64, u64) {
+    verify_with(con, min_writes, true)
+}
+
+fn verify_with(con: &mut Console, min_writes: u64, disk: bool) -> (u64, u64) {
     let v = con.ask(b'v', "VERIFY");
     assert!(v.starts_with("VERIFY OK"), "memory: {v}");
-    let d = con.ask(b'd', "DISK VERIFY");
-    assert!(d.starts_with("DISK VERIFY OK"), "disk: {d}");
+    if disk {
+        let d = con.ask(b'd', "DISK VERIFY");
+        assert!(d.starts_with("DISK VERIFY OK"), "disk: {d}");
+    }
     let s = con.ask(b's', "STATUS");
-    assert_eq!(num(&s, "disk_errors"), 0, "{s}");
     let writes = num(&s, "writes");
     assert!(writes >= min_writes, "guest lost progress: {s}");
-    (writes, num(&s, "disk_durable"))
+    if disk {
+        assert_eq!(num(&s, "disk_errors"), 0, "{s}");
+        (writes, num(&s, "disk_durable"))
+    } else {
+        (writes, 0)
+    }
 }
 
-struct Stream {
-    s: std::net::TcpStream,
-    next: u64,
-    carry: Vec<u8>,
-}
-
-impl Stream {
-    fn open(lab: &Lab) -> Stream {
-        let s = lab.connect_from_client(19, T);
-        s.set_read_timeout(Some(T)).unwrap();
-        Stream {
-            s,
-            next: 0,
-            carry: Vec::new(),
-        }
-    }
-
-    /// Read `bytes` more and check every counter is the next one.
-    fn read(&mut self, bytes: usize) {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0;
-        while got < bytes {
-            let n = self.s.read(&mut buf).expect("stream read");
-            assert!(n > 0, "guest closed the stream");
-            got += n;
-            self.carry.extend_from_slice(&buf[..n]);
-            let whole = self.carry.len() / 8 * 8;
-            for c in self.carry[..whole].chunks_exact(8) {
-                assert_eq!(
-                    u64::from_le_bytes(c.try_into().unwrap()),
-                    self.next,
-                    "stream byte lost or reordered"
-                );
-                self.next += 1;
-            }
-            self.carry.drain(..whole);
-        }
-    }
+fn open_stream(lab: &Lab) -> Stream {
+    let s = lab.connect_from_client(19, T);
+    s.set_read_timeout(Some(T)).unwrap();
+    Stream::new(s)
 }
 
 fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
-        "vm",
+        "vmm",
         "migrate",
         "--api",
         src.api.to_str().unwrap(),
@@ -136,6 +156,14 @@ fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> std::process::Output {
     ];
     args.extend_from_slice(extra);
     ferry_output(&args, T)
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn pause_ms(out: &std::process::Output) -> f64 {
@@ -148,6 +176,43 @@ fn pause_ms(out: &std::process::Output) -> f64 {
     p.parse().unwrap_or(f64::NAN)
 }
 
+/// The destination never ran the guest: it never said so, and its heartbeat port (which it
+/// opens when the VM arrives) never saw a beat.
+fn assert_never_ran(dst: &Vmm, dst_hb: &Heartbeat) {
+    let log = dst.log();
+    assert!(
+        !log.contains("the guest runs here now"),
+        "the destination ran the guest:\n{log}"
+    );
+    assert_eq!(
+        dst_hb.count(),
+        0,
+        "the destination's guest beat its heartbeat; its log:\n{log}"
+    );
+}
+
+/// The VMM's state as `vmm status` prints it ("running" or "paused").
+fn state(vmm: &Vmm) -> String {
+    let st = vmm.ctl_ok("status", &[]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    v["state"].as_str().unwrap().to_string()
+}
+
+/// Move the guest to a fresh receiver on host B and check it there: the move that proves a
+/// guest that stayed on the source after a failure can still move.
+fn move_to_b_and_verify(lab: &Lab, dir: &Path, g: &mut Guest, stream: &mut Stream, port: u16) {
+    let listen = format!("{}:{port}", Lab::HOST_B_IP);
+    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir, &format!("again{port}"), &listen, &[]);
+    let out = migrate(&g.vmm, &listen, &[]);
+    assert!(out.status.success(), "the move afterwards: {}", text(&out));
+    assert!(g.vmm.wait(T).success(), "the source exits after the move");
+    let mut con = Console::connect(&dst.com1);
+    stream.read(1 << 20).unwrap();
+    verify_with(&mut con, 0, g.writes_disk);
+    con.send(b'p');
+    assert!(dst.wait(T).success());
+}
+
 #[test]
 fn a_running_guest_moves_with_memory_disk_and_tcp_intact() {
     if !kvm_available() {
@@ -157,8 +222,8 @@ fn a_running_guest_moves_with_memory_disk_and_tcp_intact() {
     let dir = tmp();
     let disk = disk(dir.path());
     let mut g = start_guest(&lab, dir.path(), &disk, "");
-    let mut stream = Stream::open(&lab);
-    stream.read(1 << 20);
+    let mut stream = open_stream(&lab);
+    stream.read(1 << 20).unwrap();
     g.hb.wait_more(300, T);
     let (writes, durable) = verify(&mut g.con, 1);
 
@@ -171,12 +236,7 @@ fn a_running_guest_moves_with_memory_disk_and_tcp_intact() {
     );
     let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
     let out = migrate(&g.vmm, &format!("{}:{PORT}", Lab::HOST_B_IP), &[]);
-    assert!(
-        out.status.success(),
-        "migrate: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "migrate: {}", text(&out));
     let vmm_pause = pause_ms(&out);
     assert!(
         g.vmm.wait(T).success(),
@@ -195,7 +255,7 @@ fn a_running_guest_moves_with_memory_disk_and_tcp_intact() {
         g.hb.max_gap().as_secs_f64() * 1000.0,
         (src_last - src_first).as_secs_f64()
     );
-    stream.read(4 << 20);
+    stream.read(4 << 20).unwrap();
     let (w2, d2) = verify(&mut con, writes);
     assert!(
         d2 >= durable,
@@ -215,8 +275,8 @@ fn ping_pong_ten_moves_stays_clean() {
     let dir = tmp();
     let disk = disk(dir.path());
     let g = start_guest(&lab, dir.path(), &disk, "");
-    let mut stream = Stream::open(&lab);
-    stream.read(256 << 10);
+    let mut stream = open_stream(&lab);
+    stream.read(256 << 10).unwrap();
     let mut current = g.vmm;
     let mut con = g.con;
     let mut writes = 0;
@@ -229,32 +289,10 @@ fn ping_pong_ten_moves_stays_clean() {
         let listen = format!("{ip}:{}", 7800 + i);
         let dst = Vmm::receive_in(&prefix, dir.path(), &format!("g{i}"), &listen, &[]);
         let out = migrate(&current, &listen, &[]);
-        if !out.status.success() {
-            for ns in [&lab.host, lab.host_b.as_ref().unwrap()] {
-                for args in [&["neigh"][..], &["-br", "link"][..], &["-br", "addr"][..]] {
-                    let o = std::process::Command::new("ip")
-                        .arg("-n")
-                        .arg(ns)
-                        .args(args)
-                        .output()
-                        .unwrap();
-                    eprintln!("{ns} ip {args:?}:\n{}", String::from_utf8_lossy(&o.stdout));
-                }
-                let o = std::process::Command::new("ip")
-                    .args(["netns", "exec", ns, "ss", "-tan"])
-                    .output()
-                    .unwrap();
-                eprintln!("{ns} ss:\n{}", String::from_utf8_lossy(&o.stdout));
-            }
-        }
-        assert!(
-            out.status.success(),
-            "move {i}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "move {i}: {}", text(&out));
         assert!(current.wait(T).success(), "move {i}: source exits");
         con = Console::connect(&dst.com1);
-        stream.read(256 << 10);
+        stream.read(256 << 10).unwrap();
         writes = verify(&mut con, writes).0;
         current = dst;
     }
@@ -264,7 +302,8 @@ fn ping_pong_ten_moves_stays_clean() {
 }
 
 /// Start a migration that cannot finish quickly (bandwidth cap), then break it with `breaker`;
-/// the guest must go on on the source, intact.
+/// the guest must go on on the source, intact, the destination must never have run it, and
+/// the guest must still move afterwards.
 fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str>, cap: &str) {
     if !kvm_available() {
         return;
@@ -273,8 +312,8 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
     let dir = tmp();
     let disk = disk(dir.path());
     let mut g = start_guest(&lab, dir.path(), &disk, "");
-    let mut stream = Stream::open(&lab);
-    stream.read(256 << 10);
+    let mut stream = open_stream(&lab);
+    stream.read(256 << 10).unwrap();
     let (writes, _) = verify(&mut g.con, 0);
     let env: Vec<(&str, &str)> = crash_at
         .map(|c| vec![("FERRY_CRASH_AT", c)])
@@ -286,13 +325,14 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
         &format!("{}:{PORT}", Lab::HOST_B_IP),
         &env,
     );
+    let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
     let to = format!("{}:{PORT}", Lab::HOST_B_IP);
     let api = g.vmm.api.clone();
     let cap = cap.to_string();
     let mig = std::thread::spawn(move || {
         ferry_output(
             &[
-                "vm",
+                "vmm",
                 "migrate",
                 "--api",
                 api.to_str().unwrap(),
@@ -306,23 +346,16 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
     });
     breaker(&lab, &mut dst, &g.vmm);
     let out = mig.join().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = text(&out);
     assert!(!out.status.success(), "the migration must fail: {text}");
     assert!(g.vmm.running(), "the source VMM keeps the guest: {text}");
-    let st = g.vmm.ctl_ok("status", &[]);
-    assert!(st.contains("\"running\""), "{st}");
+    assert_eq!(state(&g.vmm), "running", "{text}");
     g.hb.wait_more(200, T);
-    stream.read(1 << 20);
+    stream.read(1 << 20).unwrap();
     verify(&mut g.con, writes);
-    // And it can still move afterwards.
-    let _ = dst.child.kill();
-    let _ = dst.child.wait();
-    g.con.send(b'p');
-    assert!(g.vmm.wait(T).success());
+    assert_never_ran(&dst, &dst_hb);
+    dst.kill();
+    move_to_b_and_verify(&lab, dir.path(), &mut g, &mut stream, 7790);
 }
 
 #[test]
@@ -330,7 +363,7 @@ fn destination_killed_during_memory_rounds() {
     interrupted(
         |_, dst, _| {
             std::thread::sleep(Duration::from_millis(800));
-            dst.child.kill().unwrap();
+            dst.kill();
         },
         None,
         "100",
@@ -385,16 +418,286 @@ fn destination_crash_during_state_transfer() {
     interrupted(|_, _, _| {}, Some("after-state"), "0");
 }
 
+/// The final acknowledgement is lost on the wire after the destination took over: the
+/// destination keeps the guest running (it has run, written its disk and announced its MAC),
+/// and the source, in doubt, asks the destination and learns "committed".
 #[test]
-fn destination_crash_just_before_commit() {
-    interrupted(|_, _, _| {}, Some("on-commit"), "0");
+fn a_lost_final_ack_is_settled_by_asking_the_destination() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start_guest(&lab, dir.path(), &disk, "");
+    let mut stream = open_stream(&lab);
+    stream.read(256 << 10).unwrap();
+    let (writes, _) = verify(&mut g.con, 0);
+    let listen = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let mut dst = Vmm::receive_in(
+        &lab.in_host_b(),
+        dir.path(),
+        "g1",
+        &listen,
+        &[("FERRY_FAIL_AT", "drop-ack")],
+    );
+    let out = migrate(&g.vmm, &listen, &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("in doubt"), "the source was in doubt: {t}");
+    assert!(t.contains("outcome record says committed"), "{t}");
+    assert!(g.vmm.wait(T).success(), "the source lets go: {t}");
+    assert!(dst.running(), "the destination keeps the guest");
+    let mut con = Console::connect(&dst.com1);
+    stream.read(1 << 20).unwrap();
+    verify(&mut con, writes);
+    con.send(b'p');
+    assert!(dst.wait(T).success());
+}
+
+/// A destination that refuses Commit (here by injection; for real when it cannot take a disk
+/// or finds the move settled as aborted) certainly does not run the guest, disks or not: the
+/// source resumes it. Before the fix, a VM without disks was dropped by the source.
+#[test]
+fn a_refused_commit_resumes_the_guest_on_the_source_even_without_disks() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let mut g = start(&lab, dir.path(), GuestSpec::default());
+    let mut stream = open_stream(&lab);
+    stream.read(256 << 10).unwrap();
+    let (writes, _) = verify_with(&mut g.con, 0, false);
+    let listen = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let dst = Vmm::receive_in(
+        &lab.in_host_b(),
+        dir.path(),
+        "g1",
+        &listen,
+        &[("FERRY_FAIL_AT", "refuse-commit")],
+    );
+    let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
+    let out = migrate(&g.vmm, &listen, &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("refused"), "{t}");
+    assert!(g.vmm.running(), "{t}");
+    assert_eq!(state(&g.vmm), "running");
+    g.hb.wait_more(200, T);
+    stream.read(1 << 20).unwrap();
+    verify_with(&mut g.con, writes, false);
+    assert_never_ran(&dst, &dst_hb);
+    g.con.send(b'p');
+    assert!(g.vmm.wait(T).success());
+}
+
+/// The destination crashes right at Commit (before it records anything): nobody can say
+/// whether it took over, so the source must neither resume nor drop the guest on a guess. It
+/// stays paused, in doubt, until the record is settled (here by the test, as the host daemon
+/// does: "aborted"), then resumes with memory, disk and stream intact, and still moves later.
+#[test]
+fn destination_crash_at_commit_leaves_the_source_in_doubt_until_settled() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start_guest(&lab, dir.path(), &disk, "");
+    let mut stream = open_stream(&lab);
+    stream.read(256 << 10).unwrap();
+    let (writes, _) = verify(&mut g.con, 0);
+    let listen = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let record = dir.path().join("move.outcome");
+    let mut dst = Vmm::receive_with(
+        &lab.in_host_b(),
+        dir.path(),
+        "g1",
+        &listen,
+        &["--record", record.to_str().unwrap()],
+        &[("FERRY_CRASH_AT", "on-commit")],
+    );
+    let out = migrate(
+        &g.vmm,
+        &listen,
+        &["--wait-in-doubt", "3", "--id", "m-crash"],
+    );
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("in doubt"), "{t}");
+    assert!(!dst.running(), "the destination crashed");
+    assert!(g.vmm.running(), "the source keeps the paused guest: {t}");
+    assert_eq!(state(&g.vmm), "paused", "no resume on a guess");
+    let beats = g.hb.count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(g.hb.count(), beats, "the guest must not run while in doubt");
+    assert!(!record.exists(), "the crashed destination recorded nothing");
+    // Settle it as the destination's daemon would: nothing committed, so aborted for good.
+    let r = ferry_migration::OutcomeRecord::File(record.clone());
+    assert_eq!(
+        r.decide("m-crash", ferry_api::Outcome::Aborted, "test")
+            .unwrap(),
+        ferry_api::Outcome::Aborted
+    );
+    g.vmm.ctl_ok("migrate-resolve", &["--outcome", "aborted"]);
+    g.hb.wait_more(200, T);
+    assert_eq!(state(&g.vmm), "running");
+    stream.read(1 << 20).unwrap();
+    verify(&mut g.con, writes);
+    move_to_b_and_verify(&lab, dir.path(), &mut g, &mut stream, 7791);
+}
+
+/// Every disk read-only: shared locks prove nothing, so before the fix a rollback after Commit
+/// always re-locked and the guest resumed on the source while the destination ran it too. Now
+/// a destination that resumed and then died leaves the source in doubt; its record says
+/// committed, and the source drops its copy.
+#[test]
+fn read_only_disks_never_let_both_hosts_run_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let ro = disk_named(dir.path(), "ro.img");
+    let mut g = start(
+        &lab,
+        dir.path(),
+        GuestSpec {
+            disks: vec![(&ro, true)],
+            ..Default::default()
+        },
+    );
+    verify_with(&mut g.con, 0, false);
+    let listen = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let record = dir.path().join("move.outcome");
+    let mut dst = Vmm::receive_with(
+        &lab.in_host_b(),
+        dir.path(),
+        "g1",
+        &listen,
+        &["--record", record.to_str().unwrap()],
+        &[("FERRY_CRASH_AT", "after-resume")],
+    );
+    let out = migrate(&g.vmm, &listen, &["--wait-in-doubt", "3", "--id", "m-ro"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("in doubt"), "{t}");
+    dst.wait(T);
+    assert!(
+        dst.log().contains("FERRY_CRASH_AT=after-resume"),
+        "the destination resumed, then died: {}",
+        dst.log()
+    );
+    assert_eq!(state(&g.vmm), "paused", "the source must not resume: {t}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("the destination's record")).unwrap();
+    assert_eq!(rec["outcome"], "committed", "{rec}");
+    assert_eq!(rec["migration_id"], "m-ro");
+    g.vmm.ctl_ok("migrate-resolve", &["--outcome", "committed"]);
+    assert!(g.vmm.wait(T).success(), "the source drops its stale copy");
+}
+
+/// A disk release that fails half-way: the disks released so far must be locked again before
+/// the guest resumes, or a second writer could open them.
+#[test]
+fn a_half_done_disk_release_is_undone_before_resuming() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let (d0, d1) = (
+        disk_named(dir.path(), "d0.img"),
+        disk_named(dir.path(), "d1.img"),
+    );
+    let mut g = start(
+        &lab,
+        dir.path(),
+        GuestSpec {
+            disks: vec![(&d0, false), (&d1, false)],
+            env: vec![("FERRY_FAIL_AT", "release-disk-1")],
+            ..Default::default()
+        },
+    );
+    let (writes, _) = verify(&mut g.con, 0);
+    let listen = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &listen, &[]);
+    let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
+    let out = migrate(&g.vmm, &listen, &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("release"), "{t}");
+    assert_eq!(state(&g.vmm), "running", "{t}");
+    for d in [&d0, &d1] {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d)
+            .unwrap();
+        assert!(
+            matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            "{} must be locked by the source again",
+            d.display()
+        );
+    }
+    verify(&mut g.con, writes);
+    assert_never_ran(&dst, &dst_hb);
+    g.con.send(b'p');
+    assert!(g.vmm.wait(T).success());
+}
+
+/// A pause that fails half-way (one vCPU does not stop): the vCPUs that stopped run again, so
+/// the VM that reads Running is running on every vCPU.
+#[test]
+fn a_half_done_pause_is_undone() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start(
+        &lab,
+        dir.path(),
+        GuestSpec {
+            disks: vec![(&disk, false)],
+            env: vec![("FERRY_FAIL_AT", "pause-vcpu-1")],
+            ..Default::default()
+        },
+    );
+    let (writes, _) = verify(&mut g.con, 0);
+    let listen = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &listen, &[]);
+    let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
+    let out = migrate(&g.vmm, &listen, &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("did not pause"), "{t}");
+    assert_eq!(state(&g.vmm), "running");
+    // vCPU 0 answers the console; vCPU 1 spins its counter.
+    let s1 = g.con.ask(b's', "STATUS");
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = g.con.ask(b's', "STATUS");
+    assert!(
+        num(&s2, "ap_counters") > num(&s1, "ap_counters"),
+        "vCPU 1 runs: {s1} / {s2}"
+    );
+    verify(&mut g.con, writes);
+    assert_never_ran(&dst, &dst_hb);
+    g.con.send(b'p');
+    assert!(g.vmm.wait(T).success());
 }
 
 fn receiver_refuses(bytes: &[u8], needle: &str) {
+    receiver_refuses_with(bytes, needle, &[])
+}
+
+fn receiver_refuses_with(bytes: &[u8], needle: &str, extra: &[&str]) {
     let dir = tmp();
     let port = 17000 + (std::process::id() % 1000) as u16 + bytes.len() as u16 % 97;
     let listen = format!("127.0.0.1:{port}");
-    let mut dst = Vmm::receive_in(&[], dir.path(), "bad", &listen, &[]);
+    let mut dst = Vmm::receive_with(&[], dir.path(), "bad", &listen, extra, &[]);
     let mut s = loop {
         match std::net::TcpStream::connect(&listen) {
             Ok(s) => break s,
@@ -404,13 +707,7 @@ fn receiver_refuses(bytes: &[u8], needle: &str) {
     let _ = s.write_all(bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let st = dst.wait(T);
-    let mut err = String::new();
-    dst.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = dst.log();
     assert!(!st.success(), "receiver accepted {bytes:?}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
     assert!(!dst.api.exists(), "no VM may appear");
@@ -455,6 +752,41 @@ fn bad_streams_are_refused_and_nothing_runs() {
         &[start, frame(2, b"{not json")].concat(),
         "malformed Config",
     );
+    // A receiver the host daemon started for one move takes no other.
+    receiver_refuses_with(
+        &frame(
+            1,
+            br#"{"protocol_version":2,"ferry_version":"t","memory_bytes":1,"migration_id":"other"}"#,
+        ),
+        "waits for move m-1",
+        &["--expect-id", "m-1"],
+    );
+}
+
+/// A source in doubt about an earlier move may ask any receiver: one that knows nothing says
+/// so ("unknown") and goes on waiting for its own move.
+#[test]
+fn a_query_to_a_fresh_receiver_is_answered_unknown() {
+    let dir = tmp();
+    let listen = format!("127.0.0.1:{}", 18000 + std::process::id() % 1000);
+    let mut dst = Vmm::receive_in(&[], dir.path(), "q", &listen, &[]);
+    let mut s = loop {
+        match std::net::TcpStream::connect(&listen) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    s.write_all(&frame(8, br#"{"migration_id":"x"}"#)).unwrap();
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut s, &mut head).unwrap();
+    let len = u64::from_le_bytes(head[8..16].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    std::io::Read::read_exact(&mut s, &mut body).unwrap();
+    assert_eq!(u16::from_le_bytes([head[4], head[5]]), 64, "an Ack");
+    let ack: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(ack["message"], "unknown", "{ack}");
+    assert!(dst.running(), "the receiver goes on waiting");
+    dst.kill();
 }
 
 /// Block reads land in guest memory through the VMM, not the guest's vCPUs: KVM's dirty log

@@ -15,7 +15,7 @@ fn save_running_guest(dir: &std::path::Path, snap: &std::path::Path) -> (u64, St
         dir,
         "src",
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -58,7 +58,7 @@ fn save_and_restore_in_a_new_process_carries_on() {
     let mut vmm = Vmm::spawn(
         dir.path(),
         "dst",
-        &["vm", "restore", snap.to_str().unwrap()],
+        &["vmm", "restore", snap.to_str().unwrap()],
     );
     let mut con = Console::connect(&vmm.com1);
     let hb = Heartbeat::connect(&vmm.com2);
@@ -104,7 +104,7 @@ fn damaged_snapshots_are_refused_cleanly() {
         let api = dir.path().join(format!("{tag}.api"));
         let out = ferry_output(
             &[
-                "vm",
+                "vmm",
                 "restore",
                 snap.to_str().unwrap(),
                 "--api",
@@ -169,7 +169,7 @@ fn damaged_snapshots_are_refused_cleanly() {
     let (ok, err) = {
         let out = ferry_output(
             &[
-                "vm",
+                "vmm",
                 "restore",
                 dir.path().join("nothing").to_str().unwrap(),
             ],

@@ -19,7 +19,7 @@ fn boots_heartbeats_and_powers_off_cleanly() {
         dir.path(),
         "a",
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -62,7 +62,7 @@ fn reset_ends_the_vmm_with_status_zero() {
         dir.path(),
         "r",
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -86,7 +86,7 @@ fn exit_mode_prints_its_code_and_exits_zero() {
     let kernel = testguest(dir.path());
     let out = ferry_output(
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -118,7 +118,7 @@ fn all_smp_vcpus_run() {
         dir.path(),
         "s",
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -178,7 +178,7 @@ fn multiboot_entry_boots_too() {
         dir.path(),
         "m",
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -227,7 +227,7 @@ fn bad_input_is_a_clear_error_and_leaves_nothing_behind() {
     let g = garbage.to_str().unwrap();
     assert_fails(
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             "/nonexistent/kernel",
@@ -237,16 +237,16 @@ fn bad_input_is_a_clear_error_and_leaves_nothing_behind() {
         "cannot open kernel",
     );
     assert_fails(
-        &["vm", "run", "--kernel", g, "--api", api_s],
+        &["vmm", "run", "--kernel", g, "--api", api_s],
         "not a kernel ferry can boot",
     );
     assert_fails(
-        &["vm", "run", "--kernel", k, "--memory", "1", "--api", api_s],
+        &["vmm", "run", "--kernel", k, "--memory", "1", "--api", api_s],
         "too small",
     );
     assert_fails(
         &[
-            "vm",
+            "vmm",
             "run",
             "--kernel",
             k,
@@ -258,15 +258,15 @@ fn bad_input_is_a_clear_error_and_leaves_nothing_behind() {
         "available",
     );
     assert_fails(
-        &["vm", "run", "--kernel", k, "--vcpus", "0"],
+        &["vmm", "run", "--kernel", k, "--vcpus", "0"],
         "vcpus must be between",
     );
     assert_fails(
-        &["vm", "run", "--kernel", k, "--frobnicate"],
+        &["vmm", "run", "--kernel", k, "--frobnicate"],
         "unexpected argument",
     );
     assert_fails(
-        &["vm", "run", "--kernel", k, "--serial", "tcp:1"],
+        &["vmm", "run", "--kernel", k, "--serial", "tcp:1"],
         "serial backend",
     );
     assert!(!api.exists(), "a failed start left its API socket");

@@ -119,6 +119,11 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
                 assert_eq!(state, ReceiverState::Done);
                 return Err(ProtocolError::Cancelled(String::new()).into());
             }
+            Command::Query => {
+                assert_eq!(before, ReceiverState::AwaitStart);
+                let _: protocol::QueryInfo = protocol::parse(&frame)?;
+                return Err(ProtocolError::Truncated.into());
+            }
             Command::Ack => panic!("the state machine accepted an Ack from the source"),
         }
     }
@@ -192,6 +197,7 @@ pub fn valid_stream() -> Vec<u8> {
         protocol_version: protocol::PROTOCOL_VERSION,
         ferry_version: "0.1.0".into(),
         memory_bytes: GUEST_MEMORY,
+        migration_id: "fuzz".into(),
     };
     frame(&mut s, Command::Start, &protocol::json(&start));
     frame(

@@ -58,7 +58,7 @@ pub enum EnvelopeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Envelope {
-    /// A VM snapshot's state file (`ferry vm restore`).
+    /// A VM snapshot's state file (`ferry vmm restore`).
     Snapshot = 1,
     /// The vCPU and device state sent at a migration's switch-over.
     MigrationState = 2,

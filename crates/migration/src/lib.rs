@@ -4,13 +4,16 @@
 //!   version, length, checksum), so a damaged or foreign file is refused before anything is
 //!   restored from it.
 //! - [`persist`]: the one save/restore trait every stateful piece of a VM implements;
-//! - [`protocol`]: the live-migration wire protocol (framing, page lists, receiver state machine).
+//! - [`protocol`]: the live-migration wire protocol (framing, page lists, receiver state machine);
+//! - [`outcome`]: a move's one durable decision (committed or aborted), written once.
 //!
 //! This crate has no KVM dependency: it is unit-tested (and later fuzzed) on its own.
 
 pub mod envelope;
+pub mod outcome;
 pub mod persist;
 pub mod protocol;
 
 pub use envelope::{Envelope, EnvelopeError};
+pub use outcome::{Outcome, OutcomeError, OutcomeRecord};
 pub use persist::Persist;

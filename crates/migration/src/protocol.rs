@@ -28,17 +28,32 @@
 //!     D-->>S: Ack (restored, paused)
 //!     Note over S: flush disks, release disk locks
 //!     S->>D: Commit
-//!     Note over D: take disk locks, resume guest, announce MAC
+//!     Note over D: take disk locks, record "committed", resume guest, announce MAC
 //!     D-->>S: Ack (running)
 //!     Note over S: discard the guest, exit
 //! ```
 //!
-//! Until the source has the final Ack, any failure (cut connection, destination crash, error,
-//! cancel) resumes the guest on the source. The destination resumes only after Commit and only
-//! once it holds every disk's lock, so two hosts never run the guest or write its disks.
+//! Before Commit is sent, any failure (cut connection, destination crash, error, cancel)
+//! resumes the guest on the source, and an explicit refusal of Commit does too. Once Commit
+//! may have reached the destination and no answer came, the source is *in doubt*: it keeps the
+//! guest paused and asks the destination for the move's outcome record
+//! ([`crate::outcome`]) on a new connection (`Query` with the migration id), until the
+//! record says committed (the source drops its copy) or aborted (it resumes), or until its
+//! host daemon or an admin settles it. The destination records "committed" before it resumes
+//! the guest and never drops a guest that has run. So two hosts never run the guest, and the
+//! guest is never dropped by both.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source VMM (in doubt)
+//!     participant D as destination VMM
+//!     S->>D: (new connection) Query {migration id}
+//!     D-->>S: Ack {message: "committed" | "aborted" | "unknown"}
+//! ```
 //!
 //! Versioning: `Start` carries the protocol version; a receiver accepts its own and the one
-//! before it ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`]).
+//! before it ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`]). Version 2 added the migration id
+//! and `Query`; a version-1 source sends no id (the receiver then makes one up).
 
 use std::io::{self, Read, Write};
 
@@ -49,7 +64,7 @@ pub const MAGIC: u32 = 0x4749_4d46;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest version it accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Guest page size on the wire.
@@ -70,6 +85,8 @@ pub enum Command {
     State = 5,
     Commit = 6,
     Cancel = 7,
+    /// The first and only message of a connection that asks for a move's outcome.
+    Query = 8,
     Ack = 64,
 }
 
@@ -83,6 +100,7 @@ impl Command {
             5 => Command::State,
             6 => Command::Commit,
             7 => Command::Cancel,
+            8 => Command::Query,
             64 => Command::Ack,
             _ => return None,
         })
@@ -91,7 +109,11 @@ impl Command {
     /// The largest payload this command may carry.
     pub fn max_len(self) -> u64 {
         match self {
-            Command::Start | Command::RoundEnd | Command::Cancel | Command::Ack => 64 << 10,
+            Command::Start
+            | Command::RoundEnd
+            | Command::Cancel
+            | Command::Query
+            | Command::Ack => 64 << 10,
             Command::Config => 1 << 20,
             Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
             Command::State => crate::envelope::MAX_PAYLOAD + crate::envelope::HEADER_LEN as u64,
@@ -201,7 +223,19 @@ pub struct StartInfo {
     pub protocol_version: u32,
     pub ferry_version: String,
     pub memory_bytes: u64,
+    /// Names this move in outcome records and queries (version 2).
+    #[serde(default)]
+    pub migration_id: String,
 }
+
+/// `Query`: what became of this move?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryInfo {
+    pub migration_id: String,
+}
+
+/// The answer to a `Query`, in an Ack's message.
+pub const ANSWER_UNKNOWN: &str = "unknown";
 
 /// `RoundEnd`: a pre-copy round is complete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +386,7 @@ impl ReceiverState {
         Ok(match (self, cmd) {
             (_, C::Cancel) if self != S::Done => S::Done,
             (S::AwaitStart, C::Start) => S::AwaitConfig,
+            (S::AwaitStart, C::Query) => S::Done,
             (S::AwaitConfig, C::Config) => S::Memory,
             (S::Memory, C::Pages | C::RoundEnd) => S::Memory,
             (S::Memory, C::State) => S::AwaitCommit,
@@ -500,6 +535,11 @@ mod tests {
         }
         assert_eq!(s, ReceiverState::Done);
         assert!(ReceiverState::Memory.next(C::Commit).is_err());
+        assert_eq!(
+            ReceiverState::AwaitStart.next(C::Query).unwrap(),
+            ReceiverState::Done
+        );
+        assert!(ReceiverState::Memory.next(C::Query).is_err());
         assert!(ReceiverState::AwaitCommit.next(C::Pages).is_err());
         assert_eq!(
             ReceiverState::Memory.next(C::Cancel).unwrap(),
@@ -515,9 +555,11 @@ mod tests {
                 protocol_version: v,
                 ferry_version: "x".into(),
                 memory_bytes: 1,
+                migration_id: String::new(),
             }),
         };
         assert!(check_start(&f(PROTOCOL_VERSION)).is_ok());
+        assert!(check_start(&f(PROTOCOL_VERSION - 1)).is_ok());
         assert!(matches!(
             check_start(&f(PROTOCOL_VERSION + 1)),
             Err(ProtocolError::Version(_))

@@ -218,6 +218,8 @@ pub struct DiskHandle {
     pub path: PathBuf,
     pub read_only: bool,
     file: File,
+    /// Whether this VMM holds the image's lock now.
+    locked: std::sync::atomic::AtomicBool,
 }
 
 fn nonblocking_eventfd() -> std::io::Result<EventFd> {
@@ -319,6 +321,7 @@ fn build_virtio(
                 path: d.path.clone(),
                 read_only: d.read_only,
                 file: dup,
+                locked: args.lock_disks.into(),
             });
             let serial = d
                 .serial
@@ -399,10 +402,23 @@ impl Devices {
     }
 
     /// Flush every disk image and let go of its lock (a migration's source, just before it
-    /// lets the destination commit).
+    /// lets the destination commit). On failure the disks released so far stay released and
+    /// say so: [`Devices::lock_disks`] takes exactly those back.
     pub fn release_disks(&self) -> Result<(), DevicesError> {
-        for d in &self.disks {
+        use std::sync::atomic::Ordering;
+        for (i, d) in self.disks.iter().enumerate() {
+            if !d.locked.load(Ordering::SeqCst) {
+                continue;
+            }
+            if crate::fail::fail_point(&format!("release-disk-{i}")) {
+                return Err(host_io::HostIoError::Release {
+                    path: d.path.clone(),
+                    source: std::io::Error::other("failure injected by FERRY_FAIL_AT"),
+                }
+                .into());
+            }
             host_io::release_disk(&d.file, &d.path)?;
+            d.locked.store(false, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -417,17 +433,34 @@ impl Devices {
         }
     }
 
-    /// Take every disk image's lock; on failure, none is held.
+    /// Take the lock of every disk image this VMM does not hold; on failure, the ones this
+    /// call took are let go again, so it holds what it held before.
     pub fn lock_disks(&self) -> Result<(), DevicesError> {
-        for (i, d) in self.disks.iter().enumerate() {
+        use std::sync::atomic::Ordering;
+        let mut taken = Vec::new();
+        for d in &self.disks {
+            if d.locked.load(Ordering::SeqCst) {
+                continue;
+            }
             if let Err(e) = host_io::lock_disk(&d.file, &d.path, d.read_only) {
-                for held in &self.disks[..i] {
+                for held in taken {
+                    let held: &DiskHandle = held;
                     let _ = held.file.unlock();
+                    held.locked.store(false, Ordering::SeqCst);
                 }
                 return Err(e.into());
             }
+            d.locked.store(true, Ordering::SeqCst);
+            taken.push(d);
         }
         Ok(())
+    }
+
+    /// Whether every disk image's lock is held by this VMM.
+    pub fn disks_locked(&self) -> bool {
+        self.disks
+            .iter()
+            .all(|d| d.locked.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Tell the network where each card's MAC now lives: a broadcast RARP from every card, as

@@ -149,6 +149,28 @@ fn lock_holder(file: &File) -> String {
     "another process".into()
 }
 
+/// Take over a listening TCP socket inherited from the parent process as descriptor `fd` (the
+/// host daemon binds a migration port and hands it to the VMM it starts, so no other process
+/// can take the port in between).
+pub fn inherited_listener(fd: i32) -> io::Result<std::net::TcpListener> {
+    // SAFETY: fstat on a descriptor number only reads its metadata into `st`; a bad number gives
+    // EBADF, checked below.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is a valid, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::other(format!("descriptor {fd} is not a socket")));
+    }
+    // SAFETY: `fd` is an open socket this process was given to own (the parent passed it for
+    // exactly this use and keeps no claim on this process's copy); nothing else here owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let l = std::net::TcpListener::from(owned);
+    l.local_addr()?;
+    Ok(l)
+}
+
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;

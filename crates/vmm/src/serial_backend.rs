@@ -1,7 +1,9 @@
 //! Host ends of the serial ports: stdio, a file, or a unix socket that streams the port both
-//! ways to whoever connects (one client at a time, like QEMU's
-//! `-chardev socket,server=on,wait=off`). Output to a socket nobody reads is dropped rather
-//! than stalling the guest, as a UART with no cable would.
+//! ways to whoever connects (like QEMU's `-chardev socket,server=on,wait=off`, but several
+//! clients may watch at once: the host daemon's console, an admin's `ferry vm console`, a
+//! test's reader; each gets every byte, and what any of them types reaches the guest). Output
+//! to a socket nobody reads is dropped rather than stalling the guest, as a UART with no cable
+//! would.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -47,7 +49,7 @@ pub struct OpenedBackend {
 enum Input {
     None,
     Stdin,
-    Unix(UnixListener, Arc<Mutex<Option<UnixStream>>>),
+    Unix(UnixListener, Clients),
 }
 
 /// Open the host end of a serial port.
@@ -93,10 +95,10 @@ pub fn open(backend: &SerialBackend) -> Result<OpenedBackend, BackendError> {
                 path: path.clone(),
                 source,
             })?;
-            let client = Arc::new(Mutex::new(None));
+            let client: Clients = Arc::new(Mutex::new(Vec::new()));
             Ok(OpenedBackend {
                 out: Box::new(SocketOut {
-                    client: client.clone(),
+                    clients: client.clone(),
                 }),
                 input: Input::Unix(listener, client),
                 socket: Some(path.clone()),
@@ -130,13 +132,14 @@ impl OpenedBackend {
                     let Ok(reader) = stream.try_clone() else {
                         continue;
                     };
-                    // A new client replaces the old one, like a cable moved to another terminal.
-                    if let Some(old) = client
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .replace(stream)
                     {
-                        let _ = old.shutdown(std::net::Shutdown::Both);
+                        let mut c = client.lock().unwrap_or_else(|e| e.into_inner());
+                        // The oldest watcher makes room once the port has many.
+                        if c.len() >= MAX_CLIENTS {
+                            let old = c.remove(0);
+                            let _ = old.shutdown(std::net::Shutdown::Both);
+                        }
+                        c.push(stream);
                     }
                     let device = device.clone();
                     let _ = std::thread::Builder::new()
@@ -177,15 +180,21 @@ fn pump(mut src: impl Read, device: &Mutex<SerialDevice>) {
     }
 }
 
-/// UART output to the connected socket client, never blocking the vCPU.
+/// The clients of a serial socket.
+type Clients = Arc<Mutex<Vec<UnixStream>>>;
+
+/// Most clients one serial socket serves at once.
+const MAX_CLIENTS: usize = 8;
+
+/// UART output to every connected socket client, never blocking the vCPU.
 struct SocketOut {
-    client: Arc<Mutex<Option<UnixStream>>>,
+    clients: Clients,
 }
 
 impl Write for SocketOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(stream) = guard.as_ref() {
+        let mut guard = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        guard.retain(|stream| {
             // SAFETY: `buf` is a valid slice for its length and the fd belongs to `stream`,
             // which the guard keeps alive for the duration of the call.
             let r = unsafe {
@@ -196,13 +205,9 @@ impl Write for SocketOut {
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
-            if r < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::WouldBlock {
-                    *guard = None; // client went away
-                }
-            }
-        }
+            // A client that went away is dropped; one that is merely slow misses these bytes.
+            r >= 0 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+        });
         Ok(buf.len())
     }
 

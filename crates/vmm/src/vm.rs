@@ -24,6 +24,7 @@ use crate::acpi::{self, AcpiError};
 use crate::api_server::{ApiError, ApiServer};
 use crate::boot::{self, BootEntry, BootError};
 use crate::bus::{MmioBus, PioBus};
+use crate::cpu_features;
 use crate::cpuid::{self, CpuidError};
 use crate::devices::DevicesState;
 use crate::devices::{self, Devices, DevicesArgs, DevicesError};
@@ -105,6 +106,8 @@ struct Migration {
     thread: JoinHandle<()>,
     progress: Arc<Mutex<MigrationProgress>>,
     cancel: Arc<AtomicBool>,
+    /// An in-doubt migration's outcome, once someone who read the record says it.
+    resolve: Arc<Mutex<Option<ferry_api::Outcome>>>,
 }
 
 /// Host-side options that are not part of the VM's config.
@@ -192,6 +195,11 @@ pub struct Vm {
     migration: Option<Migration>,
     /// Percent of each vCPU's time taken away while a migration struggles to converge.
     throttle: Arc<AtomicU32>,
+    /// The CPU features the vCPUs were given.
+    cpu_features: Vec<String>,
+    /// A migration's destination keeps answering queries about the move for as long as the VM
+    /// runs (see `migration::receive`).
+    _query_server: Option<JoinHandle<()>>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -250,6 +258,9 @@ impl Vm {
     /// Create a VM from `config`, load its kernel and start its vCPUs.
     pub fn create(config: VmConfig, opts: RunOptions) -> Result<Vm, VmError> {
         config.validate()?;
+        if let Some(bad) = config.cpu_hide.iter().find(|f| !cpu_features::known(f)) {
+            return Err(ConfigError::CpuFeature(bad.clone()).into());
+        }
         check_host_memory(&config)?;
         // Fail on an unreadable kernel before touching KVM.
         std::fs::metadata(&config.kernel).map_err(|source| BootError::OpenKernel {
@@ -296,6 +307,7 @@ impl Vm {
             })?;
         let msr_list = Arc::new(cpuid::saveable_msrs(&kvm_vm.kvm, &probe_fd)?);
         cpuid::hide_unusable(&mut base, &msr_list);
+        cpu_features::hide(&mut base, &config.cpu_hide);
         if let Ok(khz) = probe_fd.get_tsc_khz() {
             cpuid::add_timing_leaf(&mut base, khz);
         }
@@ -308,6 +320,7 @@ impl Vm {
                     .map_err(|source| VmError::CreateVcpu { id, source })?,
             );
         }
+        let features = cpu_features::names(&base);
         let mut vcpus = Vec::with_capacity(fds.len());
         for (id, fd) in fds.into_iter().enumerate() {
             let id = id as u8;
@@ -320,7 +333,9 @@ impl Vm {
             v.configure(entry)?;
             vcpus.push(v);
         }
-        Vm::assemble(config, kvm_vm, memory, devices, vcpus, Some(entry), opts)
+        let mut vm = Vm::assemble(config, kvm_vm, memory, devices, vcpus, Some(entry), opts)?;
+        vm.cpu_features = features;
+        Ok(vm)
     }
 
     /// Restore a VM from a snapshot directory written by `save`.
@@ -404,6 +419,10 @@ impl Vm {
                 .map(|s| s.msrs.iter().map(|m| m.index).collect())
                 .unwrap_or_default(),
         );
+        let features = vcpu_states
+            .first()
+            .map(|s| cpu_features::names(&s.cpuid))
+            .unwrap_or_default();
         let mut vcpus = Vec::with_capacity(vcpu_states.len());
         for s in &vcpu_states {
             let fd = kvm_vm
@@ -413,7 +432,9 @@ impl Vm {
             vcpus.push(Vcpu::restore((s.id, fd, msr_list.clone()), s)?);
         }
         tracing::debug!("restore: vCPUs at {:?}", t0.elapsed());
-        Vm::assemble(config, kvm_vm, memory, devices, vcpus, None, opts)
+        let mut vm = Vm::assemble(config, kvm_vm, memory, devices, vcpus, None, opts)?;
+        vm.cpu_features = features;
+        Ok(vm)
     }
 
     fn assemble(
@@ -490,7 +511,14 @@ impl Vm {
             api,
             migration: None,
             throttle,
+            cpu_features: Vec::new(),
+            _query_server: None,
         })
+    }
+
+    /// Keep answering a finished migration's queries while this VM runs.
+    pub(crate) fn keep_query_server(&mut self, t: JoinHandle<()>) {
+        self._query_server = Some(t);
     }
 
     /// The VM's configuration.
@@ -518,17 +546,47 @@ impl Vm {
         self.events_tx.clone()
     }
 
-    /// Stop every vCPU (they leave KVM_RUN and wait).
+    /// Stop every vCPU (they leave KVM_RUN and wait). All or nothing: if one vCPU does not
+    /// stop, the ones that did run again and the VM stays Running.
     pub fn pause(&mut self) -> Result<(), VmError> {
         if self.state == VmRunState::Paused {
             return Ok(());
         }
-        for v in &self.vcpus {
+        let last = self.vcpus.len().saturating_sub(1);
+        let mut sent = 0;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if i > 0 && i == last && crate::fail::fail_point(&format!("pause-vcpu-{i}")) {
+                break;
+            }
             let _ = v.cmds.send(VcpuCmd::Pause);
             v.kick();
+            sent += 1;
         }
-        for v in &self.vcpus {
-            v.wait_ack(VcpuAck::Paused)?;
+        let mut paused = 0;
+        let mut failure = None;
+        for v in &self.vcpus[..sent] {
+            match v.wait_ack(VcpuAck::Paused) {
+                Ok(()) => paused += 1,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() && sent < self.vcpus.len() {
+            failure = Some(VmError::PauseTimeout {
+                id: self.vcpus[sent].id,
+            });
+        }
+        if let Some(e) = failure {
+            // Put back the ones that stopped (a vCPU that acked late gets its Resume too).
+            for v in &self.vcpus[..sent] {
+                let _ = v.cmds.send(VcpuCmd::Resume);
+            }
+            for v in &self.vcpus[..paused] {
+                let _ = v.wait_ack(VcpuAck::Resumed);
+            }
+            return Err(e);
         }
         self.devices.set_paused(true);
         self.state = VmRunState::Paused;
@@ -586,6 +644,7 @@ impl Vm {
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            cpu_features: self.cpu_features.clone(),
         }
     }
 
@@ -629,7 +688,9 @@ impl Vm {
             Request::Migrate { settings, follow } => {
                 let progress = Arc::new(Mutex::new(MigrationProgress::default()));
                 let cancel = Arc::new(AtomicBool::new(false));
+                let resolve = Arc::new(Mutex::new(None));
                 let ctx = send::SendCtx {
+                    resolve: resolve.clone(),
                     settings,
                     config: self.config.clone(),
                     memory: self.memory.clone(),
@@ -648,6 +709,7 @@ impl Vm {
                             thread,
                             progress: progress.clone(),
                             cancel,
+                            resolve,
                         });
                         if follow {
                             return false; // the migration thread answers, line by line
@@ -667,10 +729,29 @@ impl Vm {
             },
             Request::MigrateCancel => match &self.migration {
                 Some(m) if !m.thread.is_finished() => {
-                    m.cancel.store(true, Ordering::SeqCst);
-                    Ok(ResponseBody::Done)
+                    let phase = m.progress.lock().unwrap_or_else(|e| e.into_inner()).phase;
+                    if phase == ferry_api::MigrationPhase::InDoubt {
+                        Err(VmError::Busy(
+                            "the migration is in doubt (Commit was sent): it can no longer be \
+                             cancelled; read the destination's outcome and resolve it",
+                        ))
+                    } else {
+                        m.cancel.store(true, Ordering::SeqCst);
+                        Ok(ResponseBody::Done)
+                    }
                 }
                 _ => Err(VmError::Busy("no migration is in progress")),
+            },
+            Request::MigrateResolve { outcome } => match &self.migration {
+                Some(m)
+                    if !m.thread.is_finished()
+                        && m.progress.lock().unwrap_or_else(|e| e.into_inner()).phase
+                            == ferry_api::MigrationPhase::InDoubt =>
+                {
+                    *m.resolve.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                    Ok(ResponseBody::Done)
+                }
+                _ => Err(VmError::Busy("no migration is in doubt")),
             },
         };
         let _ = reply.send(match r {
@@ -708,20 +789,12 @@ impl Vm {
                 .release_disks()
                 .map(|_| CallReply::Done)
                 .map_err(|e| s(e.into())),
-            MigrationCall::Rollback {
-                disks_released,
-                commit_sent,
-            } => {
+            MigrationCall::Rollback => {
                 self.throttle.store(0, Ordering::Relaxed);
-                if commit_sent && self.devices.disks.is_empty() {
-                    Err("the VM has no disk whose lock would prove the destination did not take over".into())
-                } else if disks_released {
-                    match self.devices.lock_disks() {
-                        Ok(()) => self.resume().map(|_| CallReply::Done).map_err(s),
-                        Err(e) => Err(s(e.into())),
-                    }
-                } else {
-                    self.resume().map(|_| CallReply::Done).map_err(s)
+                // Every disk this VMM let go of comes back before the guest may run again.
+                match self.devices.lock_disks() {
+                    Ok(()) => self.resume().map(|_| CallReply::Done).map_err(s),
+                    Err(e) => Err(s(e.into())),
                 }
             }
             MigrationCall::Finished => return (Ok(CallReply::Done), Some(VmExit::MigratedAway)),
@@ -732,6 +805,13 @@ impl Vm {
     /// Take the disk images' locks (a migration's destination, at commit).
     pub fn take_disks(&self) -> Result<(), VmError> {
         Ok(self.devices.lock_disks()?)
+    }
+
+    /// Let go of the disk images' locks (a destination that will not run the guest after all).
+    pub fn release_disks(&self) {
+        if let Err(e) = self.devices.release_disks() {
+            tracing::warn!("releasing the disks: {}", error_chain(&e));
+        }
     }
 
     /// Announce every network card's MAC (after a move).

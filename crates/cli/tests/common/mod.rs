@@ -4,12 +4,13 @@
 
 pub mod netns;
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use ferry_lab::{Port, Proc, Stream};
 
 /// A private directory for one test's files, removed afterwards.
 pub fn tmp() -> tempfile::TempDir {
@@ -106,54 +107,42 @@ fn connect_retry(path: &Path, timeout: Duration) -> UnixStream {
     }
 }
 
-/// COM1: the guest's console, line by line.
+/// Wait until a port's reader is connected.
+fn wait_connected(p: &Port, path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !p.connected() {
+        assert!(
+            Instant::now() < deadline,
+            "cannot connect to {} within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// COM1: the guest's console, line by line (a `ferry_lab::Port` with test assertions).
 pub struct Console {
-    stream: UnixStream,
-    text: Arc<Mutex<String>>,
+    port: Port,
 }
 
 impl Console {
     pub fn connect(path: &Path) -> Console {
-        let stream = connect_retry(path, Duration::from_secs(60));
-        let text = Arc::new(Mutex::new(String::new()));
-        let (t, s) = (text.clone(), stream.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(s);
-            let mut line = String::new();
-            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                t.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-        Console { stream, text }
+        let port = Port::follow(path.to_path_buf(), Duration::from_millis(2));
+        wait_connected(&port, path, Duration::from_secs(60));
+        Console { port }
     }
 
     /// Everything the guest printed so far.
     pub fn text(&self) -> String {
-        self.text.lock().unwrap().clone()
+        self.port.text()
     }
 
     /// Wait until a line starting with `prefix` appears after byte `from` of the output;
     /// returns that line and the offset just past it.
     pub fn wait_line_from(&self, from: usize, prefix: &str, timeout: Duration) -> (String, usize) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.text();
-            let mut off = 0;
-            for line in text.split_inclusive('\n') {
-                let end = off + line.len();
-                if off >= from && line.ends_with('\n') && line.starts_with(prefix) {
-                    return (line.trim_end().to_string(), end);
-                }
-                off = end;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "no line starting with {prefix:?} within {timeout:?}; console so far:\n{text}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.port
+            .line_after(from, prefix, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn wait_line(&self, prefix: &str, timeout: Duration) -> String {
@@ -162,100 +151,68 @@ impl Console {
 
     /// Send a command byte and wait for the answer line starting with `prefix`.
     pub fn ask(&mut self, cmd: u8, prefix: &str) -> String {
-        let from = self.text().len();
-        self.stream.write_all(&[cmd]).unwrap();
-        self.wait_line_from(from, prefix, Duration::from_secs(20)).0
+        self.port
+            .ask(cmd, prefix, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn send(&mut self, cmd: u8) {
-        self.stream.write_all(&[cmd]).unwrap();
+        self.port.send(cmd).unwrap();
     }
 
     /// A second handle for sending bytes from another thread.
     pub fn sender(&self) -> UnixStream {
-        self.stream.try_clone().unwrap()
+        self.port.writer().unwrap()
     }
 }
 
 /// COM2: heartbeat bytes, timestamped on arrival.
 pub struct Heartbeat {
-    stamps: Arc<Mutex<Vec<Instant>>>,
+    port: Port,
 }
 
 impl Heartbeat {
     pub fn connect(path: &Path) -> Heartbeat {
-        let s = connect_retry(path, Duration::from_secs(60));
-        Heartbeat::reading(s)
+        let port = Port::follow(path.to_path_buf(), Duration::from_millis(2));
+        wait_connected(&port, path, Duration::from_secs(60));
+        Heartbeat { port }
     }
 
     /// Start listening in the background, connecting once `path` appears (a migration's
     /// destination creates its ports only when the VM arrives).
     pub fn connect_when_ready(path: &Path) -> Heartbeat {
-        let stamps = Arc::new(Mutex::new(Vec::new()));
-        let (st, path) = (stamps.clone(), path.to_path_buf());
-        std::thread::spawn(move || {
-            let s = connect_retry(&path, Duration::from_secs(120));
-            Heartbeat::read_into(s, st)
-        });
-        Heartbeat { stamps }
-    }
-
-    fn reading(s: UnixStream) -> Heartbeat {
-        let stamps = Arc::new(Mutex::new(Vec::new()));
-        let st = stamps.clone();
-        std::thread::spawn(move || Heartbeat::read_into(s, st));
-        Heartbeat { stamps }
+        Heartbeat {
+            port: Port::follow(path.to_path_buf(), Duration::from_micros(250)),
+        }
     }
 
     /// First and last beat.
     pub fn span(&self) -> Option<(Instant, Instant)> {
-        let s = self.stamps.lock().unwrap();
-        Some((*s.first()?, *s.last()?))
-    }
-
-    fn read_into(s: UnixStream, st: Arc<Mutex<Vec<Instant>>>) {
-        {
-            use std::io::Read;
-            let mut s = s;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let now = Instant::now();
-                st.lock().unwrap().extend(std::iter::repeat_n(now, n));
-            }
-        }
+        let b = self.port.beats();
+        Some((*b.first()?, *b.last()?))
     }
 
     pub fn count(&self) -> usize {
-        self.stamps.lock().unwrap().len()
+        self.port.len()
     }
 
     /// Wait for `n` more beats.
     pub fn wait_more(&self, n: usize, timeout: Duration) {
-        let start = self.count();
-        let deadline = Instant::now() + timeout;
-        while self.count() < start + n {
-            assert!(
-                Instant::now() < deadline,
-                "heartbeat stalled: {} beats in {timeout:?}",
-                self.count() - start
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.port
+            .wait_bytes(self.count(), n, timeout)
+            .unwrap_or_else(|e| panic!("heartbeat: {e}"))
     }
 
     /// Longest gap between consecutive beats.
     pub fn max_gap(&self) -> Duration {
-        let s = self.stamps.lock().unwrap();
-        s.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+        self.port.max_gap()
     }
 }
 
-/// A running `ferry vm run|restore` process with its sockets in a private directory.
+/// A running `ferry vmm run|restore|receive` process with its sockets in a private directory
+/// and its stderr in `<tag>.log` there; killed (by its PID) when dropped.
 pub struct Vmm {
-    pub child: Child,
+    pub proc: Proc,
     pub api: PathBuf,
     pub com1: PathBuf,
     pub com2: PathBuf,
@@ -270,35 +227,41 @@ impl Vmm {
 
     /// Like [`Vmm::spawn`], run under `prefix` (e.g. `ip netns exec NS`).
     pub fn spawn_in(prefix: &[String], dir: &Path, tag: &str, args: &[&str]) -> Vmm {
+        Vmm::spawn_env(prefix, dir, tag, args, &[])
+    }
+
+    /// Like [`Vmm::spawn_in`], with `env` set (e.g. FERRY_FAIL_AT).
+    pub fn spawn_env(
+        prefix: &[String],
+        dir: &Path,
+        tag: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vmm {
         let (api, com1, com2) = socket_paths(dir, tag);
-        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        full.extend([
-            "--api".into(),
-            api.display().to_string(),
-            "--serial".into(),
-            format!("unix:{}", com1.display()),
-            "--serial2".into(),
-            format!("unix:{}", com2.display()),
-            "--paused".into(),
-        ]);
         let mut cmd = ferry_command(prefix);
-        let child = cmd
-            .args(&full)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        cmd.args(args)
+            .arg("--api")
+            .arg(&api)
+            .arg("--serial")
+            .arg(format!("unix:{}", com1.display()))
+            .arg("--serial2")
+            .arg(format!("unix:{}", com2.display()))
+            .arg("--paused");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn(cmd, format!("VMM {tag}"), dir.join(format!("{tag}.log"))).unwrap();
         Vmm {
-            child,
+            proc,
             api,
             com1,
             com2,
         }
     }
 
-    /// Start `ferry vm receive --listen ADDR` under `prefix`, with ports on unix sockets and
-    /// `env` set (e.g. FERRY_CRASH_AT).
+    /// Start `ferry vmm receive --listen ADDR [extra]` under `prefix`, with ports on unix
+    /// sockets and `env` set (e.g. FERRY_CRASH_AT).
     pub fn receive_in(
         prefix: &[String],
         dir: &Path,
@@ -306,25 +269,33 @@ impl Vmm {
         listen: &str,
         env: &[(&str, &str)],
     ) -> Vmm {
+        Vmm::receive_with(prefix, dir, tag, listen, &[], env)
+    }
+
+    /// Like [`Vmm::receive_in`] with extra `vmm receive` options.
+    pub fn receive_with(
+        prefix: &[String],
+        dir: &Path,
+        tag: &str,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vmm {
         let (api, com1, com2) = socket_paths(dir, tag);
         let mut cmd = ferry_command(prefix);
-        cmd.args(["vm", "receive", "--listen", listen, "--api"])
+        cmd.args(["vmm", "receive", "--listen", listen, "--api"])
             .arg(&api)
             .arg("--serial")
             .arg(format!("unix:{}", com1.display()))
             .arg("--serial2")
-            .arg(format!("unix:{}", com2.display()));
+            .arg(format!("unix:{}", com2.display()))
+            .args(extra);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let proc = Proc::spawn(cmd, format!("VMM {tag}"), dir.join(format!("{tag}.log"))).unwrap();
         Vmm {
-            child,
+            proc,
             api,
             com1,
             com2,
@@ -333,14 +304,24 @@ impl Vmm {
 
     /// Whether the process still runs.
     pub fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.proc.running()
     }
 
-    /// Run `ferry vm SUB --api SOCK [extra]` and return its output.
+    /// What it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// Kill it now (SIGKILL).
+    pub fn kill(&mut self) {
+        self.proc.kill()
+    }
+
+    /// Run `ferry vmm SUB --api SOCK [extra]` and return its output.
     pub fn ctl(&self, sub: &str, extra: &[&str]) -> Output {
         // The API socket appears once the VM is built (a restore reads its memory first).
         drop(connect_retry(&self.api, Duration::from_secs(30)));
-        let mut args = vec!["vm", sub, "--api", self.api.to_str().unwrap()];
+        let mut args = vec!["vmm", sub, "--api", self.api.to_str().unwrap()];
         args.extend_from_slice(extra);
         ferry_output(&args, Duration::from_secs(60))
     }
@@ -349,7 +330,7 @@ impl Vmm {
         let out = self.ctl(sub, extra);
         assert!(
             out.status.success(),
-            "ferry vm {sub} failed: {}",
+            "ferry vmm {sub} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -357,25 +338,15 @@ impl Vmm {
 
     /// Wait for the process to end.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+        match self.proc.wait(timeout) {
+            Some(s) => s,
+            None => {
+                self.proc.kill();
+                panic!(
+                    "VMM did not exit within {timeout:?}; its log:\n{}",
+                    self.log()
+                );
             }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("VMM did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }

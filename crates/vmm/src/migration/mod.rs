@@ -23,13 +23,10 @@ pub enum MigrationCall {
     SaveState,
     /// Flush the disks and let go of their locks, so the destination can take them.
     ReleaseDisks,
-    /// The move failed before the destination took over: take the disks back (if released)
-    /// and let the guest run on. After Commit, only a disk lock taken back proves the
-    /// destination did not take over; without disks the guest is not resumed here.
-    Rollback {
-        disks_released: bool,
-        commit_sent: bool,
-    },
+    /// The move failed and the destination certainly does not run the guest (the failure came
+    /// before Commit, Commit was refused, or the outcome record says aborted): take back every
+    /// disk lock let go of and let the guest run on.
+    Rollback,
     /// The destination runs the guest: end this VMM.
     Finished,
 }

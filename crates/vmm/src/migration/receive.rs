@@ -1,16 +1,26 @@
 //! The destination side of a live migration: accept one connection, take the guest's memory
 //! and state, and run the guest once the source commits (and only if this side gets every disk
-//! lock). Anything wrong before that (a bad or truncated stream, a cut connection, a cancel)
-//! ends here with an error and nothing running.
+//! lock and records the commit first). Anything wrong before that (a bad or truncated stream, a
+//! cut connection, a cancel) ends here with an error, the move recorded as aborted, and nothing
+//! running.
+//!
+//! The listener stays open afterwards: a source that lost the last acknowledgement asks here
+//! (`Query`) what became of the move, for as long as this VMM runs the guest. A receiver that
+//! had restored the state when its source went away keeps answering "aborted" for a while before
+//! it exits, so a source in doubt learns it at once.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_api::VmConfig;
+use ferry_api::{Outcome, VmConfig};
+use ferry_migration::outcome::{outcome_str, OutcomeRecord};
 use ferry_migration::protocol::{
-    self, AckInfo, Command, ProtocolError, ReceiverState, RoundInfo, PAGE_SIZE,
+    self, AckInfo, Command, Frame, ProtocolError, QueryInfo, ReceiverState, RoundInfo, PAGE_SIZE,
 };
 use ferry_migration::Envelope;
+
+use crate::fail::crash_point;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::transport::Transport;
@@ -37,16 +47,38 @@ pub enum ReceiveError {
     State(#[source] ferry_migration::EnvelopeError),
     #[error("cannot take the VM's disks at commit")]
     Disks(#[source] Box<VmError>),
+    #[error("this receiver waits for move {expected}, not {got:?}")]
+    WrongMove { expected: String, got: String },
+    #[error(transparent)]
+    Outcome(#[from] ferry_migration::OutcomeError),
+    #[error("move {0} was already settled as aborted on this host; refusing to run the guest")]
+    AlreadyAborted(String),
+    #[error("refused Commit (failure injected by FERRY_FAIL_AT=refuse-commit)")]
+    InjectedRefusal,
 }
 
-/// Failure injection for tests: `FERRY_CRASH_AT=<point>` makes a receiving VMM die abruptly
-/// (as a crashed host would) at that point of the protocol. Not for production use.
-fn crash_point(point: &str) {
-    if std::env::var("FERRY_CRASH_AT").is_ok_and(|p| p == point) {
-        eprintln!("ferry: FERRY_CRASH_AT={point}: aborting");
-        std::process::abort();
-    }
+/// Where the receiver listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// Bind this `host:port`.
+    Addr(String),
+    /// A listening TCP socket inherited from the parent (the host daemon binds it).
+    Fd(i32),
 }
+
+/// How to receive.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveOptions {
+    /// Give up if no source connects within this long.
+    pub accept_timeout: Option<Duration>,
+    /// Accept only this move (the host daemon names it); any otherwise.
+    pub expect_id: Option<String>,
+    /// The move's outcome record (a file the host daemon also reads); kept in memory if unset.
+    pub record: Option<PathBuf>,
+}
+
+/// How long a receiver whose source vanished after the state transfer keeps answering queries.
+const LINGER: Duration = Duration::from_secs(30);
 
 fn ack(t: &mut Transport, ok: bool, message: String) -> Result<(), ProtocolError> {
     protocol::write_frame(t, Command::Ack, &protocol::json(&AckInfo { ok, message }))
@@ -60,24 +92,72 @@ fn valid_page(mem: &GuestMemory, gpa: u64) -> bool {
         })
 }
 
+fn bind(listen: &Listen) -> Result<TcpListener, ReceiveError> {
+    let name = match listen {
+        Listen::Addr(a) => a.clone(),
+        Listen::Fd(fd) => format!("inherited socket {fd}"),
+    };
+    let err = |source| ReceiveError::Listen {
+        addr: name.clone(),
+        source,
+    };
+    let l = match listen {
+        Listen::Addr(a) => TcpListener::bind(a).map_err(err)?,
+        Listen::Fd(fd) => crate::host_io::inherited_listener(*fd).map_err(err)?,
+    };
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+/// Answer one `Query` on `t` from `record` (`id`: the move this receiver knows, if any).
+fn answer_query(t: &mut Transport, f: &Frame, record: &OutcomeRecord) -> Option<String> {
+    let q: QueryInfo = protocol::parse(f).ok()?;
+    let answer = match record.get(&q.migration_id) {
+        Ok(Some(o)) => outcome_str(o),
+        _ => protocol::ANSWER_UNKNOWN,
+    };
+    let _ = ack(t, true, answer.into());
+    Some(q.migration_id)
+}
+
+/// Serve queries about a move on `listener` (blocking) until `until` says stop.
+fn serve_queries(
+    listener: &TcpListener,
+    record: &OutcomeRecord,
+    mut until: impl FnMut(&str) -> bool,
+) {
+    let _ = listener.set_nonblocking(false);
+    for s in listener.incoming() {
+        let Ok(s) = s else { continue };
+        let Ok(mut t) = Transport::over_tcp(s) else {
+            continue;
+        };
+        t.set_io_timeout(Duration::from_secs(3));
+        if let Ok(Some(f)) = protocol::read_frame(&mut t) {
+            if f.command == Command::Query {
+                if let Some(id) = answer_query(&mut t, &f, record) {
+                    if until(&id) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Wait on `listen` for one incoming VM and return it running.
 pub fn receive(
-    listen: &str,
-    accept_timeout: Option<Duration>,
+    listen: &Listen,
+    ropts: &ReceiveOptions,
     overrides: &RestoreOverrides,
     opts: RunOptions,
     mut log: impl FnMut(&str),
 ) -> Result<Vm, VmError> {
-    let listener = TcpListener::bind(listen).map_err(|source| ReceiveError::Listen {
-        addr: listen.into(),
-        source,
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| ReceiveError::Listen {
-            addr: listen.into(),
-            source,
-        })?;
+    let listener = bind(listen)?;
+    let record = match &ropts.record {
+        Some(p) => OutcomeRecord::File(p.clone()),
+        None => OutcomeRecord::in_memory(),
+    };
     log(&format!(
         "waiting for a VM on {}",
         listener
@@ -86,15 +166,35 @@ pub fn receive(
             .unwrap_or_default()
     ));
     let started = Instant::now();
-    let stream = loop {
+    let (mut t, first) = loop {
         match listener.accept() {
             Ok((s, peer)) => {
-                log(&format!("source {peer} connected"));
-                break s;
+                let _ = s.set_nonblocking(false);
+                let mut t = Transport::over_tcp(s).map_err(|e| ReceiveError::Protocol(e.into()))?;
+                let first = protocol::read_frame(&mut t)
+                    .and_then(|f| f.ok_or(ProtocolError::Truncated))
+                    .map_err(ReceiveError::from);
+                match first {
+                    // A source in doubt about an earlier move asks; this receiver knows none.
+                    Ok(f) if f.command == Command::Query => {
+                        answer_query(&mut t, &f, &record);
+                        continue;
+                    }
+                    Ok(f) => {
+                        log(&format!("source {peer} connected"));
+                        break (t, f);
+                    }
+                    Err(e) => {
+                        let _ = ack(&mut t, false, crate::vm::error_chain(&e));
+                        return Err(e.into());
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if accept_timeout.is_some_and(|t| started.elapsed() > t) {
-                    return Err(ReceiveError::NoSource(accept_timeout.unwrap_or_default()).into());
+                if ropts.accept_timeout.is_some_and(|t| started.elapsed() > t) {
+                    return Err(
+                        ReceiveError::NoSource(ropts.accept_timeout.unwrap_or_default()).into(),
+                    );
                 }
                 if crate::vm::stop_requested() {
                     return Err(ReceiveError::NoSource(started.elapsed()).into());
@@ -103,26 +203,87 @@ pub fn receive(
             }
             Err(source) => {
                 return Err(ReceiveError::Listen {
-                    addr: listen.into(),
+                    addr: format!("{listen:?}"),
                     source,
                 }
                 .into())
             }
         }
     };
-    drop(listener);
-    let _ = stream.set_nonblocking(false);
-    let mut t = Transport::over_tcp(stream).map_err(|e| ReceiveError::Protocol(e.into()))?;
-    let result = receive_on(&mut t, overrides, opts, &mut log);
-    if let Err(e) = &result {
-        // Tell the source why, if it still listens.
-        let _ = ack(&mut t, false, crate::vm::error_chain(e));
+    let mut rx = Receiving {
+        record,
+        id: None,
+        restored: false,
+    };
+    let result = receive_on(&mut t, first, ropts, &mut rx, overrides, opts, &mut log);
+    match result {
+        Ok(mut vm) => {
+            let record = rx.record.clone();
+            if let Ok(t) = std::thread::Builder::new()
+                .name("migrate-query".into())
+                .spawn(move || serve_queries(&listener, &record, |_| false))
+            {
+                vm.keep_query_server(t);
+            }
+            Ok(vm)
+        }
+        Err(e) => {
+            // Tell the source why, if it still listens.
+            let _ = ack(&mut t, false, crate::vm::error_chain(&e));
+            drop(t);
+            if let Some(id) = rx.id.clone() {
+                // Whatever comes later, this host will not run this move's guest.
+                if let Err(r) = rx.record.decide(&id, Outcome::Aborted, "destination VMM") {
+                    tracing::warn!("recording move {id} as aborted: {r}");
+                }
+                if rx.restored {
+                    // Commit may have been on its way: let a source in doubt learn the outcome.
+                    log(&format!(
+                        "move {id} aborted; answering the source's queries for up to {LINGER:?}"
+                    ));
+                    let deadline = Instant::now() + LINGER;
+                    let l = listener;
+                    let _ = l.set_nonblocking(true);
+                    let record = rx.record.clone();
+                    let mut answered = false;
+                    while Instant::now() < deadline && !answered {
+                        match l.accept() {
+                            Ok((s, _)) => {
+                                let _ = s.set_nonblocking(false);
+                                if let Ok(mut qt) = Transport::over_tcp(s) {
+                                    qt.set_io_timeout(Duration::from_secs(3));
+                                    if let Ok(Some(f)) = protocol::read_frame(&mut qt) {
+                                        if f.command == Command::Query {
+                                            answered = answer_query(&mut qt, &f, &record)
+                                                .is_some_and(|q| q == id);
+                                        }
+                                    }
+                                }
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        }
+                    }
+                }
+            }
+            Err(e)
+        }
     }
-    result
+}
+
+/// What the receive loop learned that matters after it ends.
+struct Receiving {
+    record: OutcomeRecord,
+    /// The move's id, once Start named it.
+    id: Option<String>,
+    /// Whether the VM's state was restored here (Commit could follow any moment).
+    restored: bool,
 }
 
 fn receive_on(
     t: &mut Transport,
+    first: Frame,
+    ropts: &ReceiveOptions,
+    rx: &mut Receiving,
     overrides: &RestoreOverrides,
     opts: RunOptions,
     log: &mut impl FnMut(&str),
@@ -137,14 +298,36 @@ fn receive_on(
     let zero = [0u8; PAGE_SIZE];
     // Pages that hold data from the stream (one bit per guest-physical page).
     let mut written: Vec<u64> = Vec::new();
+    let mut first = Some(first);
     loop {
-        let frame = protocol::read_frame(t)
-            .and_then(|f| f.ok_or(ProtocolError::Truncated))
-            .map_err(ReceiveError::from)?;
+        let frame = match first.take() {
+            Some(f) => f,
+            None => protocol::read_frame(t)
+                .and_then(|f| f.ok_or(ProtocolError::Truncated))
+                .map_err(ReceiveError::from)?,
+        };
         state = state.next(frame.command).map_err(ReceiveError::from)?;
         match frame.command {
             Command::Start => {
                 let info = protocol::check_start(&frame).map_err(ReceiveError::from)?;
+                let id = if info.migration_id.is_empty() {
+                    super::send::new_migration_id()
+                } else {
+                    info.migration_id.clone()
+                };
+                if let Some(want) = &ropts.expect_id {
+                    if *want != id {
+                        return Err(ReceiveError::WrongMove {
+                            expected: want.clone(),
+                            got: info.migration_id,
+                        }
+                        .into());
+                    }
+                }
+                if rx.record.get(&id).map_err(ReceiveError::from)? == Some(Outcome::Aborted) {
+                    return Err(ReceiveError::AlreadyAborted(id).into());
+                }
+                rx.id = Some(id);
                 memory_bytes = info.memory_bytes;
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }
@@ -244,6 +427,7 @@ fn receive_on(
                     paused,
                 )?);
                 tracing::debug!("restored the VM in {:?}", t_restore.elapsed());
+                rx.restored = true;
                 crash_point("after-state");
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }
@@ -252,21 +436,45 @@ fn receive_on(
                     .take()
                     .ok_or(ProtocolError::Truncated)
                     .map_err(ReceiveError::from)?;
+                let id = rx.id.clone().unwrap_or_default();
                 crash_point("on-commit");
+                if crate::fail::fail_point("refuse-commit") {
+                    return Err(ReceiveError::InjectedRefusal.into());
+                }
                 v.take_disks()
                     .map_err(|e| ReceiveError::Disks(Box::new(e)))?;
+                // The moment of hand-over: from here this host owns the guest.
+                match rx
+                    .record
+                    .decide(&id, Outcome::Committed, "destination VMM")
+                    .map_err(ReceiveError::from)?
+                {
+                    Outcome::Committed => {}
+                    Outcome::Aborted => {
+                        v.release_disks();
+                        return Err(ReceiveError::AlreadyAborted(id).into());
+                    }
+                }
                 v.resume()?;
+                crash_point("after-resume");
                 v.announce_macs();
-                ack(t, true, String::new()).map_err(ReceiveError::from)?;
+                if crate::fail::fail_point("drop-ack") {
+                    t.shutdown();
+                }
+                // The guest runs here now, whatever happens to this last message: a source
+                // that misses it asks again (Query) and learns "committed".
+                if let Err(e) = ack(t, true, String::new()) {
+                    tracing::warn!("move {id}: the final acknowledgement did not go out ({e}); the guest runs here, the source will ask");
+                }
                 log("the guest runs here now");
                 return Ok(v);
             }
             Command::Cancel => {
                 return Err(ReceiveError::Protocol(ProtocolError::Cancelled(String::new())).into())
             }
-            Command::Ack => {
+            Command::Ack | Command::Query => {
                 let e = ProtocolError::OutOfOrder {
-                    got: Command::Ack,
+                    got: frame.command,
                     state: "receiving",
                 };
                 return Err(ReceiveError::Protocol(e).into());

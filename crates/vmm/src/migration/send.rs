@@ -8,24 +8,34 @@
 //!     Memory --> Switchover: rest fits the downtime budget (or forced)
 //!     Switchover --> Committing: paused, last pages + state sent, destination restored
 //!     Committing --> Done: destination says running
+//!     Committing --> Failed: destination refuses Commit
+//!     Committing --> InDoubt: no answer to Commit
+//!     InDoubt --> Done: outcome record says committed
+//!     InDoubt --> Failed: outcome record says aborted
 //!     Connecting --> Failed
 //!     Memory --> Failed: error, timeout, cancel
 //!     Switchover --> Failed
-//!     Committing --> Failed: no answer and the disks could be taken back
-//!     Failed --> [*]: guest resumed here
+//!     Failed --> [*]: disks re-locked, guest resumed here
 //!     Done --> [*]: VMM exits
 //! ```
+//!
+//! In doubt the guest stays paused here: the destination may run it, or may never. Every second
+//! the sender asks the destination (a `Query` connection) for the move's outcome record, and an
+//! API client that read the record (the host daemon, or an admin) may settle it with
+//! `MigrateResolve`. Nothing else ends it: resuming on a guess could run the guest twice, and
+//! exiting on a guess could lose it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_api::Outcome;
 use ferry_api::{
     MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Response, ResponseBody, VmConfig,
 };
 use ferry_migration::protocol::{
-    self, AckInfo, Command, ProtocolError, RoundInfo, StartInfo, PAGE_SIZE,
+    self, AckInfo, Command, ProtocolError, QueryInfo, RoundInfo, StartInfo, PAGE_SIZE,
 };
 use ferry_migration::Envelope;
 use vm_memory::{Bytes, GuestAddress};
@@ -52,6 +62,8 @@ pub struct SendCtx {
     pub events: Sender<Event>,
     pub progress: Arc<Mutex<MigrationProgress>>,
     pub cancel: Arc<AtomicBool>,
+    /// Set by `MigrateResolve` while the migration is in doubt.
+    pub resolve: Arc<Mutex<Option<Outcome>>>,
     pub follow: Option<Sender<Response>>,
 }
 
@@ -84,7 +96,6 @@ struct Outgoing<'a> {
     start: Instant,
     payload: Vec<u8>,
     paused: bool,
-    disks_released: bool,
     commit_sent: bool,
     last_push: Instant,
     /// Pages found dirty in the last round, sent during the pause.
@@ -196,6 +207,7 @@ impl Outgoing<'_> {
             protocol_version: protocol::PROTOCOL_VERSION,
             ferry_version: env!("CARGO_PKG_VERSION").into(),
             memory_bytes: memory::total_bytes(&self.ctx.memory),
+            migration_id: self.ctx.settings.migration_id.clone(),
         };
         protocol::write_frame(&mut self.t, Command::Start, &protocol::json(&info))?;
         self.expect_ack()?;
@@ -340,9 +352,10 @@ impl Outgoing<'_> {
             pause_at.elapsed()
         );
 
-        // Two-phase hand-over: let go of the disks, then let the destination run.
+        // Two-phase hand-over: let go of the disks, then let the destination run. From the
+        // moment Commit may have left, only the destination's answer (or its outcome record)
+        // says whether it took over.
         self.ctx.call(MigrationCall::ReleaseDisks)?;
-        self.disks_released = true;
         self.ctx.update(|p| p.phase = MigrationPhase::Committing);
         self.commit_sent = true;
         protocol::write_frame(&mut self.t, Command::Commit, &[])?;
@@ -356,10 +369,103 @@ impl Outgoing<'_> {
     }
 }
 
+/// A fresh migration id: 128 random bits in hex.
+pub fn new_migration_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Ask the destination at `addr` what became of move `id`: `None` if it cannot say (not
+/// reachable, or it knows nothing of the move).
+pub fn query_outcome(addr: &str, id: &str) -> Option<Outcome> {
+    let mut t = Transport::connect(addr, Duration::from_secs(1)).ok()?;
+    t.set_io_timeout(Duration::from_secs(3));
+    let q = QueryInfo {
+        migration_id: id.into(),
+    };
+    protocol::write_frame(&mut t, Command::Query, &protocol::json(&q)).ok()?;
+    let f = protocol::read_frame(&mut t).ok()??;
+    if f.command != Command::Ack {
+        return None;
+    }
+    let a: AckInfo = protocol::parse(&f).ok()?;
+    ferry_migration::outcome::parse_outcome(&a.message)
+}
+
+/// Hold the paused guest until the move's outcome is known: asked of the destination every
+/// second, or said through the API by whoever read the record.
+fn settle(ctx: &SendCtx, why: &str) -> Outcome {
+    let id = ctx.settings.migration_id.clone();
+    let p = ctx.update(|p| {
+        p.phase = MigrationPhase::InDoubt;
+        p.error = Some(format!(
+            "in doubt: Commit was sent to {} and {why}; the guest stays paused here until the \
+             destination's outcome record for move {id} is known (asked every second; or \
+             `ferry vmm migrate-resolve --outcome committed|aborted` once you have read it)",
+            ctx.settings.to
+        ));
+    });
+    tracing::warn!("{}", p.error.as_deref().unwrap_or_default());
+    if let Some(f) = &ctx.follow {
+        let _ = f.send(Response::Ok(ResponseBody::Migration(p)));
+    }
+    let mut next_query = Instant::now();
+    let since = Instant::now();
+    loop {
+        if let Some(o) = ctx.resolve.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            tracing::info!("move {id} settled through the API: {o:?}");
+            return o;
+        }
+        if Instant::now() >= next_query {
+            if let Some(o) = query_outcome(&ctx.settings.to, &id) {
+                tracing::info!("move {id} settled by the destination's record: {o:?}");
+                return o;
+            }
+            next_query = Instant::now() + Duration::from_secs(1);
+            // Still in doubt: say so again, so a follower knows the VMM is alive and waiting.
+            let p = ctx.update(|p| p.elapsed_ms = p.elapsed_ms.max(1));
+            tracing::debug!("move {id}: still in doubt after {:?}", since.elapsed());
+            if let Some(f) = &ctx.follow {
+                let _ = f.send(Response::Ok(ResponseBody::Migration(p)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Take every released disk back and resume the guest; a disk briefly held elsewhere (a
+/// destination letting go after it refused) is waited for, up to 10 s.
+fn roll_back(ctx: &SendCtx) -> Result<(), SendError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ctx.call(MigrationCall::Rollback) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("rollback: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Run a migration to the end; the VM either leaves (Done) or runs on here.
-pub fn run(ctx: SendCtx) {
+pub fn run(mut ctx: SendCtx) {
     let start = Instant::now();
-    ctx.update(|p| *p = MigrationProgress::default());
+    if ctx.settings.migration_id.is_empty() {
+        ctx.settings.migration_id = new_migration_id();
+    }
+    let id = ctx.settings.migration_id.clone();
+    ctx.update(|p| {
+        *p = MigrationProgress {
+            migration_id: id,
+            ..Default::default()
+        }
+    });
     let connected =
         Transport::connect(&ctx.settings.to, Duration::from_secs(10)).map_err(|source| {
             SendError::Connect {
@@ -377,7 +483,6 @@ pub fn run(ctx: SendCtx) {
                 start,
                 payload: Vec::new(),
                 paused: false,
-                disks_released: false,
                 commit_sent: false,
                 last_push: Instant::now(),
                 pending: None,
@@ -386,68 +491,93 @@ pub fn run(ctx: SendCtx) {
             if r.is_err() && !s.commit_sent {
                 // Tell the destination, if it still listens, then hang up.
                 let _ = protocol::write_frame(&mut s.t, Command::Cancel, b"{}");
+            }
+            if r.is_err() {
                 s.t.shutdown();
             }
             let bytes = s.t.bytes_sent();
-            (r, Some((s.paused, s.disks_released, s.commit_sent, bytes)))
+            (r, Some((s.paused, s.commit_sent, bytes)))
         }
     };
     let _ = memory::stop_dirty_log(&ctx.vm.fd, &ctx.memory);
-    let elapsed = start.elapsed().as_millis() as u64;
-    match result {
+    let (paused, commit_sent, bytes) = state.unwrap_or((false, false, 0));
+    let elapsed = || start.elapsed().as_millis() as u64;
+    // Whatever happens next, the guest runs at full speed again (once it runs).
+    let unthrottle = || {
+        let _ = ctx.call(MigrationCall::Throttle(0));
+    };
+    let (ended, msg) = match result {
         Ok(downtime) => {
             let p = ctx.update(|p| {
                 p.phase = MigrationPhase::Done;
                 p.downtime_ms = Some(downtime);
-                p.elapsed_ms = elapsed;
-                if let Some((.., b)) = state {
-                    p.bytes_sent = b;
-                }
+                p.elapsed_ms = elapsed();
+                p.bytes_sent = bytes;
             });
             send_final(&ctx, p);
             let _ = ctx.call(MigrationCall::Finished);
+            return;
         }
         Err(e) => {
-            let (paused, released, commit_sent, _) = state.unwrap_or((false, false, false, 0));
-            // Whatever happened, the guest runs at full speed again.
-            let _ = ctx.call(MigrationCall::Throttle(0));
-            let cancelled = matches!(e, SendError::Cancelled);
-            let mut msg = crate::vm::error_chain(&e);
-            let mut handed_over = false;
-            if paused || released || commit_sent {
-                // After Commit the destination may have taken over: the disk locks decide.
-                match ctx.call(MigrationCall::Rollback {
-                    disks_released: released,
-                    commit_sent,
-                }) {
-                    Ok(_) if commit_sent => {
-                        msg.push_str("; the destination did not take over: the guest runs on here")
+            unthrottle();
+            let refused = matches!(e, SendError::Protocol(ProtocolError::Refused(_)));
+            if commit_sent && !refused {
+                // Commit may have arrived: only the destination's record can tell.
+                let why = format!("then: {}", crate::vm::error_chain(&e));
+                match settle(&ctx, &why) {
+                    Outcome::Committed => {
+                        let p = ctx.update(|p| {
+                            p.phase = MigrationPhase::Done;
+                            p.elapsed_ms = elapsed();
+                            p.bytes_sent = bytes;
+                            p.error = Some(format!(
+                                "the destination's outcome record says committed ({why}); \
+                                 the guest runs there"
+                            ));
+                        });
+                        send_final(&ctx, p);
+                        let _ = ctx.call(MigrationCall::Finished);
+                        return;
                     }
-                    Ok(_) => {}
-                    Err(r) if commit_sent => {
-                        handed_over = true;
-                        msg.push_str(&format!(
-                            "; the destination holds the disks, not resuming here: {r}"
-                        ));
-                    }
-                    Err(r) => msg.push_str(&format!("; ROLLBACK FAILED: {r}")),
+                    Outcome::Aborted => (
+                        MigrationPhase::Failed,
+                        format!(
+                            "{}; the destination's outcome record says aborted",
+                            crate::vm::error_chain(&e)
+                        ),
+                    ),
                 }
-            }
-            let p = ctx.update(|p| {
-                p.phase = if cancelled {
-                    MigrationPhase::Cancelled
-                } else {
-                    MigrationPhase::Failed
-                };
-                p.error = Some(msg);
-                p.elapsed_ms = elapsed;
-            });
-            send_final(&ctx, p);
-            if handed_over {
-                let _ = ctx.call(MigrationCall::Finished);
+            } else {
+                let cancelled = matches!(e, SendError::Cancelled);
+                (
+                    if cancelled {
+                        MigrationPhase::Cancelled
+                    } else {
+                        MigrationPhase::Failed
+                    },
+                    crate::vm::error_chain(&e),
+                )
             }
         }
+    };
+    // The destination does not run the guest: take the disks back and run it here.
+    let mut msg = msg;
+    if paused {
+        match roll_back(&ctx) {
+            Ok(()) => msg.push_str("; the guest runs on here"),
+            Err(r) => msg.push_str(&format!(
+                "; ROLLBACK FAILED, the guest stays paused here: {r}"
+            )),
+        }
+    } else {
+        msg.push_str("; the guest runs on here");
     }
+    let p = ctx.update(|p| {
+        p.phase = ended;
+        p.error = Some(msg);
+        p.elapsed_ms = elapsed();
+    });
+    send_final(&ctx, p);
 }
 
 fn send_final(ctx: &SendCtx, p: MigrationProgress) {

@@ -48,6 +48,12 @@ impl Transport<TcpStream> {
         Ok(Transport::new(s))
     }
 
+    /// Change how long a send or a read may stall.
+    pub fn set_io_timeout(&self, t: Duration) {
+        let _ = self.inner.set_read_timeout(Some(t));
+        let _ = self.inner.set_write_timeout(Some(t));
+    }
+
     /// Close both directions now (a cancel: the peer sees the end at once).
     pub fn shutdown(&self) {
         let _ = self.inner.shutdown(std::net::Shutdown::Both);

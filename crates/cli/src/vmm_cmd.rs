@@ -1,0 +1,446 @@
+//! `ferry vmm ...`: one VMM process, driven directly through its control socket. The host
+//! daemon starts VMMs this way; people use it to run a VM by hand without a daemon.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_api::{
+    DiskConfig, MigrateSettings, MigrationPhase, MigrationProgress, NetConfig, OnTimeout, Outcome,
+    Request, Response, ResponseBody, SerialBackend, VmConfig,
+};
+use ferry_vmm::migration::receive::{Listen, ReceiveOptions};
+use ferry_vmm::{api_server, RestoreOverrides, RunOptions, Vm, VmExit};
+
+#[derive(Subcommand)]
+pub enum VmmCmd {
+    /// Run a VM in the foreground until the guest powers off or resets (exit status 0).
+    ///
+    /// Example: ferry vmm run --kernel guest.elf --cmdline "mode=run" --memory 256 --serial stdio
+    Run(RunArgs),
+    /// Restore a VM saved with `ferry vmm save` and run it in the foreground.
+    Restore(RestoreArgs),
+    /// Pause a running VM (through its --api socket).
+    Pause(ApiArg),
+    /// Resume a paused VM.
+    Resume(ApiArg),
+    /// Show a VM's state.
+    Status(ApiArg),
+    /// Pause a VM and save its complete state and memory to DIR; it stays paused.
+    Save {
+        #[command(flatten)]
+        api: ApiArg,
+        /// An empty or new directory.
+        dir: PathBuf,
+    },
+    /// Stop a VM and end its VMM.
+    Quit(ApiArg),
+    /// Wait for a VM to arrive from another host's `ferry vmm migrate`, then run it in the
+    /// foreground. Nothing runs here unless the move completes.
+    ///
+    /// Example: ferry vmm receive --listen 0.0.0.0:7788 --api /run/web01.sock --serial stdio
+    Receive(ReceiveArgs),
+    /// Move a running VM (through its --api socket) to a VMM waiting with `vmm receive`.
+    /// Prints progress and a final report; on failure or cancel the VM keeps running here.
+    ///
+    /// Example: ferry vmm migrate --api /run/web01.sock --to hv2:7788
+    Migrate(MigrateArgs),
+    /// Cancel a migration that has not committed yet; the VM keeps running here.
+    MigrateCancel(ApiArg),
+    /// Settle a migration that is in doubt (Commit sent, no answer came): say what the
+    /// destination's outcome record says. `committed` ends this VMM (the guest runs there);
+    /// `aborted` resumes the guest here. Saying it without reading the record may run the
+    /// guest twice or lose it.
+    MigrateResolve {
+        #[command(flatten)]
+        api: ApiArg,
+        /// What the destination's outcome record says.
+        #[arg(long, value_parser = ["committed", "aborted"])]
+        outcome: String,
+    },
+}
+
+#[derive(Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on for the source VMM (host:port).
+    #[arg(long, required_unless_present = "listen_fd")]
+    listen: Option<String>,
+    /// Use this inherited, already listening TCP socket instead (set by the host daemon).
+    #[arg(long, conflicts_with = "listen")]
+    listen_fd: Option<i32>,
+    /// Give up if no source connects within this many seconds (0 = wait forever).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+    /// Accept only the move with this id (the host daemon names each move).
+    #[arg(long)]
+    expect_id: Option<String>,
+    /// Keep the move's outcome (committed or aborted) in this file, written once; a source
+    /// in doubt, or its daemon, learns the outcome from it.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// COM1 backend on this host (default: as on the source).
+    #[arg(long)]
+    serial: Option<SerialBackend>,
+    /// COM2 backend on this host (default: as on the source).
+    #[arg(long)]
+    serial2: Option<SerialBackend>,
+    /// Serve the control API on this unix socket (once the VM has arrived).
+    #[arg(long)]
+    api: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    api: ApiArg,
+    /// The destination VMM (host:port given to its `vmm receive --listen`).
+    #[arg(long)]
+    to: String,
+    /// Longest pause the guest may see, in ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Bandwidth cap in Mbit/s (0 = none).
+    #[arg(long, default_value_t = 0)]
+    bandwidth_mbit: u64,
+    /// Give up after this many seconds (0 = never).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// What to do when the memory copy does not converge in time: cancel (stay here) or force.
+    #[arg(long, default_value = "cancel", value_parser = ["cancel", "force"])]
+    on_timeout: String,
+    /// Name the move (default: a random id); the destination's outcome record uses it.
+    #[arg(long)]
+    id: Option<String>,
+    /// If the move ends in doubt (Commit sent, no answer), wait this many seconds for the
+    /// VMM to learn the outcome from the destination before giving up here (the VMM keeps
+    /// the guest paused and keeps asking).
+    #[arg(long, default_value_t = 30)]
+    wait_in_doubt: u64,
+    /// Print progress and the report as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ApiArg {
+    /// The VM's control socket (as given to `vmm run --api`).
+    #[arg(long)]
+    api: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The whole VM as a JSON file (a `VmConfig`, as `ferry vm show --json` prints under
+    /// "config"); the options below override what it says.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: ELF with a PVH note or Multiboot header, or a Linux bzImage.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest RAM in MiB [default: 256].
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// COM1: stdio, null, file:PATH or unix:PATH (ferry listens there) [default: stdio].
+    #[arg(long)]
+    serial: Option<SerialBackend>,
+    /// COM2: stdio, null, file:PATH or unix:PATH [default: null].
+    #[arg(long)]
+    serial2: Option<SerialBackend>,
+    /// A virtio disk on a raw image: PATH[,readonly][,serial=S]. Repeat for more disks.
+    /// The image is locked: a second VMM cannot open it for writing.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<DiskConfig>,
+    /// A virtio network card: tap=NAME[,mac=MAC] (an existing tap) or bridge=BR[,mac=MAC]
+    /// (ferry makes a tap on bridge BR and removes it at exit). Repeat for more cards.
+    #[arg(long = "net", value_name = "tap=NAME|bridge=BR")]
+    nets: Vec<NetConfig>,
+    /// Hide these CPU features from the guest (comma list, names as in /proc/cpuinfo).
+    #[arg(long, value_delimiter = ',')]
+    cpu_hide: Vec<String>,
+    /// Serve the control API (pause, resume, save, status, quit) on this unix socket.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Create the VM paused; `ferry vmm resume` starts it.
+    #[arg(long)]
+    paused: bool,
+}
+
+impl RunArgs {
+    /// The config these options describe (a config file, then the options over it).
+    pub fn config(&self) -> Result<VmConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a VM config", p.display()))?
+            }
+            None => {
+                let mut c = VmConfig::new(self.kernel.clone().unwrap_or_default());
+                c.serial = SerialBackend::Stdio;
+                c
+            }
+        };
+        if let Some(k) = &self.kernel {
+            c.kernel = k.clone();
+        }
+        if let Some(v) = &self.cmdline {
+            c.cmdline = v.clone();
+        }
+        if let Some(v) = &self.initrd {
+            c.initrd = Some(v.clone());
+        }
+        if let Some(v) = self.memory {
+            c.memory_mib = v;
+        }
+        if let Some(v) = self.vcpus {
+            c.vcpus = v;
+        }
+        if let Some(v) = &self.serial {
+            c.serial = v.clone();
+        }
+        if let Some(v) = &self.serial2 {
+            c.serial2 = v.clone();
+        }
+        if !self.disks.is_empty() {
+            c.disks = self.disks.clone();
+        }
+        if !self.nets.is_empty() {
+            c.nets = self.nets.clone();
+        }
+        if !self.cpu_hide.is_empty() {
+            c.cpu_hide = self.cpu_hide.clone();
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// A directory written by `ferry vmm save`.
+    dir: PathBuf,
+    /// COM1 backend (default: as saved).
+    #[arg(long)]
+    serial: Option<SerialBackend>,
+    /// COM2 backend (default: as saved).
+    #[arg(long)]
+    serial2: Option<SerialBackend>,
+    /// Serve the control API on this unix socket.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Restore paused; `ferry vmm resume` starts it.
+    #[arg(long)]
+    paused: bool,
+}
+
+/// Run a VM that was just built (or report why it could not be) until it ends.
+fn run_vm(vm: Result<Vm, ferry_vmm::VmError>) -> Result<()> {
+    let chain = |e: ferry_vmm::VmError| anyhow::anyhow!(ferry_vmm::error_chain(&e));
+    let exit: VmExit = vm.map_err(chain)?.run().map_err(chain)?;
+    tracing::info!("VM ended: {exit:?}");
+    // The host daemon reads why a VMM ended from its last log line.
+    eprintln!("ferry: VM ended: {exit:?}");
+    Ok(())
+}
+
+pub fn run(cmd: VmmCmd) -> Result<()> {
+    match cmd {
+        VmmCmd::Run(a) => {
+            let config = a.config()?;
+            let opts = RunOptions {
+                api: a.api,
+                paused: a.paused,
+            };
+            run_vm(Vm::create(config, opts))
+        }
+        VmmCmd::Restore(a) => {
+            let overrides = RestoreOverrides {
+                serial: a.serial,
+                serial2: a.serial2,
+            };
+            let opts = RunOptions {
+                api: a.api,
+                paused: a.paused,
+            };
+            run_vm(Vm::restore(&a.dir, overrides, opts))
+        }
+        VmmCmd::Pause(a) => call(&a.api, Request::Pause),
+        VmmCmd::Resume(a) => call(&a.api, Request::Resume),
+        VmmCmd::Status(a) => call(&a.api, Request::Status),
+        VmmCmd::Save { api, dir } => {
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            call(&api.api, Request::Save { dir })
+        }
+        VmmCmd::Quit(a) => call(&a.api, Request::Quit),
+        VmmCmd::MigrateCancel(a) => call(&a.api, Request::MigrateCancel),
+        VmmCmd::MigrateResolve { api, outcome } => {
+            let outcome = if outcome == "committed" {
+                Outcome::Committed
+            } else {
+                Outcome::Aborted
+            };
+            call(&api.api, Request::MigrateResolve { outcome })
+        }
+        VmmCmd::Receive(a) => {
+            let overrides = RestoreOverrides {
+                serial: a.serial,
+                serial2: a.serial2,
+            };
+            let listen = match (a.listen, a.listen_fd) {
+                (_, Some(fd)) => Listen::Fd(fd),
+                (Some(addr), None) => Listen::Addr(addr),
+                (None, None) => bail!("give --listen ADDR or --listen-fd N"),
+            };
+            let ropts = ReceiveOptions {
+                accept_timeout: (a.timeout > 0).then(|| std::time::Duration::from_secs(a.timeout)),
+                expect_id: a.expect_id,
+                record: a.record,
+            };
+            let opts = RunOptions {
+                api: a.api,
+                paused: false,
+            };
+            run_vm(ferry_vmm::migration::receive::receive(
+                &listen,
+                &ropts,
+                &overrides,
+                opts,
+                |m| eprintln!("ferry: {m}"),
+            ))
+        }
+        VmmCmd::Migrate(a) => migrate(a),
+    }
+}
+
+fn migrate(a: MigrateArgs) -> Result<()> {
+    let settings = MigrateSettings {
+        to: a.to,
+        downtime_ms: a.downtime_ms,
+        bandwidth_mbit: a.bandwidth_mbit,
+        timeout_s: a.timeout,
+        on_timeout: if a.on_timeout == "force" {
+            OnTimeout::Force
+        } else {
+            OnTimeout::Cancel
+        },
+        migration_id: a.id.unwrap_or_default(),
+    };
+    let mut last: Option<MigrationProgress> = None;
+    let mut error = None;
+    let mut doubt_since: Option<std::time::Instant> = None;
+    let wait_in_doubt = std::time::Duration::from_secs(a.wait_in_doubt);
+    api_server::call_stream(&a.api.api, &Request::Migrate { settings, follow: true }, |r| {
+        match r {
+            Response::Ok(ResponseBody::Migration(p)) => {
+                let end = matches!(
+                    p.phase,
+                    MigrationPhase::Done | MigrationPhase::Failed | MigrationPhase::Cancelled
+                );
+                let in_doubt = p.phase == MigrationPhase::InDoubt;
+                if in_doubt && doubt_since.is_none() {
+                    doubt_since = Some(std::time::Instant::now());
+                    if !a.json {
+                        eprintln!("ferry: {}", p.error.as_deref().unwrap_or("in doubt"));
+                    }
+                }
+                if a.json {
+                    println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                } else if !end && !in_doubt {
+                    eprintln!(
+                        "{:>7.1}s {:?} round {} sent {:.1} MiB, dirty {} pages ({} pages/s), link {:.0} Mbit/s, expected pause {:.1} ms",
+                        p.elapsed_ms as f64 / 1000.0,
+                        p.phase,
+                        p.round,
+                        p.bytes_sent as f64 / (1 << 20) as f64,
+                        p.dirty_pages,
+                        p.dirty_rate_pps,
+                        p.bandwidth_mbit,
+                        p.expected_downtime_ms
+                    );
+                }
+                last = Some(p);
+                // In doubt the VMM holds the guest until the outcome is known: follow it for a
+                // while, then leave it to whoever can read the destination's record.
+                !end && doubt_since.is_none_or(|t| t.elapsed() < wait_in_doubt)
+            }
+            Response::Ok(_) => true,
+            Response::Error(e) => {
+                error = Some(e);
+                true
+            }
+        }
+    })
+    .with_context(|| format!("cannot reach the VMM at {} (is it running with --api?)", a.api.api.display()))?;
+    if let Some(e) = error {
+        bail!("{e}");
+    }
+    let p = last.context("the VMM ended the migration without a report")?;
+    if !a.json {
+        println!(
+            "migration {:?}: {:.2} s total, pause {}, {:.1} MiB in {} rounds{}",
+            p.phase,
+            p.elapsed_ms as f64 / 1000.0,
+            p.downtime_ms
+                .map(|d| format!("{d:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            p.bytes_sent as f64 / (1 << 20) as f64,
+            p.round + 1,
+            if p.converged || p.phase != MigrationPhase::Done {
+                ""
+            } else {
+                " (forced: did not converge)"
+            }
+        );
+    }
+    match p.phase {
+        MigrationPhase::Done => {
+            if let (Some(note), false) = (&p.error, a.json) {
+                println!("note: {note}");
+            }
+            Ok(())
+        }
+        _ => bail!("{}", p.error.unwrap_or_else(|| format!("{:?}", p.phase))),
+    }
+}
+
+fn call(api: &std::path::Path, req: Request) -> Result<()> {
+    let resp = api_server::call(api, &req).with_context(|| {
+        format!(
+            "cannot reach the VMM at {} (is it running with --api?)",
+            api.display()
+        )
+    })?;
+    match resp {
+        Response::Ok(ResponseBody::Status(s)) => {
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Saved {
+            dir,
+            memory_bytes,
+            ms,
+        }) => {
+            println!(
+                "saved to {} in {ms} ms ({} MiB of memory written)",
+                dir.display(),
+                memory_bytes >> 20
+            );
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Migration(p)) => {
+            println!("{}", serde_json::to_string(&p)?);
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Done) => Ok(()),
+        Response::Error(e) => bail!("{e}"),
+    }
+}
