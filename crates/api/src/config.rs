@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Smallest guest RAM ferry accepts (MiB).
@@ -14,7 +15,7 @@ pub const MAX_VCPUS: u8 = 64;
 pub const MAX_VIRTIO_DEVICES: usize = 16;
 
 /// Where a serial port's bytes go (and, for `stdio` and `unix`, come from).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "path")]
 pub enum SerialBackend {
     /// Discard output, no input.
@@ -57,7 +58,7 @@ impl FromStr for SerialBackend {
 }
 
 /// A virtio-blk disk on a raw image file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
@@ -96,7 +97,7 @@ impl FromStr for DiskConfig {
 }
 
 /// Where a virtio-net card is plugged in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NetBackend {
     /// An existing tap device (e.g. made with `ip tuntap add NAME mode tap`).
@@ -106,7 +107,7 @@ pub enum NetBackend {
 }
 
 /// A virtio-net card.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct NetConfig {
     pub backend: NetBackend,
     /// The card's MAC, `52:54:00:xx:xx:xx` style; ferry picks one if unset, and keeps it for
@@ -176,7 +177,7 @@ pub fn format_mac(m: &[u8; 6]) -> String {
 }
 
 /// A VM's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VmConfig {
     /// Kernel image: ELF with a PVH note or a Multiboot header, or a Linux bzImage.
     pub kernel: PathBuf,

@@ -12,10 +12,11 @@
 
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A request to a VMM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     /// Report the VM's state.
@@ -48,7 +49,7 @@ pub enum Request {
 }
 
 /// What became of a move, as the destination's outcome record says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The destination took the VM over (it runs the guest, or ran it).
@@ -58,7 +59,7 @@ pub enum Outcome {
 }
 
 /// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmRunState {
     Running,
@@ -66,7 +67,7 @@ pub enum VmRunState {
 }
 
 /// What `status` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VmStatus {
     pub state: VmRunState,
     pub vcpus: u8,
@@ -78,7 +79,7 @@ pub struct VmStatus {
 }
 
 /// A VMM's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The request was carried out.
@@ -88,7 +89,7 @@ pub enum Response {
 }
 
 /// The payload of a successful response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseBody {
     Status(VmStatus),
@@ -102,7 +103,7 @@ pub enum ResponseBody {
 }
 
 /// What to do when a migration does not converge in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTimeout {
     /// Give up and keep the VM running on the source.
@@ -113,7 +114,7 @@ pub enum OnTimeout {
 }
 
 /// How to migrate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MigrateSettings {
     /// The destination VMM's `host:port` (as given to `ferry vmm receive --listen`).
     pub to: String,
@@ -156,7 +157,7 @@ impl MigrateSettings {
 }
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationPhase {
     #[default]
@@ -176,7 +177,7 @@ pub enum MigrationPhase {
 }
 
 /// A migration's progress and, at the end, its report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 pub struct MigrationProgress {
     #[serde(default)]
     pub migration_id: String,

@@ -5,6 +5,8 @@
 
 mod config;
 mod control;
+pub mod host;
+pub mod openapi;
 
 pub use config::{
     format_mac, parse_mac, ConfigError, DiskConfig, NetBackend, NetConfig, SerialBackend, VmConfig,

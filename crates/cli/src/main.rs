@@ -2,7 +2,12 @@
 
 mod bench;
 mod demo;
+mod host_cmd;
+mod lab_cmd;
+mod move_cmd;
 mod qmp;
+mod target;
+mod vm_cmd;
 mod vmm_cmd;
 
 use std::path::PathBuf;
@@ -11,17 +16,44 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-/// ferry moves running virtual machines between hosts. This build runs VMs on KVM, saves and
-/// restores them, and ships its own test guest.
+/// ferry moves running virtual machines between hosts, with no SAN and no cluster.
+///
+/// Each host runs `ferry host run`; an admin turns live migration on where it may happen
+/// (`ferry host set --live-migration on`) and moves a VM with `ferry move web01 --to hv2`.
+/// `ferry lab up` builds hosts on this machine to try it; `ferry demo` shows the whole story.
+///
+/// Which daemon a command talks to: --host (a name from the CLI config, unix:PATH or
+/// host:port), else the CLI config's default ($FERRY_CONFIG, ~/.config/ferry/cli.json, or the
+/// one `ferry lab up` writes), else this machine's own daemon (/var/lib/ferry/hostd.sock).
 #[derive(Parser)]
 #[command(name = "ferry", version, propagate_version = true)]
 struct Cli {
+    /// The host daemon to talk to: a name from the CLI config, unix:PATH, or host:port
+    /// (or $FERRY_HOST).
+    #[arg(long, global = true)]
+    host: Option<String>,
+    /// Print results as JSON, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// This host's daemon, and a host's migration settings.
+    #[command(subcommand)]
+    Host(host_cmd::HostCmd),
+    /// VMs by name, through their host's daemon: create, start, stop, delete, list, show,
+    /// console.
+    #[command(subcommand)]
+    Vm(vm_cmd::VmCmd),
+    /// Move a running VM live to another host: `ferry move web01 --to hv2` (checks first;
+    /// `--check` only checks). `ferry move cancel web01` stops a move; the VM stays.
+    Move(move_cmd::MoveCmd),
+    /// A lab of hosts on this machine (network namespaces; needs root): up, down, status.
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCmd),
     /// One VMM process, by hand: run, control, save, restore and migrate a VM through its
     /// control socket (the host daemon drives VMMs the same way).
     #[command(subcommand)]
@@ -64,7 +96,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let targets = || target::Targets::new(cli.host.clone());
     match cli.cmd {
+        Cmd::Host(cmd) => host_cmd::run(cmd, &targets()?, cli.json),
+        Cmd::Vm(cmd) => vm_cmd::run(cmd, &targets()?, cli.json),
+        Cmd::Move(cmd) => move_cmd::run(cmd, &targets()?, cli.json),
+        Cmd::Lab(cmd) => lab_cmd::run(cmd, cli.json),
         Cmd::Vmm(cmd) => vmm_cmd::run(cmd),
         Cmd::Testguest { out } => std::fs::write(&out, ferry_testguest::elf())
             .with_context(|| format!("writing {}", out.display())),

@@ -128,53 +128,42 @@ pub struct ApiArg {
     api: PathBuf,
 }
 
+/// What a VM is: the options `ferry vmm run` and `ferry vm create` share.
 #[derive(Args)]
-pub struct RunArgs {
+pub struct VmOptions {
     /// The whole VM as a JSON file (a `VmConfig`, as `ferry vm show --json` prints under
     /// "config"); the options below override what it says.
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Kernel: ELF with a PVH note or Multiboot header, or a Linux bzImage.
     #[arg(long, required_unless_present = "config")]
-    kernel: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long)]
-    cmdline: Option<String>,
+    pub cmdline: Option<String>,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long)]
-    initrd: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
     /// Guest RAM in MiB [default: 256].
     #[arg(long)]
-    memory: Option<u64>,
+    pub memory: Option<u64>,
     /// Number of vCPUs [default: 1].
     #[arg(long)]
-    vcpus: Option<u8>,
-    /// COM1: stdio, null, file:PATH or unix:PATH (ferry listens there) [default: stdio].
-    #[arg(long)]
-    serial: Option<SerialBackend>,
-    /// COM2: stdio, null, file:PATH or unix:PATH [default: null].
-    #[arg(long)]
-    serial2: Option<SerialBackend>,
+    pub vcpus: Option<u8>,
     /// A virtio disk on a raw image: PATH[,readonly][,serial=S]. Repeat for more disks.
     /// The image is locked: a second VMM cannot open it for writing.
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
-    disks: Vec<DiskConfig>,
+    pub disks: Vec<DiskConfig>,
     /// A virtio network card: tap=NAME[,mac=MAC] (an existing tap) or bridge=BR[,mac=MAC]
     /// (ferry makes a tap on bridge BR and removes it at exit). Repeat for more cards.
     #[arg(long = "net", value_name = "tap=NAME|bridge=BR")]
-    nets: Vec<NetConfig>,
+    pub nets: Vec<NetConfig>,
     /// Hide these CPU features from the guest (comma list, names as in /proc/cpuinfo).
     #[arg(long, value_delimiter = ',')]
-    cpu_hide: Vec<String>,
-    /// Serve the control API (pause, resume, save, status, quit) on this unix socket.
-    #[arg(long)]
-    api: Option<PathBuf>,
-    /// Create the VM paused; `ferry vmm resume` starts it.
-    #[arg(long)]
-    paused: bool,
+    pub cpu_hide: Vec<String>,
 }
 
-impl RunArgs {
+impl VmOptions {
     /// The config these options describe (a config file, then the options over it).
     pub fn config(&self) -> Result<VmConfig> {
         let mut c = match &self.config {
@@ -184,11 +173,7 @@ impl RunArgs {
                 serde_json::from_str(&text)
                     .with_context(|| format!("{} is not a VM config", p.display()))?
             }
-            None => {
-                let mut c = VmConfig::new(self.kernel.clone().unwrap_or_default());
-                c.serial = SerialBackend::Stdio;
-                c
-            }
+            None => VmConfig::new(self.kernel.clone().unwrap_or_default()),
         };
         if let Some(k) = &self.kernel {
             c.kernel = k.clone();
@@ -205,12 +190,6 @@ impl RunArgs {
         if let Some(v) = self.vcpus {
             c.vcpus = v;
         }
-        if let Some(v) = &self.serial {
-            c.serial = v.clone();
-        }
-        if let Some(v) = &self.serial2 {
-            c.serial2 = v.clone();
-        }
         if !self.disks.is_empty() {
             c.disks = self.disks.clone();
         }
@@ -219,6 +198,40 @@ impl RunArgs {
         }
         if !self.cpu_hide.is_empty() {
             c.cpu_hide = self.cpu_hide.clone();
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmOptions,
+    /// COM1: stdio, null, file:PATH or unix:PATH (ferry listens there) [default: stdio].
+    #[arg(long)]
+    serial: Option<SerialBackend>,
+    /// COM2: stdio, null, file:PATH or unix:PATH [default: null].
+    #[arg(long)]
+    serial2: Option<SerialBackend>,
+    /// Serve the control API (pause, resume, save, status, quit) on this unix socket.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Create the VM paused; `ferry vmm resume` starts it.
+    #[arg(long)]
+    paused: bool,
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<VmConfig> {
+        let mut c = self.vm.config()?;
+        if self.vm.config.is_none() {
+            c.serial = SerialBackend::Stdio;
+        }
+        if let Some(v) = &self.serial {
+            c.serial = v.clone();
+        }
+        if let Some(v) = &self.serial2 {
+            c.serial2 = v.clone();
         }
         Ok(c)
     }

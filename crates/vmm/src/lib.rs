@@ -26,4 +26,4 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{error_chain, RestoreOverrides, RunOptions, Vm, VmError, VmExit};
+pub use vm::{error_chain, host_cpu_features, RestoreOverrides, RunOptions, Vm, VmError, VmExit};

@@ -254,6 +254,20 @@ fn check_host_memory(config: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The CPU features this host's KVM offers a VM (before any `cpu_hide`): what a VM started
+/// here sees, and what a VM arriving here may need.
+pub fn host_cpu_features() -> Result<Vec<String>, VmError> {
+    let kvm_vm = KvmVm::create()?;
+    let mut base = cpuid::supported(&kvm_vm.kvm)?;
+    let probe = kvm_vm
+        .fd
+        .create_vcpu(0)
+        .map_err(|source| VmError::CreateVcpu { id: 0, source })?;
+    let msrs = cpuid::saveable_msrs(&kvm_vm.kvm, &probe)?;
+    cpuid::hide_unusable(&mut base, &msrs);
+    Ok(cpu_features::names(&base))
+}
+
 impl Vm {
     /// Create a VM from `config`, load its kernel and start its vCPUs.
     pub fn create(config: VmConfig, opts: RunOptions) -> Result<Vm, VmError> {

@@ -1,0 +1,392 @@
+//! `ferry move ...`: move a running VM live to another host, through the daemons: a check
+//! first, then the move with a progress bar, Ctrl-C to cancel, a report at the end.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_api::host::{
+    CheckReport, MoveInfo, MoveList, MoveReport, MoveRequest, MoveSettings, MoveState,
+};
+use ferry_api::MigrationPhase;
+use ferry_hostd::{Client, ClientError};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::host_cmd::rt;
+use crate::target::Targets;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct MoveCmd {
+    #[command(subcommand)]
+    sub: Option<MoveSub>,
+    #[command(flatten)]
+    args: MoveArgs,
+}
+
+#[derive(Subcommand)]
+enum MoveSub {
+    /// Cancel a VM's move; it stays where it is, running.
+    Cancel {
+        /// The VM.
+        vm: String,
+    },
+    /// Moves sent from a host (running, queued and recent).
+    List,
+}
+
+#[derive(Args)]
+struct MoveArgs {
+    /// The VM to move (found on whichever host has it).
+    #[arg(required = true)]
+    vm: Option<String>,
+    /// Where to: a host name the source knows as a peer, or its daemon's host:port.
+    #[arg(long, required = true)]
+    to: Option<String>,
+    /// Only check whether the move could happen, and say why not; move nothing.
+    #[arg(long)]
+    check: bool,
+    /// Longest pause the guest may see, ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Bandwidth cap for the memory copy, Mbit/s (0: none).
+    #[arg(long, default_value_t = 0)]
+    bandwidth_mbit: u64,
+    /// Give up after this many seconds (0: never); the VM stays where it is.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
+    rt()?.block_on(async {
+        match cmd.sub {
+            Some(MoveSub::Cancel { vm }) => {
+                let (h, c, v) = t.find_vm(&vm).await?;
+                let id = v.move_id.with_context(|| format!("{vm} is not moving"))?;
+                let m: MoveInfo = c
+                    .post(&format!("/v1/moves/{id}/cancel"), &serde_json::json!({}))
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&m)?);
+                } else {
+                    println!("cancelling move {id} of {vm} on {h}; the VM stays on {h}");
+                }
+                Ok(())
+            }
+            Some(MoveSub::List) => {
+                let (_, c) = t.default()?;
+                let l: MoveList = c.get("/v1/moves").await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&l)?);
+                } else {
+                    println!(
+                        "{:<17} {:<16} {:<8} {:<8} {:<10} NOTE",
+                        "ID", "VM", "FROM", "TO", "STATE"
+                    );
+                    for m in l.moves {
+                        println!(
+                            "{:<17} {:<16} {:<8} {:<8} {:<10} {}",
+                            m.id,
+                            m.vm,
+                            m.from,
+                            m.to,
+                            format!("{:?}", m.state).to_lowercase(),
+                            m.waiting_for.or(m.error).unwrap_or_default()
+                        );
+                    }
+                }
+                Ok(())
+            }
+            None => {
+                let a = cmd.args;
+                let (vm, to) = (a.vm.unwrap_or_default(), a.to.unwrap_or_default());
+                let (_, c, _) = t.find_vm(&vm).await?;
+                let req = MoveRequest {
+                    vm: vm.clone(),
+                    to,
+                    settings: MoveSettings {
+                        downtime_ms: a.downtime_ms,
+                        bandwidth_mbit: a.bandwidth_mbit,
+                        timeout_s: a.timeout,
+                    },
+                };
+                if a.check {
+                    let r: CheckReport = c.post("/v1/moves/check", &req).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        print_check(&r);
+                    }
+                    if !r.ok {
+                        bail!("{} cannot move to {}", r.vm, r.to);
+                    }
+                    return Ok(());
+                }
+                let m: MoveInfo = match c.post("/v1/moves", &req).await {
+                    Ok(m) => m,
+                    Err(ClientError::Api { body, .. }) if body.check.is_some() => {
+                        let r = body.check.map(|b| *b).unwrap_or_else(unreachable_report);
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&r)?);
+                        } else {
+                            print_check(&r);
+                        }
+                        bail!("nothing moved: {}", body.error);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let report = follow(&c, &m, json).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print_report(&report);
+                }
+                if report.result != "done" {
+                    bail!(
+                        "the move {}: {}; {} runs on {}",
+                        report.result,
+                        report.error.clone().unwrap_or_default(),
+                        report.vm,
+                        report.runs_on
+                    );
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+fn unreachable_report() -> CheckReport {
+    CheckReport {
+        vm: String::new(),
+        from: String::new(),
+        to: String::new(),
+        ok: false,
+        checks: Vec::new(),
+    }
+}
+
+/// A check report for people.
+pub fn print_check(r: &CheckReport) {
+    println!("check: {} {} -> {}", r.vm, r.from, r.to);
+    for c in &r.checks {
+        println!(
+            "  {:<5} {:<22} {}",
+            if c.ok { "ok" } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+        if let Some(f) = &c.fix {
+            println!("        fix: {f}");
+        }
+    }
+    let bad = r.checks.iter().filter(|c| !c.ok).count();
+    if r.ok {
+        println!("result: {} can move to {}", r.vm, r.to);
+    } else {
+        println!(
+            "result: {} cannot move to {} ({bad} problem{})",
+            r.vm,
+            r.to,
+            if bad == 1 { "" } else { "s" }
+        );
+    }
+}
+
+fn print_report(r: &MoveReport) {
+    if r.result == "done" {
+        println!(
+            "moved {} {} -> {} in {:.2} s: pause {}, {:.1} MiB in {} rounds{}",
+            r.vm,
+            r.from,
+            r.to,
+            r.total_ms as f64 / 1000.0,
+            r.downtime_ms
+                .map(|d| format!("{d:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            r.bytes as f64 / f64::from(1 << 20),
+            r.rounds,
+            if r.queued_ms >= 100 {
+                format!(" (queued {:.1} s first)", r.queued_ms as f64 / 1000.0)
+            } else {
+                String::new()
+            }
+        );
+        if let Some(n) = &r.error {
+            println!("note: {n}");
+        }
+    } else {
+        println!(
+            "move of {} {} -> {} {} after {:.2} s; it runs on {}",
+            r.vm,
+            r.from,
+            r.to,
+            r.result,
+            r.total_ms as f64 / 1000.0,
+            r.runs_on
+        );
+    }
+}
+
+fn memory_bytes(m: &MoveInfo) -> u64 {
+    m.check
+        .as_ref()
+        .and_then(|c| c.checks.iter().find(|c| c.name == "memory"))
+        .and_then(|c| c.detail.split(" needs ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|mib| mib << 20)
+        .unwrap_or(1 << 30)
+}
+
+/// Percent done of a move, from its memory copy.
+fn percent(m: &MoveInfo) -> u64 {
+    let total = memory_bytes(m).max(1);
+    match (&m.progress, m.state) {
+        (_, MoveState::Done) => 100,
+        (None, _) => 0,
+        (Some(p), _) if p.round == 0 && p.phase == MigrationPhase::Memory => {
+            (p.bytes_sent * 100 / total).min(99)
+        }
+        (Some(p), _) => (100 - (p.dirty_pages * 4096 * 100 / total).min(100)).clamp(1, 99),
+    }
+}
+
+fn line(m: &MoveInfo) -> String {
+    let state = format!("{:?}", m.state).to_lowercase();
+    match (&m.progress, m.state) {
+        (_, MoveState::Queued) => format!(
+            "queued: {}",
+            m.waiting_for.as_deref().unwrap_or("waiting for a slot")
+        ),
+        (Some(p), MoveState::Migrating | MoveState::Switchover | MoveState::Settling) => format!(
+            "{state} round {} {:.0} MiB sent, {:.0} Mbit/s, dirty {} pages, expected pause {:.1} ms",
+            p.round,
+            p.bytes_sent as f64 / f64::from(1 << 20),
+            p.bandwidth_mbit,
+            p.dirty_pages,
+            p.expected_downtime_ms
+        ),
+        _ => state,
+    }
+}
+
+fn bar(mp: &MultiProgress, prefix: &str) -> ProgressBar {
+    let b = mp.add(ProgressBar::new(100));
+    b.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos:>3}% {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_prefix(prefix.to_string());
+    b
+}
+
+/// Follow one move to its end, with a progress bar on a terminal and a line per change
+/// otherwise; Ctrl-C cancels it (once) and keeps following until it ends.
+pub async fn follow(c: &Client, m: &MoveInfo, json: bool) -> Result<MoveReport> {
+    let mp = MultiProgress::with_draw_target(if json {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    let b = bar(&mp, &m.vm);
+    let r = follow_one(c, m, &b, json, true).await;
+    b.finish_and_clear();
+    r
+}
+
+/// Follow several moves at once (an evacuation): one progress row per VM.
+pub async fn follow_many(c: &Client, moves: &[MoveInfo], json: bool) -> Result<Vec<MoveReport>> {
+    let mp = MultiProgress::with_draw_target(if json {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    let mut tasks = Vec::new();
+    for m in moves {
+        let b = bar(&mp, &m.vm);
+        let (c, m) = (c.clone(), m.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = follow_one(&c, &m, &b, json, false).await;
+            b.finish();
+            r
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        let r = t.await.context("a follower failed")??;
+        if !json {
+            mp.suspend(|| print_report(&r));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+async fn follow_one(
+    c: &Client,
+    m: &MoveInfo,
+    b: &ProgressBar,
+    json: bool,
+    ctrl_c: bool,
+) -> Result<MoveReport> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut events = c
+        .events::<MoveInfo>(&format!("/v1/moves/{}/events", m.id))
+        .await?;
+    let mut cancel_sent = false;
+    let mut last_line = String::new();
+    let mut last_state = None;
+    loop {
+        let next = tokio::select! {
+            n = events.next() => n,
+            _ = tokio::signal::ctrl_c(), if ctrl_c && !cancel_sent => {
+                cancel_sent = true;
+                b.println(format!("{}: cancelling (Ctrl-C); the VM stays on {}", m.vm, m.from));
+                if let Err(e) = c.post::<_, MoveInfo>(&format!("/v1/moves/{}/cancel", m.id), &serde_json::json!({})).await {
+                    b.println(format!("{}: cannot cancel: {e}", m.vm));
+                }
+                continue;
+            }
+        };
+        match next {
+            Some(Ok(info)) => {
+                b.set_position(percent(&info));
+                let l = line(&info);
+                b.set_message(l.clone());
+                let changed = last_state != Some(info.state);
+                if !tty && !json && (changed || info.state == MoveState::Queued && l != last_line) {
+                    eprintln!("{}: {l}", info.vm);
+                }
+                last_state = Some(info.state);
+                last_line = l;
+                if info.state.is_final() {
+                    return info
+                        .report
+                        .with_context(|| format!("move {} ended without a report", info.id));
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                // The daemon ended the stream early: it stopped. The move goes on without it.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match c.get::<MoveInfo>(&format!("/v1/moves/{}", m.id)).await {
+                    Ok(i) if i.state.is_final() => {
+                        return i.report.context("the move ended without a report")
+                    }
+                    Ok(_) => {
+                        events = c
+                            .events::<MoveInfo>(&format!("/v1/moves/{}/events", m.id))
+                            .await?;
+                    }
+                    Err(e) => bail!(
+                        "lost contact with {}'s daemon during the move ({e}); the VMs finish the move on their own: see `ferry vm show {}` once it is back",
+                        m.from,
+                        m.vm
+                    ),
+                }
+            }
+        }
+    }
+}

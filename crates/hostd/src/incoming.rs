@@ -1,0 +1,391 @@
+//! A move arriving here, and the one place that decides who owns a VM.
+//!
+//! A VM arriving by move `id` is defined here from the start (`vm.json` with `incoming: id`)
+//! but is **not this host's** until the move's outcome record (`moves/<id>.outcome`, see
+//! `ferry_migration::outcome`) says committed. That record is written exactly once: by the
+//! receiving VMM just before it resumes the guest (committed), or by whoever gives up first
+//! (aborted): the VMM when its source goes away before Commit, or this daemon when asked to
+//! settle. Whatever the source host believes, this file is the truth about the move, and both
+//! daemons defer to it: the source drops its paused copy only when it says committed, and
+//! resumes only when it says aborted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::host::{IncomingInfo, IncomingReply, IncomingRequest, IncomingState, SettleReply};
+use ferry_api::Outcome;
+use ferry_migration::OutcomeRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::check;
+use crate::daemon::{reap, Daemon, Live, VmEntry, VmRecord};
+use crate::error::{ApiError, ApiResult};
+use crate::state;
+use crate::vmm;
+
+/// An arriving move, in memory.
+#[derive(Debug, Clone)]
+pub struct InMove {
+    pub id: String,
+    pub vm: String,
+    pub from: String,
+    pub state: IncomingState,
+    pub since: Instant,
+}
+
+impl InMove {
+    /// Whether it takes one of this host's migration slots.
+    pub fn active(&self) -> bool {
+        self.state == IncomingState::Receiving
+    }
+
+    pub fn info(&self) -> IncomingInfo {
+        IncomingInfo {
+            move_id: self.id.clone(),
+            vm: self.vm.clone(),
+            from: self.from.clone(),
+            state: self.state,
+        }
+    }
+}
+
+/// What the state directory keeps of an arriving move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingRecord {
+    pub id: String,
+    pub vm: String,
+    pub from: String,
+    pub state: IncomingState,
+    pub created_ms: u64,
+}
+
+/// The outcome record of move `id` on this host.
+pub fn record(d: &Daemon, id: &str) -> OutcomeRecord {
+    OutcomeRecord::File(d.state.outcome_record(id))
+}
+
+/// Settle move `id` now: committed if the destination VMM committed it, else aborted for good
+/// (a receiving VMM that has not committed yet will then refuse Commit).
+pub fn settle(d: &Daemon, id: &str, by: &str) -> ApiResult<Outcome> {
+    let o = record(d, id)
+        .decide(id, Outcome::Aborted, by)
+        .map_err(|e| ApiError::internal(ferry_vmm::error_chain(&e)))?;
+    tracing::info!("move {id} settled: {o:?} ({by})");
+    Ok(o)
+}
+
+/// `POST /v1/incoming`: check, take a slot, define the VM as arriving, start a VMM that
+/// receives it on a fresh port of the migration network.
+pub async fn start(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<IncomingReply> {
+    let id = req.move_id.clone();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(ApiError::bad_request(format!("{id:?} is not a move id")));
+    }
+    let vm = req.check.vm.clone();
+    if !ferry_api::host::valid_vm_name(&vm) {
+        return Err(ApiError::bad_request(format!("{vm:?} is not a VM name")));
+    }
+    if !d.lock().settings.live_migration {
+        return Err(ApiError::migration_disabled(&d.name));
+    }
+    if record(d, &id).get(&id).ok().flatten().is_some() {
+        return Err(ApiError::conflict(format!(
+            "move {id} was already decided on {}",
+            d.name
+        )));
+    }
+    let reply = check::incoming(d, &req.check);
+    if let Some(bad) = reply.checks.iter().find(|c| !c.ok) {
+        let report = ferry_api::host::CheckReport {
+            vm: vm.clone(),
+            from: req.check.from.clone(),
+            to: d.name.clone(),
+            ok: false,
+            checks: reply.checks.clone(),
+        };
+        tracing::info!("refusing move {id} of {vm}: {}", bad.detail);
+        return Err(ApiError::check_failed(report));
+    }
+    let ip = reply
+        .listen_ip
+        .ok_or_else(|| ApiError::internal("no migration address chosen"))?;
+    let run = d.run_dir(&vm);
+    {
+        let mut g = d.lock();
+        let active = d.move_counts(&g);
+        let in_use = active.outgoing + active.incoming;
+        if in_use >= g.settings.max_migrations {
+            return Err(ApiError::busy(format!(
+                "{} runs {in_use} of {} live migrations at once; the move waits for a free slot",
+                d.name, g.settings.max_migrations
+            )));
+        }
+        if g.vms.contains_key(&vm) {
+            return Err(ApiError::conflict(format!(
+                "{} already has a VM named {vm}",
+                d.name
+            )));
+        }
+        let dir = d.state.vm_dir(&vm);
+        std::fs::create_dir_all(&run.0)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        let mut config = req.check.config.clone();
+        config.serial = ferry_api::SerialBackend::Unix(run.con());
+        config.serial2 = ferry_api::SerialBackend::Unix(run.con2());
+        let rec = VmRecord {
+            name: vm.clone(),
+            config,
+            created_ms: vmm::now_ms(),
+            incoming: Some(id.clone()),
+            cpu_features: req.check.cpu_features.clone(),
+            origin: Some(format!("moved from {} (move {id})", req.check.from)),
+        };
+        state::write_json(&d.state.vm_record(&vm), &rec)?;
+        state::write_json(
+            &d.state.incoming_record(&id),
+            &IncomingRecord {
+                id: id.clone(),
+                vm: vm.clone(),
+                from: req.check.from.clone(),
+                state: IncomingState::Receiving,
+                created_ms: vmm::now_ms(),
+            },
+        )?;
+        g.vms.insert(
+            vm.clone(),
+            VmEntry {
+                record: rec,
+                live: Live::default(),
+            },
+        );
+        g.incoming.insert(
+            id.clone(),
+            InMove {
+                id: id.clone(),
+                vm: vm.clone(),
+                from: req.check.from.clone(),
+                state: IncomingState::Receiving,
+                since: Instant::now(),
+            },
+        );
+    }
+    let fail = |d: &Arc<Daemon>, msg: String| {
+        let _ = settle(d, &id, "host daemon: receiver did not start");
+        cleanup(d, &id);
+        ApiError::internal(msg)
+    };
+    let listener = match std::net::TcpListener::bind((ip.as_str(), 0)) {
+        Ok(l) => l,
+        Err(e) => return Err(fail(d, format!("cannot listen on {ip}: {e}"))),
+    };
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let args = vec![
+        "vmm".into(),
+        "receive".into(),
+        "--listen-fd".into(),
+        "3".into(),
+        "--expect-id".into(),
+        id.clone().into(),
+        "--record".into(),
+        d.state.outcome_record(&id).into_os_string(),
+        "--timeout".into(),
+        "60".into(),
+        "--api".into(),
+        run.api().into_os_string(),
+        "--serial".into(),
+        format!("unix:{}", run.con().display()).into(),
+        "--serial2".into(),
+        format!("unix:{}", run.con2().display()).into(),
+    ];
+    match vmm::spawn(
+        &d.ferry,
+        &run,
+        args,
+        Some(std::os::fd::OwnedFd::from(listener)),
+    ) {
+        Ok(child) => reap(child),
+        Err(e) => return Err(fail(d, format!("cannot start the receiving VMM: {e}"))),
+    }
+    tracing::info!(
+        "receiving {vm} from {} (move {id}) on {listen}",
+        req.check.from
+    );
+    tokio::spawn(watch(d.clone(), id));
+    Ok(IncomingReply { listen })
+}
+
+/// Follow an arriving move until its outcome is decided, then make it so: the VM becomes this
+/// host's, or every trace of it goes.
+pub async fn watch(d: Arc<Daemon>, id: String) {
+    let Some(vm) = d.lock().incoming.get(&id).map(|m| m.vm.clone()) else {
+        return;
+    };
+    let run = d.run_dir(&vm);
+    let started = Instant::now();
+    loop {
+        match record(&d, &id).get(&id) {
+            Ok(Some(Outcome::Committed)) => {
+                commit(&d, &id, &vm);
+                return;
+            }
+            Ok(Some(Outcome::Aborted)) => {
+                // The VMM will not run the guest; it may linger to answer its source.
+                if let Some(pid) = vmm::running_pid(&run) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                cleanup(&d, &id);
+                return;
+            }
+            Ok(None) => {
+                let ended = run.exit().exists()
+                    || (!vmm::started(&run) && started.elapsed() > Duration::from_secs(15));
+                if ended {
+                    // The receiver is gone without committing: it never will.
+                    let _ = settle(&d, &id, "host daemon: receiving VMM ended");
+                    continue;
+                }
+            }
+            Err(e) => tracing::warn!("move {id}: {}", ferry_vmm::error_chain(&e)),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The move committed: the VM is this host's from now on.
+fn commit(d: &Daemon, id: &str, vm: &str) {
+    let mut g = d.lock();
+    if let Some(v) = g.vms.get_mut(vm) {
+        v.record.incoming = None;
+        if let Err(e) = state::write_json(&d.state.vm_record(vm), &v.record) {
+            tracing::error!(
+                "recording {vm} as this host's: {}",
+                ferry_vmm::error_chain(&e)
+            );
+        }
+        // The VMM resumed the guest as it committed.
+        v.live.run_state = Some(ferry_api::VmRunState::Running);
+        v.live.pid = vmm::running_pid(&d.run_dir(vm));
+        if v.live.pid.is_none() {
+            v.live.starting = Some(Instant::now());
+        }
+    }
+    if let Some(m) = g.incoming.get_mut(id) {
+        m.state = IncomingState::Committed;
+        let _ = state::write_json(
+            &d.state.incoming_record(id),
+            &IncomingRecord {
+                id: id.into(),
+                vm: vm.into(),
+                from: m.from.clone(),
+                state: IncomingState::Committed,
+                created_ms: vmm::now_ms(),
+            },
+        );
+    }
+    drop(g);
+    tracing::info!("{vm} arrived (move {id}): it runs here now");
+    d.moves_changed.notify_waiters();
+}
+
+/// The move will never run here: remove the arriving VM's definition and run directory.
+fn cleanup(d: &Daemon, id: &str) {
+    let mut g = d.lock();
+    let Some(m) = g.incoming.get_mut(id) else {
+        return;
+    };
+    m.state = IncomingState::Aborted;
+    let vm = m.vm.clone();
+    let from = m.from.clone();
+    if g.vms
+        .get(&vm)
+        .is_some_and(|v| v.record.incoming.as_deref() == Some(id))
+    {
+        g.vms.remove(&vm);
+        let _ = std::fs::remove_dir_all(d.state.vm_dir(&vm));
+    }
+    let _ = state::write_json(
+        &d.state.incoming_record(id),
+        &IncomingRecord {
+            id: id.into(),
+            vm: vm.clone(),
+            from,
+            state: IncomingState::Aborted,
+            created_ms: vmm::now_ms(),
+        },
+    );
+    drop(g);
+    tracing::info!("move {id} of {vm} aborted here; nothing of it is left");
+    d.moves_changed.notify_waiters();
+}
+
+/// `GET /v1/incoming/{id}`.
+pub fn info(d: &Daemon, id: &str) -> ApiResult<IncomingInfo> {
+    if let Some(m) = d.lock().incoming.get(id) {
+        return Ok(m.info());
+    }
+    let rec: Option<IncomingRecord> = state::read_json(&d.state.incoming_record(id))?;
+    rec.map(|r| IncomingInfo {
+        move_id: r.id,
+        vm: r.vm,
+        from: r.from,
+        state: r.state,
+    })
+    .ok_or_else(|| ApiError::not_found(format!("{} knows no arriving move {id}", d.name)))
+}
+
+/// `POST /v1/incoming/{id}/settle`.
+pub fn settle_api(d: &Daemon, id: &str) -> ApiResult<SettleReply> {
+    Ok(SettleReply {
+        outcome: settle(d, id, "host daemon: settle asked by the source")?,
+    })
+}
+
+/// `POST /v1/incoming/{id}/abort`: give up a move that has not committed.
+pub fn abort(d: &Daemon, id: &str) -> ApiResult<IncomingInfo> {
+    match settle(d, id, "host daemon: abort asked by the source")? {
+        Outcome::Committed => Err(ApiError::conflict(format!(
+            "move {id} has committed: the VM runs on {}",
+            d.name
+        ))),
+        Outcome::Aborted => info(d, id),
+    }
+}
+
+/// After a daemon restart: pick up every move that was arriving.
+pub fn recover(d: &Arc<Daemon>) {
+    let mut pending = Vec::new();
+    for e in std::fs::read_dir(d.state.moves_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path();
+        if !p.to_string_lossy().ends_with(".in.json") {
+            continue;
+        }
+        let Ok(Some(r)) = state::read_json::<IncomingRecord>(&p) else {
+            continue;
+        };
+        let m = InMove {
+            id: r.id.clone(),
+            vm: r.vm.clone(),
+            from: r.from.clone(),
+            state: r.state,
+            since: Instant::now(),
+        };
+        if r.state == IncomingState::Receiving {
+            pending.push(r.id.clone());
+        }
+        d.lock().incoming.insert(r.id, m);
+    }
+    for id in pending {
+        tracing::info!("resuming the watch over arriving move {id}");
+        tokio::spawn(watch(d.clone(), id));
+    }
+}

@@ -1,0 +1,896 @@
+//! Moves sent from this host: a resource with an id, a state machine and a progress stream.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Queued
+//!     Queued --> Checking: a slot here is free
+//!     Checking --> Failed: the compatibility check fails
+//!     Checking --> Preparing
+//!     Preparing --> Queued: the destination has no free slot
+//!     Preparing --> Migrating: the destination's VMM listens
+//!     Migrating --> Switchover: the guest pauses
+//!     Switchover --> Done: the destination runs the guest
+//!     Switchover --> Settling: the last answer was lost
+//!     Settling --> Done: the destination's record says committed
+//!     Settling --> Failed: it says aborted (the guest runs on here)
+//!     Migrating --> Failed: error, timeout, destination lost
+//!     Migrating --> Cancelled: cancel
+//! ```
+//!
+//! The source VMM does the copying; this daemon decides when it may start (limits), watches
+//! the destination's daemon while it runs (a lost destination daemon cancels the move before
+//! the switch-over), and settles a hand-over whose last answer was lost by asking the
+//! destination daemon for the outcome record (see [`crate::incoming`]). The move's record is
+//! written before the VMM starts sending, so a daemon that restarts mid-move picks it up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::host::{
+    CheckReport, EvacuateInfo, EvacuateRequest, IncomingInfo, IncomingReply, IncomingRequest,
+    IncomingState, MoveInfo, MoveReport, MoveRequest, MoveSettings, MoveState, SettleReply,
+    Skipped, VmState,
+};
+use ferry_api::{
+    MigrateSettings, MigrationPhase, MigrationProgress, Outcome, Request, Response, ResponseBody,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use crate::check;
+use crate::client::Client;
+use crate::daemon::Daemon;
+use crate::error::{ApiError, ApiResult};
+use crate::state;
+use crate::transport::Endpoint;
+use crate::vmm;
+
+/// How long the destination's daemon may be unreachable during a move before it is given up.
+const DEST_LOST: Duration = Duration::from_secs(2);
+/// Moves kept in memory after they end, for `GET /v1/moves`.
+const HISTORY: usize = 100;
+
+/// A move from here, in memory.
+pub struct OutMove {
+    pub info: MoveInfo,
+    pub tx: watch::Sender<MoveInfo>,
+    pub cancel: Arc<AtomicBool>,
+    pub cancelled: Arc<Notify>,
+    pub to_addr: String,
+    pub settings: MoveSettings,
+    /// Whether it holds one of this host's migration slots.
+    pub holds_slot: bool,
+    pub started: Instant,
+    pub queued_ms: u64,
+}
+
+/// What the state directory keeps of a move sent from here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub id: String,
+    pub vm: String,
+    pub to: String,
+    pub to_addr: String,
+    pub state: MoveState,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub report: Option<MoveReport>,
+}
+
+fn new_id() -> String {
+    ferry_vmm::migration::send::new_migration_id()[..16].to_string()
+}
+
+/// Change a move's public state and tell its followers.
+fn update(d: &Daemon, id: &str, f: impl FnOnce(&mut MoveInfo)) -> Option<MoveInfo> {
+    let mut g = d.lock();
+    let m = g.outgoing.get_mut(id)?;
+    f(&mut m.info);
+    let info = m.info.clone();
+    m.tx.send_replace(info.clone());
+    Some(info)
+}
+
+fn set_slot(d: &Daemon, id: &str, hold: bool) {
+    if let Some(m) = d.lock().outgoing.get_mut(id) {
+        m.holds_slot = hold;
+    }
+    if !hold {
+        d.moves_changed.notify_waiters();
+    }
+}
+
+/// Take a migration slot here for `id` if one is free (queued moves go in order of arrival).
+fn try_take_slot(d: &Daemon, id: &str) -> Result<(), String> {
+    let mut g = d.lock();
+    let counts = d.move_counts(&g);
+    let in_use = counts.outgoing + counts.incoming;
+    let max = g.settings.max_migrations;
+    let created = g.outgoing.get(id).map(|m| m.info.created_ms).unwrap_or(0);
+    let earlier_waiting = g.outgoing.values().any(|m| {
+        m.info.id != id
+            && !m.holds_slot
+            && m.info.state == MoveState::Queued
+            && m.info.created_ms < created
+            && m.info
+                .waiting_for
+                .as_deref()
+                .is_some_and(|w| w.contains(&d.name))
+    });
+    if in_use < max && !earlier_waiting {
+        if let Some(m) = g.outgoing.get_mut(id) {
+            m.holds_slot = true;
+        }
+        Ok(())
+    } else {
+        Err(format!(
+            "waiting for a free migration slot on {} ({in_use} of {max} in use)",
+            d.name
+        ))
+    }
+}
+
+fn persist(d: &Daemon, id: &str, state: MoveState, report: Option<MoveReport>) {
+    let g = d.lock();
+    let Some(m) = g.outgoing.get(id) else { return };
+    let r = MoveRecord {
+        id: id.into(),
+        vm: m.info.vm.clone(),
+        to: m.info.to.clone(),
+        to_addr: m.to_addr.clone(),
+        state,
+        created_ms: m.info.created_ms,
+        report,
+    };
+    drop(g);
+    if let Err(e) = state::write_json(&d.state.move_record(id), &r) {
+        tracing::error!("recording move {id}: {}", ferry_vmm::error_chain(&e));
+    }
+}
+
+/// `POST /v1/moves`: check, then start (or queue) a move.
+pub async fn start(d: &Arc<Daemon>, req: MoveRequest) -> ApiResult<MoveInfo> {
+    let report = check::check_move(d, &req.vm, &req.to, None).await?;
+    if !report.ok {
+        return Err(
+            if report
+                .checks
+                .iter()
+                .any(|c| c.name.starts_with("migration (") && !c.ok)
+            {
+                let mut e = ApiError::check_failed(report.clone());
+                e.status = axum::http::StatusCode::FORBIDDEN;
+                e.body.code = "migration_disabled".into();
+                e
+            } else {
+                ApiError::check_failed(report)
+            },
+        );
+    }
+    begin(d, &req, report)
+}
+
+fn begin(d: &Arc<Daemon>, req: &MoveRequest, report: CheckReport) -> ApiResult<MoveInfo> {
+    let (to_name, to_addr) = d.resolve_host(&req.to)?;
+    let id = new_id();
+    let info = MoveInfo {
+        id: id.clone(),
+        vm: req.vm.clone(),
+        from: d.name.clone(),
+        to: to_name,
+        state: MoveState::Queued,
+        waiting_for: None,
+        progress: None,
+        check: Some(report),
+        report: None,
+        error: None,
+        created_ms: vmm::now_ms(),
+    };
+    {
+        let mut g = d.lock();
+        if let Some(m) = g
+            .outgoing
+            .values()
+            .find(|m| m.info.vm == req.vm && !m.info.state.is_final())
+        {
+            return Err(ApiError::conflict(format!(
+                "{} is already moving (move {} to {})",
+                req.vm, m.info.id, m.info.to
+            )));
+        }
+        let (tx, _) = watch::channel(info.clone());
+        g.outgoing.insert(
+            id.clone(),
+            OutMove {
+                info: info.clone(),
+                tx,
+                cancel: Arc::new(AtomicBool::new(false)),
+                cancelled: Arc::new(Notify::new()),
+                to_addr,
+                settings: req.settings.clone(),
+                holds_slot: false,
+                started: Instant::now(),
+                queued_ms: 0,
+            },
+        );
+        prune(&mut g);
+    }
+    tracing::info!("move {id}: {} to {}", req.vm, info.to);
+    tokio::spawn(drive(d.clone(), id));
+    Ok(info)
+}
+
+/// Keep the history bounded.
+fn prune(g: &mut crate::daemon::Inner) {
+    let mut done: Vec<(u64, String)> = g
+        .outgoing
+        .values()
+        .filter(|m| m.info.state.is_final())
+        .map(|m| (m.info.created_ms, m.info.id.clone()))
+        .collect();
+    if done.len() > HISTORY {
+        done.sort();
+        for (_, id) in done
+            .into_iter()
+            .take(g.outgoing.len().saturating_sub(HISTORY))
+        {
+            g.outgoing.remove(&id);
+        }
+    }
+}
+
+fn cancelled(d: &Daemon, id: &str) -> bool {
+    d.lock()
+        .outgoing
+        .get(id)
+        .is_some_and(|m| m.cancel.load(Ordering::SeqCst))
+}
+
+/// Wait until a slot may have freed, the move is cancelled, or a second passed.
+async fn wait_a_little(d: &Daemon, id: &str) {
+    let c = d.lock().outgoing.get(id).map(|m| m.cancelled.clone());
+    let changed = d.moves_changed.notified();
+    tokio::select! {
+        _ = changed => {}
+        _ = async { if let Some(c) = c { c.notified().await } else { std::future::pending().await } } => {}
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+}
+
+/// How a move ended.
+struct Ending {
+    state: MoveState,
+    error: Option<String>,
+    progress: Option<MigrationProgress>,
+}
+
+impl Ending {
+    fn failed(msg: impl Into<String>) -> Ending {
+        Ending {
+            state: MoveState::Failed,
+            error: Some(msg.into()),
+            progress: None,
+        }
+    }
+}
+
+/// Run move `id` to its end.
+async fn drive(d: Arc<Daemon>, id: String) {
+    let ending = run(&d, &id).await;
+    finish(&d, &id, ending).await;
+}
+
+async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
+    let Some((vm, to, to_addr, settings)) = d.lock().outgoing.get(id).map(|m| {
+        (
+            m.info.vm.clone(),
+            m.info.to.clone(),
+            m.to_addr.clone(),
+            m.settings.clone(),
+        )
+    }) else {
+        return Ending::failed("the move vanished");
+    };
+    let dest = Client::new(Endpoint::Tcp(to_addr.clone())).with_timeout(Duration::from_secs(15));
+    let queued_at = Instant::now();
+    let listen = loop {
+        if cancelled(d, id) {
+            return Ending {
+                state: MoveState::Cancelled,
+                error: Some("cancelled while queued".into()),
+                progress: None,
+            };
+        }
+        if let Err(why) = try_take_slot(d, id) {
+            update(d, id, |i| {
+                i.state = MoveState::Queued;
+                i.waiting_for = Some(why);
+            });
+            wait_a_little(d, id).await;
+            continue;
+        }
+        update(d, id, |i| {
+            i.state = MoveState::Checking;
+            i.waiting_for = None;
+        });
+        // Things may have changed while it waited: check again.
+        let report = match check::check_move(d, &vm, &to, Some(id)).await {
+            Ok(r) => r,
+            Err(e) => {
+                set_slot(d, id, false);
+                return Ending::failed(e.to_string());
+            }
+        };
+        let ok = report.ok;
+        update(d, id, |i| i.check = Some(report.clone()));
+        if !ok {
+            set_slot(d, id, false);
+            return Ending::failed(ApiError::check_failed(report).to_string());
+        }
+        update(d, id, |i| i.state = MoveState::Preparing);
+        let req = match check::incoming_request(d, &vm) {
+            Ok(check) => IncomingRequest {
+                move_id: id.into(),
+                check,
+            },
+            Err(e) => {
+                set_slot(d, id, false);
+                return Ending::failed(e.to_string());
+            }
+        };
+        match dest.post::<_, IncomingReply>("/v1/incoming", &req).await {
+            Ok(r) => break r.listen,
+            Err(e) if e.code() == Some("busy") => {
+                set_slot(d, id, false);
+                update(d, id, |i| {
+                    i.state = MoveState::Queued;
+                    i.waiting_for = Some(format!("waiting for a free migration slot on {to}: {e}"));
+                });
+                wait_a_little(d, id).await;
+            }
+            Err(e) => {
+                set_slot(d, id, false);
+                return Ending::failed(format!("{to} cannot receive {vm}: {e}"));
+            }
+        }
+    };
+    if let Some(m) = d.lock().outgoing.get_mut(id) {
+        m.queued_ms = queued_at.elapsed().as_millis() as u64;
+        m.started = Instant::now();
+    }
+    // From here the VMM may commit the move: record it first, so a restarted daemon settles it.
+    persist(d, id, MoveState::Migrating, None);
+    update(d, id, |i| i.state = MoveState::Migrating);
+    let api = d.run_dir(&vm).api();
+    let ms = MigrateSettings {
+        to: listen,
+        downtime_ms: settings.downtime_ms,
+        bandwidth_mbit: settings.bandwidth_mbit,
+        timeout_s: settings.timeout_s,
+        on_timeout: ferry_api::OnTimeout::Cancel,
+        migration_id: id.into(),
+    };
+    let stream = vmm::open(
+        &api,
+        &Request::Migrate {
+            settings: ms,
+            follow: true,
+        },
+    )
+    .await;
+    let mut stream = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            abort_remote(&dest, id).await;
+            return Ending::failed(format!("cannot reach {vm}'s VMM: {e}"));
+        }
+    };
+    follow(d, id, &vm, &to, &api, &dest, &mut stream).await
+}
+
+/// Follow the VMM's migration to its end, watching the destination daemon meanwhile.
+async fn follow(
+    d: &Arc<Daemon>,
+    id: &str,
+    vm: &str,
+    to: &str,
+    api: &std::path::Path,
+    dest: &Client,
+    stream: &mut vmm::VmmStream,
+) -> Ending {
+    let cancel = d.lock().outgoing.get(id).map(|m| m.cancelled.clone());
+    let mut watchdog = tokio::time::interval(Duration::from_millis(500));
+    let mut dest_lost_since: Option<Instant> = None;
+    let mut cancel_sent = false;
+    let mut settling: Option<tokio::task::JoinHandle<()>> = None;
+    let mut last: Option<MigrationProgress> = None;
+    let mut note: Option<String> = None;
+    loop {
+        tokio::select! {
+            line = stream.next() => match line {
+                Some(Ok(Response::Ok(ResponseBody::Migration(p)))) => {
+                    let phase = p.phase;
+                    update(d, id, |i| {
+                        i.state = match phase {
+                            MigrationPhase::Connecting | MigrationPhase::Memory => MoveState::Migrating,
+                            MigrationPhase::Switchover | MigrationPhase::Committing => MoveState::Switchover,
+                            MigrationPhase::InDoubt => MoveState::Settling,
+                            _ => i.state,
+                        };
+                        i.progress = Some(p.clone());
+                    });
+                    last = Some(p.clone());
+                    match phase {
+                        MigrationPhase::Done => {
+                            return Ending { state: MoveState::Done, error: note, progress: last };
+                        }
+                        MigrationPhase::Failed | MigrationPhase::Cancelled => {
+                            abort_remote(dest, id).await;
+                            let err = match (p.error.clone(), note) {
+                                (Some(e), Some(n)) => format!("{n}: {e}"),
+                                (e, n) => e.or(n).unwrap_or_default(),
+                            };
+                            return Ending {
+                                state: if phase == MigrationPhase::Cancelled { MoveState::Cancelled } else { MoveState::Failed },
+                                error: Some(err),
+                                progress: last,
+                            };
+                        }
+                        MigrationPhase::InDoubt if settling.is_none() => {
+                            tracing::warn!("move {id}: the hand-over's last answer was lost; settling it with {to}");
+                            settling = Some(tokio::spawn(settle_with(dest.clone(), id.to_string(), api.to_path_buf())));
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Ok(Response::Error(e))) => {
+                    abort_remote(dest, id).await;
+                    return Ending::failed(format!("{vm}'s VMM refused to migrate: {e}"));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    // The VMM's stream ended without a final report: the VMM is gone.
+                    return vmm_gone(d, id, vm, dest, last).await;
+                }
+            },
+            _ = watchdog.tick(), if settling.is_none() && !cancel_sent => {
+                match dest.get::<IncomingInfo>(&format!("/v1/incoming/{id}")).await {
+                    Ok(i) if i.state == IncomingState::Aborted => {
+                        note = Some(format!("{to} gave up the move"));
+                        cancel_sent = cancel_vmm(api).await;
+                    }
+                    Ok(_) => dest_lost_since = None,
+                    Err(e) if e.unreachable() => {
+                        let since = *dest_lost_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= DEST_LOST {
+                            tracing::warn!("move {id}: lost {to}'s daemon ({e}); cancelling");
+                            note = Some(format!("lost contact with {to}'s daemon ({e})"));
+                            cancel_sent = cancel_vmm(api).await;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            },
+            _ = async { if let Some(c) = &cancel { c.notified().await } else { std::future::pending().await } }, if !cancel_sent => {
+                note = Some("cancelled".into());
+                cancel_sent = cancel_vmm(api).await;
+                if !cancel_sent {
+                    update(d, id, |i| i.error = Some("too late to cancel: the hand-over has begun".into()));
+                }
+            },
+        }
+    }
+}
+
+/// Ask the VMM to cancel; false if it would not (the hand-over has begun).
+async fn cancel_vmm(api: &std::path::Path) -> bool {
+    matches!(
+        vmm::call(api, &Request::MigrateCancel).await,
+        Ok(Response::Ok(_))
+    )
+}
+
+/// The hand-over's last answer was lost: ask the destination daemon for the outcome record
+/// until it answers, and tell the VMM.
+async fn settle_with(dest: Client, id: String, api: std::path::PathBuf) {
+    loop {
+        match dest
+            .post::<_, SettleReply>(&format!("/v1/incoming/{id}/settle"), &serde_json::json!({}))
+            .await
+        {
+            Ok(r) => {
+                tracing::info!("move {id}: the destination's record says {:?}", r.outcome);
+                match vmm::call(&api, &Request::MigrateResolve { outcome: r.outcome }).await {
+                    Ok(_) => return,
+                    Err(e) => tracing::warn!("move {id}: telling the VMM: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("move {id}: settling with the destination: {e}; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Tell the destination to drop a move that failed here (best effort: its own watch cleans
+/// up too).
+async fn abort_remote(dest: &Client, id: &str) {
+    if let Err(e) = dest
+        .post::<_, IncomingInfo>(&format!("/v1/incoming/{id}/abort"), &serde_json::json!({}))
+        .await
+    {
+        tracing::debug!("move {id}: abort at the destination: {e}");
+    }
+}
+
+/// The VMM ended during a move: where is the guest? Only the destination's record can say.
+async fn vmm_gone(
+    d: &Arc<Daemon>,
+    id: &str,
+    vm: &str,
+    dest: &Client,
+    last: Option<MigrationProgress>,
+) -> Ending {
+    let run = d.run_dir(vm);
+    // Let the monitor record the exit.
+    for _ in 0..100 {
+        if run.exit().exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exit = vmm::exit_info(&run);
+    let migrated = exit
+        .as_ref()
+        .and_then(|e| e.reason.as_deref())
+        .is_some_and(|r| r == "MigratedAway");
+    loop {
+        match dest
+            .post::<_, SettleReply>(&format!("/v1/incoming/{id}/settle"), &serde_json::json!({}))
+            .await
+        {
+            Ok(r) if r.outcome == Outcome::Committed => {
+                return Ending {
+                    state: MoveState::Done,
+                    error: (!migrated).then(|| "the source VMM ended before it reported; the destination's record says committed".into()),
+                    progress: last,
+                }
+            }
+            Ok(_) => {
+                let why = exit.map(|e| e.status).unwrap_or_else(|| "ended".into());
+                return Ending::failed(format!(
+                    "{vm}'s VMM on {} ended during the move ({why}) and the move did not commit: the VM is stopped here",
+                    d.name
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("move {id}: asking the destination: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Record how a move ended; a VM that left is removed from here.
+async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
+    let Some((vm, to, started, queued_ms)) = d
+        .lock()
+        .outgoing
+        .get(id)
+        .map(|m| (m.info.vm.clone(), m.info.to.clone(), m.started, m.queued_ms))
+    else {
+        return;
+    };
+    if e.state == MoveState::Done {
+        // The VMM exits once the destination runs the guest; then the definition goes.
+        let run = d.run_dir(&vm);
+        for _ in 0..200 {
+            if vmm::running_pid(&run).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let mut g = d.lock();
+        g.vms.remove(&vm);
+        drop(g);
+        if let Err(err) = std::fs::remove_dir_all(d.state.vm_dir(&vm)) {
+            tracing::warn!("removing {vm}'s definition after its move: {err}");
+        }
+    }
+    let p = e.progress.clone().unwrap_or_default();
+    let report = MoveReport {
+        vm: vm.clone(),
+        from: d.name.clone(),
+        to: to.clone(),
+        result: match e.state {
+            MoveState::Done => "done",
+            MoveState::Cancelled => "cancelled",
+            _ => "failed",
+        }
+        .into(),
+        total_ms: if p.elapsed_ms > 0 {
+            p.elapsed_ms
+        } else {
+            started.elapsed().as_millis() as u64
+        },
+        downtime_ms: p.downtime_ms,
+        bytes: p.bytes_sent,
+        rounds: if e.progress.is_some() { p.round + 1 } else { 0 },
+        queued_ms,
+        error: e.error.clone(),
+        runs_on: if e.state == MoveState::Done {
+            to.clone()
+        } else {
+            d.name.clone()
+        },
+    };
+    set_slot(d, id, false);
+    let info = update(d, id, |i| {
+        i.state = e.state;
+        i.error = e.error.clone();
+        i.report = Some(report.clone());
+        i.waiting_for = None;
+    });
+    persist(d, id, e.state, Some(report));
+    match e.state {
+        MoveState::Done => tracing::info!("move {id}: {vm} runs on {to} now"),
+        s => tracing::warn!(
+            "move {id} of {vm} to {to}: {s:?}: {}",
+            info.and_then(|i| i.error).unwrap_or_default()
+        ),
+    }
+}
+
+/// `POST /v1/moves/{id}/cancel`.
+pub fn cancel(d: &Daemon, id: &str) -> ApiResult<MoveInfo> {
+    let g = d.lock();
+    let m = g
+        .outgoing
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("{} knows no move {id}", d.name)))?;
+    if m.info.state.is_final() {
+        return Err(ApiError::conflict(format!(
+            "move {id} has ended ({:?})",
+            m.info.state
+        )));
+    }
+    if matches!(m.info.state, MoveState::Settling) {
+        return Err(ApiError::conflict(format!(
+            "move {id} is past the point of no return: the hand-over is being settled"
+        )));
+    }
+    m.cancel.store(true, Ordering::SeqCst);
+    m.cancelled.notify_waiters();
+    m.cancelled.notify_one();
+    Ok(m.info.clone())
+}
+
+pub fn get(d: &Daemon, id: &str) -> ApiResult<MoveInfo> {
+    d.lock()
+        .outgoing
+        .get(id)
+        .map(|m| m.info.clone())
+        .ok_or_else(|| ApiError::not_found(format!("{} knows no move {id}", d.name)))
+}
+
+pub fn list(d: &Daemon) -> Vec<MoveInfo> {
+    let mut v: Vec<MoveInfo> = d.lock().outgoing.values().map(|m| m.info.clone()).collect();
+    v.sort_by_key(|m| m.created_ms);
+    v
+}
+
+/// Follow a move's changes.
+pub fn subscribe(d: &Daemon, id: &str) -> ApiResult<watch::Receiver<MoveInfo>> {
+    d.lock()
+        .outgoing
+        .get(id)
+        .map(|m| m.tx.subscribe())
+        .ok_or_else(|| ApiError::not_found(format!("{} knows no move {id}", d.name)))
+}
+
+/// `POST /v1/evacuate`: a move for every running VM, to the destination with the most room
+/// whose check passes; the VMs no destination takes are listed with the reasons.
+pub async fn evacuate(d: &Arc<Daemon>, req: EvacuateRequest) -> ApiResult<EvacuateInfo> {
+    if !d.lock().settings.live_migration {
+        return Err(ApiError::migration_disabled(&d.name));
+    }
+    let targets: Vec<String> = if req.to.is_empty() {
+        d.peers.keys().cloned().collect()
+    } else {
+        req.to.clone()
+    };
+    if targets.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{} knows no other host to evacuate to; name some with --to",
+            d.name
+        )));
+    }
+    for t in &targets {
+        d.resolve_host(t)?;
+    }
+    let running: Vec<(String, u64)> = d
+        .vms()
+        .into_iter()
+        .filter(|v| v.state == VmState::Running)
+        .map(|v| (v.name, v.config.memory_mib))
+        .collect();
+    // Memory each destination is already promised by this evacuation.
+    let mut planned: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut moves = Vec::new();
+    let mut skipped = Vec::new();
+    for (vm, mem) in running {
+        let mut best: Option<(i64, String, CheckReport)> = None;
+        let mut reasons = Vec::new();
+        for t in &targets {
+            match check::check_move(d, &vm, t, None).await {
+                Ok(r) if r.ok => {
+                    let free = free_memory(&r) as i64 - *planned.get(t).unwrap_or(&0) as i64;
+                    if free >= mem as i64 && best.as_ref().is_none_or(|b| free > b.0) {
+                        best = Some((free, t.clone(), r));
+                    } else if free < mem as i64 {
+                        reasons.push(format!(
+                            "{t}: not enough memory left after the other VMs of this evacuation"
+                        ));
+                    }
+                }
+                Ok(r) => reasons.push(format!(
+                    "{t}: {}",
+                    r.checks
+                        .iter()
+                        .filter(|c| !c.ok)
+                        .map(|c| c.detail.clone())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )),
+                Err(e) => reasons.push(format!("{t}: {e}")),
+            }
+        }
+        match best {
+            Some((_, t, report)) => {
+                *planned.entry(t.clone()).or_default() += mem;
+                let r = MoveRequest {
+                    vm: vm.clone(),
+                    to: t,
+                    settings: req.settings.clone(),
+                };
+                match begin(d, &r, report) {
+                    Ok(m) => moves.push(m),
+                    Err(e) => skipped.push(Skipped {
+                        vm,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            None => skipped.push(Skipped {
+                vm,
+                reason: reasons.join(" | "),
+            }),
+        }
+    }
+    Ok(EvacuateInfo { moves, skipped })
+}
+
+/// The free memory a destination reported in a check ("... can give VMs N MiB more").
+fn free_memory(r: &CheckReport) -> u64 {
+    r.checks
+        .iter()
+        .find(|c| c.name == "memory")
+        .and_then(|c| c.detail.split("can give VMs ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// After a daemon restart: pick up every move that was under way.
+pub fn recover(d: &Arc<Daemon>) {
+    for e in std::fs::read_dir(d.state.moves_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if !name.ends_with(".json") || name.ends_with(".in.json") {
+            continue;
+        }
+        let Ok(Some(r)) = state::read_json::<MoveRecord>(&p) else {
+            continue;
+        };
+        let info = MoveInfo {
+            id: r.id.clone(),
+            vm: r.vm.clone(),
+            from: d.name.clone(),
+            to: r.to.clone(),
+            state: if r.state.is_final() {
+                r.state
+            } else {
+                MoveState::Migrating
+            },
+            waiting_for: None,
+            progress: None,
+            check: None,
+            report: r.report.clone(),
+            error: r.report.as_ref().and_then(|r| r.error.clone()),
+            created_ms: r.created_ms,
+        };
+        let (tx, _) = watch::channel(info.clone());
+        let live = !r.state.is_final();
+        d.lock().outgoing.insert(
+            r.id.clone(),
+            OutMove {
+                info,
+                tx,
+                cancel: Arc::new(AtomicBool::new(false)),
+                cancelled: Arc::new(Notify::new()),
+                to_addr: r.to_addr.clone(),
+                settings: MoveSettings::default(),
+                holds_slot: live,
+                started: Instant::now(),
+                queued_ms: 0,
+            },
+        );
+        if live {
+            tracing::info!(
+                "picking up move {} of {} to {} after a restart",
+                r.id,
+                r.vm,
+                r.to
+            );
+            tokio::spawn(resume(d.clone(), r));
+        }
+    }
+    let mut g = d.lock();
+    prune(&mut g);
+}
+
+/// Finish a move this daemon was driving before it restarted: follow the VMM through its
+/// status (the progress stream went with the old daemon), settle with the destination.
+async fn resume(d: Arc<Daemon>, r: MoveRecord) {
+    let id = r.id.clone();
+    let dest = Client::new(Endpoint::Tcp(r.to_addr.clone())).with_timeout(Duration::from_secs(15));
+    let api = d.run_dir(&r.vm).api();
+    let mut settling = false;
+    let ending = loop {
+        if vmm::running_pid(&d.run_dir(&r.vm)).is_none() {
+            break vmm_gone(&d, &id, &r.vm, &dest, None).await;
+        }
+        match vmm::call(&api, &Request::MigrationStatus).await {
+            Ok(Response::Ok(ResponseBody::Migration(p))) => {
+                update(&d, &id, |i| i.progress = Some(p.clone()));
+                match p.phase {
+                    MigrationPhase::Done => {
+                        break Ending {
+                            state: MoveState::Done,
+                            error: None,
+                            progress: Some(p),
+                        }
+                    }
+                    MigrationPhase::Failed | MigrationPhase::Cancelled => {
+                        abort_remote(&dest, &id).await;
+                        break Ending {
+                            state: MoveState::Failed,
+                            error: p.error.clone(),
+                            progress: Some(p),
+                        };
+                    }
+                    MigrationPhase::InDoubt if !settling => {
+                        settling = true;
+                        tokio::spawn(settle_with(dest.clone(), id.clone(), api.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Response::Error(e)) => {
+                // The VMM never started this migration (the old daemon stopped first).
+                abort_remote(&dest, &id).await;
+                break Ending::failed(format!("the move never started: {e}"));
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    finish(&d, &id, ending).await;
+}
