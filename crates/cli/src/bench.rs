@@ -14,6 +14,8 @@ use clap::{Args, Subcommand};
 mod io;
 #[path = "bench_migrate.rs"]
 mod migrate;
+#[path = "bench_move.rs"]
+mod move_;
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -27,6 +29,11 @@ pub enum BenchCmd {
     /// floor, the VMM's own pause figure, bytes, rounds, convergence and the guest's memory
     /// check; ferry and (if installed) QEMU side by side, with ferry/QEMU ratios.
     Migrate(migrate::MigrateArgs),
+    /// What the host daemons add to a live move: the same guest and workloads moved by `ferry
+    /// move` through the daemons and directly VMM to VMM in one run (lab hosts; needs root):
+    /// total time as the admin sees it, guest-observed pause beside its noise floor; and an
+    /// evacuation of 4 idle VMs against the sum of their single moves.
+    Move(move_::MoveArgs),
     /// Virtio as the test guest sees it: 4 KiB disk write and read IOPS beside the same file
     /// on the host, and guest-to-host TCP throughput (a lab host; needs root).
     Io(io::IoArgs),
@@ -53,6 +60,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Boot(a) => boot(a),
         BenchCmd::Migrate(a) => migrate::run(a),
         BenchCmd::Io(a) => io::run(a),
+        BenchCmd::Move(a) => move_::run(a),
     }
 }
 

@@ -343,9 +343,9 @@ async fn follow_one(
             n = events.next() => n,
             _ = tokio::signal::ctrl_c(), if ctrl_c && !cancel_sent => {
                 cancel_sent = true;
-                b.println(format!("{}: cancelling (Ctrl-C); the VM stays on {}", m.vm, m.from));
+                b.suspend(|| eprintln!("{}: cancelling (Ctrl-C); the VM stays on {}", m.vm, m.from));
                 if let Err(e) = c.post::<_, MoveInfo>(&format!("/v1/moves/{}/cancel", m.id), &serde_json::json!({})).await {
-                    b.println(format!("{}: cannot cancel: {e}", m.vm));
+                    b.suspend(|| eprintln!("{}: cannot cancel: {e}", m.vm));
                 }
                 continue;
             }
@@ -367,8 +367,7 @@ async fn follow_one(
                         .with_context(|| format!("move {} ended without a report", info.id));
                 }
             }
-            Some(Err(e)) => return Err(e.into()),
-            None => {
+            Some(Err(_)) | None => {
                 // The daemon ended the stream early: it stopped. The move goes on without it.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 match c.get::<MoveInfo>(&format!("/v1/moves/{}", m.id)).await {

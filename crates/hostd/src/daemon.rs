@@ -695,13 +695,23 @@ impl Daemon {
                     v.live.uptime_ms = Some(s.uptime_ms);
                     v.live.starting = None;
                     v.live.stopping = false;
-                    if v.record.cpu_features != s.cpu_features && !s.cpu_features.is_empty() {
+                    // The features a VM was started with are learnt once, from its first
+                    // VMM; a VM that arrived brought them along.
+                    if v.record.cpu_features.is_empty() && !s.cpu_features.is_empty() {
                         v.record.cpu_features = s.cpu_features;
                         let _ = state::write_json(&self.state.vm_record(name), &v.record);
                     }
                 }
             }
         }
+    }
+
+    /// Ask a VM's VMM for its state now (after a move, say), not at the next poll.
+    pub async fn refresh(&self, name: &str) {
+        if let Some(v) = self.lock().vms.get_mut(name) {
+            v.live.last_status = None;
+        }
+        self.poll_vm(name).await;
     }
 
     /// Watch every VMM, for as long as the daemon runs.

@@ -18,33 +18,34 @@ impl Addr {
     }
 }
 
-/// This host's IPv4 addresses (loopback left out), from `ip -j addr`.
+/// This host's IPv4 addresses (loopback left out).
 pub fn addresses() -> Vec<Addr> {
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-j", "-4", "addr", "show"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+    let Ok(ifs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     let mut addrs = Vec::new();
-    for iface in v.as_array().into_iter().flatten() {
-        let name = iface["ifname"].as_str().unwrap_or_default();
-        if name == "lo" {
+    for i in ifs {
+        if i.interface_name == "lo" {
             continue;
         }
-        for a in iface["addr_info"].as_array().into_iter().flatten() {
-            let (Some(local), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
-                continue;
-            };
-            if let Ok(net) = format!("{local}/{len}").parse::<Ipv4Net>() {
-                addrs.push(Addr {
-                    ifname: name.into(),
-                    net,
-                });
-            }
+        let (Some(a), Some(m)) = (
+            i.address
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip()),
+            i.netmask
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.ip()),
+        ) else {
+            continue;
+        };
+        let len = u32::from(m).leading_ones() as u8;
+        if let Ok(net) = Ipv4Net::new(a, len) {
+            addrs.push(Addr {
+                ifname: i.interface_name.clone(),
+                net,
+            });
         }
     }
     addrs

@@ -253,7 +253,7 @@ pub async fn watch(d: Arc<Daemon>, id: String) {
             }
             Err(e) => tracing::warn!("move {id}: {}", ferry_vmm::error_chain(&e)),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

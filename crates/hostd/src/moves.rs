@@ -294,6 +294,8 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
     };
     let dest = Client::new(Endpoint::Tcp(to_addr.clone())).with_timeout(Duration::from_secs(15));
     let queued_at = Instant::now();
+    // The check that let the move start is fresh unless the move had to wait.
+    let mut waited = false;
     let listen = loop {
         if cancelled(d, id) {
             return Ending {
@@ -303,6 +305,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             };
         }
         if let Err(why) = try_take_slot(d, id) {
+            waited = true;
             update(d, id, |i| {
                 i.state = MoveState::Queued;
                 i.waiting_for = Some(why);
@@ -310,23 +313,25 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             wait_a_little(d, id).await;
             continue;
         }
-        update(d, id, |i| {
-            i.state = MoveState::Checking;
-            i.waiting_for = None;
-        });
-        // Things may have changed while it waited: check again.
-        let report = match check::check_move(d, &vm, &to, Some(id)).await {
-            Ok(r) => r,
-            Err(e) => {
+        if waited {
+            // Things may have changed while it waited: check again.
+            update(d, id, |i| {
+                i.state = MoveState::Checking;
+                i.waiting_for = None;
+            });
+            let report = match check::check_move(d, &vm, &to, Some(id)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    set_slot(d, id, false);
+                    return Ending::failed(e.to_string());
+                }
+            };
+            let ok = report.ok;
+            update(d, id, |i| i.check = Some(report.clone()));
+            if !ok {
                 set_slot(d, id, false);
-                return Ending::failed(e.to_string());
+                return Ending::failed(ApiError::check_failed(report).to_string());
             }
-        };
-        let ok = report.ok;
-        update(d, id, |i| i.check = Some(report.clone()));
-        if !ok {
-            set_slot(d, id, false);
-            return Ending::failed(ApiError::check_failed(report).to_string());
         }
         update(d, id, |i| i.state = MoveState::Preparing);
         let req = match check::incoming_request(d, &vm) {
@@ -340,8 +345,16 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             }
         };
         match dest.post::<_, IncomingReply>("/v1/incoming", &req).await {
-            Ok(r) => break r.listen,
+            Ok(r) => {
+                tracing::debug!(
+                    "move {id}: {to} listens on {} after {:?}",
+                    r.listen,
+                    queued_at.elapsed()
+                );
+                break r.listen;
+            }
             Err(e) if e.code() == Some("busy") => {
+                waited = true;
                 set_slot(d, id, false);
                 update(d, id, |i| {
                     i.state = MoveState::Queued;
@@ -386,6 +399,10 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             return Ending::failed(format!("cannot reach {vm}'s VMM: {e}"));
         }
     };
+    tracing::debug!(
+        "move {id}: the VMM sends, {:?} after the move began",
+        queued_at.elapsed()
+    );
     follow(d, id, &vm, &to, &api, &dest, &mut stream).await
 }
 
@@ -473,7 +490,6 @@ async fn follow(
                 }
             },
             _ = async { if let Some(c) = &cancel { c.notified().await } else { std::future::pending().await } }, if !cancel_sent => {
-                note = Some("cancelled".into());
                 cancel_sent = cancel_vmm(api).await;
                 if !cancel_sent {
                     update(d, id, |i| i.error = Some("too late to cancel: the hand-over has begun".into()));
@@ -581,21 +597,17 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
     else {
         return;
     };
+    tracing::debug!("move {id}: the VMM reported {:?}", e.state);
     if e.state == MoveState::Done {
-        // The VMM exits once the destination runs the guest; then the definition goes.
-        let run = d.run_dir(&vm);
-        for _ in 0..200 {
-            if vmm::running_pid(&run).is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let mut g = d.lock();
-        g.vms.remove(&vm);
-        drop(g);
-        if let Err(err) = std::fs::remove_dir_all(d.state.vm_dir(&vm)) {
-            tracing::warn!("removing {vm}'s definition after its move: {err}");
-        }
+        // The guest runs on the destination: the VM is not this host's any more. Its VMM exits
+        // on its own; its files go once it has.
+        d.lock().vms.remove(&vm);
+        let (d2, vm2) = (d.clone(), vm.clone());
+        tokio::spawn(async move { forget(&d2, &vm2).await });
+    }
+    if e.state != MoveState::Done {
+        // It was paused for the switch-over: show it as it is now.
+        d.refresh(&vm).await;
     }
     let p = e.progress.clone().unwrap_or_default();
     let report = MoveReport {
@@ -632,12 +644,31 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         i.waiting_for = None;
     });
     persist(d, id, e.state, Some(report));
+    tracing::debug!("move {id}: recorded as {:?}", e.state);
     match e.state {
         MoveState::Done => tracing::info!("move {id}: {vm} runs on {to} now"),
         s => tracing::warn!(
             "move {id} of {vm} to {to}: {s:?}: {}",
             info.and_then(|i| i.error).unwrap_or_default()
         ),
+    }
+}
+
+/// Remove the files of a VM that moved away, once its VMM has ended.
+async fn forget(d: &Daemon, vm: &str) {
+    let run = d.run_dir(vm);
+    for _ in 0..400 {
+        if vmm::running_pid(&run).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Unless it came back meanwhile (a new definition, arriving or owned).
+    if d.lock().vms.contains_key(vm) {
+        return;
+    }
+    if let Err(err) = std::fs::remove_dir_all(d.state.vm_dir(vm)) {
+        tracing::warn!("removing {vm}'s definition after its move: {err}");
     }
 }
 
@@ -816,6 +847,23 @@ pub fn recover(d: &Arc<Daemon>) {
             error: r.report.as_ref().and_then(|r| r.error.clone()),
             created_ms: r.created_ms,
         };
+        if r.state == MoveState::Done {
+            // A VM that left before the daemon could remove its files: they go now (not a VM
+            // that came back since, which has a newer definition).
+            let stale = d.lock().vms.get(&r.vm).is_some_and(|v| {
+                v.record.created_ms <= r.created_ms && v.record.incoming.is_none()
+            });
+            if stale && vmm::running_pid(&d.run_dir(&r.vm)).is_none() {
+                tracing::info!(
+                    "{} moved to {} (move {}): removing what was left of it",
+                    r.vm,
+                    r.to,
+                    r.id
+                );
+                d.lock().vms.remove(&r.vm);
+                let _ = std::fs::remove_dir_all(d.state.vm_dir(&r.vm));
+            }
+        }
         let (tx, _) = watch::channel(info.clone());
         let live = !r.state.is_final();
         d.lock().outgoing.insert(

@@ -231,11 +231,54 @@ pub fn find(name: &str) -> Option<LabRecord> {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// On Ctrl-C (SIGINT), SIGTERM or SIGHUP, remove every lab this process owns (with every
+/// process in it) before dying, so an interrupted test, demo or benchmark leaves no orphans.
+/// Installed once, by the first lab a process makes.
+fn clean_up_on_signal() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("lab-cleanup".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let me = std::process::id();
+                    for r in registered() {
+                        if r.owner_pid == me {
+                            eprintln!("ferry: signal {sig}: removing lab {}", r.name);
+                            tear_down(&r.namespaces);
+                            let _ = std::fs::remove_file(record_path(&r.name));
+                        }
+                    }
+                    std::process::exit(128 + sig);
+                }
+            });
+    });
+}
+
+/// Every lab in the registry.
+fn registered() -> Vec<LabRecord> {
+    std::fs::read_dir(REGISTRY)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| serde_json::from_str::<LabRecord>(&t).ok())
+        .collect()
+}
+
 impl Lab {
     /// Build a lab (needs root). Labs left behind by killed runs are removed first.
     pub fn new(opts: LabOptions) -> Result<Lab> {
         require_root("a ferry lab")?;
         remove_stale(opts.name.as_deref());
+        if !opts.persistent {
+            clean_up_on_signal();
+        }
         let name = opts.name.clone().unwrap_or_else(|| {
             format!(
                 "fy{}x{}",
@@ -358,6 +401,17 @@ impl Lab {
     /// Start host `i`'s daemon (`ferry host run`) with `extra` arguments; its log goes next to
     /// its state directory. The daemon's peers are the lab's other hosts.
     pub fn start_daemon(&self, ferry: &Path, i: usize, extra: &[&str]) -> Result<Proc> {
+        self.start_daemon_env(ferry, i, extra, &[])
+    }
+
+    /// Like [`Lab::start_daemon`], with `env` set for the daemon (and so for its VMMs).
+    pub fn start_daemon_env(
+        &self,
+        ferry: &Path,
+        i: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         let h = &self.hosts[i];
         std::fs::create_dir_all(&h.state_dir)?;
         let mut cmd = Lab::exec(&h.ns);
@@ -371,6 +425,13 @@ impl Lab {
                 .arg(format!("{}={}", o.name, o.daemon_addr()));
         }
         cmd.args(extra);
+        cmd.env(
+            "FERRY_LOG",
+            std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         // A restarted daemon gets a new log (hv1.log, hv1.2.log, ...): the old one is evidence.
         let mut log = h.daemon_log();
         let mut n = 1;

@@ -58,6 +58,20 @@ impl Port {
         p
     }
 
+    /// Follow `path` and wait until it is connected (up to `timeout`).
+    pub fn connect(path: PathBuf, poll: Duration, timeout: Duration) -> Result<Port> {
+        let p = Port::follow(path.clone(), poll);
+        let deadline = Instant::now() + timeout;
+        while !p.connected() {
+            if Instant::now() > deadline {
+                p.close();
+                bail!("{} did not accept within {timeout:?}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(p)
+    }
+
     /// Stop waiting for the socket, and stop reading.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);

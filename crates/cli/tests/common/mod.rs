@@ -2,6 +2,7 @@
 //! talks to the guest through its serial ports on unix sockets.
 #![allow(dead_code)]
 
+pub mod hosts;
 pub mod netns;
 
 use std::os::unix::net::UnixStream;
