@@ -440,7 +440,8 @@ async fn follow(
                     last = Some(p.clone());
                     match phase {
                         MigrationPhase::Done => {
-                            return Ending { state: MoveState::Done, error: note, progress: last };
+                            let error = note.map(|n| format!("{n}, but too late: the hand-over had begun and completed"));
+                            return Ending { state: MoveState::Done, error, progress: last };
                         }
                         MigrationPhase::Failed | MigrationPhase::Cancelled => {
                             abort_remote(dest, id).await;
@@ -906,6 +907,11 @@ async fn resume(d: Arc<Daemon>, r: MoveRecord) {
             break vmm_gone(&d, &id, &r.vm, &dest, None).await;
         }
         match vmm::call(&api, &Request::MigrationStatus).await {
+            Ok(Response::Ok(ResponseBody::Migration(p))) if p.migration_id != id => {
+                // The VMM's last migration is an older one: this move never reached it.
+                abort_remote(&dest, &id).await;
+                break Ending::failed("the move never started (the daemon stopped before the VMM began sending)");
+            }
             Ok(Response::Ok(ResponseBody::Migration(p))) => {
                 update(&d, &id, |i| i.progress = Some(p.clone()));
                 match p.phase {
