@@ -6,17 +6,15 @@
 //!   the same 4 KiB writes and reads on the same file with `pwrite`/`pread`, one at a time.
 //! - net: the host (the VM's host namespace) reads the guest's TCP stream port for a while.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use ferry_lab::{Lab, LabOptions};
+use ferry_lab::{Lab, LabOptions, Port, Proc};
 
 #[derive(Args)]
 pub struct IoArgs {
@@ -32,43 +30,19 @@ pub struct IoArgs {
 }
 
 struct Guest {
-    child: Child,
-    con: UnixStream,
-    text: std::sync::Arc<std::sync::Mutex<String>>,
+    _vmm: Proc,
+    con: Port,
 }
 
 impl Guest {
     fn line(&self, from: usize, prefix: &str, timeout: Duration) -> Result<(String, usize)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.text.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut off = 0;
-            for l in text.split_inclusive('\n') {
-                if off >= from && l.ends_with('\n') && l.starts_with(prefix) {
-                    return Ok((l.trim_end().to_string(), off + l.len()));
-                }
-                off += l.len();
-            }
-            if Instant::now() > deadline {
-                bail!("the guest did not print {prefix:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.con.line_after(from, prefix, timeout)
     }
 
     fn ask(&mut self, cmd: u8, prefix: &str) -> Result<(String, Duration)> {
-        let from = self.text.lock().unwrap_or_else(|e| e.into_inner()).len();
         let t = Instant::now();
-        self.con.write_all(&[cmd])?;
-        let (l, _) = self.line(from, prefix, Duration::from_secs(120))?;
+        let l = self.con.ask(cmd, prefix, Duration::from_secs(120))?;
         Ok((l, t.elapsed()))
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -84,8 +58,8 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
     let guest = dir.join("testguest.elf");
     std::fs::write(&guest, ferry_testguest::elf())?;
     let (api, com1) = (dir.join("io.api"), dir.join("io.com1"));
-    let child = Lab::exec(&lab.hosts[0].ns)
-        .arg(std::env::current_exe()?)
+    let mut cmd = Lab::exec(&lab.hosts[0].ns);
+    cmd.arg(std::env::current_exe()?)
         .args(["vmm", "run", "--kernel"])
         .arg(&guest)
         .args([
@@ -102,34 +76,19 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: &Path) -> Result<Guest> {
         .arg("--api")
         .arg(&api)
         .arg("--serial")
-        .arg(format!("unix:{}", com1.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .arg(format!("unix:{}", com1.display()));
+    let mut vmm = Proc::spawn(cmd, "the VMM", dir.join("io.log"))?;
+    let con = Port::follow(com1, Duration::from_millis(5));
     let deadline = Instant::now() + Duration::from_secs(30);
-    let con = loop {
-        match UnixStream::connect(&com1) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(e).context("the VMM did not start"),
+    while !con.connected() || !api.exists() {
+        vmm.alive()?;
+        if Instant::now() > deadline {
+            bail!("the VMM did not start; see {}", vmm.log.display());
         }
-    };
-    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let (t, mut r) = (text.clone(), con.try_clone()?);
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = r.read(&mut buf) {
-            t.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    while !api.exists() {
         std::thread::sleep(Duration::from_millis(5));
     }
     ferry_vmm::api_server::call(&api, &ferry_api::Request::Resume)?;
-    let g = Guest { child, con, text };
+    let g = Guest { _vmm: vmm, con };
     g.line(0, "READY", Duration::from_secs(60))?;
     Ok(g)
 }

@@ -910,7 +910,9 @@ async fn resume(d: Arc<Daemon>, r: MoveRecord) {
             Ok(Response::Ok(ResponseBody::Migration(p))) if p.migration_id != id => {
                 // The VMM's last migration is an older one: this move never reached it.
                 abort_remote(&dest, &id).await;
-                break Ending::failed("the move never started (the daemon stopped before the VMM began sending)");
+                break Ending::failed(
+                    "the move never started (the daemon stopped before the VMM began sending)",
+                );
             }
             Ok(Response::Ok(ResponseBody::Migration(p))) => {
                 update(&d, &id, |i| i.progress = Some(p.clone()));
