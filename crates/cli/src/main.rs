@@ -69,9 +69,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// The quickest proof that ferry works here: a lab of two hosts (network namespaces; needs
-    /// root), the test guest running on host A with memory, disk and TCP workloads, moved live
-    /// to host B and back, verified after each move.
+    /// The quickest proof that ferry works here: a lab of two hosts with a ferry host daemon
+    /// each (network namespaces; needs root), a VM on hv1 running the test guest with memory,
+    /// disk and TCP workloads, `ferry move` to hv2 and back, verified after each move.
     Demo(demo::DemoArgs),
     /// Benchmarks that print figures.
     #[command(subcommand)]

@@ -191,11 +191,19 @@ async fn list(t: &Targets, json: bool) -> Result<()> {
             .collect::<Result<_>>()?
     };
     let mut all = Vec::new();
+    let mut errors = Vec::new();
+    let asked = hosts.len();
     for (h, c) in hosts {
         match c.get::<VmList>("/v1/vms").await {
             Ok(l) => all.extend(l.vms),
-            Err(e) => eprintln!("ferry: {h}: {e}"),
+            Err(e) => {
+                eprintln!("ferry: {h}: {e}");
+                errors.push(h);
+            }
         }
+    }
+    if errors.len() == asked {
+        bail!("no host answered");
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&VmList { vms: all })?);
