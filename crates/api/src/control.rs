@@ -132,6 +132,18 @@ pub struct MigrateSettings {
     /// Names the move in outcome records (the host daemon sets it); made up if empty.
     #[serde(default)]
     pub migration_id: String,
+    /// Encrypt the stream (mutual TLS with the destination VMM); unset: plain TCP.
+    #[serde(default)]
+    pub tls: Option<MigrationTls>,
+}
+
+/// How a VMM secures a migration stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationTls {
+    /// The host's credentials directory (me.key, me.crt, ca.crt, cluster.jwt).
+    pub dir: PathBuf,
+    /// The host the other VMM must prove to be.
+    pub peer: String,
 }
 
 fn default_downtime() -> u64 {
@@ -152,6 +164,7 @@ impl MigrateSettings {
             timeout_s: default_timeout(),
             on_timeout: OnTimeout::Cancel,
             migration_id: String::new(),
+            tls: None,
         }
     }
 }

@@ -35,6 +35,26 @@ pub struct HostSettings {
     /// started here can move to hosts whose processors lack them.
     #[serde(default)]
     pub cpu_hide: Vec<String>,
+    /// How moves from (and to) this host are authorised.
+    #[serde(default)]
+    pub migration_auth: MigrationAuth,
+    /// Networks (CIDRs) this host trusts enough to send migration streams in the clear, if the
+    /// other host trusts them too; elsewhere every stream is encrypted.
+    #[serde(default)]
+    pub plaintext_migration_networks: Vec<String>,
+}
+
+/// How a move is authorised on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationAuth {
+    /// A move may be started only from the source host itself (its local socket, by a local
+    /// admin); a destination accepts moves from hosts of the migration group.
+    #[default]
+    Console,
+    /// A move carries a grant signed by an admin (VM, hosts, disks, expiry, single use); the
+    /// source and the destination act only inside it.
+    Delegated,
 }
 
 fn default_max_migrations() -> u32 {
@@ -54,6 +74,8 @@ impl Default for HostSettings {
             migration_networks: Vec::new(),
             memory_limit_mib: None,
             cpu_hide: Vec::new(),
+            migration_auth: MigrationAuth::Console,
+            plaintext_migration_networks: Vec::new(),
         }
     }
 }
@@ -77,6 +99,11 @@ pub struct HostSettingsPatch {
     /// Replaces the list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_hide: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_auth: Option<MigrationAuth>,
+    /// Replaces the list; `[]`: encrypt everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext_migration_networks: Option<Vec<String>>,
 }
 
 /// Memory as a host sees it.
@@ -272,6 +299,9 @@ pub struct MoveRequest {
     pub to: String,
     #[serde(default)]
     pub settings: MoveSettings,
+    /// An admin's signed grant for this move (hosts in delegated mode require one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 /// One item of a compatibility check.
@@ -348,6 +378,13 @@ pub struct MoveReport {
     pub error: Option<String>,
     /// Where the VM runs now.
     pub runs_on: String,
+    /// Whether the migration stream was encrypted (false only on a network both hosts trust
+    /// for plaintext migration).
+    #[serde(default)]
+    pub encrypted: bool,
+    /// How the move was authorised ("console", "grant ... signed by admin alice").
+    #[serde(default)]
+    pub auth: Option<String>,
 }
 
 /// A move: a resource with an id, a state and progress (`GET /v1/moves/{id}`; its
@@ -426,6 +463,9 @@ pub struct ErrorBody {
 #[serde(deny_unknown_fields)]
 pub struct IncomingCheck {
     pub vm: String,
+    /// The source's plaintext migration networks (see HostSettings).
+    #[serde(default)]
+    pub plaintext_networks: Vec<String>,
     pub config: VmConfig,
     /// CPU features the VM was started with.
     pub cpu_features: Vec<String>,
@@ -454,6 +494,9 @@ pub struct IncomingCheckReply {
 pub struct IncomingRequest {
     pub move_id: String,
     pub check: IncomingCheck,
+    /// The admin's grant for this move (a destination in delegated mode requires one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 /// Where the destination's VMM waits for the source's.
@@ -461,6 +504,13 @@ pub struct IncomingRequest {
 pub struct IncomingReply {
     /// `ip:port` for the source VMM.
     pub listen: String,
+    /// Whether the stream must be encrypted (mutual TLS between the VMMs).
+    #[serde(default = "yes")]
+    pub encrypted: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An arriving move, as the destination sees it.

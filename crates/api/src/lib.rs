@@ -3,6 +3,7 @@
 //! [`VmConfig`] is at once the config file, the REST body and the config a snapshot or a
 //! migration carries: one type, one meaning everywhere.
 
+pub mod cluster;
 mod config;
 mod control;
 pub mod host;
@@ -13,6 +14,6 @@ pub use config::{
     MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 pub use control::{
-    MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Outcome, Request, Response,
-    ResponseBody, VmRunState, VmStatus,
+    MigrateSettings, MigrationPhase, MigrationProgress, MigrationTls, OnTimeout, Outcome, Request,
+    Response, ResponseBody, VmRunState, VmStatus,
 };

@@ -7,6 +7,7 @@
 use schemars::{generate::SchemaSettings, JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
+use crate::cluster::*;
 use crate::host::*;
 use crate::VmConfig;
 
@@ -42,7 +43,7 @@ impl Doc {
         for code in errors {
             let what = match code {
                 400 => "Malformed request: the body or a field is not what this endpoint takes.",
-                403 => "Refused by a host setting (e.g. live migration off).",
+                403 => "Refused: not allowed for this caller, or by a host setting (e.g. live migration off).",
                 404 => "No such VM, move or endpoint.",
                 409 => "Conflicts with the current state (e.g. the VM runs, or is moving).",
                 422 => "The compatibility check failed; nothing was changed.",
@@ -107,6 +108,17 @@ pub fn document() -> Value {
     let ii = d.schema::<IncomingInfo>();
     let settle = d.schema::<SettleReply>();
     let _ = d.schema::<VmConfig>();
+    let cinfo = d.schema::<ClusterInfo>();
+    let treq = d.schema::<TokenRequest>();
+    let trep = d.schema::<TokenReply>();
+    let rem = d.schema::<RemoveRequest>();
+    let grp = d.schema::<GroupRequest>();
+    let push = d.schema::<DocPush>();
+    let ver = d.schema::<DocVersion>();
+    let audit = d.schema::<AuditList>();
+    let jreq = d.schema::<JoinRequest>();
+    let jrep = d.schema::<JoinReply>();
+    let ca = d.schema::<CaInfo>();
 
     d.op(
         "get",
@@ -274,6 +286,66 @@ pub fn document() -> Value {
         (200, "OpenAPI 3.1.", Some(json!({"type": "object"}))),
         &[],
     );
+
+    d.op("get", "/v1/audit", "This host's audit trail: who asked for what, how it was authorised, every refusal with its reason.", None, (200, "The last entries.", Some(audit)), &[403]);
+    d.op(
+        "get",
+        "/v1/cluster",
+        "The cluster document this host holds, decoded.",
+        None,
+        (200, "The cluster.", Some(cinfo.clone())),
+        &[409],
+    );
+    d.op(
+        "get",
+        "/v1/cluster/doc",
+        "The signed cluster document (also on the enrolment port).",
+        None,
+        (200, "The document.", Some(push.clone())),
+        &[409],
+    );
+    d.op(
+        "post",
+        "/v1/cluster/doc",
+        "A newer signed cluster document; taken only if it verifies and is newer.",
+        Some(push),
+        (200, "The version now held.", Some(ver.clone())),
+        &[400],
+    );
+    d.op(
+        "get",
+        "/v1/cluster/version",
+        "The version of the cluster document this host holds.",
+        None,
+        (200, "The version.", Some(ver)),
+        &[409],
+    );
+    d.op(
+        "post",
+        "/v1/cluster/tokens",
+        "(Authority.) A one-time join token for a host, admin or file server.",
+        Some(treq),
+        (200, "The token.", Some(trep)),
+        &[400, 403, 409],
+    );
+    d.op(
+        "post",
+        "/v1/cluster/remove",
+        "(Authority.) Take a party out of the cluster: its certificates are revoked.",
+        Some(rem),
+        (200, "The cluster after.", Some(cinfo.clone())),
+        &[400, 403, 409],
+    );
+    d.op(
+        "post",
+        "/v1/cluster/migration-group",
+        "(Authority.) Add a host to the migration group, or take it out.",
+        Some(grp),
+        (200, "The cluster after.", Some(cinfo)),
+        &[400, 403, 409],
+    );
+    d.op("get", "/v1/cluster/ca", "(Enrolment port, no client certificate.) The authority's certificate, to check against a join token's pin.", None, (200, "The certificate.", Some(ca)), &[409]);
+    d.op("post", "/v1/cluster/join", "(Enrolment port, no client certificate.) Enrol with a one-time join token and a certificate request made where the key lives.", Some(jreq), (200, "The certificate, the authority's, and the cluster document.", Some(jrep)), &[400, 403, 409]);
 
     let schemas = d.gen.take_definitions(true);
     json!({

@@ -535,6 +535,7 @@ fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
         timeout_s: TIMEOUT_S,
         on_timeout: ferry_api::OnTimeout::Cancel,
         migration_id: String::new(),
+        tls: None,
     };
     let mut last = None;
     let mut error = None;

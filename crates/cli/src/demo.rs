@@ -95,7 +95,7 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     let ferry_bin = std::env::current_exe()?;
     let lab = Lab::new(LabOptions::new(2, dir.join("lab")).with_daemons(&ferry_bin))?;
     println!(
-        "[1/6] lab: hosts hv1 ({}) and hv2 ({}) with a ferry host daemon each, and a client ({}), on one segment",
+        "[1/6] lab: hosts hv1 ({}) and hv2 ({}) with a ferry host daemon each, and a client ({}), on one segment;\n      a cluster: its authority on hv1 (`ferry cluster init`), hv2 enrolled with a one-time token (`ferry host join`), both in the migration group",
         lab.hosts[0].ip,
         lab.hosts[1].ip,
         ferry_lab::CLIENT_IP
@@ -208,13 +208,14 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
         stream.read(4 << 20)?;
         let (v, d, s) = check(&con)?;
         println!(
-            "      {}: {} -> {} in {:.2} s, {:.1} MiB in {} rounds; pause {:.1} ms measured by ferry, {:.1} ms seen by the guest's heartbeat",
+            "      {}: {} -> {} in {:.2} s, {:.1} MiB in {} rounds{}; pause {:.1} ms measured by ferry, {:.1} ms seen by the guest's heartbeat",
             r.result,
             r.from,
             r.to,
             r.total_ms as f64 / 1000.0,
             r.bytes as f64 / f64::from(1 << 20),
             r.rounds,
+            if r.encrypted { ", encrypted (mutual TLS)" } else { ", NOT encrypted" },
             r.downtime_ms.unwrap_or_default(),
             gap.as_secs_f64() * 1000.0
         );

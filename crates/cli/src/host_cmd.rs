@@ -34,6 +34,26 @@ pub enum HostCmd {
     ///
     /// Example: ferry host evacuate hv1 --to hv2 --to hv3
     Evacuate(EvacuateArgs),
+    /// Enrol this host in a cluster with a one-time token (`ferry cluster token --name NAME`
+    /// on the authority): its key is made here and stays here; the certificate names it.
+    ///
+    /// Example: ferry host join --authority 10.0.0.1:7701 --token ferry1.... --listen 10.0.0.2:7700
+    Join {
+        #[command(flatten)]
+        join: crate::cluster_cmd::JoinArgs,
+        /// This host's state directory.
+        #[arg(long, default_value = "/var/lib/ferry")]
+        state_dir: PathBuf,
+        /// Where this host's daemon will listen (host:port), for the cluster document.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Take a host out of the cluster: from now on every part refuses its certificate (on the
+    /// host that holds the authority).
+    Remove {
+        /// The host.
+        name: String,
+    },
     /// (Internal) the monitor a daemon runs each VMM under; it records how the VMM ends.
     #[command(hide = true)]
     Monitor {
@@ -63,9 +83,18 @@ pub struct RunArgs {
     /// This host's name [default: the machine's hostname].
     #[arg(long)]
     name: Option<String>,
-    /// Another host, as NAME=ADDR (its daemon's host:port). Repeat for more.
+    /// Another host, as NAME=ADDR (its daemon's host:port). Repeat for more. (In a cluster the
+    /// cluster document names the hosts.)
     #[arg(long = "peer", value_name = "NAME=ADDR")]
     peers: Vec<String>,
+    /// Serve --listen as plain TCP without a cluster: anyone who reaches it may manage the host.
+    /// Only for a trusted lab network.
+    #[arg(long)]
+    insecure: bool,
+    /// Where the cluster authority's enrolment port listens (on the host that holds it)
+    /// [default: --listen's port + 1].
+    #[arg(long)]
+    enrol_listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -102,6 +131,14 @@ pub struct SetArgs {
     /// offers all again). Applies to VMs started from now on.
     #[arg(long, value_delimiter = ',')]
     cpu_hide: Vec<String>,
+    /// How moves are authorised: `console` (started only on the source host itself, by a local
+    /// admin) or `delegated` (an admin's signed grant names the VM, hosts and disks).
+    #[arg(long, value_parser = ["console", "delegated"])]
+    migration_auth: Option<String>,
+    /// Networks this host trusts to carry migration streams unencrypted (CIDR; repeat), or
+    /// `none`. A stream goes in the clear only on a network both hosts list.
+    #[arg(long = "plaintext-migration-network", value_name = "CIDR|none")]
+    plaintext_networks: Vec<String>,
 }
 
 #[derive(Args)]
@@ -116,11 +153,7 @@ pub struct EvacuateArgs {
     bandwidth_mbit: u64,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
+use crate::cluster_cmd::hostname;
 
 pub fn run(cmd: HostCmd, t: &Targets, json: bool) -> Result<()> {
     match cmd {
@@ -155,6 +188,21 @@ pub fn run(cmd: HostCmd, t: &Targets, json: bool) -> Result<()> {
                     a.migration_networks
                 });
             }
+            if let Some(m) = &a.migration_auth {
+                p.migration_auth = Some(if m == "delegated" {
+                    ferry_api::host::MigrationAuth::Delegated
+                } else {
+                    ferry_api::host::MigrationAuth::Console
+                });
+            }
+            if !a.plaintext_networks.is_empty() {
+                p.plaintext_migration_networks =
+                    Some(if a.plaintext_networks.iter().any(|n| n == "none") {
+                        Vec::new()
+                    } else {
+                        a.plaintext_networks
+                    });
+            }
             if !a.cpu_hide.is_empty() {
                 p.cpu_hide = Some(if a.cpu_hide.iter().any(|f| f == "none") {
                     Vec::new()
@@ -177,6 +225,12 @@ pub fn run(cmd: HostCmd, t: &Targets, json: bool) -> Result<()> {
             })
         }
         HostCmd::Evacuate(a) => rt()?.block_on(evacuate(a, t, json)),
+        HostCmd::Join {
+            join,
+            state_dir,
+            listen,
+        } => crate::cluster_cmd::host_join(join, state_dir, listen, json),
+        HostCmd::Remove { name } => crate::cluster_cmd::remove(t, "host", &name, json),
     }
 }
 
@@ -221,6 +275,8 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         listen: c.listen,
         peers: c.peers,
         ferry: std::env::current_exe().context("finding the ferry binary")?,
+        insecure: a.insecure,
+        enrol_listen: a.enrol_listen,
     };
     rt()?
         .block_on(ferry_hostd::run(opts))
@@ -238,6 +294,19 @@ fn print_host(h: &HostInfo) {
         if s.live_migration { "on" } else { "off" },
         s.max_migrations,
         s.max_storage_moves
+    );
+    println!(
+        "  authorisation:      {:?} (moves {}); plaintext migration on: {}",
+        s.migration_auth,
+        match s.migration_auth {
+            ferry_api::host::MigrationAuth::Console => "start only on this host's console",
+            ferry_api::host::MigrationAuth::Delegated => "need an admin's signed grant",
+        },
+        if s.plaintext_migration_networks.is_empty() {
+            "nowhere (always encrypted)".into()
+        } else {
+            s.plaintext_migration_networks.join(", ")
+        }
     );
     println!(
         "  migration networks: {}",
@@ -293,10 +362,7 @@ fn print_host(h: &HostInfo) {
 
 async fn evacuate(a: EvacuateArgs, t: &Targets, json: bool) -> Result<()> {
     let (name, c) = match &a.host {
-        Some(h) => {
-            let (n, e) = t.resolve(h)?;
-            (n, ferry_hostd::Client::new(e))
-        }
+        Some(h) => t.resolve(h)?,
         None => t.default()?,
     };
     let req = EvacuateRequest {

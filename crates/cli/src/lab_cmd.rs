@@ -97,6 +97,7 @@ fn up(a: UpArgs, json: bool) -> Result<()> {
         dir: a.dir.clone(),
         ferry: Some(ferry),
         persistent: true,
+        insecure: false,
     })?;
     rt()?.block_on(enable_migration(&lab))?;
     let guest = a.dir.join("testguest.elf");

@@ -1,6 +1,7 @@
 //! `ferry`: run, snapshot and restore VMs; write the test guest; benchmarks.
 
 mod bench;
+mod cluster_cmd;
 mod demo;
 mod host_cmd;
 mod lab_cmd;
@@ -51,6 +52,16 @@ enum Cmd {
     /// Move a running VM live to another host: `ferry move web01 --to hv2` (checks first;
     /// `--check` only checks). `ferry move cancel web01` stops a move; the VM stays.
     Move(move_cmd::MoveCmd),
+    /// The cluster: its authority, join tokens, the migration group.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCmd),
+    /// Admins: enrol (with a join token) and remove.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// Who did what on a host, how it was authorised, and every refusal with its reason.
+    Audit,
+    /// Sign a grant for one move with this admin's key (printed; `ferry move` signs its own).
+    Grant(cluster_cmd::GrantArgs),
     /// A lab of hosts on this machine (network namespaces; needs root): up, down, status.
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
@@ -78,6 +89,24 @@ enum Cmd {
     Bench(bench::BenchCmd),
 }
 
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Enrol as an admin with a one-time token (`ferry cluster token --role admin --name N`);
+    /// the key is made here and stays here.
+    Join {
+        #[command(flatten)]
+        join: cluster_cmd::JoinArgs,
+        /// Where the credentials go [default: $FERRY_CREDS or ~/.config/ferry/admin].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Take an admin out of the cluster: their certificate and grants are refused from now on.
+    Remove {
+        /// The admin.
+        name: String,
+    },
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -102,6 +131,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vm(cmd) => vm_cmd::run(cmd, &targets()?, cli.json),
         Cmd::Move(cmd) => move_cmd::run(cmd, &targets()?, cli.json),
         Cmd::Lab(cmd) => lab_cmd::run(cmd, cli.json),
+        Cmd::Cluster(cmd) => cluster_cmd::run(cmd, &targets()?, cli.json),
+        Cmd::Admin(AdminCmd::Join { join, dir }) => cluster_cmd::admin_join(join, dir, cli.json),
+        Cmd::Admin(AdminCmd::Remove { name }) => {
+            cluster_cmd::remove(&targets()?, "admin", &name, cli.json)
+        }
+        Cmd::Audit => cluster_cmd::audit(&targets()?, cli.json),
+        Cmd::Grant(a) => cluster_cmd::grant(a, cli.json),
         Cmd::Vmm(cmd) => vmm_cmd::run(cmd),
         Cmd::Testguest { out } => std::fs::write(&out, ferry_testguest::elf())
             .with_context(|| format!("writing {}", out.display())),

@@ -55,6 +55,9 @@ struct MoveArgs {
     /// Give up after this many seconds (0: never); the VM stays where it is.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Use this grant (a file from `ferry grant`) instead of signing one.
+    #[arg(long)]
+    grant: Option<std::path::PathBuf>,
 }
 
 pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
@@ -100,7 +103,16 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
             None => {
                 let a = cmd.args;
                 let (vm, to) = (a.vm.unwrap_or_default(), a.to.unwrap_or_default());
-                let (_, c, _) = t.find_vm(&vm).await?;
+                let (_, c, info) = t.find_vm(&vm).await?;
+                let grant = match &a.grant {
+                    Some(f) => Some(
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("reading the grant {}", f.display()))?
+                            .trim()
+                            .to_string(),
+                    ),
+                    None => grant_for(t, &info, &to)?,
+                };
                 let req = MoveRequest {
                     vm: vm.clone(),
                     to,
@@ -109,6 +121,7 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                         bandwidth_mbit: a.bandwidth_mbit,
                         timeout_s: a.timeout,
                     },
+                    grant,
                 };
                 if a.check {
                     let r: CheckReport = c.post("/v1/moves/check", &req).await?;
@@ -154,6 +167,37 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
             }
         }
     })
+}
+
+/// How long a grant the CLI signs is valid.
+const GRANT_SECS: i64 = 10 * 60;
+
+/// With an admin's credentials, a grant for exactly this move (the VM, its host, the
+/// destination, its disks; ten minutes; single use), signed with the admin's key. Hosts in
+/// delegated mode require one; hosts in console mode ignore it.
+fn grant_for(t: &Targets, vm: &ferry_api::host::VmInfo, to: &str) -> Result<Option<String>> {
+    let Some(a) = &t.admin else { return Ok(None) };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let claims = ferry_auth::grant::GrantClaims {
+        vm: vm.name.clone(),
+        from: vm.host.clone(),
+        to: t.host_name(to),
+        disks: vm
+            .config
+            .disks
+            .iter()
+            .map(|d| d.path.display().to_string())
+            .collect(),
+        shares: Vec::new(),
+        exp: now + GRANT_SECS,
+        iat: now,
+        jti: ferry_vmm::migration::send::new_migration_id(),
+        admin: a.creds.identity.name.clone(),
+    };
+    Ok(Some(ferry_auth::grant::sign(&a.creds, &claims)?))
 }
 
 fn unreachable_report() -> CheckReport {
@@ -211,6 +255,15 @@ fn print_report(r: &MoveReport) {
             } else {
                 String::new()
             }
+        );
+        println!(
+            "  stream {}; authorised by {}",
+            if r.encrypted {
+                "encrypted (mutual TLS between the hosts)"
+            } else {
+                "NOT encrypted (a network both hosts trust for plaintext migration, or no cluster)"
+            },
+            r.auth.as_deref().unwrap_or("-")
         );
         if let Some(n) = &r.error {
             println!("note: {n}");

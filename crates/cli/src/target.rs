@@ -57,29 +57,134 @@ impl CliConfig {
     }
 }
 
+/// Where an admin's credentials are: `$FERRY_CREDS`, else `~/.config/ferry/admin`.
+pub fn creds_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("FERRY_CREDS") {
+        return d.into();
+    }
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+        .join(".config/ferry/admin")
+}
+
+/// An admin's TLS: credentials and what they trust.
+pub struct AdminTls {
+    pub creds: ferry_auth::Credentials,
+    pub trust: std::sync::Arc<ferry_auth::Trust>,
+    config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+}
+
+impl AdminTls {
+    pub fn load(dir: &std::path::Path) -> Result<AdminTls> {
+        let creds = ferry_auth::Credentials::load(dir)
+            .with_context(|| format!("loading an admin's credentials from {}", dir.display()))?;
+        let trust = std::sync::Arc::new(creds.trust()?);
+        let config = ferry_auth::tls::client_config(&creds, trust.clone())?;
+        Ok(AdminTls {
+            creds,
+            trust,
+            config,
+        })
+    }
+
+    /// A client of host `name` at `e` (TLS for TCP).
+    pub fn client(&self, name: &str, e: Endpoint) -> Result<Client> {
+        Ok(match e {
+            Endpoint::Tcp(_) => Client::with_tls(
+                e,
+                Some(ferry_hostd::transport::ClientTls {
+                    config: self.config.clone(),
+                    server: ferry_auth::tls::server_name(name)?,
+                }),
+            ),
+            e => Client::new(e),
+        })
+    }
+}
+
 /// The daemons a command may talk to.
 pub struct Targets {
     /// `--host` as given.
     pub host: Option<String>,
     pub config: CliConfig,
+    /// An admin's credentials, if there are any (TCP needs them).
+    pub admin: Option<AdminTls>,
 }
 
 impl Targets {
     pub fn new(host: Option<String>) -> Result<Targets> {
         let host = host.or_else(|| std::env::var("FERRY_HOST").ok());
+        let dir = creds_dir();
+        let admin = if ferry_auth::Credentials::exists(&dir) {
+            match AdminTls::load(&dir) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    // Local commands work without them; remote ones say why they cannot.
+                    eprintln!(
+                        "ferry: not using the admin credentials in {}: {e:#}",
+                        dir.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Targets {
             host,
             config: CliConfig::load()?.0,
+            admin,
         })
     }
 
-    /// Resolve a host given by name or address.
-    pub fn resolve(&self, h: &str) -> Result<(String, Endpoint)> {
+    /// A client of host `name` at `e`: mutual TLS with the admin's credentials over TCP.
+    fn client(&self, name: &str, e: Endpoint) -> Result<Client> {
+        match (&e, &self.admin) {
+            (Endpoint::Tcp(_), Some(a)) => a.client(name, e),
+            (Endpoint::Tcp(_), None) if std::env::var("FERRY_INSECURE").is_ok() => Ok(Client::new(e)),
+            (Endpoint::Tcp(a), None) => bail!(
+                "reaching {name} at {a} takes an admin's credentials (none in {}; enrol with `ferry admin join`, or set FERRY_CREDS); a daemon run with --insecure is reached with FERRY_INSECURE=1",
+                creds_dir().display()
+            ),
+            _ => Ok(Client::new(e)),
+        }
+    }
+
+    /// Resolve a host given by name or address to a client.
+    pub fn resolve(&self, h: &str) -> Result<(String, Client)> {
+        let (n, e) = self.resolve_endpoint(h)?;
+        Ok((n.clone(), self.client(&n, e)?))
+    }
+
+    /// The name the cluster knows a host by (for grants): a name, or an address it lists.
+    pub fn host_name(&self, h: &str) -> String {
+        self.admin
+            .as_ref()
+            .and_then(|a| {
+                a.trust
+                    .doc()
+                    .hosts
+                    .into_iter()
+                    .find(|m| m.addr == h)
+                    .map(|m| m.name)
+            })
+            .unwrap_or_else(|| h.to_string())
+    }
+
+    fn resolve_endpoint(&self, h: &str) -> Result<(String, Endpoint)> {
         if let Some(a) = self.config.hosts.get(h) {
             let e = Endpoint::parse(a).with_context(|| {
                 format!("host {h}'s address {a:?} in the CLI config is not unix:PATH or host:port")
             })?;
             return Ok((h.into(), e));
+        }
+        if let Some(a) = &self.admin {
+            let doc = a.trust.doc();
+            if let Some(m) = doc.host(h) {
+                return Ok((m.name.clone(), Endpoint::Tcp(m.addr.clone())));
+            }
+            if let Some(m) = doc.hosts.iter().find(|m| m.addr == h) {
+                return Ok((m.name.clone(), Endpoint::Tcp(m.addr.clone())));
+            }
         }
         match Endpoint::parse(h) {
             Some(e) => Ok((h.into(), e)),
@@ -99,32 +204,63 @@ impl Targets {
 
     /// The daemon a host-level command talks to.
     pub fn default(&self) -> Result<(String, Client)> {
-        let (name, e) = match (&self.host, &self.config.default) {
-            (Some(h), _) => self.resolve(h)?,
-            (None, Some(d)) => self.resolve(d)?,
+        match (&self.host, &self.config.default) {
+            (Some(h), _) => self.resolve(h),
+            (None, Some(d)) => self.resolve(d),
             (None, None) => match self.config.hosts.iter().next() {
-                Some((n, _)) if self.config.hosts.len() == 1 => self.resolve(n)?,
-                _ => ("local".into(), Endpoint::Unix(DEFAULT_SOCKET.into())),
+                Some((n, _)) if self.config.hosts.len() == 1 => self.resolve(n),
+                _ => Ok((
+                    "local".into(),
+                    Client::new(Endpoint::Unix(DEFAULT_SOCKET.into())),
+                )),
             },
-        };
-        Ok((name, Client::new(e)))
+        }
     }
 
     /// Every host the CLI knows (for finding a VM).
     fn all(&self) -> Result<Vec<(String, Client)>> {
+        if self.host.is_none() && self.config.hosts.is_empty() {
+            // An admin's cluster document names every host.
+            if let Some(a) = &self.admin {
+                let hosts = a.trust.doc().hosts;
+                if !hosts.is_empty() {
+                    return hosts.iter().map(|m| self.resolve(&m.name)).collect();
+                }
+            }
+        }
         if self.host.is_some() || self.config.hosts.is_empty() {
             return Ok(vec![self.default()?]);
         }
-        self.config
-            .hosts
-            .keys()
-            .map(|n| self.resolve(n).map(|(n, e)| (n, Client::new(e))))
-            .collect()
+        self.config.hosts.keys().map(|n| self.resolve(n)).collect()
+    }
+
+    /// Bring the admin's copy of the cluster document up to date (it names the hosts), from
+    /// the first host that answers.
+    pub async fn refresh_doc(&self) {
+        let Some(a) = &self.admin else { return };
+        for m in a.trust.doc().hosts {
+            let Ok(c) = a.client(&m.name, Endpoint::Tcp(m.addr.clone())) else {
+                continue;
+            };
+            let c = c.with_timeout(std::time::Duration::from_secs(3));
+            if let Ok(p) = c
+                .get::<ferry_api::cluster::DocPush>("/v1/cluster/doc")
+                .await
+            {
+                if let Ok(true) = a.trust.update(&p.doc) {
+                    let _ = a.creds.save_doc(&p.doc);
+                }
+                return;
+            }
+        }
     }
 
     /// The daemon that owns VM `name` (with `--host`, that host; else every known host is
     /// asked, and the one that has it, not as an arriving copy, answers).
     pub async fn find_vm(&self, name: &str) -> Result<(String, Client, VmInfo)> {
+        if self.host.is_none() && self.config.hosts.is_empty() {
+            self.refresh_doc().await;
+        }
         let mut errors = Vec::new();
         let mut arriving = None;
         for (h, c) in self.all()? {

@@ -187,7 +187,7 @@ async fn list(t: &Targets, json: bool) -> Result<()> {
         t.config
             .hosts
             .keys()
-            .map(|n| t.resolve(n).map(|(n, e)| (n, ferry_hostd::Client::new(e))))
+            .map(|n| t.resolve(n))
             .collect::<Result<_>>()?
     };
     let mut all = Vec::new();

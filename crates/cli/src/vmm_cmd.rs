@@ -87,6 +87,12 @@ pub struct ReceiveArgs {
     /// Serve the control API on this unix socket (once the VM has arrived).
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Require mutual TLS with this host's credentials (a `ferry host` tls directory)...
+    #[arg(long, requires = "expect_peer")]
+    tls_dir: Option<PathBuf>,
+    /// ...from the source host of this name.
+    #[arg(long, requires = "tls_dir")]
+    expect_peer: Option<String>,
 }
 
 #[derive(Args)]
@@ -116,6 +122,13 @@ pub struct MigrateArgs {
     /// the guest paused and keeps asking).
     #[arg(long, default_value_t = 30)]
     wait_in_doubt: u64,
+    /// Encrypt the stream (mutual TLS) with this host's credentials (a `ferry host` tls
+    /// directory)...
+    #[arg(long, requires = "tls_peer")]
+    tls_dir: Option<PathBuf>,
+    /// ...to the destination host of this name.
+    #[arg(long, requires = "tls_dir")]
+    tls_peer: Option<String>,
     /// Print progress and the report as JSON lines.
     #[arg(long)]
     json: bool,
@@ -313,10 +326,18 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
                 (Some(addr), None) => Listen::Addr(addr),
                 (None, None) => bail!("give --listen ADDR or --listen-fd N"),
             };
+            let tls = match (&a.tls_dir, &a.expect_peer) {
+                (Some(d), Some(p)) => Some(
+                    ferry_vmm::migration::transport::MigrationTls::load(d, p)
+                        .with_context(|| format!("loading TLS credentials from {}", d.display()))?,
+                ),
+                _ => None,
+            };
             let ropts = ReceiveOptions {
                 accept_timeout: (a.timeout > 0).then(|| std::time::Duration::from_secs(a.timeout)),
                 expect_id: a.expect_id,
                 record: a.record,
+                tls,
             };
             let opts = RunOptions {
                 api: a.api,
@@ -346,6 +367,10 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             OnTimeout::Cancel
         },
         migration_id: a.id.unwrap_or_default(),
+        tls: match (a.tls_dir, a.tls_peer) {
+            (Some(dir), Some(peer)) => Some(ferry_api::MigrationTls { dir, peer }),
+            _ => None,
+        },
     };
     let mut last: Option<MigrationProgress> = None;
     let mut error = None;

@@ -9,11 +9,9 @@ use ferry_api::host::{CheckItem, CheckReport, IncomingCheck, IncomingCheckReply,
 use ferry_api::NetBackend;
 use ipnet::Ipv4Net;
 
-use crate::client::Client;
 use crate::daemon::{protocol_range, Daemon};
 use crate::error::{ApiError, ApiResult};
 use crate::hostinfo;
-use crate::transport::Endpoint;
 
 fn item(name: &str, ok: bool, detail: String, fix: Option<String>) -> CheckItem {
     CheckItem {
@@ -49,6 +47,25 @@ pub fn incoming(d: &Daemon, req: &IncomingCheck) -> IncomingCheckReply {
         },
         Some(format!("ferry --host {me} host set --live-migration on")),
     ));
+    if let Some(sec) = &d.security {
+        let ok = sec.in_group(me) && sec.in_group(&req.from);
+        checks.push(item(
+            "migration group (destination)",
+            ok,
+            if ok {
+                format!(
+                    "{me} takes moves from {}: both are in the migration group",
+                    req.from
+                )
+            } else {
+                format!("{me} takes moves only between hosts of the migration group")
+            },
+            Some(format!(
+                "`ferry cluster migration-group add {} {me}`",
+                req.from
+            )),
+        ));
+    }
     let ours = protocol_range();
     let overlap = req.protocol.min <= ours.max && ours.min <= req.protocol.max;
     checks.push(item(
@@ -231,8 +248,10 @@ pub fn incoming_request(d: &Daemon, vm: &str) -> ApiResult<IncomingCheck> {
     config.serial2 = ferry_api::SerialBackend::Null;
     let cpu_features = v.record.cpu_features.clone();
     drop(g);
+    let plaintext_networks = d.lock().settings.plaintext_migration_networks.clone();
     Ok(IncomingCheck {
         vm: vm.into(),
+        plaintext_networks,
         config,
         cpu_features,
         from: d.name.clone(),
@@ -279,8 +298,31 @@ pub async fn check_move(
             _ => format!("start {vm} first (`ferry vm start {vm}`); only a running VM moves live"),
         }),
     ));
+    if let Some(sec) = &d.security {
+        let both = sec.in_group(&me) && sec.in_group(&to_name);
+        let outside: Vec<&str> = [me.as_str(), to_name.as_str()]
+            .into_iter()
+            .filter(|h| !sec.in_group(h))
+            .collect();
+        checks.push(item(
+            "migration group",
+            both,
+            if both {
+                format!("{me} and {to_name} are in the cluster's migration group")
+            } else {
+                format!(
+                    "not in the cluster's migration group: {}",
+                    outside.join(", ")
+                )
+            },
+            Some(format!(
+                "an admin adds them: `ferry cluster migration-group add {}`",
+                outside.join(" ")
+            )),
+        ));
+    }
     let req = incoming_request(d, vm)?;
-    let client = Client::new(Endpoint::Tcp(to_addr.clone()));
+    let client = d.client_for(&to_name, &to_addr);
     match client
         .post::<_, IncomingCheckReply>("/v1/incoming/check", &req)
         .await

@@ -12,7 +12,10 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::transport::{self, Conn, Endpoint};
+use crate::transport::{self, ClientTls, Conn, Endpoint};
+
+/// The header that carries a side's cluster document version.
+pub const CLUSTER_VERSION: &str = "ferry-cluster-version";
 
 /// How long a plain request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -80,15 +83,36 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     to: Endpoint,
+    tls: Option<ClientTls>,
     timeout: Duration,
+    /// Sent as `ferry-cluster-version` with every request, so the daemon can see this side
+    /// has a newer cluster document.
+    cluster_version: Option<u64>,
 }
 
 impl Client {
+    /// A client of `to` (plain TCP, or the local socket).
     pub fn new(to: Endpoint) -> Client {
         Client {
             to,
+            tls: None,
             timeout: REQUEST_TIMEOUT,
+            cluster_version: None,
         }
+    }
+
+    /// A client of `to` over mutual TLS.
+    pub fn with_tls(to: Endpoint, tls: Option<ClientTls>) -> Client {
+        Client {
+            tls,
+            ..Client::new(to)
+        }
+    }
+
+    /// Tell the other side which cluster document this side has.
+    pub fn with_cluster_version(mut self, v: u64) -> Client {
+        self.cluster_version = Some(v);
+        self
     }
 
     /// With another per-request timeout.
@@ -102,7 +126,7 @@ impl Client {
     }
 
     async fn conn(&self) -> Result<Conn, ClientError> {
-        transport::connect(&self.to)
+        transport::connect(&self.to, self.tls.as_ref())
             .await
             .map_err(|source| ClientError::Connect {
                 to: self.to.to_string(),
@@ -131,6 +155,9 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "ferry");
+        if let Some(v) = self.cluster_version {
+            req = req.header(CLUSTER_VERSION, v.to_string());
+        }
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }

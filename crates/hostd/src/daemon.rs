@@ -82,6 +82,10 @@ pub struct Daemon {
     /// CPU features KVM offers here (before the host's `cpu_hide`).
     pub kvm_features: Vec<String>,
     pub cpu_model: String,
+    /// Its place in the cluster (credentials, trust, TLS configs, maybe the authority); None
+    /// for a daemon that has not joined one (it then serves only its local socket, unless run
+    /// with --insecure).
+    pub security: Option<crate::security::Security>,
     inner: Mutex<Inner>,
     /// Woken whenever a migration slot frees or a move changes, so queued moves look again.
     pub moves_changed: Notify,
@@ -117,6 +121,7 @@ impl Daemon {
         peers: BTreeMap<String, String>,
         listen: Option<String>,
         kvm_features: Vec<String>,
+        security: Option<crate::security::Security>,
     ) -> Result<Daemon, state::StateError> {
         let settings: HostSettings = state::read_json(&state.settings_path())?.unwrap_or_default();
         let d = Daemon {
@@ -125,6 +130,7 @@ impl Daemon {
             peers,
             listen,
             kvm_features,
+            security,
             cpu_model: hostinfo::cpu_model(),
             inner: Mutex::new(Inner {
                 settings,
@@ -297,6 +303,13 @@ impl Daemon {
                     )));
                 }
                 s.cpu_hide = v;
+            }
+            if let Some(v) = p.migration_auth {
+                s.migration_auth = v;
+            }
+            if let Some(v) = p.plaintext_migration_networks {
+                hostinfo::parse_nets(&v).map_err(ApiError::bad_request)?;
+                s.plaintext_migration_networks = v;
             }
             state::write_json(&self.state.settings_path(), &s)?;
             tracing::info!("settings changed: {s:?}");
@@ -727,6 +740,15 @@ impl Daemon {
 
     /// A peer's daemon address: a known name, or `host:port` as given.
     pub fn resolve_host(&self, to: &str) -> ApiResult<(String, String)> {
+        if let Some(sec) = &self.security {
+            let doc = sec.trust.doc();
+            if let Some(m) = doc.host(to) {
+                return Ok((m.name.clone(), m.addr.clone()));
+            }
+            if let Some(m) = doc.hosts.iter().find(|m| m.addr == to) {
+                return Ok((m.name.clone(), m.addr.clone()));
+            }
+        }
         if let Some(a) = self.peers.get(to) {
             return Ok((to.into(), a.clone()));
         }
@@ -739,14 +761,25 @@ impl Daemon {
                 self.name
             )));
         }
-        if crate::transport::Endpoint::parse(to)
-            .is_some_and(|e| matches!(e, crate::transport::Endpoint::Tcp(_)))
+        if self.security.is_none()
+            && crate::transport::Endpoint::parse(to)
+                .is_some_and(|e| matches!(e, crate::transport::Endpoint::Tcp(_)))
         {
             return Ok((to.into(), to.into()));
         }
-        let known: Vec<&str> = self.peers.keys().map(|s| s.as_str()).collect();
+        let mut known: Vec<String> = self.peers.keys().cloned().collect();
+        if let Some(sec) = &self.security {
+            known.extend(
+                sec.trust
+                    .doc()
+                    .hosts
+                    .into_iter()
+                    .map(|m| m.name)
+                    .filter(|n| n != &self.name),
+            );
+        }
         Err(ApiError::bad_request(format!(
-            "unknown host {to:?}: {} knows {} (give a peer's name, or its daemon's host:port; add peers with `ferry host run --peer NAME=ADDR`)",
+            "unknown host {to:?}: {} knows {} (give a host of the cluster by name, or a peer's name or address; add peers with `ferry host run --peer NAME=ADDR`)",
             self.name,
             if known.is_empty() {
                 "no peers".to_string()
@@ -754,6 +787,17 @@ impl Daemon {
                 known.join(", ")
             }
         )))
+    }
+}
+
+impl Daemon {
+    /// A client of host `name`'s daemon at `addr`: mutual TLS when this host is in a cluster.
+    pub fn client_for(&self, name: &str, addr: &str) -> crate::client::Client {
+        let e = crate::transport::Endpoint::Tcp(addr.into());
+        match &self.security {
+            Some(s) => crate::client::Client::with_tls(e, s.client_tls(name).ok()),
+            None => crate::client::Client::new(e),
+        }
     }
 }
 

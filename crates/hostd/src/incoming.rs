@@ -17,10 +17,14 @@ use ferry_api::Outcome;
 use ferry_migration::OutcomeRecord;
 use serde::{Deserialize, Serialize};
 
+use axum::http::StatusCode;
+use ferry_api::host::MigrationAuth;
+
 use crate::check;
 use crate::daemon::{reap, Daemon, Live, VmEntry, VmRecord};
 use crate::error::{ApiError, ApiResult};
 use crate::state;
+use crate::transport::Peer;
 use crate::vmm;
 
 /// An arriving move, in memory.
@@ -74,9 +78,133 @@ pub fn settle(d: &Daemon, id: &str, by: &str) -> ApiResult<Outcome> {
     Ok(o)
 }
 
+/// Whether `req` may arrive from `peer`: the source host itself (by its certificate), and in
+/// delegated mode only inside a valid, unused grant. Returns how it was authorised.
+fn authorise(d: &Daemon, req: &IncomingRequest, peer: &Peer) -> ApiResult<String> {
+    let Some(sec) = &d.security else {
+        return Ok("no cluster (insecure)".into());
+    };
+    let from = &req.check.from;
+    match peer {
+        Peer::Cert { identity, .. } if crate::security::is_host(identity, from) => {}
+        Peer::Cert { identity, .. } => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("{identity} may not send a VM in the name of host {from}"),
+            ))
+        }
+        p => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "only a host of the cluster may send VMs here, not {}",
+                    p.describe()
+                ),
+            ))
+        }
+    }
+    if d.lock().settings.migration_auth != MigrationAuth::Delegated {
+        return Ok(format!(
+            "console mode; source {from} is in the migration group"
+        ));
+    }
+    let token = req.grant.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "grant_required",
+            format!(
+                "{} takes moves only with an admin's grant (migration auth: delegated); move with `ferry move` as an admin",
+                d.name
+            ),
+        )
+    })?;
+    let refuse = |m: String| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "grant_refused",
+            format!("grant refused: {m}"),
+        )
+    };
+    let (g, admin) = ferry_auth::grant::verify(token, &sec.trust).map_err(|e| {
+        refuse(
+            e.to_string()
+                .trim_start_matches("grant refused: ")
+                .to_string(),
+        )
+    })?;
+    if g.to != d.name {
+        return Err(refuse(format!(
+            "it is for a move to {}, not to {}",
+            g.to, d.name
+        )));
+    }
+    if &g.from != from {
+        return Err(refuse(format!(
+            "it is for a move from {}, not from {from}",
+            g.from
+        )));
+    }
+    if g.vm != req.check.vm {
+        return Err(refuse(format!(
+            "it is for VM {}, not {}",
+            g.vm, req.check.vm
+        )));
+    }
+    for disk in &req.check.config.disks {
+        let p = disk.path.display().to_string();
+        if !g.disks.contains(&p) {
+            return Err(refuse(format!("it does not name disk {p}")));
+        }
+    }
+    spend(d, &g.jti, g.exp).map_err(refuse)?;
+    Ok(format!("grant {} signed by {admin}", g.jti))
+}
+
+static GRANTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Spend a grant's id: refused if it was seen before (kept until it expires).
+fn spend(d: &Daemon, jti: &str, exp: i64) -> Result<(), String> {
+    let _g = GRANTS.lock().unwrap_or_else(|e| e.into_inner());
+    let path = d.state.root.join("grants-used.json");
+    let mut used: std::collections::BTreeMap<String, i64> =
+        state::read_json(&path).ok().flatten().unwrap_or_default();
+    let now = (vmm::now_ms() / 1000) as i64;
+    used.retain(|_, e| *e + 60 > now);
+    if used.contains_key(jti) {
+        return Err(format!("grant {jti} was used already; a grant works once"));
+    }
+    used.insert(jti.into(), exp);
+    state::write_json(&path, &used).map_err(|e| e.to_string())
+}
+
 /// `POST /v1/incoming`: check, take a slot, define the VM as arriving, start a VMM that
 /// receives it on a fresh port of the migration network.
-pub async fn start(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<IncomingReply> {
+pub async fn start(d: &Arc<Daemon>, req: IncomingRequest, peer: &Peer) -> ApiResult<IncomingReply> {
+    let what = format!(
+        "receive {} from {} (move {})",
+        req.check.vm, req.check.from, req.move_id
+    );
+    let auth = match authorise(d, &req, peer) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::audit::record(&d.state.root, peer, &what, Some(&e.body.error), None);
+            return Err(e);
+        }
+    };
+    let r = start_authorised(d, req).await;
+    crate::audit::record(
+        &d.state.root,
+        peer,
+        &what,
+        r.as_ref().err().map(|e| e.body.error.as_str()),
+        Some(&auth),
+    );
+    r
+}
+
+async fn start_authorised(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<IncomingReply> {
     let id = req.move_id.clone();
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(ApiError::bad_request(format!("{id:?} is not a move id")));
@@ -182,7 +310,16 @@ pub async fn start(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<IncomingR
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let args = vec![
+    // In the clear only where both hosts trust the network for it.
+    let trusted = |nets: &[String]| {
+        let nets = crate::hostinfo::parse_nets(nets).unwrap_or_default();
+        ip.parse()
+            .is_ok_and(|a| !nets.is_empty() && crate::hostinfo::allowed(&nets, a))
+    };
+    let plaintext = d.security.is_none()
+        || (trusted(&d.lock().settings.plaintext_migration_networks)
+            && trusted(&req.check.plaintext_networks));
+    let mut args: Vec<std::ffi::OsString> = vec![
         "vmm".into(),
         "receive".into(),
         "--listen-fd".into(),
@@ -200,6 +337,14 @@ pub async fn start(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<IncomingR
         "--serial2".into(),
         format!("unix:{}", run.con2().display()).into(),
     ];
+    if !plaintext {
+        args.extend([
+            "--tls-dir".into(),
+            crate::security::tls_dir(&d.state.root).into_os_string(),
+            "--expect-peer".into(),
+            req.check.from.clone().into(),
+        ]);
+    }
     match vmm::spawn(
         &d.ferry,
         &run,
@@ -214,7 +359,10 @@ pub async fn start(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<IncomingR
         req.check.from
     );
     tokio::spawn(watch(d.clone(), id));
-    Ok(IncomingReply { listen })
+    Ok(IncomingReply {
+        listen,
+        encrypted: !plaintext,
+    })
 }
 
 /// Follow an arriving move until its outcome is decided, then make it so: the VM becomes this
@@ -337,6 +485,24 @@ pub fn info(d: &Daemon, id: &str) -> ApiResult<IncomingInfo> {
         state: r.state,
     })
     .ok_or_else(|| ApiError::not_found(format!("{} knows no arriving move {id}", d.name)))
+}
+
+/// Only the move's source host (or this host's own admin) may settle or abort it.
+pub fn may_decide(d: &Daemon, id: &str, peer: &Peer) -> ApiResult<()> {
+    let from = info(d, id).map(|i| i.from).ok();
+    match (peer, from) {
+        (Peer::Local { uid: 0 } | Peer::Insecure(_), _) => Ok(()),
+        (Peer::Cert { identity, .. }, Some(f)) if crate::security::is_host(identity, &f) => Ok(()),
+        (Peer::Cert { identity, .. }, _) if identity.role == ferry_auth::Role::Admin => Ok(()),
+        (p, _) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} may not settle move {id}: only its source host may",
+                p.describe()
+            ),
+        )),
+    }
 }
 
 /// `POST /v1/incoming/{id}/settle`.

@@ -10,14 +10,17 @@
 //! - [`routes`], [`server`], [`error`]: the API; [`transport`], [`client`]: the one place
 //!   connections are made and accepted (mutual TLS will wrap it).
 
+pub mod audit;
 pub mod check;
 pub mod client;
+pub mod cluster;
 pub mod daemon;
 pub mod error;
 pub mod hostinfo;
 pub mod incoming;
 pub mod moves;
 pub mod routes;
+pub mod security;
 pub mod server;
 pub mod state;
 pub mod transport;
@@ -42,6 +45,11 @@ pub struct Options {
     pub peers: BTreeMap<String, String>,
     /// The `ferry` binary that VMMs run from.
     pub ferry: PathBuf,
+    /// Serve `listen` over plain TCP without a cluster (a trusted lab network only).
+    pub insecure: bool,
+    /// Where the cluster authority's enrolment port listens (default: `listen`'s port + 1), on
+    /// the host that holds the authority.
+    pub enrol_listen: Option<String>,
 }
 
 /// Why the daemon could not run.
@@ -55,6 +63,10 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
+    #[error("{name} has not joined a cluster, so it cannot serve {listen} over mutual TLS: join one (`ferry host join --authority ADDR --token T`, or `ferry cluster init` on the first host), or pass --insecure to serve plain TCP on a trusted network")]
+    NotJoined { name: String, listen: String },
 }
 
 /// Run a daemon until SIGINT or SIGTERM. Its VMMs keep running after it stops.
@@ -74,6 +86,15 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         })
         .unwrap_or_default();
     let sock = state.socket();
+    let security = security::Security::load(&state.root, &o.name)?;
+    if let (None, Some(l), false) = (&security, &o.listen, o.insecure) {
+        return Err(RunError::NotJoined {
+            name: o.name.clone(),
+            listen: l.clone(),
+        });
+    }
+    let server_tls = security.as_ref().map(|s| s.server.clone());
+    let enrolment_tls = security.as_ref().and_then(|s| s.enrolment.clone());
     let d = Arc::new(daemon::Daemon::new(
         o.name.clone(),
         state,
@@ -81,6 +102,7 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         o.peers.clone(),
         o.listen.clone(),
         features,
+        security,
     )?);
     let unix = transport::Listener::unix(sock.clone())
         .await
@@ -90,7 +112,7 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         })?;
     let tcp = match &o.listen {
         Some(a) => Some(
-            transport::Listener::tcp(a)
+            transport::Listener::tcp(a, server_tls.clone())
                 .await
                 .map_err(|source| RunError::Listen {
                     what: a.clone(),
@@ -99,9 +121,31 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         ),
         None => None,
     };
+    let enrol = match (
+        &enrolment_tls,
+        o.enrol_listen
+            .clone()
+            .or_else(|| o.listen.as_deref().and_then(cluster::enrolment_addr)),
+    ) {
+        (Some(cfg), Some(a)) => Some(
+            transport::Listener::tcp(&a, Some(cfg.clone()))
+                .await
+                .map_err(|source| RunError::Listen {
+                    what: a.clone(),
+                    source,
+                })?,
+        ),
+        _ => None,
+    };
+    // VMs found running again: ask each for its state before answering anyone.
+    let names: Vec<String> = d.lock().vms.keys().cloned().collect();
+    for n in names {
+        d.refresh(&n).await;
+    }
     incoming::recover(&d);
     moves::recover(&d);
     tokio::spawn(d.clone().supervise());
+    tokio::spawn(cluster::keep_current(d.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let router = routes::router(d.clone());
     let mut servers = vec![tokio::spawn(server::serve(
@@ -110,7 +154,15 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         stop_rx.clone(),
     ))];
     if let Some(t) = tcp {
-        servers.push(tokio::spawn(server::serve(t, router, stop_rx)));
+        servers.push(tokio::spawn(server::serve(t, router, stop_rx.clone())));
+    }
+    if let Some(e) = enrol {
+        tracing::info!("cluster authority: enrolment on {}", e.describe());
+        servers.push(tokio::spawn(server::serve(
+            e,
+            cluster::enrolment_routes(d.clone()),
+            stop_rx,
+        )));
     }
     let vms = d.vms().len();
     tracing::info!(

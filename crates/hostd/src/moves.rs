@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use ferry_api::host::{
     CheckReport, EvacuateInfo, EvacuateRequest, IncomingInfo, IncomingReply, IncomingRequest,
-    IncomingState, MoveInfo, MoveReport, MoveRequest, MoveSettings, MoveState, SettleReply,
-    Skipped, VmState,
+    IncomingState, MigrationAuth, MoveInfo, MoveReport, MoveRequest, MoveSettings, MoveState,
+    SettleReply, Skipped, VmState,
 };
 use ferry_api::{
     MigrateSettings, MigrationPhase, MigrationProgress, Outcome, Request, Response, ResponseBody,
@@ -43,7 +43,7 @@ use crate::client::Client;
 use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult};
 use crate::state;
-use crate::transport::Endpoint;
+use crate::transport::Peer;
 use crate::vmm;
 
 /// How long the destination's daemon may be unreachable during a move before it is given up.
@@ -63,6 +63,12 @@ pub struct OutMove {
     pub holds_slot: bool,
     pub started: Instant,
     pub queued_ms: u64,
+    /// The admin's grant, passed on to the destination.
+    pub grant: Option<String>,
+    /// How the move was authorised, for the report.
+    pub auth: String,
+    /// Whether the migration stream is encrypted.
+    pub encrypted: bool,
 }
 
 /// What the state directory keeps of a move sent from here.
@@ -149,8 +155,89 @@ fn persist(d: &Daemon, id: &str, state: MoveState, report: Option<MoveReport>) {
     }
 }
 
-/// `POST /v1/moves`: check, then start (or queue) a move.
-pub async fn start(d: &Arc<Daemon>, req: MoveRequest) -> ApiResult<MoveInfo> {
+fn forbidden(code: &str, m: String) -> ApiError {
+    ApiError::new(axum::http::StatusCode::FORBIDDEN, code, m)
+}
+
+/// Whether `peer` may start this move here: in console mode only from this host itself (its
+/// local socket, as root); in delegated mode only with a valid grant for exactly this move.
+/// Returns how it was authorised.
+fn authorise(d: &Daemon, req: &MoveRequest, peer: &Peer) -> ApiResult<String> {
+    let mode = d.lock().settings.migration_auth;
+    match mode {
+        MigrationAuth::Console => match peer {
+            Peer::Local { uid: 0 } => Ok(format!("console: a local admin on {}", d.name)),
+            Peer::Insecure(_) if d.security.is_none() => Ok("no cluster (insecure)".into()),
+            p => Err(forbidden(
+                "console_only",
+                format!(
+                    "{} accepts moves only from its own console (migration auth: console), not from {}: run `ferry move` on {}, or allow signed grants with `ferry --host {} host set --migration-auth delegated`",
+                    d.name,
+                    p.describe(),
+                    d.name,
+                    d.name
+                ),
+            )),
+        },
+        MigrationAuth::Delegated => {
+            let sec = d.security.as_ref().ok_or_else(|| {
+                forbidden("grant_refused", format!("{} is in no cluster: it cannot check grants", d.name))
+            })?;
+            let token = req.grant.as_deref().ok_or_else(|| {
+                forbidden(
+                    "grant_required",
+                    format!("{} starts moves only with an admin's grant (migration auth: delegated)", d.name),
+                )
+            })?;
+            let refuse = |m: String| forbidden("grant_refused", format!("grant refused: {m}"));
+            let (g, admin) = ferry_auth::grant::verify(token, &sec.trust)
+                .map_err(|e| refuse(e.to_string().trim_start_matches("grant refused: ").to_string()))?;
+            let (to, _) = d.resolve_host(&req.to)?;
+            if g.from != d.name {
+                return Err(refuse(format!("it is for a move from {}, not from {}", g.from, d.name)));
+            }
+            if g.to != to {
+                return Err(refuse(format!("it is for a move to {}, not to {to}", g.to)));
+            }
+            if g.vm != req.vm {
+                return Err(refuse(format!("it is for VM {}, not {}", g.vm, req.vm)));
+            }
+            let disks: Vec<String> = d
+                .lock()
+                .vms
+                .get(&req.vm)
+                .map(|v| v.record.config.disks.iter().map(|x| x.path.display().to_string()).collect())
+                .unwrap_or_default();
+            if let Some(p) = disks.iter().find(|p| !g.disks.contains(p)) {
+                return Err(refuse(format!("it does not name disk {p}")));
+            }
+            Ok(format!("grant {} signed by {admin}", g.jti))
+        }
+    }
+}
+
+/// `POST /v1/moves`: authorise, check, then start (or queue) a move.
+pub async fn start(d: &Arc<Daemon>, req: MoveRequest, peer: &Peer) -> ApiResult<MoveInfo> {
+    let what = format!("move {} to {}", req.vm, req.to);
+    let auth = match authorise(d, &req, peer) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::audit::record(&d.state.root, peer, &what, Some(&e.body.error), None);
+            return Err(e);
+        }
+    };
+    let r = start_authorised(d, req, auth.clone()).await;
+    crate::audit::record(
+        &d.state.root,
+        peer,
+        &what,
+        r.as_ref().err().map(|e| e.body.error.as_str()),
+        Some(&auth),
+    );
+    r
+}
+
+async fn start_authorised(d: &Arc<Daemon>, req: MoveRequest, auth: String) -> ApiResult<MoveInfo> {
     let report = check::check_move(d, &req.vm, &req.to, None).await?;
     if !report.ok {
         return Err(
@@ -168,10 +255,15 @@ pub async fn start(d: &Arc<Daemon>, req: MoveRequest) -> ApiResult<MoveInfo> {
             },
         );
     }
-    begin(d, &req, report)
+    begin(d, &req, report, auth)
 }
 
-fn begin(d: &Arc<Daemon>, req: &MoveRequest, report: CheckReport) -> ApiResult<MoveInfo> {
+fn begin(
+    d: &Arc<Daemon>,
+    req: &MoveRequest,
+    report: CheckReport,
+    auth: String,
+) -> ApiResult<MoveInfo> {
     let (to_name, to_addr) = d.resolve_host(&req.to)?;
     let id = new_id();
     let info = MoveInfo {
@@ -212,6 +304,9 @@ fn begin(d: &Arc<Daemon>, req: &MoveRequest, report: CheckReport) -> ApiResult<M
                 holds_slot: false,
                 started: Instant::now(),
                 queued_ms: 0,
+                grant: req.grant.clone(),
+                auth,
+                encrypted: false,
             },
         );
         prune(&mut g);
@@ -292,11 +387,13 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
     }) else {
         return Ending::failed("the move vanished");
     };
-    let dest = Client::new(Endpoint::Tcp(to_addr.clone())).with_timeout(Duration::from_secs(15));
+    let dest = d
+        .client_for(&to, &to_addr)
+        .with_timeout(Duration::from_secs(15));
     let queued_at = Instant::now();
     // The check that let the move start is fresh unless the move had to wait.
     let mut waited = false;
-    let listen = loop {
+    let (listen, encrypted) = loop {
         if cancelled(d, id) {
             return Ending {
                 state: MoveState::Cancelled,
@@ -338,6 +435,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             Ok(check) => IncomingRequest {
                 move_id: id.into(),
                 check,
+                grant: d.lock().outgoing.get(id).and_then(|m| m.grant.clone()),
             },
             Err(e) => {
                 set_slot(d, id, false);
@@ -351,7 +449,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
                     r.listen,
                     queued_at.elapsed()
                 );
-                break r.listen;
+                break (r.listen, r.encrypted);
             }
             Err(e) if e.code() == Some("busy") => {
                 waited = true;
@@ -371,6 +469,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
     if let Some(m) = d.lock().outgoing.get_mut(id) {
         m.queued_ms = queued_at.elapsed().as_millis() as u64;
         m.started = Instant::now();
+        m.encrypted = encrypted;
     }
     // From here the VMM may commit the move: record it first, so a restarted daemon settles it.
     persist(d, id, MoveState::Migrating, None);
@@ -383,6 +482,10 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         timeout_s: settings.timeout_s,
         on_timeout: ferry_api::OnTimeout::Cancel,
         migration_id: id.into(),
+        tls: encrypted.then(|| ferry_api::MigrationTls {
+            dir: crate::security::tls_dir(&d.state.root),
+            peer: to.clone(),
+        }),
     };
     let stream = vmm::open(
         &api,
@@ -590,12 +693,16 @@ async fn vmm_gone(
 
 /// Record how a move ended; a VM that left is removed from here.
 async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
-    let Some((vm, to, started, queued_ms)) = d
-        .lock()
-        .outgoing
-        .get(id)
-        .map(|m| (m.info.vm.clone(), m.info.to.clone(), m.started, m.queued_ms))
-    else {
+    let Some((vm, to, started, queued_ms, encrypted, auth)) = d.lock().outgoing.get(id).map(|m| {
+        (
+            m.info.vm.clone(),
+            m.info.to.clone(),
+            m.started,
+            m.queued_ms,
+            m.encrypted,
+            m.auth.clone(),
+        )
+    }) else {
         return;
     };
     tracing::debug!("move {id}: the VMM reported {:?}", e.state);
@@ -636,6 +743,8 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         } else {
             d.name.clone()
         },
+        encrypted: encrypted && e.progress.is_some(),
+        auth: (!auth.is_empty()).then_some(auth),
     };
     set_slot(d, id, false);
     let info = update(d, id, |i| {
@@ -721,8 +830,31 @@ pub fn subscribe(d: &Daemon, id: &str) -> ApiResult<watch::Receiver<MoveInfo>> {
 }
 
 /// `POST /v1/evacuate`: a move for every running VM, to the destination with the most room
-/// whose check passes; the VMs no destination takes are listed with the reasons.
-pub async fn evacuate(d: &Arc<Daemon>, req: EvacuateRequest) -> ApiResult<EvacuateInfo> {
+/// whose check passes; the VMs no destination takes are listed with the reasons. Only from the
+/// host's own console: an evacuation moves VMs no single grant names.
+pub async fn evacuate(
+    d: &Arc<Daemon>,
+    req: EvacuateRequest,
+    peer: &Peer,
+) -> ApiResult<EvacuateInfo> {
+    let auth = match peer {
+        Peer::Local { uid: 0 } => format!("console: a local admin on {} (evacuation)", d.name),
+        Peer::Insecure(_) if d.security.is_none() => "no cluster (insecure)".to_string(),
+        p => {
+            let e = forbidden(
+                "console_only",
+                format!(
+                    "an evacuation of {} is started from its own console, not by {}: run `ferry host evacuate` on {} (or move VMs one by one with grants)",
+                    d.name,
+                    p.describe(),
+                    d.name
+                ),
+            );
+            crate::audit::record(&d.state.root, peer, "evacuate", Some(&e.body.error), None);
+            return Err(e);
+        }
+    };
+    crate::audit::record(&d.state.root, peer, "evacuate", None, Some(&auth));
     if !d.lock().settings.live_migration {
         return Err(ApiError::migration_disabled(&d.name));
     }
@@ -784,8 +916,9 @@ pub async fn evacuate(d: &Arc<Daemon>, req: EvacuateRequest) -> ApiResult<Evacua
                     vm: vm.clone(),
                     to: t,
                     settings: req.settings.clone(),
+                    grant: None,
                 };
-                match begin(d, &r, report) {
+                match begin(d, &r, report, auth.clone()) {
                     Ok(m) => moves.push(m),
                     Err(e) => skipped.push(Skipped {
                         vm,
@@ -879,6 +1012,9 @@ pub fn recover(d: &Arc<Daemon>) {
                 holds_slot: live,
                 started: Instant::now(),
                 queued_ms: 0,
+                grant: None,
+                auth: String::new(),
+                encrypted: r.report.as_ref().is_some_and(|x| x.encrypted),
             },
         );
         if live {
@@ -899,7 +1035,9 @@ pub fn recover(d: &Arc<Daemon>) {
 /// status (the progress stream went with the old daemon), settle with the destination.
 async fn resume(d: Arc<Daemon>, r: MoveRecord) {
     let id = r.id.clone();
-    let dest = Client::new(Endpoint::Tcp(r.to_addr.clone())).with_timeout(Duration::from_secs(15));
+    let dest = d
+        .client_for(&r.to, &r.to_addr)
+        .with_timeout(Duration::from_secs(15));
     let api = d.run_dir(&r.vm).api();
     let mut settling = false;
     let ending = loop {

@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use ferry_api::host::*;
 use futures_util::{SinkExt, StreamExt};
@@ -20,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult};
+use crate::transport::Peer;
 use crate::{check, incoming, moves};
 
 type D = State<Arc<Daemon>>;
@@ -70,8 +72,11 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/incoming/{id}/settle", post(incoming_settle))
         .route("/v1/incoming/{id}/abort", post(incoming_abort))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/audit", get(audit))
+        .merge(crate::cluster::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(d.clone(), authorise))
         .with_state(d)
 }
 
@@ -103,8 +108,21 @@ async fn host(State(d): D) -> Response {
     json(d.host_info())
 }
 
-async fn set_host(State(d): D, Body(p): Body<HostSettingsPatch>) -> ApiResult<Response> {
-    Ok(json(d.set_settings(p)?))
+async fn set_host(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Body(p): Body<HostSettingsPatch>,
+) -> ApiResult<Response> {
+    let what = format!("set {}", serde_json::to_string(&p).unwrap_or_default());
+    let r = d.set_settings(p);
+    crate::audit::record(
+        &d.state.root,
+        &peer,
+        &what,
+        r.as_ref().err().map(|e| e.body.error.as_str()),
+        None,
+    );
+    Ok(json(r?))
 }
 
 async fn vms(State(d): D) -> Response {
@@ -231,8 +249,12 @@ async fn check_move(State(d): D, Body(req): Body<MoveRequest>) -> ApiResult<Resp
     Ok(json(check::check_move(&d, &req.vm, &req.to, None).await?))
 }
 
-async fn start_move(State(d): D, Body(req): Body<MoveRequest>) -> ApiResult<Response> {
-    let m = moves::start(&d, req).await?;
+async fn start_move(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Body(req): Body<MoveRequest>,
+) -> ApiResult<Response> {
+    let m = moves::start(&d, req, &peer).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(m)).into_response())
 }
 
@@ -283,8 +305,12 @@ where
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-async fn evacuate(State(d): D, Body(req): Body<EvacuateRequest>) -> ApiResult<Response> {
-    let e = moves::evacuate(&d, req).await?;
+async fn evacuate(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Body(req): Body<EvacuateRequest>,
+) -> ApiResult<Response> {
+    let e = moves::evacuate(&d, req, &peer).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(e)).into_response())
 }
 
@@ -292,8 +318,12 @@ async fn incoming_check(State(d): D, Body(req): Body<IncomingCheck>) -> Response
     json(check::incoming(&d, &req))
 }
 
-async fn incoming_start(State(d): D, Body(req): Body<IncomingRequest>) -> ApiResult<Response> {
-    let r = incoming::start(&d, req).await?;
+async fn incoming_start(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Body(req): Body<IncomingRequest>,
+) -> ApiResult<Response> {
+    let r = incoming::start(&d, req, &peer).await?;
     Ok((StatusCode::CREATED, axum::Json(r)).into_response())
 }
 
@@ -301,10 +331,72 @@ async fn incoming_info(State(d): D, Path(id): Path<String>) -> ApiResult<Respons
     Ok(json(incoming::info(&d, &id)?))
 }
 
-async fn incoming_settle(State(d): D, Path(id): Path<String>) -> ApiResult<Response> {
+async fn incoming_settle(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    incoming::may_decide(&d, &id, &peer)?;
     Ok(json(incoming::settle_api(&d, &id)?))
 }
 
-async fn incoming_abort(State(d): D, Path(id): Path<String>) -> ApiResult<Response> {
+async fn incoming_abort(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    incoming::may_decide(&d, &id, &peer)?;
     Ok(json(incoming::abort(&d, &id)?))
+}
+
+async fn audit(State(d): D) -> Response {
+    json(ferry_api::cluster::AuditList {
+        entries: crate::audit::read(&d.state.root, 500),
+    })
+}
+
+/// Who may call what. The local socket is for root (the host's own console); over TLS, admins
+/// may manage the host, and other hosts may only do what a move needs of them; plain TCP
+/// exists only on a daemon run with --insecure. A refusal is audited.
+async fn authorise(State(d): D, req: Request, next: axum::middleware::Next) -> Response {
+    let peer = req.extensions().get::<Peer>().cloned();
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let host_ok = path.starts_with("/v1/incoming")
+        || (method == axum::http::Method::GET && path.starts_with("/v1/cluster"))
+        || (method == axum::http::Method::POST && path == "/v1/cluster/doc");
+    let refusal = match &peer {
+        Some(Peer::Local { uid: 0 }) | Some(Peer::Insecure(_)) => None,
+        Some(Peer::Local { uid }) => Some(format!(
+            "user {uid} may not manage {}: the local socket is for root",
+            d.name
+        )),
+        Some(Peer::Cert { identity, .. }) => match identity.role {
+            ferry_auth::Role::Admin if path.starts_with("/v1/incoming") => Some(format!(
+                "{identity} may not call {path}: it is for hosts sending VMs here"
+            )),
+            ferry_auth::Role::Admin => None,
+            _ if host_ok => None,
+            _ => Some(format!(
+                "{identity} may not call {method} {path} on {}",
+                d.name
+            )),
+        },
+        Some(Peer::Anonymous(a)) => Some(format!("{a} presented no certificate")),
+        None => Some("no peer".into()),
+    };
+    match refusal {
+        None => next.run(req).await,
+        Some(why) => {
+            let who = peer.unwrap_or(Peer::Local { uid: u32::MAX });
+            crate::audit::record(
+                &d.state.root,
+                &who,
+                &format!("{method} {path}"),
+                Some(&why),
+                None,
+            );
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response()
+        }
+    }
 }

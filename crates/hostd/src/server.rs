@@ -30,7 +30,7 @@ pub async fn serve(listener: Listener, router: Router, mut shutdown: watch::Rece
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let (conn, peer) = match accepted {
+        let accepted = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("accepting on {what}: {e}");
@@ -38,14 +38,22 @@ pub async fn serve(listener: Listener, router: Router, mut shutdown: watch::Rece
                 continue;
             }
         };
-        let svc = router.clone().map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                req
-            },
-        );
+        let router = router.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let (conn, peer) = match accepted.finish().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // A client without a certificate of this cluster, or a revoked one.
+                    tracing::warn!("refused a connection: {e}");
+                    return;
+                }
+            };
+            let svc =
+                router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                });
             let r = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(conn), TowerToHyperService::new(svc))
                 .with_upgrades()

@@ -1,7 +1,10 @@
 //! The one place where ferry's management traffic meets the network: every listener the
 //! daemon serves (TCP address, local unix socket) and every connection a client makes (CLI to
-//! daemon, daemon to daemon) goes through here, so that mutual TLS can wrap both ends in one
-//! change. Above this, everything is HTTP/1.1 over a byte stream.
+//! daemon, daemon to daemon) goes through here. TCP is mutual TLS (the configs come from
+//! `ferry_auth::tls`): a client without a certificate of this cluster, or with a revoked one,
+//! is refused at the handshake; the peer's identity (`ferry://host/hv1`) is what the API
+//! authorises by. The local socket is plain, and its peer is a local user (by uid). Above this,
+//! everything is HTTP/1.1 over a byte stream.
 
 use std::fmt;
 use std::io;
@@ -10,8 +13,12 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
+use ferry_auth::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::rustls;
 
 /// Where a daemon is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,20 +52,51 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Who is on the other end of a connection the daemon accepted. (With mutual TLS this will
-/// also carry the peer's certificate identity.)
+/// Who is on the other end of a connection the daemon accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
     /// A process on this host, through the local socket (with its user id).
     Local { uid: u32 },
-    /// Another machine, over TCP.
-    Remote(SocketAddr),
+    /// A party of the cluster over mutual TLS, as its certificate names it.
+    Cert {
+        identity: Identity,
+        addr: SocketAddr,
+    },
+    /// Another machine over plain TCP (a daemon run with --insecure).
+    Insecure(SocketAddr),
+    /// A TLS client without a certificate (only the enrolment port accepts one).
+    Anonymous(SocketAddr),
+}
+
+impl Peer {
+    /// For logs and the audit trail.
+    pub fn describe(&self) -> String {
+        match self {
+            Peer::Local { uid } => format!("local user {uid}"),
+            Peer::Cert { identity, addr } => format!("{identity} ({addr})"),
+            Peer::Insecure(a) => format!("unauthenticated {a}"),
+            Peer::Anonymous(a) => format!("anonymous TLS client {a}"),
+        }
+    }
 }
 
 /// A connection, accepted or made.
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Tcp($s) => $e,
+            Conn::Unix($s) => $e,
+            Conn::TlsServer($s) => $e,
+            Conn::TlsClient($s) => $e,
+        }
+    };
 }
 
 impl AsyncRead for Conn {
@@ -67,10 +105,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        each!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -80,37 +115,69 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        each!(self, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
+        each!(self, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        each!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
 /// A listening socket.
 pub enum Listener {
-    Tcp(TcpListener),
+    /// TCP; with a TLS config every connection must complete a (mutual) TLS handshake.
+    Tcp(TcpListener, Option<tokio_rustls::TlsAcceptor>),
     Unix(UnixListener, PathBuf),
 }
 
+/// A connection accepted but not yet through its TLS handshake (done on the connection's own
+/// task, so a slow or hostile client cannot hold up the accept loop).
+pub enum Accepted {
+    Ready(Conn, Peer),
+    Handshake(Box<tokio_rustls::Accept<TcpStream>>, SocketAddr),
+}
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Accepted {
+    /// Finish the handshake: the connection and who it is from.
+    pub async fn finish(self) -> io::Result<(Conn, Peer)> {
+        match self {
+            Accepted::Ready(c, p) => Ok((c, p)),
+            Accepted::Handshake(h, addr) => {
+                let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, *h)
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
+                let certs = s.get_ref().1.peer_certificates();
+                let peer = match (certs, ferry_auth::tls::peer_identity(certs)) {
+                    (_, Some(identity)) => Peer::Cert { identity, addr },
+                    (None, None) => Peer::Anonymous(addr),
+                    (Some(_), None) => {
+                        return Err(io::Error::other(
+                            "the client's certificate names no ferry identity",
+                        ))
+                    }
+                };
+                Ok((Conn::TlsServer(Box::new(s)), peer))
+            }
+        }
+    }
+}
+
 impl Listener {
-    /// Listen on a TCP address.
-    pub async fn tcp(addr: &str) -> io::Result<Listener> {
-        Ok(Listener::Tcp(TcpListener::bind(addr).await?))
+    /// Listen on a TCP address, with mutual TLS when `tls` is given.
+    pub async fn tcp(addr: &str, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<Listener> {
+        Ok(Listener::Tcp(
+            TcpListener::bind(addr).await?,
+            tls.map(tokio_rustls::TlsAcceptor::from),
+        ))
     }
 
     /// Listen on a unix socket, replacing a stale socket file (one nobody answers on).
@@ -127,18 +194,21 @@ impl Listener {
         Ok(Listener::Unix(UnixListener::bind(&path)?, path))
     }
 
-    /// Accept one connection and say who it is from.
-    pub async fn accept(&self) -> io::Result<(Conn, Peer)> {
+    /// Accept one connection (its TLS handshake is [`Accepted::finish`]'s).
+    pub async fn accept(&self) -> io::Result<Accepted> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, tls) => {
                 let (s, addr) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((Conn::Tcp(s), Peer::Remote(addr)))
+                Ok(match tls {
+                    Some(a) => Accepted::Handshake(Box::new(a.accept(s)), addr),
+                    None => Accepted::Ready(Conn::Tcp(s), Peer::Insecure(addr)),
+                })
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
                 let uid = s.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-                Ok((Conn::Unix(s), Peer::Local { uid }))
+                Ok(Accepted::Ready(Conn::Unix(s), Peer::Local { uid }))
             }
         }
     }
@@ -146,10 +216,13 @@ impl Listener {
     /// What it listens on.
     pub fn describe(&self) -> String {
         match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "?".into()),
+            Listener::Tcp(l, tls) => format!(
+                "{}{}",
+                l.local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "?".into()),
+                if tls.is_some() { " (TLS)" } else { " (plain)" }
+            ),
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
         }
     }
@@ -163,13 +236,38 @@ impl Drop for Listener {
     }
 }
 
-/// Connect to a daemon.
-pub async fn connect(to: &Endpoint) -> io::Result<Conn> {
+/// How a client secures a TCP connection: its config and the server's expected name.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// The host the server must prove to be (`hv2` is checked as `hv2.ferry`).
+    pub server: rustls::pki_types::ServerName<'static>,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientTls({:?})", self.server)
+    }
+}
+
+/// Connect to a daemon (TCP with `tls` when given).
+pub async fn connect(to: &Endpoint, tls: Option<&ClientTls>) -> io::Result<Conn> {
     match to {
         Endpoint::Tcp(a) => {
             let s = TcpStream::connect(a).await?;
             let _ = s.set_nodelay(true);
-            Ok(Conn::Tcp(s))
+            match tls {
+                Some(t) => {
+                    let c = tokio_rustls::TlsConnector::from(t.config.clone());
+                    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(t.server.clone(), s))
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                        })??;
+                    Ok(Conn::TlsClient(Box::new(s)))
+                }
+                None => Ok(Conn::Tcp(s)),
+            }
         }
         Endpoint::Unix(p) => Ok(Conn::Unix(UnixStream::connect(p).await?)),
     }

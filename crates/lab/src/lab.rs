@@ -41,6 +41,9 @@ pub struct LabOptions {
     /// Whether the lab outlives this process (`ferry lab up`): then only `ferry lab down` (or
     /// the next `lab up`) removes it.
     pub persistent: bool,
+    /// Daemons without a cluster, on plain TCP (`--insecure`); by default the lab forms a
+    /// cluster and every link is mutual TLS.
+    pub insecure: bool,
 }
 
 impl LabOptions {
@@ -52,6 +55,7 @@ impl LabOptions {
             dir: dir.into(),
             ferry: None,
             persistent: false,
+            insecure: false,
         }
     }
 
@@ -329,15 +333,123 @@ impl Lab {
         std::fs::create_dir_all(&opts.dir)
             .with_context(|| format!("creating {}", opts.dir.display()))?;
         if let Some(ferry) = &opts.ferry {
-            for i in 0..lab.hosts.len() {
-                let p = lab.start_daemon(ferry, i, &[])?;
-                lab.daemons.push(p);
-            }
-            for i in 0..lab.hosts.len() {
-                lab.wait_daemon(i, Duration::from_secs(30))?;
+            if opts.insecure {
+                for i in 0..lab.hosts.len() {
+                    let p = lab.start_daemon(ferry, i, &["--insecure"])?;
+                    lab.daemons.push(p);
+                }
+                for i in 0..lab.hosts.len() {
+                    lab.wait_daemon(i, Duration::from_secs(30))?;
+                }
+            } else {
+                lab.form_cluster(ferry)
+                    .context("forming the lab's cluster")?;
             }
         }
         Ok(lab)
+    }
+
+    /// Where the lab's admin credentials are (made by `ferry cluster init` on hv1).
+    pub fn admin_dir(&self) -> PathBuf {
+        self.record.dir.join("admin")
+    }
+
+    /// Run `ferry ARGS` here (not in a namespace) and return its stdout.
+    fn ferry_out(ferry: &Path, args: &[&str]) -> Result<String> {
+        let out = Command::new(ferry)
+            .args(args)
+            .env_remove("FERRY_HOST")
+            .env_remove("FERRY_CONFIG")
+            .output()
+            .context("running ferry")?;
+        if !out.status.success() {
+            bail!(
+                "ferry {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into())
+    }
+
+    /// The lab's cluster, as an admin makes one: the authority on hv1 (`ferry cluster init`),
+    /// every other host enrolled with a one-time token (`ferry host join`, from inside its
+    /// namespace over TLS), every host in the migration group, the admin's credentials in
+    /// [`Lab::admin_dir`].
+    fn form_cluster(&mut self, ferry: &Path) -> Result<()> {
+        let hv1 = self.hosts[0].clone();
+        std::fs::create_dir_all(&hv1.state_dir)?;
+        let admin = self.admin_dir();
+        Lab::ferry_out(
+            ferry,
+            &[
+                "cluster",
+                "init",
+                "--name",
+                &self.record.name,
+                "--state-dir",
+                &hv1.state_dir.display().to_string(),
+                "--host-name",
+                &hv1.name,
+                "--listen",
+                &hv1.daemon_addr(),
+                "--admin",
+                "admin",
+                "--admin-dir",
+                &admin.display().to_string(),
+            ],
+        )?;
+        let p = self.start_daemon(ferry, 0, &[])?;
+        self.daemons.push(p);
+        self.wait_daemon(0, Duration::from_secs(30))?;
+        let authority = format!("{}:{}", hv1.ip, DAEMON_PORT + 1);
+        let hv1_sock = format!("unix:{}", hv1.socket().display());
+        for i in 1..self.hosts.len() {
+            let h = self.hosts[i].clone();
+            let token = Lab::ferry_out(
+                ferry,
+                &["--host", &hv1_sock, "cluster", "token", "--name", &h.name],
+            )?;
+            std::fs::create_dir_all(&h.state_dir)?;
+            let out = Lab::exec(&h.ns)
+                .arg(ferry)
+                .args([
+                    "host",
+                    "join",
+                    "--authority",
+                    &authority,
+                    "--token",
+                    token.trim(),
+                ])
+                .arg("--state-dir")
+                .arg(&h.state_dir)
+                .arg("--listen")
+                .arg(h.daemon_addr())
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "{} could not join: {}",
+                    h.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let p = self.start_daemon(ferry, i, &[])?;
+            self.daemons.push(p);
+        }
+        for i in 1..self.hosts.len() {
+            self.wait_daemon(i, Duration::from_secs(30))?;
+        }
+        let mut args = vec![
+            "--host",
+            hv1_sock.as_str(),
+            "cluster",
+            "migration-group",
+            "add",
+        ];
+        let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+        args.extend(names.iter().map(|s| s.as_str()));
+        Lab::ferry_out(ferry, &args)?;
+        Ok(())
     }
 
     fn wire(&self) -> Result<()> {

@@ -398,3 +398,41 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+impl Hosts {
+    /// The lab's admin credentials (made by `ferry cluster init` on hv1).
+    pub fn admin_dir(&self) -> PathBuf {
+        self.lab.admin_dir()
+    }
+
+    /// Run `ferry ARGS` as a remote admin: from the lab's client namespace, over mutual TLS,
+    /// with the credentials in `creds` and no CLI config (the cluster document names hosts).
+    pub fn remote(&self, creds: &Path, args: &[&str]) -> Output {
+        let empty = self.dir.path().join("remote-cli.json");
+        std::fs::write(&empty, "{}").unwrap();
+        let out = ferry_lab::Lab::exec(&self.lab.client)
+            .arg(ferry_bin())
+            .args(args)
+            .env("FERRY_CREDS", creds)
+            .env("FERRY_CONFIG", &empty)
+            .env_remove("FERRY_HOST")
+            .env_remove("FERRY_INSECURE")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        out
+    }
+
+    /// Restart host `i`'s daemon (optionally with `env` for it and its VMMs).
+    pub fn restart_daemon(&mut self, i: usize, env: &[(&str, &str)]) {
+        if let Some(d) = self.lab.daemon(i) {
+            d.kill();
+        }
+        let p = self
+            .lab
+            .start_daemon_env(Path::new(ferry_bin()), i, &[], env)
+            .unwrap();
+        self.lab.set_daemon(i, p);
+        self.lab.wait_daemon(i, T).unwrap();
+    }
+}

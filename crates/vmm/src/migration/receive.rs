@@ -23,7 +23,7 @@ use ferry_migration::Envelope;
 use crate::fail::crash_point;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::transport::Transport;
+use super::transport::{MigrationTls, Transport};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot::Snapshot;
 use crate::vm::{RestoreOverrides, RunOptions, Vm, VmError};
@@ -67,7 +67,7 @@ pub enum Listen {
 }
 
 /// How to receive.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ReceiveOptions {
     /// Give up if no source connects within this long.
     pub accept_timeout: Option<Duration>,
@@ -75,6 +75,8 @@ pub struct ReceiveOptions {
     pub expect_id: Option<String>,
     /// The move's outcome record (a file the host daemon also reads); kept in memory if unset.
     pub record: Option<PathBuf>,
+    /// Mutual TLS with the source (which must be the host named there).
+    pub tls: Option<MigrationTls>,
 }
 
 /// How long a receiver whose source vanished after the state transfer keeps answering queries.
@@ -124,12 +126,14 @@ fn answer_query(t: &mut Transport, f: &Frame, record: &OutcomeRecord) -> Option<
 fn serve_queries(
     listener: &TcpListener,
     record: &OutcomeRecord,
+    tls: Option<&MigrationTls>,
     mut until: impl FnMut(&str) -> bool,
 ) {
     let _ = listener.set_nonblocking(false);
     for s in listener.incoming() {
         let Ok(s) = s else { continue };
-        let Ok(mut t) = Transport::over_tcp(s) else {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let Ok(mut t) = Transport::server(s, tls) else {
             continue;
         };
         t.set_io_timeout(Duration::from_secs(3));
@@ -170,7 +174,14 @@ pub fn receive(
         match listener.accept() {
             Ok((s, peer)) => {
                 let _ = s.set_nonblocking(false);
-                let mut t = Transport::over_tcp(s).map_err(|e| ReceiveError::Protocol(e.into()))?;
+                let mut t = match Transport::server(s, ropts.tls.as_ref()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        // Not the expected host (or no TLS at all): refuse it, keep waiting.
+                        log(&format!("refused a connection from {peer}: {e}"));
+                        continue;
+                    }
+                };
                 let first = protocol::read_frame(&mut t)
                     .and_then(|f| f.ok_or(ProtocolError::Truncated))
                     .map_err(ReceiveError::from);
@@ -221,7 +232,10 @@ pub fn receive(
             let record = rx.record.clone();
             if let Ok(t) = std::thread::Builder::new()
                 .name("migrate-query".into())
-                .spawn(move || serve_queries(&listener, &record, |_| false))
+                .spawn({
+                    let tls = ropts.tls.clone();
+                    move || serve_queries(&listener, &record, tls.as_ref(), |_| false)
+                })
             {
                 vm.keep_query_server(t);
             }
@@ -250,7 +264,7 @@ pub fn receive(
                         match l.accept() {
                             Ok((s, _)) => {
                                 let _ = s.set_nonblocking(false);
-                                if let Ok(mut qt) = Transport::over_tcp(s) {
+                                if let Ok(mut qt) = Transport::server(s, ropts.tls.as_ref()) {
                                     qt.set_io_timeout(Duration::from_secs(3));
                                     if let Ok(Some(f)) = protocol::read_frame(&mut qt) {
                                         if f.command == Command::Query {

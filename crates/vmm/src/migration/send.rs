@@ -40,7 +40,7 @@ use ferry_migration::protocol::{
 use ferry_migration::Envelope;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::transport::Transport;
+use super::transport::{MigrationTls, Transport};
 use super::{CallReply, MigrationCall};
 use crate::event::Event;
 use crate::kvm_vm::KvmVm;
@@ -381,8 +381,8 @@ pub fn new_migration_id() -> String {
 
 /// Ask the destination at `addr` what became of move `id`: `None` if it cannot say (not
 /// reachable, or it knows nothing of the move).
-pub fn query_outcome(addr: &str, id: &str) -> Option<Outcome> {
-    let mut t = Transport::connect(addr, Duration::from_secs(1)).ok()?;
+pub fn query_outcome(addr: &str, id: &str, tls: Option<&MigrationTls>) -> Option<Outcome> {
+    let mut t = Transport::connect(addr, Duration::from_secs(1), tls).ok()?;
     t.set_io_timeout(Duration::from_secs(3));
     let q = QueryInfo {
         migration_id: id.into(),
@@ -398,7 +398,7 @@ pub fn query_outcome(addr: &str, id: &str) -> Option<Outcome> {
 
 /// Hold the paused guest until the move's outcome is known: asked of the destination every
 /// second, or said through the API by whoever read the record.
-fn settle(ctx: &SendCtx, why: &str) -> Outcome {
+fn settle(ctx: &SendCtx, why: &str, tls: Option<MigrationTls>) -> Outcome {
     let id = ctx.settings.migration_id.clone();
     let p = ctx.update(|p| {
         p.phase = MigrationPhase::InDoubt;
@@ -421,7 +421,7 @@ fn settle(ctx: &SendCtx, why: &str) -> Outcome {
             return o;
         }
         if Instant::now() >= next_query {
-            if let Some(o) = query_outcome(&ctx.settings.to, &id) {
+            if let Some(o) = query_outcome(&ctx.settings.to, &id, tls.as_ref()) {
                 tracing::info!("move {id} settled by the destination's record: {o:?}");
                 return o;
             }
@@ -466,12 +466,27 @@ pub fn run(mut ctx: SendCtx) {
             ..Default::default()
         }
     });
-    let connected =
-        Transport::connect(&ctx.settings.to, Duration::from_secs(10)).map_err(|source| {
-            SendError::Connect {
-                addr: ctx.settings.to.clone(),
-                source,
+    let tls = match &ctx.settings.tls {
+        Some(t) => match MigrationTls::load(&t.dir, &t.peer) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                let p = ctx.update(|p| {
+                    p.phase = MigrationPhase::Failed;
+                    p.error = Some(format!(
+                        "cannot load this host's TLS credentials from {}: {e}; the guest runs on here",
+                        t.dir.display()
+                    ));
+                });
+                send_final(&ctx, p);
+                return;
             }
+        },
+        None => None,
+    };
+    let connected = Transport::connect(&ctx.settings.to, Duration::from_secs(10), tls.as_ref())
+        .map_err(|source| SendError::Connect {
+            addr: ctx.settings.to.clone(),
+            source,
         });
     let (result, state) = match connected {
         Err(e) => (Err(e), None),
@@ -524,7 +539,7 @@ pub fn run(mut ctx: SendCtx) {
             if commit_sent && !refused {
                 // Commit may have arrived: only the destination's record can tell.
                 let why = format!("then: {}", crate::vm::error_chain(&e));
-                match settle(&ctx, &why) {
+                match settle(&ctx, &why, tls.clone()) {
                     Outcome::Committed => {
                         let p = ctx.update(|p| {
                             p.phase = MigrationPhase::Done;

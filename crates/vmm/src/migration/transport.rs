@@ -1,15 +1,92 @@
-//! The byte stream a migration runs over: TCP today. Everything above it only needs
-//! `Read + Write`, so a TLS stream can take its place later.
+//! The byte stream a migration runs over: TCP, or mutual TLS over TCP (rustls) between two
+//! hosts of a cluster. Everything above it only needs `Read + Write`.
+//!
+//! With TLS each side proves who it is with its host's certificate, and checks the other is
+//! the host its daemon expects (`--expect-peer` on the receiver, `MigrationTls.peer` on the
+//! sender), so a stream captured on the wire can be neither read nor replayed elsewhere.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a send or an awaited answer may stall before the migration gives up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A connection: plain TCP, or TLS either way.
+pub enum Stream {
+    Plain(TcpStream),
+    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Client(s) => &s.sock,
+            Stream::Server(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Client(s) => s.read(buf),
+            Stream::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Client(s) => s.write(buf),
+            Stream::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Client(s) => s.flush(),
+            Stream::Server(s) => s.flush(),
+        }
+    }
+}
+
+/// A host's TLS for migration streams: its configs, and the host the other side must be.
+#[derive(Clone)]
+pub struct MigrationTls {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+    /// The other VMM's host.
+    pub peer: String,
+}
+
+impl MigrationTls {
+    /// Load a host's credentials from `dir` (its daemon's `tls` directory).
+    pub fn load(dir: &Path, peer: &str) -> Result<MigrationTls, ferry_auth::AuthError> {
+        let creds = ferry_auth::Credentials::load(dir)?;
+        let trust = Arc::new(creds.trust()?);
+        Ok(MigrationTls {
+            client: ferry_auth::tls::client_config(&creds, trust.clone())?,
+            server: ferry_auth::tls::server_config(&creds, trust)?,
+            peer: peer.into(),
+        })
+    }
+}
+
+fn tls_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS: {e}"))
+}
+
 /// A migration connection with byte counting and an optional bandwidth cap.
-pub struct Transport<S = TcpStream> {
+pub struct Transport<S = Stream> {
     inner: S,
     sent: u64,
     cap_bytes_per_s: Option<f64>,
@@ -17,10 +94,16 @@ pub struct Transport<S = TcpStream> {
     window_sent: u64,
 }
 
-impl Transport<TcpStream> {
-    /// Connect to `addr` (host:port). A refused connection is retried until `timeout`: the
-    /// destination VMM may still be starting.
-    pub fn connect(addr: &str, timeout: Duration) -> io::Result<Self> {
+fn tune(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))
+}
+
+impl Transport<Stream> {
+    /// Connect to `addr` (host:port), over TLS when `tls` is given. A refused connection is
+    /// retried until `timeout`: the destination VMM may still be starting.
+    pub fn connect(addr: &str, timeout: Duration, tls: Option<&MigrationTls>) -> io::Result<Self> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut last = io::Error::new(
@@ -29,7 +112,7 @@ impl Transport<TcpStream> {
             );
             for a in addr.to_socket_addrs()? {
                 match TcpStream::connect_timeout(&a, timeout) {
-                    Ok(s) => return Transport::over_tcp(s),
+                    Ok(s) => return Transport::client(s, tls),
                     Err(e) => last = e,
                 }
             }
@@ -40,23 +123,68 @@ impl Transport<TcpStream> {
         }
     }
 
-    /// Wrap an accepted or connected socket.
+    /// A connected socket, over TLS (this side the client) when `tls` is given; the server
+    /// must be `tls.peer`.
+    pub fn client(s: TcpStream, tls: Option<&MigrationTls>) -> io::Result<Self> {
+        tune(&s)?;
+        let Some(t) = tls else {
+            return Ok(Transport::new(Stream::Plain(s)));
+        };
+        let name = ferry_auth::tls::server_name(&t.peer).map_err(tls_err)?;
+        let mut c = rustls::ClientConnection::new(t.client.clone(), name).map_err(tls_err)?;
+        let mut s = s;
+        while c.is_handshaking() {
+            c.complete_io(&mut s).map_err(tls_err)?;
+        }
+        Ok(Transport::new(Stream::Client(Box::new(
+            rustls::StreamOwned::new(c, s),
+        ))))
+    }
+
+    /// An accepted socket, over TLS (this side the server) when `tls` is given; the client
+    /// must be `tls.peer`.
+    pub fn server(s: TcpStream, tls: Option<&MigrationTls>) -> io::Result<Self> {
+        tune(&s)?;
+        let Some(t) = tls else {
+            return Ok(Transport::new(Stream::Plain(s)));
+        };
+        let mut c = rustls::ServerConnection::new(t.server.clone()).map_err(tls_err)?;
+        let mut s = s;
+        while c.is_handshaking() {
+            c.complete_io(&mut s).map_err(tls_err)?;
+        }
+        let who = ferry_auth::tls::peer_identity(c.peer_certificates())
+            .ok_or_else(|| tls_err("the other VMM presented no ferry identity"))?;
+        if !(who.role == ferry_auth::Role::Host && who.name == t.peer) {
+            return Err(tls_err(format!(
+                "the other VMM is {who}, not host {} as expected",
+                t.peer
+            )));
+        }
+        Ok(Transport::new(Stream::Server(Box::new(
+            rustls::StreamOwned::new(c, s),
+        ))))
+    }
+
+    /// Wrap an accepted or connected socket without TLS.
     pub fn over_tcp(s: TcpStream) -> io::Result<Self> {
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Transport::new(s))
+        Transport::client(s, None)
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn encrypted(&self) -> bool {
+        !matches!(self.inner, Stream::Plain(_))
     }
 
     /// Change how long a send or a read may stall.
     pub fn set_io_timeout(&self, t: Duration) {
-        let _ = self.inner.set_read_timeout(Some(t));
-        let _ = self.inner.set_write_timeout(Some(t));
+        let _ = self.inner.tcp().set_read_timeout(Some(t));
+        let _ = self.inner.tcp().set_write_timeout(Some(t));
     }
 
     /// Close both directions now (a cancel: the peer sees the end at once).
     pub fn shutdown(&self) {
-        let _ = self.inner.shutdown(std::net::Shutdown::Both);
+        let _ = self.inner.tcp().shutdown(std::net::Shutdown::Both);
     }
 }
 
