@@ -21,8 +21,20 @@ use crate::identity::{self, Identity};
 use crate::pki;
 use crate::AuthError;
 
+/// ring, with AES-128-GCM first: with AES-NI it is the cheapest suite per byte, and a
+/// migration stream is gigabytes (ChaCha20 stays for peers without AES hardware).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 fn tls(e: impl std::fmt::Display) -> AuthError {

@@ -42,6 +42,9 @@ pub struct MigrateArgs {
     #[arg(long, value_delimiter = ',', default_values = ["idle", "100MiB/s", "flat-out"],
           value_parser = ["idle", "100MiB/s", "flat-out"])]
     scenarios: Vec<String>,
+    /// The migration stream of ferry's rows: plain, tls, or both side by side.
+    #[arg(long, default_value = "both", value_parser = ["plain", "tls", "both"])]
+    encryption: String,
     /// Link caps in Mbit/s, 0 = none.
     #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1000])]
     caps: Vec<u64>,
@@ -89,6 +92,8 @@ impl Scenario {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Vmm {
     Ferry,
+    /// ferry with the stream encrypted (mutual TLS between the two hosts).
+    FerryTls,
     Qemu,
 }
 
@@ -96,6 +101,7 @@ impl Vmm {
     fn name(self) -> &'static str {
         match self {
             Vmm::Ferry => "ferry",
+            Vmm::FerryTls => "ferry+tls",
             Vmm::Qemu => "qemu",
         }
     }
@@ -209,6 +215,8 @@ struct Outcome {
 
 /// Everything one row needs to know.
 struct Ctx<'a> {
+    /// Credentials of lab hosts hv1 and hv2 (for the ferry+tls rows).
+    tls: (PathBuf, PathBuf),
     lab: &'a Lab,
     dir: &'a Path,
     guest: &'a Path,
@@ -253,11 +261,19 @@ fn bench(a: &MigrateArgs, dir: &Path, qemu: Option<&Path>) -> Result<()> {
             }
         })
         .collect();
-    let mut vmms = vec![Vmm::Ferry];
+    let mut vmms = Vec::new();
+    if a.encryption != "tls" {
+        vmms.push(Vmm::Ferry);
+    }
+    if a.encryption != "plain" {
+        vmms.push(Vmm::FerryTls);
+    }
+    let tls = host_credentials(dir)?;
     if qemu.is_some() {
         vmms.push(Vmm::Qemu);
     }
     let mut ctx = Ctx {
+        tls,
         lab: &lab,
         dir,
         guest: &guest,
@@ -377,7 +393,8 @@ fn median_row(samples: Vec<Row>) -> Row {
 fn one(ctx: &mut Ctx, vmm: Vmm, mem: u64, sc: Scenario) -> Result<Row> {
     ctx.port += 1;
     match vmm {
-        Vmm::Ferry => ferry_row(ctx, mem, sc),
+        Vmm::Ferry => ferry_row(ctx, mem, sc, false),
+        Vmm::FerryTls => ferry_row(ctx, mem, sc, true),
         Vmm::Qemu => qemu_row(ctx, mem, sc),
     }
 }
@@ -460,7 +477,30 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
+/// Host credentials for hv1 and hv2 from a cluster authority of the bench's own.
+fn host_credentials(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let mut a = ferry_auth::authority::Authority::init(&dir.join("tls-ca"), "bench")?;
+    let mut out = Vec::new();
+    for h in ["hv1", "hv2"] {
+        let id = ferry_auth::Identity::host(h)?;
+        let (key, csr) = ferry_auth::pki::new_request(&id)?;
+        let cert = a.issue(&id, &csr)?;
+        let d = dir.join(format!("tls-{h}"));
+        ferry_auth::Credentials::save(
+            &d,
+            &key.serialize_pem(),
+            &ferry_auth::authority::Enrolled {
+                cert,
+                ca: a.ca_pem.clone(),
+                doc: a.doc_jws()?,
+            },
+        )?;
+        out.push(d);
+    }
+    Ok((out[0].clone(), out[1].clone()))
+}
+
+fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario, tls: bool) -> Result<Row> {
     let me = std::env::current_exe()?;
     let spawn =
         |ns: &str, tag: &str, args: &[String], poll: Duration| -> Result<(Proc, Ports, PathBuf)> {
@@ -505,10 +545,18 @@ fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
     let pre_noise = boot_and_noise(&src_ports, &mut src)?;
 
     let listen = format!("{}:{}", ctx.lab.hosts[1].ip, ctx.port);
-    let rargs: Vec<String> = ["vmm", "receive", "--listen", &listen, "--timeout", "120"]
+    let mut rargs: Vec<String> = ["vmm", "receive", "--listen", &listen, "--timeout", "120"]
         .iter()
         .map(|s| s.to_string())
         .collect();
+    if tls {
+        rargs.extend([
+            "--tls-dir".into(),
+            ctx.tls.1.display().to_string(),
+            "--expect-peer".into(),
+            "hv1".into(),
+        ]);
+    }
     // The destination opens its serial sockets during the pause: poll fast so that no
     // heartbeat is sent before the bench listens (bytes nobody reads are dropped).
     let (mut dst, dst_ports, _) = spawn(
@@ -535,7 +583,10 @@ fn ferry_row(ctx: &Ctx, mem: u64, sc: Scenario) -> Result<Row> {
         timeout_s: TIMEOUT_S,
         on_timeout: ferry_api::OnTimeout::Cancel,
         migration_id: String::new(),
-        tls: None,
+        tls: tls.then(|| ferry_api::MigrationTls {
+            dir: ctx.tls.0.clone(),
+            peer: "hv2".into(),
+        }),
     };
     let mut last = None;
     let mut error = None;
@@ -750,7 +801,7 @@ fn print_report(rows: &[Row], links: &[(u64, f64)], runs: usize) {
         );
     }
     println!(
-        "{:<5} {:>5} {:<8} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>5} {:>8} {:>5}",
+        "{:<9} {:>5} {:<8} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>5} {:>8} {:>5}",
         "vmm",
         "mem",
         "scenario",
@@ -768,7 +819,7 @@ fn print_report(rows: &[Row], links: &[(u64, f64)], runs: usize) {
     for r in rows {
         if let Some(e) = &r.error {
             println!(
-                "{:<5} {:>5} {:<8} {:>5} ERROR: {}",
+                "{:<9} {:>5} {:<8} {:>5} ERROR: {}",
                 r.vmm,
                 r.mem_mib,
                 r.scenario,
@@ -778,7 +829,7 @@ fn print_report(rows: &[Row], links: &[(u64, f64)], runs: usize) {
             continue;
         }
         println!(
-            "{:<5} {:>5} {:<8} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8} {:>9.1} {:>6} {:>5} {:>8} {:>5.2}",
+            "{:<9} {:>5} {:<8} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8} {:>9.1} {:>6} {:>5} {:>8} {:>5.2}",
             r.vmm,
             r.mem_mib,
             r.scenario,
@@ -836,8 +887,52 @@ fn print_report(rows: &[Row], links: &[(u64, f64)], runs: usize) {
             q.total_ms
         );
     }
+    let enc: Vec<(&Row, &Row)> = rows
+        .iter()
+        .filter(|r| r.vmm == "ferry+tls" && r.error.is_none())
+        .filter_map(|t| {
+            rows.iter()
+                .find(|p| {
+                    p.vmm == "ferry"
+                        && p.error.is_none()
+                        && p.mem_mib == t.mem_mib
+                        && p.scenario == t.scenario
+                        && p.cap_mbit == t.cap_mbit
+                })
+                .map(|p| (t, p))
+        })
+        .collect();
+    if !enc.is_empty() {
+        println!("encrypted/plaintext (ferry+tls / ferry):");
+    }
+    for (t, p) in &enc {
+        println!(
+            "  {:>5} MiB {:<8} cap {:>4}: total time {:.2}x ({:.0} / {:.0} ms), guest gap {:+.1} ms ({:.1} / {:.1}; noise {:.1})",
+            t.mem_mib,
+            t.scenario,
+            t.cap_mbit,
+            t.total_ms / p.total_ms,
+            t.total_ms,
+            p.total_ms,
+            t.guest_gap_ms - p.guest_gap_ms,
+            t.guest_gap_ms,
+            p.guest_gap_ms,
+            t.noise_gap_ms.max(p.noise_gap_ms)
+        );
+    }
     println!("targets:");
     let met = |b: bool| if b { "met" } else { "NOT MET" };
+    if !enc.is_empty() {
+        let worst = enc
+            .iter()
+            .map(|(t, p)| t.total_ms / p.total_ms)
+            .fold(0.0, f64::max);
+        println!(
+            "  encryption costs at most 10% of the total time: {} (worst {worst:.2}x over {} rows)",
+            met(worst <= 1.10),
+            enc.len()
+        );
+    }
     let ferry: Vec<&Row> = rows.iter().filter(|r| r.vmm == "ferry").collect();
     if let Some(bad) = ferry.iter().find(|r| r.error.is_some()) {
         println!(
