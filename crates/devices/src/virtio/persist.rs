@@ -165,6 +165,7 @@ where
             *q = restored;
         }
         t.status = s.status;
+        t.publish_status();
         t.acked_features = s.acked_features;
         t.device_features_sel = s.device_features_sel;
         t.driver_features_sel = s.driver_features_sel;

@@ -1,20 +1,21 @@
-//! virtio-blk on a raw image file (VIRTIO 1.1 §5.2).
+//! virtio-blk on a [`DiskBackend`]: a raw image file, or an NBD export (VIRTIO 1.1 §5.2).
 //!
-//! Requests are served synchronously by the device's worker thread, so when the transport is
-//! paused no request is half done: a snapshot or a migration never has to carry in-flight
-//! block requests. Read, write, flush (`fdatasync`: acknowledged only once the data is on
-//! stable storage), get-id (serial), discard (punch a hole) and write-zeroes (zero range).
+//! The device's worker thread takes every request the guest queued (up to a batch), hands
+//! them to the backend together (a network backend keeps them all in flight), and completes
+//! them all before it returns, so when the transport is paused no request is half done: a
+//! snapshot or a migration never has to carry in-flight block requests. Read, write, flush
+//! (acknowledged only once the data is on stable storage), get-id (serial), discard and
+//! write-zeroes.
 
+mod backend;
 mod persist;
 
+pub use backend::{DiskBackend, DiskOp, DiskOpKind};
 pub use persist::BlockState;
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
-use std::os::unix::fs::FileExt;
 
-use rustix::fs::FallocateFlags;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
 use super::{read_config_bytes, GuestMemoryMmap, LogLimit, VirtioDevice, Wake, TYPE_BLOCK};
@@ -50,6 +51,10 @@ const S_UNSUPP: u8 = 2;
 const MAX_TRANSFER: usize = 16 << 20;
 /// Largest discard / write-zeroes range in sectors.
 const MAX_ZERO_SECTORS: u32 = 1 << 22;
+/// Most requests handed to the backend at once.
+const MAX_BATCH: usize = 64;
+/// Most data bytes in one batch (reads and writes).
+const MAX_BATCH_BYTES: usize = 32 << 20;
 
 /// The 16-byte request header: type, reserved, sector (little endian).
 #[derive(Clone, Copy, Default, Debug)]
@@ -108,12 +113,13 @@ impl ZeroSegment {
 
 /// A virtio block device.
 pub struct Block {
-    file: File,
+    disk: Box<dyn DiskBackend>,
     read_only: bool,
     capacity_sectors: u64,
     serial: [u8; ID_LEN],
     pub(crate) acked_features: u64,
-    buf: Vec<u8>,
+    /// Data buffers kept for the next batch.
+    spare: Vec<Vec<u8>>,
     errors: LogLimit,
     /// Requests served (for status and benchmarks).
     pub requests: u64,
@@ -125,20 +131,47 @@ enum ReqError {
     Io,
 }
 
+/// `Pending::work` of a request answered without the backend.
+const ANSWERED: usize = usize::MAX;
+
+/// A request taken off the queue: where its reply goes, and what it asks.
+struct Pending<'a, B: vm_memory::bitmap::BitmapSlice> {
+    head: u16,
+    data: Writer<'a, B>,
+    status: Writer<'a, B>,
+    /// Its index in the batch's ops, or the answer it already has.
+    work: Result<usize, ReqError>,
+    /// Bytes the answer puts into guest buffers besides the status (GET_ID).
+    written: u32,
+}
+
 impl Block {
-    /// A block device on an open image. `serial` is truncated to 20 bytes.
-    pub fn new(file: File, read_only: bool, serial: &str) -> std::io::Result<Block> {
-        let len = file.metadata()?.len();
+    /// A block device on `disk`. `serial` is truncated to 20 bytes.
+    pub fn new<D: DiskBackend + 'static>(
+        disk: D,
+        read_only: bool,
+        serial: &str,
+    ) -> std::io::Result<Block> {
+        Block::with_backend(Box::new(disk), read_only, serial)
+    }
+
+    /// A block device on a boxed backend.
+    pub fn with_backend(
+        disk: Box<dyn DiskBackend>,
+        read_only: bool,
+        serial: &str,
+    ) -> std::io::Result<Block> {
+        let len = disk.size()?;
         let mut s = [0u8; ID_LEN];
         let n = serial.len().min(ID_LEN);
         s[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Block {
-            file,
+            disk,
             read_only,
             capacity_sectors: len / SECTOR_SIZE,
             serial: s,
             acked_features: 0,
-            buf: Vec::new(),
+            spare: Vec::new(),
             errors: LogLimit::default(),
             requests: 0,
         })
@@ -174,15 +207,27 @@ impl Block {
         Ok(end.0)
     }
 
-    /// Serve one request; returns the bytes written into guest buffers (for the used ring).
-    fn serve(
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.spare.pop().unwrap_or_default();
+        b.clear();
+        b.resize(len, 0);
+        b
+    }
+
+    /// Take one request apart: check it, copy a write's data out of the guest, and add what
+    /// the backend must do to `ops`. Returns the request, or why it is malformed (it is then
+    /// dropped with nothing written).
+    fn parse<'a>(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<u32, String> {
+        chain: DescriptorChain<&'a GuestMemoryMmap>,
+        mem: &'a GuestMemoryMmap,
+        ops: &mut Vec<DiskOp>,
+    ) -> Result<Pending<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>, String>
+    {
+        let head = chain.head_index();
         let mut reader = Reader::new(mem, chain.clone())
             .map_err(|e| format!("bad readable descriptors: {e}"))?;
-        let mut writer: Writer<'_, _> =
+        let mut writer =
             Writer::new(mem, chain).map_err(|e| format!("bad writable descriptors: {e}"))?;
         let mut hb = [0u8; 16];
         reader
@@ -193,61 +238,61 @@ impl Block {
             .available_bytes()
             .checked_sub(1)
             .ok_or("no status byte")?;
-        let mut status_writer = writer
+        let status = writer
             .split_at(data_len)
             .map_err(|e| format!("status split: {e}"))?;
         self.requests += 1;
         let mut written = 0u32;
-        let result = match header.request_type {
-            T_IN => self
-                .read_into(header.sector, &mut writer, data_len)
-                .map(|n| written = n),
-            T_OUT => self.write_from(header.sector, &mut reader),
-            T_FLUSH => self.file.sync_data().map_err(|_| ReqError::Io),
+        let work = match header.request_type {
+            T_IN => self.read_op(header.sector, data_len, ops),
+            T_OUT => self.write_op(header.sector, &mut reader, ops),
+            T_FLUSH => {
+                ops.push(DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new()));
+                Ok(ops.len() - 1)
+            }
             T_GET_ID => {
                 let n = data_len.min(ID_LEN);
-                writer
-                    .write_all(&self.serial[..n])
-                    .map_err(|_| ReqError::Io)
-                    .map(|_| written = n as u32)
+                match writer.write_all(&self.serial[..n]) {
+                    Ok(()) => {
+                        written = n as u32;
+                        Ok(ANSWERED)
+                    }
+                    Err(_) => Err(ReqError::Io),
+                }
             }
-            T_DISCARD | T_WRITE_ZEROES => self.zero_ranges(header.request_type, &mut reader),
+            T_DISCARD | T_WRITE_ZEROES => self.zero_op(header.request_type, &mut reader, ops),
             _ => Err(ReqError::Unsupported),
         };
-        let status = match result {
-            Ok(()) => S_OK,
-            Err(ReqError::Unsupported) => S_UNSUPP,
-            Err(ReqError::Io) => S_IOERR,
-        };
-        status_writer
-            .write_all(&[status])
-            .map_err(|e| format!("cannot write status: {e}"))?;
-        Ok(written + 1)
+        Ok(Pending {
+            head,
+            data: writer,
+            status,
+            work,
+            written,
+        })
     }
 
-    fn read_into(
+    fn read_op(
         &mut self,
         sector: u64,
-        w: &mut Writer<'_, impl vm_memory::bitmap::BitmapSlice>,
         len: usize,
-    ) -> Result<u32, ReqError> {
+        ops: &mut Vec<DiskOp>,
+    ) -> Result<usize, ReqError> {
         if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
             return Err(ReqError::Io);
         }
         let off = self.check_range(sector, len as u64)?;
-        self.buf.resize(len, 0);
-        self.file
-            .read_exact_at(&mut self.buf, off)
-            .map_err(|_| ReqError::Io)?;
-        w.write_all(&self.buf).map_err(|_| ReqError::Io)?;
-        Ok(len as u32)
+        let buf = self.buffer(len);
+        ops.push(DiskOp::new(DiskOpKind::Read, off, len as u64, buf));
+        Ok(ops.len() - 1)
     }
 
-    fn write_from(
+    fn write_op(
         &mut self,
         sector: u64,
         r: &mut Reader<'_, impl vm_memory::bitmap::BitmapSlice>,
-    ) -> Result<(), ReqError> {
+        ops: &mut Vec<DiskOp>,
+    ) -> Result<usize, ReqError> {
         if self.read_only {
             return Err(ReqError::Io);
         }
@@ -256,18 +301,19 @@ impl Block {
             return Err(ReqError::Io);
         }
         let off = self.check_range(sector, len as u64)?;
-        self.buf.resize(len, 0);
-        r.read_exact(&mut self.buf).map_err(|_| ReqError::Io)?;
-        self.file
-            .write_all_at(&self.buf, off)
-            .map_err(|_| ReqError::Io)
+        let mut buf = self.buffer(len);
+        r.read_exact(&mut buf).map_err(|_| ReqError::Io)?;
+        ops.push(DiskOp::new(DiskOpKind::Write, off, len as u64, buf));
+        Ok(ops.len() - 1)
     }
 
-    fn zero_ranges(
+    /// Discard / write-zeroes: one segment (max_discard_seg and max_write_zeroes_seg are 1).
+    fn zero_op(
         &mut self,
         kind: u32,
         r: &mut Reader<'_, impl vm_memory::bitmap::BitmapSlice>,
-    ) -> Result<(), ReqError> {
+        ops: &mut Vec<DiskOp>,
+    ) -> Result<usize, ReqError> {
         let feature = if kind == T_DISCARD {
             F_DISCARD
         } else {
@@ -276,33 +322,70 @@ impl Block {
         if self.read_only || self.acked_features & feature == 0 {
             return Err(ReqError::Unsupported);
         }
-        while r.available_bytes() >= 16 {
-            let mut sb = [0u8; 16];
-            r.read_exact(&mut sb).map_err(|_| ReqError::Io)?;
-            let seg = ZeroSegment::from_bytes(&sb);
-            if seg.num_sectors > MAX_ZERO_SECTORS {
-                return Err(ReqError::Io);
-            }
-            let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
-            let off = self.check_range(seg.sector, len)?;
-            let unmap = kind == T_DISCARD || seg.flags & 1 != 0;
-            let flags = if unmap {
-                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
-            } else {
-                FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
-            };
-            if rustix::fs::fallocate(&self.file, flags, off, len).is_err() {
-                if kind == T_DISCARD {
-                    continue; // discard is a hint
-                }
-                // No fallocate on this filesystem: write zeros.
-                let zeros = vec![0u8; len as usize];
-                self.file
-                    .write_all_at(&zeros, off)
-                    .map_err(|_| ReqError::Io)?;
-            }
+        if r.available_bytes() < 16 {
+            return Err(ReqError::Io);
         }
-        Ok(())
+        let mut sb = [0u8; 16];
+        r.read_exact(&mut sb).map_err(|_| ReqError::Io)?;
+        let seg = ZeroSegment::from_bytes(&sb);
+        if seg.num_sectors > MAX_ZERO_SECTORS || r.available_bytes() != 0 {
+            return Err(ReqError::Io);
+        }
+        let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
+        let off = self.check_range(seg.sector, len)?;
+        let k = if kind == T_DISCARD {
+            DiskOpKind::Discard
+        } else {
+            DiskOpKind::WriteZeroes {
+                unmap: seg.flags & 1 != 0,
+            }
+        };
+        ops.push(DiskOp::new(k, off, len, Vec::new()));
+        Ok(ops.len() - 1)
+    }
+
+    /// Write a request's answer into the guest; returns the bytes written (for the used ring).
+    fn complete(
+        &mut self,
+        p: &mut Pending<'_, impl vm_memory::bitmap::BitmapSlice>,
+        ops: &mut [DiskOp],
+    ) -> Result<u32, String> {
+        let mut written = p.written;
+        let result = match p.work {
+            Err(ReqError::Io) => Err(ReqError::Io),
+            Err(ReqError::Unsupported) => Err(ReqError::Unsupported),
+            Ok(ANSWERED) => Ok(()),
+            Ok(i) => {
+                let op = &mut ops[i];
+                match (&op.result, op.kind) {
+                    (Ok(()), DiskOpKind::Read) => match p.data.write_all(&op.buf) {
+                        Ok(()) => {
+                            written = op.len as u32;
+                            Ok(())
+                        }
+                        Err(_) => Err(ReqError::Io),
+                    },
+                    (Ok(()), _) => Ok(()),
+                    // Discard is a hint: a disk that cannot punch holes has done nothing wrong.
+                    (Err(_), DiskOpKind::Discard) => Ok(()),
+                    (Err(e), _) => {
+                        if self.errors.allow() {
+                            tracing::warn!("virtio-blk: {:?} at {}: {e}", op.kind, op.offset);
+                        }
+                        Err(ReqError::Io)
+                    }
+                }
+            }
+        };
+        let status = match result {
+            Ok(()) => S_OK,
+            Err(ReqError::Unsupported) => S_UNSUPP,
+            Err(ReqError::Io) => S_IOERR,
+        };
+        p.status
+            .write_all(&[status])
+            .map_err(|e| format!("cannot write status: {e}"))?;
+        Ok(written + 1)
     }
 }
 
@@ -350,23 +433,66 @@ impl VirtioDevice for Block {
             return false;
         };
         let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = match self.serve(chain, mem) {
-                Ok(n) => n,
-                Err(msg) => {
-                    if self.errors.allow() {
-                        tracing::warn!("virtio-blk: malformed request dropped: {msg}");
+        loop {
+            // A batch: every queued request, up to MAX_BATCH requests and MAX_BATCH_BYTES of data.
+            let mut ops = Vec::new();
+            let mut pending = Vec::new();
+            let mut bytes = 0usize;
+            while pending.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                match self.parse(chain, mem, &mut ops) {
+                    Ok(p) => {
+                        if let Ok(i) = p.work {
+                            if let Some(op) = ops.get(i) {
+                                bytes += op.len as usize;
+                            }
+                        }
+                        pending.push(p);
                     }
-                    0
-                }
-            };
-            if let Err(e) = q.add_used(mem, head, len) {
-                if self.errors.allow() {
-                    tracing::warn!("virtio-blk: cannot complete request: {e:?}");
+                    Err(msg) => {
+                        if self.errors.allow() {
+                            tracing::warn!("virtio-blk: malformed request dropped: {msg}");
+                        }
+                        if let Err(e) = q.add_used(mem, head, 0) {
+                            if self.errors.allow() {
+                                tracing::warn!("virtio-blk: cannot complete request: {e:?}");
+                            }
+                        }
+                        used = true;
+                    }
                 }
             }
-            used = true;
+            if pending.is_empty() {
+                break;
+            }
+            self.disk.run(&mut ops);
+            for p in pending.iter_mut() {
+                let len = match self.complete(p, &mut ops) {
+                    Ok(n) => n,
+                    Err(msg) => {
+                        if self.errors.allow() {
+                            tracing::warn!("virtio-blk: {msg}");
+                        }
+                        0
+                    }
+                };
+                if let Err(e) = q.add_used(mem, p.head, len) {
+                    if self.errors.allow() {
+                        tracing::warn!("virtio-blk: cannot complete request: {e:?}");
+                    }
+                }
+                used = true;
+            }
+            self.spare.extend(
+                ops.into_iter()
+                    .map(|o| o.buf)
+                    .filter(|b| b.capacity() > 0)
+                    .take(MAX_BATCH),
+            );
+            self.spare.truncate(MAX_BATCH);
         }
         used && q.needs_notification(mem).unwrap_or(true)
     }
@@ -375,9 +501,9 @@ impl VirtioDevice for Block {
 /// Read back and forget the file (tests).
 #[cfg(test)]
 impl Block {
-    fn file_bytes(&self) -> Vec<u8> {
+    fn file_bytes(&mut self) -> Vec<u8> {
         let mut v = vec![0u8; (self.capacity_sectors * SECTOR_SIZE) as usize];
-        self.file.read_exact_at(&mut v, 0).unwrap();
+        self.disk.read_at(&mut v, 0).unwrap();
         v
     }
 }

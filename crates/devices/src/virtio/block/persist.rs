@@ -1,12 +1,10 @@
 //! Saved virtio-blk state. The image itself is not state: it is reopened by path, and its
 //! size must not have changed.
 
-use std::fs::File;
-
 use ferry_migration::Persist;
 use serde::{Deserialize, Serialize};
 
-use super::Block;
+use super::{Block, DiskBackend};
 
 /// What a block device must carry besides its transport and queues.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +26,8 @@ pub enum BlockPersistError {
 
 impl Persist for Block {
     type State = BlockState;
-    /// The reopened image.
-    type ConstructorArgs = File;
+    /// The reopened disk.
+    type ConstructorArgs = Box<dyn DiskBackend>;
     type Error = BlockPersistError;
 
     fn save(&self) -> Result<BlockState, BlockPersistError> {
@@ -46,8 +44,8 @@ impl Persist for Block {
         })
     }
 
-    fn restore(file: File, s: &BlockState) -> Result<Block, BlockPersistError> {
-        let mut b = Block::new(file, s.read_only, &s.serial)?;
+    fn restore(disk: Box<dyn DiskBackend>, s: &BlockState) -> Result<Block, BlockPersistError> {
+        let mut b = Block::with_backend(disk, s.read_only, &s.serial)?;
         if b.capacity_sectors != s.capacity_sectors {
             return Err(BlockPersistError::Resized {
                 saved: s.capacity_sectors,

@@ -1,0 +1,129 @@
+//! Where a virtio disk's bytes live: a raw image file here, or (in the VMM) an NBD export.
+//!
+//! The device hands its backend a batch of requests at a time ([`DiskBackend::run`]): a file
+//! serves them one by one, a network backend sends them all before it waits for the first
+//! reply, so several requests are in flight while the device still completes every request
+//! of a batch before it returns (a paused device never has a request half done).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::FallocateFlags;
+
+/// What one request asks of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskOpKind {
+    /// Read `len` bytes at `offset` into `buf`.
+    Read,
+    /// Write `buf` at `offset`.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+    /// The guest no longer needs `len` bytes at `offset` (a hint; reads may return anything
+    /// the disk held, but zeros for a punched range).
+    Discard,
+    /// Make `len` bytes at `offset` read as zeros; `unmap` allows deallocating them.
+    WriteZeroes { unmap: bool },
+}
+
+/// One request of a batch, and (after [`DiskBackend::run`]) its result.
+#[derive(Debug)]
+pub struct DiskOp {
+    pub kind: DiskOpKind,
+    pub offset: u64,
+    pub len: u64,
+    /// The data: filled by a read, the bytes to write for a write; empty otherwise.
+    pub buf: Vec<u8>,
+    pub result: io::Result<()>,
+}
+
+impl DiskOp {
+    pub fn new(kind: DiskOpKind, offset: u64, len: u64, buf: Vec<u8>) -> DiskOp {
+        DiskOp {
+            kind,
+            offset,
+            len,
+            buf,
+            result: Ok(()),
+        }
+    }
+
+    /// Serve this request on `disk` with its one-at-a-time methods.
+    pub fn run_on<D: DiskBackend + ?Sized>(&mut self, disk: &mut D) -> io::Result<()> {
+        match self.kind {
+            DiskOpKind::Read => disk.read_at(&mut self.buf, self.offset),
+            DiskOpKind::Write => disk.write_at(&self.buf, self.offset),
+            DiskOpKind::Flush => disk.flush(),
+            DiskOpKind::Discard => disk.discard(self.offset, self.len),
+            DiskOpKind::WriteZeroes { unmap } => disk.write_zeroes(self.offset, self.len, unmap),
+        }
+    }
+}
+
+/// A disk's storage.
+pub trait DiskBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> io::Result<u64>;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// Serve every request of `ops` and set each one's `result`, in any order, but a flush
+    /// covers every write completed before it was issued. One at a time by default.
+    fn run(&mut self, ops: &mut [DiskOp]) {
+        for op in ops.iter_mut() {
+            op.result = op.run_on(self);
+        }
+    }
+}
+
+impl DiskBackend for File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(
+            &*self,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let flags = if unmap {
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+        } else {
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+        };
+        if rustix::fs::fallocate(&*self, flags, offset, len).is_ok() {
+            return Ok(());
+        }
+        // No fallocate on this filesystem: write zeros.
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_all_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
