@@ -217,6 +217,17 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// Wait at most `timeout` for the request; `None` if it has not completed by then.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Completion> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(c) => Some(c),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(RequestError::Disconnected(
+                "reply channel closed".into(),
+            ))),
+        }
+    }
+
     /// Block until the request completes.
     pub fn wait(self) -> Completion {
         self.rx
@@ -502,6 +513,29 @@ impl Client {
         sock.set_nodelay(true)?;
         let n = negotiate(sock, export, tls)?;
         Client::start(n)
+    }
+
+    /// Open `export` over a connected socket; the handshake must finish within `timeout`.
+    pub fn connect_stream(
+        sock: TcpStream,
+        export: &str,
+        tls: Option<ClientTls>,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        let same = sock.try_clone()?;
+        let n = negotiate(sock, export, tls)?;
+        same.set_read_timeout(None)?;
+        same.set_write_timeout(None)?;
+        Client::start(n)
+    }
+
+    /// Break the connection now: every request in flight fails as disconnected, and dropping
+    /// the client afterwards does not wait for the server.
+    pub fn abort(&self) {
+        let _ = self.shared.sock.shutdown(Shutdown::Both);
     }
 
     /// Connect to an `nbd://` / `nbds://` URI. `tls` is required for `nbds://` and used
