@@ -57,10 +57,10 @@ impl FromStr for SerialBackend {
     }
 }
 
-/// A virtio-blk disk on a raw image file.
+/// A virtio-blk disk on a raw image file or an NBD export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DiskConfig {
-    /// The image file.
+    /// The image file, or an NBD export as `nbd://HOST:PORT/EXPORT` (`nbds://` with TLS).
     pub path: PathBuf,
     /// Expose the disk read-only (several VMMs may then share it).
     #[serde(default)]
@@ -68,12 +68,27 @@ pub struct DiskConfig {
     /// Serial number the guest reads (up to 20 bytes); default `ferry-diskN`.
     #[serde(default)]
     pub serial: Option<String>,
+    /// NBD disks: how long guest I/O waits through an outage of the server or the network
+    /// (reconnecting, resending what was not acknowledged) before it fails; default 60 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_limit_s: Option<u64>,
+}
+
+/// The default stall limit of an NBD disk.
+pub const DEFAULT_STALL_LIMIT_S: u64 = 60;
+
+impl DiskConfig {
+    /// The NBD URI, when the disk is an NBD export.
+    pub fn nbd_uri(&self) -> Option<&str> {
+        let s = self.path.to_str()?;
+        (s.starts_with("nbd://") || s.starts_with("nbds://")).then_some(s)
+    }
 }
 
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// `PATH[,readonly][,serial=S]`
+    /// `PATH|nbd://HOST:PORT/EXPORT[,readonly][,serial=S][,stall=SECONDS]`
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let path = parts
@@ -84,11 +99,15 @@ impl FromStr for DiskConfig {
             path: path.into(),
             read_only: false,
             serial: None,
+            stall_limit_s: None,
         };
         for p in parts {
             match p.split_once('=') {
                 None if p == "readonly" || p == "ro" => d.read_only = true,
                 Some(("serial", v)) if !v.is_empty() && v.len() <= 20 => d.serial = Some(v.into()),
+                Some(("stall", v)) if d.nbd_uri().is_some() => {
+                    d.stall_limit_s = Some(v.parse().map_err(|_| ConfigError::Disk(s.into()))?)
+                }
                 _ => return Err(ConfigError::Disk(s.into())),
             }
         }
@@ -232,7 +251,7 @@ pub enum ConfigError {
     TwoStdio,
     #[error("COM1 and COM2 cannot share {0}")]
     SharedPath(String),
-    #[error("disk {0:?} is not PATH[,readonly][,serial=S] (serial up to 20 bytes)")]
+    #[error("disk {0:?} is not PATH|nbd://HOST:PORT/EXPORT[,readonly][,serial=S][,stall=SECONDS] (serial up to 20 bytes; stall only for NBD)")]
     Disk(String),
     #[error("network card {0:?} is not tap=NAME[,mac=MAC] or bridge=BR[,mac=MAC]")]
     Net(String),
@@ -340,9 +359,14 @@ mod tests {
             DiskConfig {
                 path: "/img/a.raw".into(),
                 read_only: true,
-                serial: Some("abc".into())
+                serial: Some("abc".into()),
+                stall_limit_s: None,
             }
         );
+        let d: DiskConfig = "nbd://fs1:10809/web01,stall=5".parse().unwrap();
+        assert_eq!(d.nbd_uri(), Some("nbd://fs1:10809/web01"));
+        assert_eq!(d.stall_limit_s, Some(5));
+        assert!("/a,stall=5".parse::<DiskConfig>().is_err());
         assert!("".parse::<DiskConfig>().is_err());
         assert!("/a,bogus".parse::<DiskConfig>().is_err());
         let n: NetConfig = "bridge=br0,mac=52:54:00:AA:bb:01".parse().unwrap();

@@ -11,7 +11,7 @@ pub mod openapi;
 
 pub use config::{
     format_mac, parse_mac, ConfigError, DiskConfig, NetBackend, NetConfig, SerialBackend, VmConfig,
-    MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+    DEFAULT_STALL_LIMIT_S, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 pub use control::{
     MigrateSettings, MigrationPhase, MigrationProgress, MigrationTls, OnTimeout, Outcome, Request,

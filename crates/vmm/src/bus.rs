@@ -72,17 +72,40 @@ pub trait MmioDevice: Send + Sync {
     fn write(&self, offset: u64, data: &[u8]);
 }
 
-impl<D: ferry_devices::virtio::VirtioDevice> MmioDevice
-    for Mutex<ferry_devices::virtio::mmio::MmioTransport<D>>
-{
+/// A virtio-mmio transport on the bus: the registers a driver polls while the device works
+/// are served without the transport's lock, everything else under it.
+pub struct VirtioMmio<D> {
+    fast: ferry_devices::virtio::mmio::FastRegisters,
+    inner: Arc<Mutex<ferry_devices::virtio::mmio::MmioTransport<D>>>,
+}
+
+impl<D: ferry_devices::virtio::VirtioDevice> VirtioMmio<D> {
+    pub fn new(inner: Arc<Mutex<ferry_devices::virtio::mmio::MmioTransport<D>>>) -> Self {
+        let fast = inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fast_registers();
+        VirtioMmio { fast, inner }
+    }
+}
+
+impl<D: ferry_devices::virtio::VirtioDevice> MmioDevice for VirtioMmio<D> {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        self.lock()
+        if self.fast.read(offset, data) {
+            return;
+        }
+        self.inner
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .read(offset, data)
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        self.lock()
+        if self.fast.write(offset, data) {
+            return;
+        }
+        self.inner
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .write(offset, data)
     }

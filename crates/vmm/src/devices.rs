@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use ferry_api::{parse_mac, NetBackend, SerialBackend, VmConfig};
 use ferry_devices::legacy::{I8042State, PmState, PowerManagement, I8042, PM_BASE};
 use ferry_devices::serial::{IrqTrigger, SerialDevice, SerialDeviceState, SERIAL_PORT_LEN};
-use ferry_devices::virtio::block::{Block, BlockState};
+use ferry_devices::virtio::block::{Block, BlockState, DiskBackend};
 use ferry_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use ferry_devices::virtio::net::{Net, NetState};
 use ferry_devices::virtio::persist::{MmioArgs, MmioState};
@@ -213,11 +213,19 @@ pub struct DevicesArgs<'a> {
     pub lock_disks: bool,
 }
 
+/// Where a disk's bytes are, as the VMM (not the device) holds them.
+enum DiskStore {
+    /// An image file: its lock is the VMM's to take and release.
+    File(File),
+    /// An NBD export: the server decides who may write; the VMM only flushes.
+    Nbd(crate::nbd_disk::SharedNbd),
+}
+
 /// A disk image as the VM holds it, for taking and releasing its lock.
 pub struct DiskHandle {
     pub path: PathBuf,
     pub read_only: bool,
-    file: File,
+    store: DiskStore,
     /// Whether this VMM holds the image's lock now.
     locked: std::sync::atomic::AtomicBool,
 }
@@ -309,19 +317,37 @@ fn build_virtio(
         let vstate = |source| DevicesError::VirtioState { index, source };
         let slot = if index < cfg.disks.len() {
             let d = &cfg.disks[index];
-            let file = if args.lock_disks {
-                host_io::open_disk(&d.path, d.read_only)?
-            } else {
-                host_io::open_disk_unlocked(&d.path, d.read_only)?
+            let nbd_stall = std::time::Duration::from_secs(
+                d.stall_limit_s.unwrap_or(ferry_api::DEFAULT_STALL_LIMIT_S),
+            );
+            let (disk, store): (Box<dyn DiskBackend>, DiskStore) = match d.nbd_uri() {
+                Some(uri) => {
+                    let n = crate::nbd_disk::NbdDisk::open(uri, d.read_only, nbd_stall, None)
+                        .map_err(|e| DevicesError::Virtio {
+                            index,
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                    let shared = crate::nbd_disk::SharedNbd(Arc::new(Mutex::new(n)));
+                    (Box::new(shared.clone()), DiskStore::Nbd(shared))
+                }
+                None => {
+                    let file = if args.lock_disks {
+                        host_io::open_disk(&d.path, d.read_only)?
+                    } else {
+                        host_io::open_disk_unlocked(&d.path, d.read_only)?
+                    };
+                    let dup = file
+                        .try_clone()
+                        .map_err(|source| DevicesError::Virtio { index, source })?;
+                    (Box::new(file), DiskStore::File(dup))
+                }
             };
-            let dup = file
-                .try_clone()
-                .map_err(|source| DevicesError::Virtio { index, source })?;
+            let is_nbd = matches!(store, DiskStore::Nbd(_));
             disks.push(DiskHandle {
                 path: d.path.clone(),
                 read_only: d.read_only,
-                file: dup,
-                locked: args.lock_disks.into(),
+                store,
+                locked: (args.lock_disks || is_nbd).into(),
             });
             let serial = d
                 .serial
@@ -329,7 +355,7 @@ fn build_virtio(
                 .unwrap_or_else(|| format!("ferry-disk{index}"));
             let build = |interrupt, kick| match state {
                 None => {
-                    let dev = Block::new(file, d.read_only, &serial)
+                    let dev = Block::with_backend(disk, d.read_only, &serial)
                         .map_err(|source| DevicesError::Virtio { index, source })?;
                     MmioTransport::new(dev, mem, interrupt, kick).map_err(|e| {
                         DevicesError::Virtio {
@@ -340,7 +366,7 @@ fn build_virtio(
                 }
                 Some(VirtioSlotState::Block(s)) => MmioTransport::restore(
                     MmioArgs {
-                        device: file,
+                        device: disk,
                         mem,
                         interrupt,
                         kick,
@@ -417,7 +443,19 @@ impl Devices {
                 }
                 .into());
             }
-            host_io::release_disk(&d.file, &d.path)?;
+            match &d.store {
+                DiskStore::File(f) => host_io::release_disk(f, &d.path)?,
+                // Everything acknowledged reaches the server's disk before the other host
+                // may take over; the lease itself is the file server's.
+                DiskStore::Nbd(n) => {
+                    n.clone()
+                        .flush()
+                        .map_err(|source| host_io::HostIoError::Release {
+                            path: d.path.clone(),
+                            source,
+                        })?
+                }
+            }
             d.locked.store(false, Ordering::SeqCst);
         }
         Ok(())
@@ -427,7 +465,11 @@ impl Devices {
     /// `release_disks`).
     pub fn sync_disks(&self) {
         for d in &self.disks {
-            if let Err(e) = d.file.sync_data() {
+            let r = match &d.store {
+                DiskStore::File(f) => f.sync_data(),
+                DiskStore::Nbd(n) => n.clone().flush(),
+            };
+            if let Err(e) = r {
                 tracing::warn!("flushing {}: {e}", d.path.display());
             }
         }
@@ -442,10 +484,16 @@ impl Devices {
             if d.locked.load(Ordering::SeqCst) {
                 continue;
             }
-            if let Err(e) = host_io::lock_disk(&d.file, &d.path, d.read_only) {
+            let DiskStore::File(file) = &d.store else {
+                d.locked.store(true, Ordering::SeqCst);
+                continue;
+            };
+            if let Err(e) = host_io::lock_disk(file, &d.path, d.read_only) {
                 for held in taken {
                     let held: &DiskHandle = held;
-                    let _ = held.file.unlock();
+                    if let DiskStore::File(f) = &held.store {
+                        let _ = f.unlock();
+                    }
                     held.locked.store(false, Ordering::SeqCst);
                 }
                 return Err(e.into());
@@ -493,8 +541,8 @@ impl Devices {
     pub fn attach_mmio(&self, mmio: &mut MmioBus) -> Result<(), DevicesError> {
         for slot in &self.virtio {
             let dev: Arc<dyn crate::bus::MmioDevice> = match &slot.kind {
-                VirtioKind::Block(t) => t.clone(),
-                VirtioKind::Net(t) => t.clone(),
+                VirtioKind::Block(t) => Arc::new(crate::bus::VirtioMmio::new(t.clone())),
+                VirtioKind::Net(t) => Arc::new(crate::bus::VirtioMmio::new(t.clone())),
             };
             mmio.insert(slot.base, MMIO_WINDOW, dev)?;
         }
