@@ -8,6 +8,7 @@ mod config;
 mod control;
 pub mod host;
 pub mod openapi;
+pub mod share;
 
 pub use config::{
     format_mac, parse_mac, ConfigError, DiskConfig, NetBackend, NetConfig, SerialBackend, VmConfig,

@@ -80,15 +80,34 @@ impl Doc {
     }
 }
 
+impl Doc {
+    fn new() -> Doc {
+        Doc {
+            gen: SchemaSettings::draft2020_12()
+                .with(|s| s.definitions_path = SCHEMAS.into())
+                .into_generator(),
+            paths: Map::new(),
+        }
+    }
+
+    fn finish(mut self, title: &str, description: &str) -> Value {
+        let schemas = self.gen.take_definitions(true);
+        json!({
+            "openapi": "3.1.0",
+            "info": {
+                "title": title,
+                "version": env!("CARGO_PKG_VERSION"),
+                "description": description,
+            },
+            "paths": self.paths,
+            "components": { "schemas": schemas },
+        })
+    }
+}
+
 /// The document.
 pub fn document() -> Value {
-    let gen = SchemaSettings::draft2020_12()
-        .with(|s| s.definitions_path = SCHEMAS.into())
-        .into_generator();
-    let mut d = Doc {
-        gen,
-        paths: Map::new(),
-    };
+    let mut d = Doc::new();
     let host = d.schema::<HostInfo>();
     let patch = d.schema::<HostSettingsPatch>();
     let vm = d.schema::<VmInfo>();
@@ -347,24 +366,119 @@ pub fn document() -> Value {
     d.op("get", "/v1/cluster/ca", "(Enrolment port, no client certificate.) The authority's certificate, to check against a join token's pin.", None, (200, "The certificate.", Some(ca)), &[409]);
     d.op("post", "/v1/cluster/join", "(Enrolment port, no client certificate.) Enrol with a one-time join token and a certificate request made where the key lives.", Some(jreq), (200, "The certificate, the authority's, and the cluster document.", Some(jrep)), &[400, 403, 409]);
 
-    let schemas = d.gen.take_definitions(true);
-    json!({
-        "openapi": "3.1.0",
-        "info": {
-            "title": "ferry host daemon",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "The management API of `ferry host run`: VMs, host migration settings and live moves. HTTP/1.1 + JSON on the daemon's address and its local unix socket. Errors are 4xx/5xx with an ErrorBody.",
-        },
-        "paths": d.paths,
-        "components": { "schemas": schemas },
-    })
+    d.finish("ferry host daemon", "The management API of `ferry host run`: VMs, host migration settings and live moves. HTTP/1.1 + JSON on the daemon's address and its local unix socket. Errors are 4xx/5xx with an ErrorBody.")
+}
+
+/// The file server's document (`ferry share run`).
+pub fn share_document() -> Value {
+    use crate::share::*;
+    let mut d = Doc::new();
+    let info = d.schema::<ShareServerInfo>();
+    let create = d.schema::<ShareCreate>();
+    let share = d.schema::<ShareInfo>();
+    let list = d.schema::<ShareList>();
+    let acc = d.schema::<AccessSet>();
+    let dc = d.schema::<DiskCreate>();
+    let disk = d.schema::<DiskInfo>();
+    let lease = d.schema::<LeaseRequest>();
+    d.op(
+        "get",
+        "/v1/share-server",
+        "This file server.",
+        None,
+        (200, "The server.", Some(info)),
+        &[],
+    );
+    d.op(
+        "get",
+        "/v1/shares",
+        "Every share, with its access list and disks.",
+        None,
+        (200, "The shares.", Some(list)),
+        &[403],
+    );
+    d.op(
+        "post",
+        "/v1/shares",
+        "(Admin.) Make a share.",
+        Some(create),
+        (201, "The share.", Some(share.clone())),
+        &[400, 403, 409],
+    );
+    d.op(
+        "get",
+        "/v1/shares/{share}",
+        "One share.",
+        None,
+        (200, "The share.", Some(share.clone())),
+        &[403, 404],
+    );
+    d.op(
+        "delete",
+        "/v1/shares/{share}",
+        "(Admin.) Remove an empty share (its folder stays).",
+        None,
+        (204, "Gone.", None),
+        &[403, 404, 409],
+    );
+    d.op(
+        "put",
+        "/v1/shares/{share}/access/{host}",
+        "(Admin.) Let a host read, or read and write, the share's disks.",
+        Some(acc),
+        (200, "The share after.", Some(share.clone())),
+        &[400, 403, 404],
+    );
+    d.op(
+        "delete",
+        "/v1/shares/{share}/access/{host}",
+        "(Admin.) Take a host off the share's access list; its connections are cut.",
+        None,
+        (200, "The share after.", Some(share)),
+        &[403, 404],
+    );
+    d.op(
+        "post",
+        "/v1/shares/{share}/disks",
+        "(Admin.) Make a sparse raw disk image on the share.",
+        Some(dc),
+        (201, "The disk.", Some(disk.clone())),
+        &[400, 403, 404, 409],
+    );
+    d.op(
+        "get",
+        "/v1/shares/{share}/disks/{disk}",
+        "One disk: size, allocation, its lease.",
+        None,
+        (200, "The disk.", Some(disk.clone())),
+        &[403, 404],
+    );
+    d.op(
+        "delete",
+        "/v1/shares/{share}/disks/{disk}",
+        "(Admin.) Delete a disk nobody holds a lease on.",
+        None,
+        (204, "Gone.", None),
+        &[403, 404, 409],
+    );
+    d.op("post", "/v1/shares/{share}/disks/{disk}/lease", "Acquire or release the disk's write lease (a host with write access, for itself), or break it (an admin).", Some(lease), (200, "The disk after.", Some(disk)), &[400, 403, 404, 409]);
+    d.finish("ferry file server", "The management API of `ferry share run`: shares, access lists, disks and write leases. HTTP/1.1 + JSON over mutual TLS and the server's local unix socket; disks themselves are served over NBD. Errors are 4xx/5xx with an ErrorBody.")
+}
+
+fn text(doc: Value) -> String {
+    let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    s.push('\n');
+    s
 }
 
 /// The document as checked in (pretty JSON with a final newline).
 pub fn document_text() -> String {
-    let mut s = serde_json::to_string_pretty(&document()).unwrap_or_default();
-    s.push('\n');
-    s
+    text(document())
+}
+
+/// The file server's document as checked in.
+pub fn share_document_text() -> String {
+    text(share_document())
 }
 
 /// The schema of component `name` with every `$ref` resolvable against the whole document:
@@ -396,8 +510,27 @@ mod tests {
     }
 
     #[test]
+    fn the_checked_in_share_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi-share.json");
+        let want = share_document_text();
+        if std::env::var("UPDATE_OPENAPI").is_ok() {
+            std::fs::write(path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            have == want,
+            "crates/api/openapi-share.json is out of date with the API types: run UPDATE_OPENAPI=1 cargo test -p ferry-api"
+        );
+    }
+
+    #[test]
     fn every_reference_resolves() {
-        let doc = document();
+        for doc in [document(), share_document()] {
+            check_refs(&doc);
+        }
+    }
+
+    fn check_refs(doc: &Value) {
         let text = doc.to_string();
         for r in text.split("\"$ref\":\"").skip(1) {
             let target = r.split('"').next().unwrap();
