@@ -148,6 +148,10 @@ impl ClientCertVerifier for ClientVerifier {
 struct ServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     trust: Arc<Trust>,
+    /// Accept any file server of the cluster (its certificate checked against its own name)
+    /// instead of the name dialled: for clients that reach a file server by address (an NBD
+    /// URI).
+    any_file_server: bool,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -159,6 +163,20 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let own;
+        let server_name = if self.any_file_server {
+            let id = Identity::from_cert(end_entity)
+                .map_err(|e| rustls::Error::General(format!("not a ferry certificate: {e}")))?;
+            if id.role != crate::Role::FileServer {
+                return Err(rustls::Error::General(format!(
+                    "{id} is not a file server of this cluster"
+                )));
+            }
+            own = self::server_name(&id.name).map_err(|e| rustls::Error::General(e.to_string()))?;
+            &own
+        } else {
+            server_name
+        };
         let ok =
             self.inner
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
@@ -227,7 +245,35 @@ pub fn client_config(c: &Credentials, trust: Arc<Trust>) -> Result<Arc<ClientCon
         .with_safe_default_protocol_versions()
         .map_err(tls)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerVerifier { inner, trust }))
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            inner,
+            trust,
+            any_file_server: false,
+        }))
+        .with_client_auth_cert(chain, key)
+        .map_err(tls)?;
+    Ok(Arc::new(cfg))
+}
+
+/// A client that presents `c`'s certificate to any file server of this cluster (not revoked),
+/// whatever address it was reached at: the VMM's NBD disks (`nbds://ADDR/share/disk`).
+pub fn file_server_client_config(
+    c: &Credentials,
+    trust: Arc<Trust>,
+) -> Result<Arc<ClientConfig>, AuthError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(&trust)?, provider())
+        .build()
+        .map_err(tls)?;
+    let (chain, key) = chain_and_key(c)?;
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            inner,
+            trust,
+            any_file_server: true,
+        }))
         .with_client_auth_cert(chain, key)
         .map_err(tls)?;
     Ok(Arc::new(cfg))
