@@ -1,0 +1,269 @@
+//! The file server's management API (`crates/api/openapi-share.json`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Router};
+use ferry_api::share::*;
+use ferry_auth::Role;
+use ferry_hostd::audit;
+use ferry_hostd::error::{ApiError, ApiResult};
+use ferry_hostd::routes::Body;
+use ferry_hostd::transport::Peer;
+
+use crate::store::StoreError;
+use crate::ShareServer;
+
+type S = State<Arc<ShareServer>>;
+
+fn json<T: serde::Serialize>(v: T) -> Response {
+    axum::Json(v).into_response()
+}
+
+impl From<StoreError> for ApiErr {
+    fn from(e: StoreError) -> ApiErr {
+        ApiErr(match &e {
+            StoreError::NotFound(m) => ApiError::not_found(m.clone()),
+            StoreError::Conflict(m) => ApiError::conflict(m.clone()),
+            StoreError::Bad(m) => ApiError::bad_request(m.clone()),
+            StoreError::Forbidden(m) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", m.clone())
+            }
+            _ => ApiError::internal(e.to_string()),
+        })
+    }
+}
+
+/// An [`ApiError`] that store errors convert into.
+pub struct ApiErr(pub ApiError);
+
+impl From<ApiError> for ApiErr {
+    fn from(e: ApiError) -> ApiErr {
+        ApiErr(e)
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}
+
+type R = Result<Response, ApiErr>;
+
+/// Who the caller is, for the file server.
+enum Caller {
+    Admin,
+    Host(String),
+}
+
+fn caller(s: &ShareServer, p: &Peer) -> ApiResult<Caller> {
+    match p {
+        Peer::Local { uid: 0 } => Ok(Caller::Admin),
+        Peer::Insecure(_) if s.security.is_none() => Ok(Caller::Admin),
+        Peer::Cert { identity, .. } if identity.role == Role::Admin => Ok(Caller::Admin),
+        Peer::Cert { identity, .. } if identity.role == Role::Host => {
+            Ok(Caller::Host(identity.name.clone()))
+        }
+        p => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not use this file server", p.describe()),
+        )),
+    }
+}
+
+/// Admins only; the refusal is audited.
+fn admin(s: &ShareServer, p: &Peer, what: &str) -> ApiResult<()> {
+    match caller(s, p) {
+        Ok(Caller::Admin) => {
+            audit::record(&s.state, p, what, None, Some("admin"));
+            Ok(())
+        }
+        Ok(Caller::Host(h)) => {
+            let why = format!("host {h} is not an admin: only admins change shares");
+            audit::record(&s.state, p, what, Some(&why), None);
+            Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why))
+        }
+        Err(e) => {
+            audit::record(&s.state, p, what, Some(&e.body.error), None);
+            Err(e)
+        }
+    }
+}
+
+/// Admins, or a host on the share's access list.
+fn reader(s: &ShareServer, p: &Peer, share: &str) -> ApiResult<()> {
+    match caller(s, p)? {
+        Caller::Admin => Ok(()),
+        Caller::Host(h) if s.store.access(share, &h).is_some() => Ok(()),
+        Caller::Host(h) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_on_access_list",
+            format!("host {h} is not on share {share}'s access list"),
+        )),
+    }
+}
+
+pub fn router(s: Arc<ShareServer>) -> Router {
+    Router::new()
+        .route("/v1/share-server", get(server_info))
+        .route("/v1/shares", get(list).post(create))
+        .route("/v1/shares/{share}", get(show).delete(delete))
+        .route(
+            "/v1/shares/{share}/access/{host}",
+            put(grant).delete(revoke),
+        )
+        .route("/v1/shares/{share}/disks", post(create_disk))
+        .route(
+            "/v1/shares/{share}/disks/{disk}",
+            get(show_disk).delete(delete_disk),
+        )
+        .route("/v1/shares/{share}/disks/{disk}/lease", post(lease))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint (see crates/api/openapi-share.json)")
+        })
+        .with_state(s)
+}
+
+async fn server_info(State(s): S) -> R {
+    Ok(json(ShareServerInfo {
+        name: s.name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        nbd: Some(s.nbd.clone()),
+        nbd_tls: s.security.is_some(),
+        shares: s.store.share_names().len(),
+    }))
+}
+
+async fn list(State(s): S, Extension(p): Extension<Peer>) -> R {
+    let c = caller(&s, &p)?;
+    let shares = s
+        .store
+        .share_names()
+        .into_iter()
+        .filter(|n| match &c {
+            Caller::Admin => true,
+            Caller::Host(h) => s.store.access(n, h).is_some(),
+        })
+        .filter_map(|n| s.store.share_info(&n, Some(&s.nbd)).ok())
+        .collect();
+    Ok(json(ShareList { shares }))
+}
+
+async fn create(State(s): S, Extension(p): Extension<Peer>, Body(b): Body<ShareCreate>) -> R {
+    admin(&s, &p, &format!("create share {}", b.name))?;
+    s.store.create_share(&b.name, b.path.as_deref())?;
+    Ok((
+        StatusCode::CREATED,
+        json(s.store.share_info(&b.name, Some(&s.nbd))?),
+    )
+        .into_response())
+}
+
+async fn show(State(s): S, Extension(p): Extension<Peer>, Path(share): Path<String>) -> R {
+    s.store.share_info(&share, None)?;
+    reader(&s, &p, &share)?;
+    Ok(json(s.store.share_info(&share, Some(&s.nbd))?))
+}
+
+async fn delete(State(s): S, Extension(p): Extension<Peer>, Path(share): Path<String>) -> R {
+    admin(&s, &p, &format!("delete share {share}"))?;
+    s.store.delete_share(&share)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn grant(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path((share, host)): Path<(String, String)>,
+    Body(b): Body<AccessSet>,
+) -> R {
+    admin(
+        &s,
+        &p,
+        &format!("grant {host} {} on share {share}", b.access),
+    )?;
+    s.store.set_access(&share, &host, Some(b.access))?;
+    Ok(json(s.store.share_info(&share, Some(&s.nbd))?))
+}
+
+async fn revoke(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path((share, host)): Path<(String, String)>,
+) -> R {
+    admin(&s, &p, &format!("revoke {host} on share {share}"))?;
+    s.store.set_access(&share, &host, None)?;
+    Ok(json(s.store.share_info(&share, Some(&s.nbd))?))
+}
+
+async fn create_disk(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path(share): Path<String>,
+    Body(b): Body<DiskCreate>,
+) -> R {
+    admin(&s, &p, &format!("create disk {share}/{}", b.name))?;
+    s.store.create_disk(&share, &b.name, b.size_bytes)?;
+    Ok((
+        StatusCode::CREATED,
+        json(s.store.disk_info(&share, &b.name, Some(&s.nbd))?),
+    )
+        .into_response())
+}
+
+async fn show_disk(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path((share, disk)): Path<(String, String)>,
+) -> R {
+    s.store.share_info(&share, None)?;
+    reader(&s, &p, &share)?;
+    Ok(json(s.store.disk_info(&share, &disk, Some(&s.nbd))?))
+}
+
+async fn delete_disk(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path((share, disk)): Path<(String, String)>,
+) -> R {
+    admin(&s, &p, &format!("delete disk {share}/{disk}"))?;
+    s.store.delete_disk(&share, &disk)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn lease(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path((share, disk)): Path<(String, String)>,
+    Body(b): Body<LeaseRequest>,
+) -> R {
+    let what = format!("{:?} lease of {share}/{disk}", b.action).to_lowercase();
+    let c = caller(&s, &p)?;
+    let r = match (b.action, &c) {
+        (LeaseAction::Break, Caller::Admin) => s.store.break_lease(&share, &disk),
+        (LeaseAction::Break, Caller::Host(h)) => Err(StoreError::Forbidden(format!(
+            "host {h} may not break leases: only admins may"
+        ))),
+        (LeaseAction::Acquire, Caller::Host(h)) => s.store.acquire(&share, &disk, h),
+        (LeaseAction::Release, Caller::Host(h)) => s.store.release(&share, &disk, h),
+        (_, Caller::Admin) => Err(StoreError::Bad(
+            "a lease is acquired and released by the host that writes (an admin may break it)"
+                .into(),
+        )),
+    };
+    match r {
+        Ok(_) => {
+            audit::record(&s.state, &p, &what, None, None);
+            Ok(json(s.store.disk_info(&share, &disk, Some(&s.nbd))?))
+        }
+        Err(e) => {
+            audit::record(&s.state, &p, &what, Some(&e.to_string()), None);
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The file server's catalogue: shares (a folder and an access list), their disks (sparse raw
+//! files in the folder), and each disk's write lease, kept in `<state>/catalog.json` and
+//! written atomically before any change is acknowledged.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ferry_api::share::{Access, DiskInfo, LeaseInfo, ShareInfo};
+use serde::{Deserialize, Serialize};
+
+/// Why a catalogue operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Bad(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] ferry_hostd::state::StateError),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ShareDef {
+    path: PathBuf,
+    #[serde(default)]
+    access: BTreeMap<String, Access>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Catalog {
+    #[serde(default)]
+    shares: BTreeMap<String, ShareDef>,
+    /// By export name (`share/disk`).
+    #[serde(default)]
+    leases: BTreeMap<String, LeaseInfo>,
+}
+
+/// The catalogue, shared by the API and the NBD exports.
+pub struct Store {
+    root: PathBuf,
+    file: PathBuf,
+    cat: Mutex<Catalog>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn check_name(what: &str, n: &str) -> Result<(), StoreError> {
+    if ferry_auth::identity::valid_name(n) {
+        Ok(())
+    } else {
+        Err(StoreError::Bad(format!(
+            "{n:?} is not a valid {what} name (letters, digits, '-', '_', '.'; up to 63)"
+        )))
+    }
+}
+
+/// Export name of a disk.
+pub fn export_name(share: &str, disk: &str) -> String {
+    format!("{share}/{disk}")
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    let mut s = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and `s` points to writable memory of the
+    // right type; statvfs writes only into it.
+    let r = unsafe { libc::statvfs(c.as_ptr(), s.as_mut_ptr()) };
+    if r != 0 {
+        return 0;
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let s = unsafe { s.assume_init() };
+    s.f_bavail.saturating_mul(s.f_frsize)
+}
+
+impl Store {
+    /// Open (or start) the catalogue in `root`.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let file = root.join("catalog.json");
+        let cat = ferry_hostd::state::read_json::<Catalog>(&file)?.unwrap_or_default();
+        Ok(Store {
+            root: root.to_path_buf(),
+            file,
+            cat: Mutex::new(cat),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.cat.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change the catalogue: `f` on a copy, written to disk, then made current.
+    fn change<R>(
+        &self,
+        f: impl FnOnce(&mut Catalog) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut cat = self.lock();
+        let mut next = cat.clone();
+        let r = f(&mut next)?;
+        ferry_hostd::state::write_json(&self.file, &next)?;
+        *cat = next;
+        Ok(r)
+    }
+
+    fn share_def(&self, name: &str) -> Result<ShareDef, StoreError> {
+        self.lock()
+            .shares
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("no share {name} on this file server")))
+    }
+
+    /// Where a disk's image is.
+    pub fn disk_path(&self, share: &str, disk: &str) -> Result<PathBuf, StoreError> {
+        check_name("disk", disk)?;
+        Ok(self.share_def(share)?.path.join(format!("{disk}.raw")))
+    }
+
+    pub fn create_share(&self, name: &str, path: Option<&str>) -> Result<(), StoreError> {
+        check_name("share", name)?;
+        let path = match path {
+            Some(p) => PathBuf::from(p),
+            None => self.root.join("shares").join(name),
+        };
+        if !path.is_absolute() {
+            return Err(StoreError::Bad(format!(
+                "{} is not an absolute path",
+                path.display()
+            )));
+        }
+        self.change(|c| {
+            if c.shares.contains_key(name) {
+                return Err(StoreError::Conflict(format!("share {name} exists already")));
+            }
+            if let Some((other, _)) = c.shares.iter().find(|(_, s)| s.path == path) {
+                return Err(StoreError::Conflict(format!(
+                    "share {other} already uses {}",
+                    path.display()
+                )));
+            }
+            std::fs::create_dir_all(&path).map_err(|source| StoreError::Io {
+                what: format!("making {}", path.display()),
+                source,
+            })?;
+            c.shares.insert(
+                name.into(),
+                ShareDef {
+                    path: path.clone(),
+                    access: BTreeMap::new(),
+                },
+            );
+            Ok(())
+        })
+    }
+
+    pub fn delete_share(&self, name: &str) -> Result<(), StoreError> {
+        let disks = self.disks(name)?;
+        if !disks.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "share {name} still holds {} disk(s): delete them first",
+                disks.len()
+            )));
+        }
+        self.change(|c| {
+            c.shares.remove(name);
+            Ok(())
+        })
+    }
+
+    pub fn set_access(&self, share: &str, host: &str, a: Option<Access>) -> Result<(), StoreError> {
+        check_name("host", host)?;
+        self.change(|c| {
+            let s = c
+                .shares
+                .get_mut(share)
+                .ok_or_else(|| StoreError::NotFound(format!("no share {share}")))?;
+            match a {
+                Some(a) => {
+                    s.access.insert(host.into(), a);
+                }
+                None => {
+                    if s.access.remove(host).is_none() {
+                        return Err(StoreError::NotFound(format!(
+                            "{host} is not on share {share}'s access list"
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// What `host` may do on `share` (None: not on its access list).
+    pub fn access(&self, share: &str, host: &str) -> Option<Access> {
+        self.lock().shares.get(share)?.access.get(host).copied()
+    }
+
+    pub fn share_names(&self) -> Vec<String> {
+        self.lock().shares.keys().cloned().collect()
+    }
+
+    /// The disks of a share, by name.
+    pub fn disks(&self, share: &str) -> Result<Vec<String>, StoreError> {
+        let def = self.share_def(share)?;
+        let mut v = Vec::new();
+        let rd = std::fs::read_dir(&def.path).map_err(|source| StoreError::Io {
+            what: format!("reading {}", def.path.display()),
+            source,
+        })?;
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if let Some(d) = n.strip_suffix(".raw") {
+                if ferry_auth::identity::valid_name(d) {
+                    v.push(d.to_string());
+                }
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    pub fn lease(&self, export: &str) -> LeaseInfo {
+        self.lock()
+            .leases
+            .get(export)
+            .cloned()
+            .unwrap_or(LeaseInfo {
+                holder: None,
+                fence: 0,
+                since_ms: 0,
+            })
+    }
+
+    pub fn disk_info(
+        &self,
+        share: &str,
+        disk: &str,
+        nbd: Option<&str>,
+    ) -> Result<DiskInfo, StoreError> {
+        let p = self.disk_path(share, disk)?;
+        let md = std::fs::metadata(&p)
+            .map_err(|_| StoreError::NotFound(format!("no disk {disk} on share {share}")))?;
+        let export = export_name(share, disk);
+        use std::os::unix::fs::MetadataExt;
+        Ok(DiskInfo {
+            share: share.into(),
+            name: disk.into(),
+            size_bytes: md.len(),
+            allocated_bytes: md.blocks() * 512,
+            uri: nbd.map(|a| format!("nbds://{a}/{export}")),
+            lease: self.lease(&export),
+            export,
+        })
+    }
+
+    pub fn share_info(&self, name: &str, nbd: Option<&str>) -> Result<ShareInfo, StoreError> {
+        let def = self.share_def(name)?;
+        let disks = self
+            .disks(name)?
+            .iter()
+            .filter_map(|d| self.disk_info(name, d, nbd).ok())
+            .collect();
+        Ok(ShareInfo {
+            name: name.into(),
+            path: def.path.display().to_string(),
+            access: def.access.clone(),
+            disks,
+            free_bytes: free_bytes(&def.path),
+        })
+    }
+
+    pub fn create_disk(&self, share: &str, disk: &str, size: u64) -> Result<(), StoreError> {
+        let p = self.disk_path(share, disk)?;
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(StoreError::Bad(format!(
+                "a disk's size must be a positive multiple of 512 bytes, not {size}"
+            )));
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    StoreError::Conflict(format!("disk {disk} exists already on share {share}"))
+                }
+                _ => StoreError::Io {
+                    what: format!("creating {}", p.display()),
+                    source: e,
+                },
+            })?;
+        f.set_len(size)
+            .and_then(|_| f.sync_all())
+            .map_err(|source| StoreError::Io {
+                what: format!("sizing {}", p.display()),
+                source,
+            })
+    }
+
+    pub fn delete_disk(&self, share: &str, disk: &str) -> Result<(), StoreError> {
+        let p = self.disk_path(share, disk)?;
+        let export = export_name(share, disk);
+        if let Some(h) = self.lease(&export).holder {
+            return Err(StoreError::Conflict(format!(
+                "{h} holds disk {export}'s write lease: stop its VM first (or break the lease)"
+            )));
+        }
+        std::fs::remove_file(&p)
+            .map_err(|_| StoreError::NotFound(format!("no disk {disk} on share {share}")))?;
+        self.change(|c| {
+            c.leases.remove(&export);
+            Ok(())
+        })
+    }
+
+    /// Take the write lease of `export` for `host` (it must have write access). Taking it
+    /// again while holding it raises the fence too: connections opened before cannot write.
+    pub fn acquire(&self, share: &str, disk: &str, host: &str) -> Result<LeaseInfo, StoreError> {
+        self.disk_path(share, disk)?;
+        if self.access(share, host) != Some(Access::Write) {
+            return Err(StoreError::Forbidden(format!(
+                "{host} may not write share {share}: `ferry share grant {share} {host} write` first"
+            )));
+        }
+        let export = export_name(share, disk);
+        self.change(|c| {
+            let l = c.leases.entry(export.clone()).or_insert(LeaseInfo {
+                holder: None,
+                fence: 0,
+                since_ms: 0,
+            });
+            match &l.holder {
+                Some(h) if h != host => Err(StoreError::Conflict(format!(
+                    "{h} holds disk {export}'s write lease (fence {}): it gives it up when its VM stops or moves; an admin can break it",
+                    l.fence
+                ))),
+                _ => {
+                    l.holder = Some(host.into());
+                    l.fence += 1;
+                    l.since_ms = now_ms();
+                    Ok(l.clone())
+                }
+            }
+        })
+    }
+
+    /// Give the lease up (only its holder).
+    pub fn release(&self, share: &str, disk: &str, host: &str) -> Result<LeaseInfo, StoreError> {
+        let export = export_name(share, disk);
+        self.change(|c| {
+            let l = c
+                .leases
+                .get_mut(&export)
+                .filter(|l| l.holder.as_deref() == Some(host))
+                .ok_or_else(|| {
+                    StoreError::Conflict(format!(
+                        "{host} does not hold disk {export}'s write lease"
+                    ))
+                })?;
+            l.holder = None;
+            l.since_ms = now_ms();
+            Ok(l.clone())
+        })
+    }
+
+    /// An admin takes the lease from its holder: the fence rises, so nothing open can write.
+    pub fn break_lease(&self, share: &str, disk: &str) -> Result<LeaseInfo, StoreError> {
+        self.disk_path(share, disk)?;
+        let export = export_name(share, disk);
+        self.change(|c| {
+            let l = c.leases.entry(export).or_insert(LeaseInfo {
+                holder: None,
+                fence: 0,
+                since_ms: 0,
+            });
+            l.holder = None;
+            l.fence += 1;
+            l.since_ms = now_ms();
+            Ok(l.clone())
+        })
+    }
+}
