@@ -149,6 +149,34 @@ pub fn incoming(d: &Daemon, req: &IncomingCheck) -> IncomingCheckReply {
         ));
     }
     for d_ in &req.config.disks {
+        if let Some(uri) = d_.nbd_uri() {
+            // On a file server (or another NBD server): reachable from here? (Its access list
+            // and lease are the file server's to enforce.)
+            let addr = ferry_nbd::client::parse_uri(uri).map(|u| u.addr());
+            let ok = addr.as_ref().is_ok_and(|a| {
+                use std::net::ToSocketAddrs;
+                a.to_socket_addrs()
+                    .ok()
+                    .and_then(|mut i| i.next())
+                    .is_some_and(|sa| {
+                        std::net::TcpStream::connect_timeout(&sa, std::time::Duration::from_secs(2))
+                            .is_ok()
+                    })
+            });
+            checks.push(item(
+                "disk",
+                ok,
+                if ok {
+                    format!("{uri} is reachable from {me}")
+                } else {
+                    format!("{uri} is not reachable from {me}")
+                },
+                Some(format!(
+                    "let {me} reach the file server (network, firewall), and grant it write on the share"
+                )),
+            ));
+            continue;
+        }
         let meta = std::fs::metadata(&d_.path);
         let writable = d_.read_only
             || std::fs::OpenOptions::new()

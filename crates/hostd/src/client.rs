@@ -229,6 +229,23 @@ impl Client {
             .await
     }
 
+    /// `PUT path` with a JSON body.
+    pub async fn put<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
+        let b = serde_json::to_vec(body).unwrap_or_default();
+        self.call(Method::PUT, path, Some(b), std::any::type_name::<R>())
+            .await
+    }
+
+    /// `DELETE path`, answered with a JSON `R`.
+    pub async fn delete_json<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        self.call(Method::DELETE, path, None, std::any::type_name::<R>())
+            .await
+    }
+
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self.call(Method::DELETE, path, None, "nothing").await?;

@@ -404,6 +404,12 @@ impl Daemon {
         }
         config.kernel = kernel;
         for d in &mut config.disks {
+            if let Some(uri) = d.nbd_uri() {
+                // On a file server: checked when the VM starts (its lease, its access list).
+                ferry_nbd::client::parse_uri(uri)
+                    .map_err(|e| ApiError::bad_request(format!("disk {uri}: {e}")))?;
+                continue;
+            }
             let p = std::path::absolute(&d.path).unwrap_or(d.path.clone());
             if !p.is_file() {
                 return Err(ApiError::bad_request(format!(
@@ -522,6 +528,12 @@ impl Daemon {
         std::fs::create_dir_all(&run.0)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", run.0.display())))?;
         state::write_json(&run.config(), &config)?;
+        if let Err(e) = crate::leases::acquire(self, &config).await {
+            if let Some(v) = self.lock().vms.get_mut(name) {
+                v.live.starting = None;
+            }
+            return Err(ApiError::conflict(e));
+        }
         let args = vec![
             "vmm".into(),
             "run".into(),
@@ -613,6 +625,7 @@ impl Daemon {
                 VmState::Running | VmState::Paused | VmState::Starting
             ) {
                 tracing::info!("VM {name} stopped");
+                crate::leases::release(self, &info.config).await;
                 return Ok(info);
             }
             if Instant::now() > deadline {

@@ -377,6 +377,14 @@ pub async fn watch(d: Arc<Daemon>, id: String) {
         match record(&d, &id).get(&id) {
             Ok(Some(Outcome::Committed)) => {
                 commit(&d, &id, &vm);
+                let config = d.lock().vms.get(&vm).map(|v| v.record.config.clone());
+                if let Some(c) = config {
+                    tokio::spawn(crate::leases::acquire_when_free(
+                        d.clone(),
+                        c,
+                        Duration::from_secs(60),
+                    ));
+                }
                 return;
             }
             Ok(Some(Outcome::Aborted)) => {

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod error;
 pub mod hostinfo;
 pub mod incoming;
+pub mod leases;
 pub mod moves;
 pub mod routes;
 pub mod security;

@@ -709,7 +709,12 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
     if e.state == MoveState::Done {
         // The guest runs on the destination: the VM is not this host's any more. Its VMM exits
         // on its own; its files go once it has.
-        d.lock().vms.remove(&vm);
+        let config = d.lock().vms.remove(&vm).map(|v| v.record.config);
+        if let Some(c) = config {
+            // The destination takes the disks' write leases once they are free.
+            let d2 = d.clone();
+            tokio::spawn(async move { crate::leases::release(&d2, &c).await });
+        }
         let (d2, vm2) = (d.clone(), vm.clone());
         tokio::spawn(async move { forget(&d2, &vm2).await });
     }

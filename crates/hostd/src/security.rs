@@ -16,7 +16,7 @@ use crate::transport::ClientTls;
 pub enum SecurityError {
     #[error("{0}")]
     Auth(#[from] ferry_auth::AuthError),
-    #[error("the credentials in {dir} name {found}, not host {name}")]
+    #[error("the credentials in {dir} name {found}, not {name}")]
     NotMe {
         dir: PathBuf,
         found: String,
@@ -56,17 +56,21 @@ pub fn authority_addr_file(state: &Path) -> PathBuf {
 impl Security {
     /// Load the host's credentials from `state`, if it joined a cluster.
     pub fn load(state: &Path, name: &str) -> Result<Option<Security>, SecurityError> {
+        Security::load_as(state, &Identity::host(name)?)
+    }
+
+    /// Load the credentials of `me` (a host, or a file server) from `state`, if it joined.
+    pub fn load_as(state: &Path, me: &Identity) -> Result<Option<Security>, SecurityError> {
         let dir = tls_dir(state);
         if !Credentials::exists(&dir) {
             return Ok(None);
         }
         let creds = Credentials::load(&dir)?;
-        let me = Identity::host(name)?;
-        if creds.identity != me {
+        if &creds.identity != me {
             return Err(SecurityError::NotMe {
                 dir,
                 found: creds.identity.to_string(),
-                name: name.into(),
+                name: me.to_string(),
             });
         }
         let trust = Arc::new(creds.trust()?);

@@ -159,6 +159,13 @@ pub fn spawn(
         cmd.args(["--close", "3"]);
     }
     cmd.arg("--").args(args);
+    // The host's credentials, for disks on a file server's share (`nbds://`).
+    if let Some(root) = run.0.ancestors().nth(3) {
+        let tls = crate::security::tls_dir(root);
+        if ferry_auth::Credentials::exists(&tls) {
+            cmd.env("FERRY_TLS_DIR", tls);
+        }
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

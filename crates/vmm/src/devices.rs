@@ -322,7 +322,15 @@ fn build_virtio(
             );
             let (disk, store): (Box<dyn DiskBackend>, DiskStore) = match d.nbd_uri() {
                 Some(uri) => {
-                    let n = crate::nbd_disk::NbdDisk::open(uri, d.read_only, nbd_stall, None)
+                    let tls = if uri.starts_with("nbds://") {
+                        crate::nbd_disk::host_tls().map_err(|e| DevicesError::Virtio {
+                            index,
+                            source: std::io::Error::other(e),
+                        })?
+                    } else {
+                        None
+                    };
+                    let n = crate::nbd_disk::NbdDisk::open(uri, d.read_only, nbd_stall, tls)
                         .map_err(|e| DevicesError::Virtio {
                             index,
                             source: std::io::Error::other(e.to_string()),

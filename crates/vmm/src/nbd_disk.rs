@@ -26,6 +26,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a request may go unanswered before the connection is taken for dead.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The TLS client config for `nbds://` disks: this host's credentials from the directory in
+/// `FERRY_TLS_DIR` (the host daemon sets it for its VMMs), accepting any file server of the
+/// cluster. `None` when the variable is not set.
+pub fn host_tls() -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let Some(dir) = std::env::var_os("FERRY_TLS_DIR") else {
+        return Ok(None);
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let creds = ferry_auth::Credentials::load(&dir)
+        .map_err(|e| format!("FERRY_TLS_DIR={}: {e}", dir.display()))?;
+    let trust = Arc::new(creds.trust().map_err(|e| e.to_string())?);
+    ferry_auth::tls::file_server_client_config(&creds, trust)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
 /// Why an NBD disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("NBD disk {uri}: {why}")]
@@ -64,7 +80,7 @@ impl NbdDisk {
         let tls = match (u.tls, tls) {
             (true, None) => {
                 return Err(err(
-                    "nbds:// needs this host's credentials (the VMM's --tls-dir)".into(),
+                    "nbds:// needs this host's credentials: set FERRY_TLS_DIR to its tls directory (the host daemon does)".into(),
                 ))
             }
             (true, Some(config)) => Some(ClientTls {
@@ -263,6 +279,7 @@ impl NbdDisk {
                 tickets.push((k, client.submit(&s.req)));
             }
             let mut lost = false;
+            let mut lease_wait = false;
             for (k, t) in tickets {
                 let c = match t {
                     Ok(t) => match t.wait_timeout(REPLY_TIMEOUT) {
@@ -290,6 +307,23 @@ impl NbdDisk {
                         }
                         lost = true;
                     }
+                    // A write refused for want of the lease: this host's VM has just moved
+                    // here and the lease follows it; a new connection writes under it.
+                    Err(RequestError::Server { errno, .. })
+                        if errno == ferry_nbd::proto::Errno::EPERM
+                            && matches!(
+                                s.req,
+                                Request::Write { .. }
+                                    | Request::Trim { .. }
+                                    | Request::WriteZeroes { .. }
+                            ) =>
+                    {
+                        if !lost {
+                            tracing::debug!("{}: write refused (no lease yet)", self.uri);
+                        }
+                        lost = true;
+                        lease_wait = true;
+                    }
                     Err(e) => {
                         s.done = true;
                         let errno = e.errno().map(|e| e.0 as i32);
@@ -307,14 +341,35 @@ impl NbdDisk {
                 return;
             }
             if !stalled {
-                tracing::warn!(
-                    "{}: the server went away; guest I/O waits (up to {:?})",
-                    self.uri,
-                    self.stall_limit
-                );
+                if lease_wait {
+                    tracing::info!(
+                        "{}: waiting for this host's write lease (up to {:?})",
+                        self.uri,
+                        self.stall_limit
+                    );
+                } else {
+                    tracing::warn!(
+                        "{}: the server went away; guest I/O waits (up to {:?})",
+                        self.uri,
+                        self.stall_limit
+                    );
+                }
             }
             stalled = true;
             self.drop_connection();
+            if lease_wait {
+                std::thread::sleep(Duration::from_millis(10));
+                if Instant::now() >= deadline {
+                    for s in slots.iter().filter(|s| !s.done) {
+                        ops[s.op].result = Err(io::Error::from_raw_os_error(libc::EPERM));
+                    }
+                    tracing::warn!(
+                        "{}: this host did not get the write lease: writes fail",
+                        self.uri
+                    );
+                    return;
+                }
+            }
         }
     }
 

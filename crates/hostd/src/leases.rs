@@ -1,0 +1,142 @@
+//! Write leases of a VM's disks on a file server's share (`nbds://FILESERVER/share/disk`): the
+//! file server lets only the lease holder write, under the fence number the lease had when the
+//! connection opened. A host takes a disk's lease before it starts the VM, gives it up when
+//! the VM stops or has moved away, and the destination of a move takes it once the move has
+//! committed, after the source gave it up (until then the resumed guest's writes wait in its
+//! VMM, which reconnects and resends them as soon as the lease is its host's: never two
+//! writers, and nothing acknowledged that did not reach the disk).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::share::{DiskInfo, LeaseAction, LeaseRequest};
+use ferry_api::VmConfig;
+use ferry_nbd::client::parse_uri;
+
+use crate::client::Client;
+use crate::daemon::Daemon;
+use crate::transport::Endpoint;
+
+/// A disk on a share, and the file server's API that holds its lease.
+struct SharedDisk {
+    uri: String,
+    server: String,
+    client: Client,
+    share: String,
+    disk: String,
+}
+
+/// The share disks of `config`, each with a client for its file server's API.
+fn shared_disks(d: &Daemon, config: &VmConfig) -> Result<Vec<SharedDisk>, String> {
+    let mut v = Vec::new();
+    for disk in &config.disks {
+        let Some(uri) = disk.nbd_uri() else { continue };
+        if disk.read_only {
+            continue;
+        }
+        let u = parse_uri(uri).map_err(|e| e.to_string())?;
+        let Some((share, name)) = u.export.split_once('/') else {
+            continue; // not a ferry share (any NBD server): no lease to take
+        };
+        let Some(sec) = d.security.as_ref() else {
+            continue; // no cluster: file servers run --insecure, no leases
+        };
+        let doc = sec.trust.doc();
+        let Some(fs) = doc
+            .file_servers
+            .iter()
+            .find(|m| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(u.host.as_str()))
+        else {
+            continue; // not a file server of this cluster
+        };
+        let tls = sec.client_tls(&fs.name).map_err(|e| e.to_string())?;
+        v.push(SharedDisk {
+            uri: uri.to_string(),
+            server: fs.name.clone(),
+            client: Client::with_tls(Endpoint::Tcp(fs.addr.clone()), Some(tls))
+                .with_timeout(Duration::from_secs(5)),
+            share: share.into(),
+            disk: name.into(),
+        });
+    }
+    Ok(v)
+}
+
+async fn lease(s: &SharedDisk, action: LeaseAction) -> Result<DiskInfo, crate::ClientError> {
+    s.client
+        .post(
+            &format!("/v1/shares/{}/disks/{}/lease", s.share, s.disk),
+            &LeaseRequest { action },
+        )
+        .await
+}
+
+/// Take the write lease of every share disk of `config` (before starting its VMM).
+pub async fn acquire(d: &Daemon, config: &VmConfig) -> Result<(), String> {
+    for s in shared_disks(d, config)? {
+        let i = lease(&s, LeaseAction::Acquire).await.map_err(|e| {
+            format!(
+                "cannot take the write lease of {} from file server {}: {e}",
+                s.uri, s.server
+            )
+        })?;
+        tracing::info!("write lease of {} taken (fence {})", s.uri, i.lease.fence);
+    }
+    Ok(())
+}
+
+/// Take the leases once the previous holder (a move's source) has let them go: keep asking
+/// for up to `wait`.
+pub async fn acquire_when_free(d: Arc<Daemon>, config: VmConfig, wait: Duration) {
+    let disks = match shared_disks(&d, &config) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("leases: {e}");
+            return;
+        }
+    };
+    for s in disks {
+        let deadline = Instant::now() + wait;
+        loop {
+            match lease(&s, LeaseAction::Acquire).await {
+                Ok(i) => {
+                    tracing::info!(
+                        "write lease of {} taken over (fence {})",
+                        s.uri,
+                        i.lease.fence
+                    );
+                    break;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("waiting for the write lease of {}: {e}", s.uri);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "could not take the write lease of {} within {wait:?}: {e}; the guest's writes wait, then fail",
+                        s.uri
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Give up the leases (the VM stopped here, or runs elsewhere now). Best effort: a lease that
+/// stays is refused to others until an admin breaks it, which is safe.
+pub async fn release(d: &Daemon, config: &VmConfig) {
+    let disks = match shared_disks(d, config) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("leases: {e}");
+            return;
+        }
+    };
+    for s in disks {
+        match lease(&s, LeaseAction::Release).await {
+            Ok(_) => tracing::info!("write lease of {} given up", s.uri),
+            Err(e) => tracing::warn!("giving up the write lease of {}: {e}", s.uri),
+        }
+    }
+}
