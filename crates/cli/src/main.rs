@@ -7,6 +7,7 @@ mod host_cmd;
 mod lab_cmd;
 mod move_cmd;
 mod qmp;
+mod share_cmd;
 mod target;
 mod vm_cmd;
 mod vmm_cmd;
@@ -62,6 +63,21 @@ enum Cmd {
     Audit,
     /// Sign a grant for one move with this admin's key (printed; `ferry move` signs its own).
     Grant(cluster_cmd::GrantArgs),
+    /// The file server: `share run` on it, then shares of disk images with access lists
+    /// naming the hosts that may read or write them (`ferry share create|grant|list ...`).
+    Share {
+        #[command(subcommand)]
+        cmd: share_cmd::ShareCmd,
+        #[command(flatten)]
+        server: share_cmd::ServerArg,
+    },
+    /// Disk images on a file server's share: create, list, show, delete, break-lease.
+    Disk {
+        #[command(subcommand)]
+        cmd: share_cmd::DiskCmd,
+        #[command(flatten)]
+        server: share_cmd::ServerArg,
+    },
     /// A lab of hosts on this machine (network namespaces; needs root): up, down, status.
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
@@ -137,6 +153,8 @@ fn run(cli: Cli) -> Result<()> {
             cluster_cmd::remove(&targets()?, "admin", &name, cli.json)
         }
         Cmd::Audit => cluster_cmd::audit(&targets()?, cli.json),
+        Cmd::Share { cmd, server } => share_cmd::run(cmd, server, &targets()?, cli.json),
+        Cmd::Disk { cmd, server } => share_cmd::disk(cmd, server, &targets()?, cli.json),
         Cmd::Grant(a) => cluster_cmd::grant(a, cli.json),
         Cmd::Vmm(cmd) => vmm_cmd::run(cmd),
         Cmd::Testguest { out } => std::fs::write(&out, ferry_testguest::elf())

@@ -118,7 +118,42 @@ pub struct Lab {
     pub client: String,
     switch: String,
     daemons: Vec<Proc>,
+    /// File servers added with [`Lab::add_file_server`], and their processes.
+    pub file_servers: Vec<LabFileServer>,
+    file_server_procs: Vec<Proc>,
     persistent: bool,
+}
+
+/// A file server of a lab (`ferry share run` in its own namespace).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabFileServer {
+    /// `fs1`, ...
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+    pub state_dir: PathBuf,
+}
+
+/// The file server's API port in a lab.
+pub const SHARE_PORT: u16 = 7800;
+/// The file server's NBD port in a lab.
+pub const NBD_PORT: u16 = 10809;
+
+impl LabFileServer {
+    /// Its management API's address.
+    pub fn api_addr(&self) -> String {
+        format!("{}:{SHARE_PORT}", self.ip)
+    }
+
+    /// Where NBD clients connect.
+    pub fn nbd_addr(&self) -> String {
+        format!("{}:{NBD_PORT}", self.ip)
+    }
+
+    /// Its local API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("share.sock")
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -327,6 +362,8 @@ impl Lab {
             client,
             switch,
             daemons: Vec::new(),
+            file_servers: Vec::new(),
+            file_server_procs: Vec::new(),
             persistent: opts.persistent,
         };
         lab.wire().context("building the lab's network")?;
@@ -585,6 +622,128 @@ impl Lab {
         }
     }
 
+    /// Add a file server to the lab: its own namespace on the segment (10.78.0.2N), enrolled
+    /// in the lab's cluster with a one-time token (`ferry share join`), `ferry share run`
+    /// started and answering. The lab must have formed a cluster (daemons, not insecure).
+    pub fn add_file_server(&mut self, ferry: &Path) -> Result<LabFileServer> {
+        let n = self.file_servers.len() + 1;
+        let fs = LabFileServer {
+            name: format!("fs{n}"),
+            ns: format!("{}-fs{n}", self.record.name),
+            ip: format!("10.78.0.{}", 20 + n),
+            state_dir: self.record.dir.join(format!("fs{n}")),
+        };
+        // Registered before it exists, so `lab down` after a crash removes it too.
+        self.record.namespaces.push(fs.ns.clone());
+        std::fs::write(
+            record_path(&self.record.name),
+            serde_json::to_vec_pretty(&self.record)?,
+        )?;
+        ip(&["netns", "add", &fs.ns])?;
+        ipn(&fs.ns, &["link", "set", "lo", "up"])?;
+        let port = format!("f{n}");
+        ipn(
+            &self.switch,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &fs.ns,
+            ],
+        )?;
+        ipn(&self.switch, &["link", "set", &port, "master", "sw"])?;
+        ipn(&self.switch, &["link", "set", &port, "up"])?;
+        ipn(
+            &fs.ns,
+            &["addr", "add", &format!("{}/24", fs.ip), "dev", "eth0"],
+        )?;
+        ipn(&fs.ns, &["link", "set", "eth0", "up"])?;
+        std::fs::create_dir_all(&fs.state_dir)?;
+        let hv1 = &self.hosts[0];
+        let hv1_sock = format!("unix:{}", hv1.socket().display());
+        let token = Lab::ferry_out(
+            ferry,
+            &[
+                "--host",
+                &hv1_sock,
+                "cluster",
+                "token",
+                "--role",
+                "fileserver",
+                "--name",
+                &fs.name,
+            ],
+        )?;
+        let authority = format!("{}:{}", hv1.ip, DAEMON_PORT + 1);
+        let out = Lab::exec(&fs.ns)
+            .arg(ferry)
+            .args([
+                "share",
+                "join",
+                "--authority",
+                &authority,
+                "--token",
+                token.trim(),
+            ])
+            .arg("--state-dir")
+            .arg(&fs.state_dir)
+            .arg("--listen")
+            .arg(fs.api_addr())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{} could not join: {}",
+                fs.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let p = self.start_file_server(ferry, &fs)?;
+        self.file_server_procs.push(p);
+        self.file_servers.push(fs.clone());
+        Ok(fs)
+    }
+
+    /// Start (or restart) a file server's `ferry share run`; returns once it answers.
+    pub fn start_file_server(&self, ferry: &Path, fs: &LabFileServer) -> Result<Proc> {
+        let mut cmd = Lab::exec(&fs.ns);
+        cmd.arg(ferry)
+            .args(["share", "run", "--name", &fs.name, "--listen"])
+            .arg(fs.api_addr())
+            .arg("--nbd-listen")
+            .arg(fs.nbd_addr())
+            .arg("--state-dir")
+            .arg(&fs.state_dir);
+        cmd.env(
+            "FERRY_LOG",
+            std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let mut log = fs.state_dir.with_extension("log");
+        let mut k = 1;
+        while log.exists() {
+            k += 1;
+            log = fs.state_dir.with_extension(format!("{k}.log"));
+        }
+        let mut p = Proc::spawn(cmd, format!("{}'s file server", fs.name), log)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(fs.socket()).is_err() {
+            p.alive()?;
+            if Instant::now() > deadline {
+                bail!("{} did not start within 30 s", fs.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+
+    /// The file server processes (to kill one in a test).
+    pub fn file_server_proc(&mut self, i: usize) -> Option<&mut Proc> {
+        self.file_server_procs.get_mut(i)
+    }
+
+    /// Replace file server `i`'s process (after a test restarted it).
+    pub fn set_file_server_proc(&mut self, i: usize, p: Proc) {
+        if i < self.file_server_procs.len() {
+            self.file_server_procs[i] = p;
+        }
+    }
+
     /// The lab's name.
     pub fn name(&self) -> &str {
         &self.record.name
@@ -715,6 +874,7 @@ impl Drop for Lab {
         if self.persistent {
             return;
         }
+        self.file_server_procs.clear();
         self.daemons.clear();
         tear_down(&self.record.namespaces);
         let _ = std::fs::remove_file(record_path(&self.record.name));

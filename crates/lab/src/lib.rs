@@ -23,8 +23,8 @@ mod stream;
 
 pub use lab::guest_ip;
 pub use lab::{
-    find, remove_stale, require_root, Lab, LabHost, LabOptions, LabRecord, CLIENT_IP, DAEMON_PORT,
-    LAB_SUBNET, REGISTRY,
+    find, remove_stale, require_root, Lab, LabFileServer, LabHost, LabOptions, LabRecord,
+    CLIENT_IP, DAEMON_PORT, LAB_SUBNET, NBD_PORT, REGISTRY, SHARE_PORT,
 };
 pub use port::{longest_gap, Port};
 pub use proc::Proc;

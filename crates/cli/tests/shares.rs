@@ -1,0 +1,237 @@
+//! VM disks on a file server's share: hosts and the file server in network namespaces, real
+//! daemons, mutual TLS (NBD STARTTLS with the cluster's certificates), real KVM, the test
+//! guest's disk writer and verifier.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::hosts::*;
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Lab {
+    h: Hosts,
+    fs: ferry_lab::LabFileServer,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let mut h = Hosts::new(2);
+        let fs = h
+            .lab
+            .add_file_server(std::path::Path::new(ferry_bin()))
+            .expect("adding a file server to the lab");
+        Lab { h, fs }
+    }
+
+    fn server(&self) -> String {
+        format!("unix:{}", self.fs.socket().display())
+    }
+
+    /// `ferry --server FS ARGS` as the file server's local admin.
+    fn share(&self, args: &[&str]) -> String {
+        let s = self.server();
+        let mut a = args.to_vec();
+        a.extend(["--server", s.as_str()]);
+        self.h.ok(&a)
+    }
+
+    fn disk(&self, d: &str) -> Value {
+        let out = self.share(&["--json", "disk", "show", d]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn uri(&self, d: &str) -> String {
+        format!("nbds://{}/{d}", self.fs.nbd_addr())
+    }
+
+    fn fs_log(&self) -> String {
+        std::fs::read_to_string(self.fs.state_dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
+fn status_num(g: &Guest, key: &str) -> u64 {
+    let s = g.con.ask(b's', "STATUS", T).unwrap();
+    field(&s, key)
+        .unwrap_or_else(|| panic!("no {key} in {s}"))
+        .parse()
+        .unwrap()
+}
+
+fn wait_durable(g: &Guest, at_least: u64) -> u64 {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = g.con.ask(b's', "STATUS", T).unwrap();
+        assert_eq!(field(&s, "disk_errors").as_deref(), Some("0"), "{s}");
+        let d: u64 = field(&s, "disk_durable").unwrap().parse().unwrap();
+        if d >= at_least {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "the disk writer stalled: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn disk_verify(g: &Guest) {
+    let d = g.con.ask(b'd', "DISK VERIFY", T).unwrap();
+    assert!(d.starts_with("DISK VERIFY OK"), "{d}");
+}
+
+fn share_guest<'a>(l: &Lab, host: &'a str, disk_arg: &'a str) -> Guest {
+    l.h.guest(GuestSpec {
+        host,
+        disk: false,
+        cmdline: "dirty=16 rate=2000 disk=write flush=4 qd=8",
+        extra: vec!["--disk", disk_arg],
+        ..Default::default()
+    })
+}
+
+#[test]
+fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
+    if !kvm_available() {
+        return;
+    }
+    let l = Lab::new();
+    l.share(&["share", "create", "vms"]);
+    l.share(&["share", "grant", "vms", "hv1", "write"]);
+    l.share(&["share", "grant", "vms", "hv2", "write"]);
+    let made = l.share(&["disk", "create", "vms/web01", "--size", "64M"]);
+    assert!(made.contains("--disk nbds://"), "{made}");
+    let uri = l.uri("vms/web01");
+    let mut g = share_guest(&l, "hv1", &uri);
+    g.con.line_after(0, "DISK found=", T).unwrap();
+    let before = wait_durable(&g, 200);
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], "hv1", "{d}");
+    let fence = d["lease"]["fence"].as_u64().unwrap();
+
+    let out = l.h.ferry(&["--json", "move", "web01", "--to", "hv2"]);
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
+    g.follow_on(&l.h, "hv2");
+    // The guest goes on writing on hv2, over the same disk: only memory moved.
+    let after = wait_durable(&g, before + 300);
+    assert!(after > before);
+    let v = g.con.ask(b'v', "VERIFY", T).unwrap();
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+    disk_verify(&g);
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], "hv2", "the lease follows the VM: {d}");
+    assert!(
+        d["lease"]["fence"].as_u64().unwrap() > fence,
+        "the fence rises on every hand-over: {d}"
+    );
+    assert!(l.h.vm("hv1", "web01").is_none(), "gone from hv1");
+    assert_eq!(status_num(&g, "disk_errors"), 0);
+}
+
+#[test]
+fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
+    if !kvm_available() {
+        return;
+    }
+    let l = Lab::new();
+    l.share(&["share", "create", "vms"]);
+    l.share(&["share", "grant", "vms", "hv1", "write"]);
+    l.share(&["disk", "create", "vms/web01", "--size", "64M"]);
+    let uri = l.uri("vms/web01");
+    let kernel = l.h.dir.path().join("k.elf");
+    std::fs::write(&kernel, ferry_testguest::elf()).unwrap();
+    let k = kernel.to_str().unwrap();
+
+    // hv2 is not on the access list: it cannot take the lease, the VM does not start.
+    let out = l.h.ferry(&[
+        "--host", "hv2", "vm", "create", "db01", "--kernel", k, "--memory", "128", "--disk", &uri,
+        "--start",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("hv2 may not write share vms"),
+        "{}",
+        text(&out)
+    );
+    // Nor can it open the disk at all (a VMM on hv2 with hv2's certificate).
+    l.h.ok(&["--host", "hv2", "vm", "delete", "db01"]);
+    let ro = format!("{uri},readonly");
+    let out = l.h.ferry(&[
+        "--host", "hv2", "vm", "create", "db01", "--kernel", k, "--memory", "128", "--disk", &ro,
+        "--start",
+    ]);
+    // The VMM on hv2 (hv2's certificate) is refused at the NBD handshake and ends: reported
+    // as crashed with the file server's reason.
+    let deadline = Instant::now() + T;
+    loop {
+        let shown = text(&l.h.ferry(&["--host", "hv2", "vm", "show", "db01"]));
+        if shown.contains("access list") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a host off the list opened the disk: {}\n{shown}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        l.fs_log().contains("not on share vms's access list"),
+        "{}",
+        l.fs_log()
+    );
+    let _ =
+        l.h.ferry(&["--host", "hv2", "vm", "stop", "--force", "db01"]);
+    let _ = l.h.ferry(&["--host", "hv2", "vm", "delete", "db01"]);
+
+    // A reader may read but not write: a writable disk is refused at open.
+    l.share(&["share", "grant", "vms", "hv2", "read"]);
+    let out = l.h.ferry(&[
+        "--host", "hv2", "vm", "create", "db02", "--kernel", k, "--memory", "128", "--disk", &uri,
+        "--start",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("may not write"), "{}", text(&out));
+
+    // hv1 writes; an admin breaks its lease (as for a host gone for good): from then on the
+    // file server refuses hv1's writes, whatever hv1's VMM does.
+    let g = share_guest(&l, "hv1", &uri);
+    g.con.line_after(0, "DISK found=", T).unwrap();
+    wait_durable(&g, 200);
+    l.share(&["disk", "break-lease", "vms/web01"]);
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], Value::Null, "{d}");
+    std::thread::sleep(Duration::from_millis(500));
+    let img = l.fs.state_dir.join("shares/vms/web01.raw");
+    let sum = |p: &std::path::Path| {
+        let b = std::fs::read(p).unwrap();
+        b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
+            (h ^ x as u64).wrapping_mul(0x100000001b3)
+        })
+    };
+    let a = sum(&img);
+    let durable = status_num(&g, "disk_durable");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sum(&img), a, "a stale writer changed the disk");
+    assert_eq!(
+        status_num(&g, "disk_durable"),
+        durable,
+        "writes were acknowledged without the lease"
+    );
+    assert!(l.fs_log().contains("refused a write"), "{}", l.fs_log());
+    l.h.ok(&["vm", "stop", "--force", "web01"]);
+    // Everything hv1 had durable before the break is intact: a reader checks.
+    let v = l.h.guest(GuestSpec {
+        name: "check",
+        host: "hv2",
+        disk: false,
+        cmdline: "disk=verify",
+        extra: vec!["--disk", &ro],
+        ..Default::default()
+    });
+    let (found, _) = v.con.line_after(0, "DISK found=", T).unwrap();
+    let n: u64 = field(&found, "found").unwrap().parse().unwrap();
+    assert!(n >= durable, "{found}: {durable} records were durable");
+    disk_verify(&v);
+}
