@@ -238,10 +238,17 @@ pub fn host_join(
             c.identity,
             dir.display()
         );
-        println!(
-            "next: an admin adds it to the migration group: `ferry cluster migration-group add {}`",
-            c.identity.name
-        );
+        if c.identity.role == ferry_auth::Role::FileServer {
+            println!(
+                "next: `ferry share run --name {}`, then shares and their access lists (`ferry share create`, `ferry share grant`)",
+                c.identity.name
+            );
+        } else {
+            println!(
+                "next: an admin adds it to the migration group: `ferry cluster migration-group add {}`",
+                c.identity.name
+            );
+        }
     }
     Ok(())
 }
