@@ -235,3 +235,40 @@ fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
     assert!(n >= durable, "{found}: {durable} records were durable");
     disk_verify(&v);
 }
+
+#[test]
+fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
+    if !kvm_available() {
+        return;
+    }
+    let mut l = Lab::new();
+    l.share(&["share", "create", "vms"]);
+    l.share(&["share", "grant", "vms", "hv1", "write"]);
+    l.share(&["disk", "create", "vms/web01", "--size", "64M"]);
+    let uri = l.uri("vms/web01");
+    let g = share_guest(&l, "hv1", &uri);
+    g.con.line_after(0, "DISK found=", T).unwrap();
+    let before = wait_durable(&g, 200);
+    let fence = l.disk("vms/web01")["lease"]["fence"].as_u64().unwrap();
+    l.h.lab.file_server_proc(0).unwrap().kill();
+    std::thread::sleep(Duration::from_secs(3));
+    // Stalled, not failed; the guest itself runs on (its console answers).
+    let s = g.con.ask(b's', "STATUS", T).unwrap();
+    assert_eq!(field(&s, "disk_errors").as_deref(), Some("0"), "{s}");
+    let fs = l.fs.clone();
+    let p = l
+        .h
+        .lab
+        .start_file_server(std::path::Path::new(ferry_bin()), &fs)
+        .unwrap();
+    l.h.lab.set_file_server_proc(0, p);
+    // The lease survived the restart (it is in the catalogue), so the same VMM writes on.
+    let after = wait_durable(&g, before + 300);
+    assert!(after > before);
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], "hv1", "{d}");
+    assert_eq!(d["lease"]["fence"].as_u64().unwrap(), fence, "{d}");
+    disk_verify(&g);
+    let v = g.con.ask(b'v', "VERIFY", T).unwrap();
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+}
