@@ -16,6 +16,8 @@ mod io;
 mod migrate;
 #[path = "bench_move.rs"]
 mod move_;
+#[path = "bench_storage.rs"]
+mod storage;
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -37,6 +39,9 @@ pub enum BenchCmd {
     /// Virtio as the test guest sees it: 4 KiB disk write and read IOPS beside the same file
     /// on the host, and guest-to-host TCP throughput (a lab host; needs root).
     Io(io::IoArgs),
+    /// A VM's disk on a file server's share (NBD over TLS, a lab file server) against the same
+    /// disk on the host's own filesystem: guest write and read IOPS, and their ratio.
+    Storage(storage::StorageArgs),
 }
 
 #[derive(Args)]
@@ -60,6 +65,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Boot(a) => boot(a),
         BenchCmd::Migrate(a) => migrate::run(a),
         BenchCmd::Io(a) => io::run(a),
+        BenchCmd::Storage(a) => storage::run(a),
         BenchCmd::Move(a) => move_::run(a),
     }
 }

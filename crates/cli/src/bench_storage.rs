@@ -1,0 +1,206 @@
+//! `ferry bench storage`: a VM's disk on a file server's share (NBD over TLS across the lab's
+//! segment) against the same disk on the host's own filesystem, as the test guest sees it.
+//!
+//! A lab with one host and one file server (`ferry share run`), each in its network namespace,
+//! a cluster, TLS everywhere. The same 1 GiB disk, the same guest (through the host daemon, so
+//! the share disk gets its write lease as in real use): the guest's writer (4 KiB records in
+//! sequence, `qd` in flight, no flushes) gives write IOPS, its verifier (reading every record
+//! back, `qd` in flight) read IOPS. Live storage moves are not built yet, so this is the
+//! share-against-local half of the storage benchmark.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use ferry_lab::{Lab, LabOptions, Port};
+
+#[derive(Args)]
+pub struct StorageArgs {
+    /// Seconds of writing per measurement.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Requests the guest keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    qd: u32,
+    /// Runs of each (medians are printed).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// One JSON object per figure.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Big enough that the writer does not fill it within the measurement.
+const DISK_BYTES: u64 = 4 << 30;
+
+fn field(line: &str, key: &str) -> Result<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .with_context(|| format!("no {key}= in {line}"))?
+        .parse()
+        .with_context(|| format!("{key}= in {line}"))
+}
+
+fn ferry(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .env_remove("FERRY_HOST")
+        .env_remove("FERRY_CONFIG")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ferry {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into())
+}
+
+/// (write IOPS, read IOPS) of one guest on `disk`.
+fn measure(lab: &Lab, dir: &Path, name: &str, disk: &str, a: &StorageArgs) -> Result<(f64, f64)> {
+    let h = &lab.hosts[0];
+    let host = format!("unix:{}", h.socket().display());
+    let kernel = dir.join("testguest.elf");
+    if !kernel.exists() {
+        std::fs::write(&kernel, ferry_testguest::elf())?;
+    }
+    let cmdline = format!("hb=0 disk=write flush=0 qd={}", a.qd);
+    ferry(&[
+        "--host",
+        &host,
+        "vm",
+        "create",
+        name,
+        "--kernel",
+        &kernel.display().to_string(),
+        "--memory",
+        "256",
+        "--disk",
+        disk,
+        "--cmdline",
+        &cmdline,
+        "--start",
+    ])?;
+    let con = Port::follow(
+        h.state_dir.join("vms").join(name).join("run/con"),
+        Duration::from_millis(5),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !con.connected() {
+        if Instant::now() > deadline {
+            bail!("{name}'s console never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The guest may be writing already: the rate is taken between two STATUS answers.
+    let s0 = con.ask(b's', "STATUS", Duration::from_secs(60))?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    let s1 = con.ask(b's', "STATUS", Duration::from_secs(30))?;
+    let w =
+        (field(&s1, "disk_acked")? - field(&s0, "disk_acked")?) as f64 / t0.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let v = con.ask(b'd', "DISK VERIFY", Duration::from_secs(120))?;
+    let took = t.elapsed();
+    if !v.starts_with("DISK VERIFY OK") {
+        bail!("the guest's disk check failed on {disk}: {v}");
+    }
+    let r = field(&v, "records")? as f64 / took.as_secs_f64();
+    con.close();
+    ferry(&["--host", &host, "vm", "stop", "--force", name])?;
+    ferry(&["--host", &host, "vm", "delete", name])?;
+    Ok((w, r))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(a: StorageArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-storage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let r = bench(&a, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn bench(a: &StorageArgs, dir: &Path) -> Result<()> {
+    let ferry_bin = std::env::current_exe()?;
+    let mut lab = Lab::new(LabOptions::new(1, dir.join("lab")).with_daemons(&ferry_bin))?;
+    let fs = lab.add_file_server(&ferry_bin)?;
+    let srv = format!("unix:{}", fs.socket().display());
+    ferry(&["share", "create", "vms", "--server", &srv])?;
+    ferry(&["share", "grant", "vms", "hv1", "write", "--server", &srv])?;
+    let uri = format!("nbds://{}/vms/bench", fs.nbd_addr());
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> =
+        vec![("local", vec![], vec![]), ("share", vec![], vec![])];
+    for run in 0..a.runs.max(1) {
+        let local = dir.join(format!("local{run}.img"));
+        std::fs::File::create(&local)?.set_len(DISK_BYTES)?;
+        let (w, r) = measure(
+            &lab,
+            dir,
+            &format!("l{run}"),
+            &local.display().to_string(),
+            a,
+        )?;
+        rows[0].1.push(w);
+        rows[0].2.push(r);
+        let _ = std::fs::remove_file(&local);
+        ferry(&[
+            "disk",
+            "create",
+            "vms/bench",
+            "--size",
+            "4G",
+            "--server",
+            &srv,
+        ])?;
+        let (w, r) = measure(&lab, dir, &format!("s{run}"), &uri, a)?;
+        rows[1].1.push(w);
+        rows[1].2.push(r);
+        ferry(&["disk", "delete", "vms/bench", "--server", &srv])?;
+    }
+    let med: Vec<(&str, f64, f64)> = rows
+        .into_iter()
+        .map(|(n, w, r)| (n, median(w), median(r)))
+        .collect();
+    let (lw, lr) = (med[0].1, med[0].2);
+    let (sw, sr) = (med[1].1, med[1].2);
+    if a.json {
+        for (n, w, r) in &med {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "storage", "disk": n, "write_iops": w.round(), "read_iops": r.round(), "qd": a.qd})
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({"bench": "storage_ratio", "write": sw / lw, "read": sr / lr})
+        );
+        return Ok(());
+    }
+    println!(
+        "a VM's disk on a share (NBD + TLS to a file server namespace) against local, as the test guest sees it"
+    );
+    println!(
+        "(4 KiB records in sequence, guest qd {}, {} s of writes, verify reads every record; medians of {}):",
+        a.qd,
+        a.seconds,
+        a.runs.max(1)
+    );
+    println!("{:<8} {:>12} {:>12}", "disk", "write IOPS", "read IOPS");
+    for (n, w, r) in &med {
+        println!("{n:<8} {w:>12.0} {r:>12.0}");
+    }
+    println!(
+        "share/local: write {:.2}x, read {:.2}x (target: at least 0.7x)",
+        sw / lw,
+        sr / lr
+    );
+    Ok(())
+}
