@@ -274,10 +274,10 @@ impl NbdDisk {
                 return;
             };
             // Send every request not yet answered, then collect the replies.
-            let mut tickets: Vec<(usize, Result<Ticket, RequestError>)> = Vec::new();
-            for (k, s) in slots.iter().enumerate().filter(|(_, s)| !s.done) {
-                tickets.push((k, client.submit(&s.req)));
-            }
+            let todo: Vec<usize> = (0..slots.len()).filter(|&k| !slots[k].done).collect();
+            let reqs: Vec<Request> = todo.iter().map(|&k| slots[k].req.clone()).collect();
+            let tickets: Vec<(usize, Result<Ticket, RequestError>)> =
+                todo.into_iter().zip(client.submit_all(&reqs)).collect();
             let mut lost = false;
             let mut lease_wait = false;
             for (k, t) in tickets {

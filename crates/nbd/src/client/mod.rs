@@ -453,6 +453,7 @@ const DEFAULT_MAX_BLOCK: u32 = 32 * 1024 * 1024;
 // The client
 
 /// What a pending request expects.
+#[derive(Clone, Copy)]
 enum Expect {
     Read { offset: u64, len: u32 },
     BlockStatus,
@@ -813,6 +814,69 @@ impl Client {
     pub fn submit(&self, req: &Request) -> Result<Ticket, RequestError> {
         let w = self.wire(req)?;
         self.ticket(w)
+    }
+
+    /// Send every request of `reqs` in one write (one TLS flight, one syscall where they fit)
+    /// and return a ticket for each, in order.
+    pub fn submit_all(&self, reqs: &[Request]) -> Vec<Result<Ticket, RequestError>> {
+        let mut out: Vec<Result<Ticket, RequestError>> = Vec::with_capacity(reqs.len());
+        let mut wires: Vec<(usize, Wire<'_>)> = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            match self.wire(r) {
+                Ok(mut w) => {
+                    w.header.cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+                    wires.push((i, w));
+                    out.push(Err(RequestError::Invalid("not sent")));
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        {
+            let mut p = lock(&self.shared.pending);
+            if let Some(why) = p.closed.clone() {
+                for (i, _) in &wires {
+                    out[*i] = Err(RequestError::Disconnected(why.clone()));
+                }
+                return out;
+            }
+            for (i, w) in &wires {
+                let (tx, rx) = mpsc::sync_channel(1);
+                p.map.insert(
+                    w.header.cookie,
+                    Entry {
+                        expect: w.expect,
+                        done: Box::new(move |_, c| {
+                            let _ = tx.send(c);
+                        }),
+                    },
+                );
+                out[*i] = Ok(Ticket {
+                    cookie: w.header.cookie,
+                    rx,
+                });
+            }
+        }
+        let hdrs: Vec<[u8; REQUEST_LEN]> = wires
+            .iter()
+            .map(|(_, w)| encode_request(&w.header))
+            .collect();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(wires.len() * 2);
+        for (k, (_, w)) in wires.iter().enumerate() {
+            parts.push(&hdrs[k]);
+            if !w.payload.is_empty() {
+                parts.push(w.payload);
+            }
+        }
+        if let Err(e) = lock(&self.shared.writer).send(&parts) {
+            let _ = self.shared.sock.shutdown(Shutdown::Both);
+            let mut p = lock(&self.shared.pending);
+            for (i, w) in &wires {
+                if p.map.remove(&w.header.cookie).is_some() {
+                    out[*i] = Err(RequestError::Disconnected(e.to_string()));
+                }
+            }
+        }
+        out
     }
 
     fn ticket(&self, w: Wire<'_>) -> Result<Ticket, RequestError> {

@@ -55,6 +55,15 @@ impl WireWriter {
     pub(super) fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         match self {
             WireWriter::Plain(s) => {
+                // One write for small requests (a batch of them), not one per part.
+                let total: usize = parts.iter().map(|p| p.len()).sum();
+                if total <= 1 << 20 {
+                    let mut buf = Vec::with_capacity(total);
+                    for p in parts {
+                        buf.extend_from_slice(p);
+                    }
+                    return s.write_all(&buf);
+                }
                 for p in parts {
                     s.write_all(p)?;
                 }
