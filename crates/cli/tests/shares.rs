@@ -256,11 +256,10 @@ fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
     let s = g.con.ask(b's', "STATUS", T).unwrap();
     assert_eq!(field(&s, "disk_errors").as_deref(), Some("0"), "{s}");
     let fs = l.fs.clone();
-    let p = l
-        .h
-        .lab
-        .start_file_server(std::path::Path::new(ferry_bin()), &fs)
-        .unwrap();
+    let p =
+        l.h.lab
+            .start_file_server(std::path::Path::new(ferry_bin()), &fs)
+            .unwrap();
     l.h.lab.set_file_server_proc(0, p);
     // The lease survived the restart (it is in the catalogue), so the same VMM writes on.
     let after = wait_durable(&g, before + 300);
