@@ -381,6 +381,8 @@ pub fn share_document() -> Value {
     let dc = d.schema::<DiskCreate>();
     let disk = d.schema::<DiskInfo>();
     let lease = d.schema::<LeaseRequest>();
+    let copy = d.schema::<DiskCopy>();
+    let copied = d.schema::<DiskCopyReport>();
     d.op(
         "get",
         "/v1/share-server",
@@ -461,6 +463,7 @@ pub fn share_document() -> Value {
         (204, "Gone.", None),
         &[403, 404, 409],
     );
+    d.op("post", "/v1/shares/{share}/disks/{disk}/copy", "(Admin.) Copy a disk nobody writes to another name or share on this file server; holes stay holes.", Some(copy), (201, "The copy and what it took.", Some(copied)), &[400, 403, 404, 409]);
     d.op("post", "/v1/shares/{share}/disks/{disk}/lease", "Acquire or release the disk's write lease (a host with write access, for itself), or break it (an admin).", Some(lease), (200, "The disk after.", Some(disk)), &[400, 403, 404, 409]);
     d.finish("ferry file server", "The management API of `ferry share run`: shares, access lists, disks and write leases. HTTP/1.1 + JSON over mutual TLS and the server's local unix socket; disks themselves are served over NBD. Errors are 4xx/5xx with an ErrorBody.")
 }

@@ -134,3 +134,24 @@ pub enum LeaseAction {
 pub struct LeaseRequest {
     pub action: LeaseAction,
 }
+
+/// `POST /v1/shares/{share}/disks/{disk}/copy`: a copy on this file server (holes stay holes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskCopy {
+    /// The share to copy to (default: the same share).
+    #[serde(default)]
+    pub to_share: Option<String>,
+    /// The new disk's name.
+    pub to_name: String,
+}
+
+/// What a copy did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskCopyReport {
+    pub disk: DiskInfo,
+    /// Bytes read and written.
+    pub bytes_copied: u64,
+    /// Bytes skipped as holes.
+    pub bytes_skipped: u64,
+    pub total_ms: u64,
+}

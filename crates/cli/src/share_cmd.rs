@@ -103,6 +103,14 @@ pub enum DiskCmd {
     List { share: Option<String> },
     /// One disk: size, allocation, its NBD URI, who holds its write lease.
     Show { disk: String },
+    /// Copy a disk nobody writes, on its file server: to another name, or another share
+    /// (`ferry disk copy vms/web01 backup/web01-monday`). Holes stay holes.
+    Copy {
+        /// SHARE/DISK
+        from: String,
+        /// SHARE/DISK, or DISK on the same share
+        to: String,
+    },
     /// Delete a disk nobody holds the lease of.
     Delete { disk: String },
     /// Break a disk's write lease (a host that is gone for good): whatever it has open can no
@@ -335,6 +343,28 @@ pub fn disk(cmd: DiskCmd, server: ServerArg, t: &Targets, json: bool) -> Result<
                     println!("  uri       {u}");
                 }
                 println!("  lease     {}", lease_text(&i.lease));
+            });
+        }
+        DiskCmd::Copy { from, to } => {
+            let (share, d) = split_disk(&from)?;
+            let (to_share, to_name) = match to.split_once('/') {
+                Some((s, n)) => (Some(s.to_string()), n.to_string()),
+                None => (None, to.clone()),
+            };
+            let r: DiskCopyReport = rt
+                .block_on(c.post(
+                    &format!("/v1/shares/{share}/disks/{d}/copy"),
+                    &DiskCopy { to_share, to_name },
+                ))
+                .map_err(at)?;
+            out(json, &r, |r| {
+                println!(
+                    "copied {from} to {}: {} copied, {} skipped as holes, {} ms",
+                    r.disk.export,
+                    human(r.bytes_copied),
+                    human(r.bytes_skipped),
+                    r.total_ms
+                )
             });
         }
         DiskCmd::Delete { disk } => {

@@ -84,7 +84,7 @@ fn share_guest<'a>(l: &Lab, host: &'a str, disk_arg: &'a str) -> Guest {
     l.h.guest(GuestSpec {
         host,
         disk: false,
-        cmdline: "dirty=16 rate=2000 disk=write flush=4 qd=8",
+        cmdline: "dirty=16 rate=2000 disk=write flush=1 qd=4",
         extra: vec!["--disk", disk_arg],
         ..Default::default()
     })
@@ -99,11 +99,10 @@ fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
     l.share(&["share", "create", "vms"]);
     l.share(&["share", "grant", "vms", "hv1", "write"]);
     l.share(&["share", "grant", "vms", "hv2", "write"]);
-    let made = l.share(&["disk", "create", "vms/web01", "--size", "64M"]);
+    let made = l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     assert!(made.contains("--disk nbds://"), "{made}");
     let uri = l.uri("vms/web01");
     let mut g = share_guest(&l, "hv1", &uri);
-    g.con.line_after(0, "DISK found=", T).unwrap();
     let before = wait_durable(&g, 200);
     let d = l.disk("vms/web01");
     assert_eq!(d["lease"]["holder"], "hv1", "{d}");
@@ -137,7 +136,7 @@ fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
     let l = Lab::new();
     l.share(&["share", "create", "vms"]);
     l.share(&["share", "grant", "vms", "hv1", "write"]);
-    l.share(&["disk", "create", "vms/web01", "--size", "64M"]);
+    l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     let uri = l.uri("vms/web01");
     let kernel = l.h.dir.path().join("k.elf");
     std::fs::write(&kernel, ferry_testguest::elf()).unwrap();
@@ -197,8 +196,14 @@ fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
     // hv1 writes; an admin breaks its lease (as for a host gone for good): from then on the
     // file server refuses hv1's writes, whatever hv1's VMM does.
     let g = share_guest(&l, "hv1", &uri);
-    g.con.line_after(0, "DISK found=", T).unwrap();
     wait_durable(&g, 200);
+    // A disk being written is not copied (the copy would be torn).
+    let s = l.server();
+    let out =
+        l.h.ferry(&["disk", "copy", "vms/web01", "vms/torn", "--server", &s]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("holds the lease"), "{}", text(&out));
+    assert!(!l.fs.state_dir.join("shares/vms/torn.raw").exists());
     l.share(&["disk", "break-lease", "vms/web01"]);
     let d = l.disk("vms/web01");
     assert_eq!(d["lease"]["holder"], Value::Null, "{d}");
@@ -230,10 +235,10 @@ fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
         extra: vec!["--disk", &ro],
         ..Default::default()
     });
-    let (found, _) = v.con.line_after(0, "DISK found=", T).unwrap();
-    let n: u64 = field(&found, "found").unwrap().parse().unwrap();
-    assert!(n >= durable, "{found}: {durable} records were durable");
-    disk_verify(&v);
+    let d = v.con.ask(b'd', "DISK VERIFY", T).unwrap();
+    assert!(d.starts_with("DISK VERIFY OK"), "{d}");
+    let n: u64 = field(&d, "records").unwrap().parse().unwrap();
+    assert!(n >= durable, "{d}: {durable} records were durable");
 }
 
 #[test]
@@ -244,10 +249,9 @@ fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
     let mut l = Lab::new();
     l.share(&["share", "create", "vms"]);
     l.share(&["share", "grant", "vms", "hv1", "write"]);
-    l.share(&["disk", "create", "vms/web01", "--size", "64M"]);
+    l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     let uri = l.uri("vms/web01");
     let g = share_guest(&l, "hv1", &uri);
-    g.con.line_after(0, "DISK found=", T).unwrap();
     let before = wait_durable(&g, 200);
     let fence = l.disk("vms/web01")["lease"]["fence"].as_u64().unwrap();
     l.h.lab.file_server_proc(0).unwrap().kill();
@@ -270,4 +274,40 @@ fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
     disk_verify(&g);
     let v = g.con.ask(b'v', "VERIFY", T).unwrap();
     assert!(v.starts_with("VERIFY OK"), "{v}");
+}
+
+#[test]
+fn a_disk_copy_keeps_holes_and_every_byte() {
+    let l = Lab::new();
+    l.share(&["share", "create", "vms"]);
+    l.share(&["share", "create", "backup"]);
+    l.share(&["disk", "create", "vms/a", "--size", "64M"]);
+    // Data at 0, a hole, data at 40 MiB (written on the share's folder, as a VM would have).
+    let src = l.fs.state_dir.join("shares/vms/a.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(&[0x11; 1 << 20], 0).unwrap();
+        f.write_all_at(&[0x22; 4096], 40 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let out = l.share(&["--json", "disk", "copy", "vms/a", "backup/a-copy"]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let copied = r["bytes_copied"].as_u64().unwrap();
+    let skipped = r["bytes_skipped"].as_u64().unwrap();
+    assert_eq!(copied + skipped, 64 << 20, "{r}");
+    assert!(copied < 8 << 20, "holes were copied: {r}");
+    let dst = l.fs.state_dir.join("shares/backup/a-copy.raw");
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    assert_eq!(r["disk"]["export"], "backup/a-copy");
+    // The copy is sparse too.
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 8 << 20);
+    // An existing name is refused, and nothing changes.
+    let s = l.server();
+    let again =
+        l.h.ferry(&["disk", "copy", "vms/a", "backup/a-copy", "--server", &s]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("exists already"), "{}", text(&again));
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
 }

@@ -123,6 +123,7 @@ pub fn router(s: Arc<ShareServer>) -> Router {
             get(show_disk).delete(delete_disk),
         )
         .route("/v1/shares/{share}/disks/{disk}/lease", post(lease))
+        .route("/v1/shares/{share}/disks/{disk}/copy", post(copy_disk))
         .fallback(|| async {
             ApiError::not_found("no such endpoint (see crates/api/openapi-share.json)")
         })
@@ -266,4 +267,39 @@ async fn lease(
             Err(e.into())
         }
     }
+}
+
+async fn copy_disk(
+    State(s): S,
+    Extension(p): Extension<Peer>,
+    Path((share, disk)): Path<(String, String)>,
+    Body(b): Body<DiskCopy>,
+) -> R {
+    let to_share = b.to_share.clone().unwrap_or_else(|| share.clone());
+    admin(
+        &s,
+        &p,
+        &format!("copy disk {share}/{disk} to {to_share}/{}", b.to_name),
+    )?;
+    let t = std::time::Instant::now();
+    let store = s.store.clone();
+    let (sh, d, ts, tn) = (
+        share.clone(),
+        disk.clone(),
+        to_share.clone(),
+        b.to_name.clone(),
+    );
+    let (copied, skipped) = tokio::task::spawn_blocking(move || store.copy_disk(&sh, &d, &ts, &tn))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok((
+        StatusCode::CREATED,
+        json(DiskCopyReport {
+            disk: s.store.disk_info(&to_share, &b.to_name, Some(&s.nbd))?,
+            bytes_copied: copied,
+            bytes_skipped: skipped,
+            total_ms: t.elapsed().as_millis() as u64,
+        }),
+    )
+        .into_response())
 }
