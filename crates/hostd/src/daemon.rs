@@ -52,6 +52,9 @@ pub struct Live {
     /// Started by this daemon at this instant, and not yet seen running.
     pub starting: Option<Instant>,
     pub last_status: Option<Instant>,
+    /// When its process was first seen gone without an exit record yet (the monitor writes
+    /// `exit.json` a moment after the VMM ends).
+    pub gone_since: Option<Instant>,
 }
 
 /// A VM on this host.
@@ -686,6 +689,16 @@ impl Daemon {
                 }
                 None => {
                     let ended = vmm::exit_info(&run);
+                    if ended.is_none() && v.live.pid.is_some() {
+                        // Gone, but its monitor has not said how yet: report it as it was for
+                        // a moment rather than as stopped for no reason.
+                        let since = *v.live.gone_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() < Duration::from_secs(3) {
+                            return;
+                        }
+                    }
+                    v.live.gone_since = None;
+                    let ended = ended.or_else(|| vmm::exit_info(&run));
                     let was_running = v.live.pid.take().is_some();
                     let gave_up = v
                         .live

@@ -319,9 +319,7 @@ impl Hosts {
         };
         g.wait_answering();
         if g.disk.is_some() {
-            g.con
-                .line_after(0, "DISK found=", T)
-                .unwrap_or_else(|e| panic!("{e}"));
+            g.wait_disk_scanned();
         }
         g
     }
@@ -349,6 +347,30 @@ impl Guest {
                 self.name,
                 self.con.text()
             );
+        }
+    }
+
+    /// Wait until the guest's start-up disk scan is over: its `DISK found=` line, or (when
+    /// the console was followed only after that line) a writer that has started.
+    pub fn wait_disk_scanned(&self) {
+        let deadline = Instant::now() + T;
+        loop {
+            let text = self.con.text();
+            if text.contains("DISK found=") || text.contains("DISK full") {
+                return;
+            }
+            if let Ok(s) = self.con.ask(b's', "STATUS", Duration::from_secs(2)) {
+                if super::field(&s, "disk_acked").is_some_and(|a| a != "0") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s disk scan never ended: {}",
+                self.name,
+                self.con.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
