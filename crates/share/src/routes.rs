@@ -166,7 +166,7 @@ async fn create(State(s): S, Extension(p): Extension<Peer>, Body(b): Body<ShareC
 }
 
 async fn show(State(s): S, Extension(p): Extension<Peer>, Path(share): Path<String>) -> R {
-    s.store.share_info(&share, None)?;
+    s.store.check_share(&share)?;
     reader(&s, &p, &share)?;
     Ok(json(s.store.share_info(&share, Some(&s.nbd))?))
 }
@@ -222,7 +222,7 @@ async fn show_disk(
     Extension(p): Extension<Peer>,
     Path((share, disk)): Path<(String, String)>,
 ) -> R {
-    s.store.share_info(&share, None)?;
+    s.store.check_share(&share)?;
     reader(&s, &p, &share)?;
     Ok(json(s.store.disk_info(&share, &disk, Some(&s.nbd))?))
 }

@@ -128,6 +128,11 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("no share {name} on this file server")))
     }
 
+    /// That share `name` exists (a 404 before the access check).
+    pub fn check_share(&self, name: &str) -> Result<(), StoreError> {
+        self.share_def(name).map(|_| ())
+    }
+
     /// Where a disk's image is.
     pub fn disk_path(&self, share: &str, disk: &str) -> Result<PathBuf, StoreError> {
         check_name("disk", disk)?;
