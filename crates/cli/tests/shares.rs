@@ -126,6 +126,18 @@ fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
     );
     assert!(l.h.vm("hv1", "web01").is_none(), "gone from hv1");
     assert_eq!(status_num(&g, "disk_errors"), 0);
+    // The guest powers itself off: its host gives the lease up (so another host may start it).
+    g.con.send(b'p').unwrap();
+    l.h.wait_state("hv2", "web01", "stopped", T);
+    let deadline = Instant::now() + T;
+    while l.disk("vms/web01")["lease"]["holder"] != Value::Null {
+        assert!(
+            Instant::now() < deadline,
+            "the lease stayed: {}",
+            l.disk("vms/web01")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

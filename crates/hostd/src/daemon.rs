@@ -628,7 +628,6 @@ impl Daemon {
                 VmState::Running | VmState::Paused | VmState::Starting
             ) {
                 tracing::info!("VM {name} stopped");
-                crate::leases::release(self, &info.config).await;
                 return Ok(info);
             }
             if Instant::now() > deadline {
@@ -665,6 +664,9 @@ impl Daemon {
         let run = self.run_dir(name);
         let pid = vmm::running_pid(&run);
         let mut ask = None;
+        // The VM's VMM has just ended here (stopped, powered off, crashed): its disks' write
+        // leases go, so another host may start it.
+        let mut ended_here = None;
         {
             let mut g = self.lock();
             let Some(v) = g.vms.get_mut(name) else {
@@ -709,6 +711,9 @@ impl Daemon {
                         v.live.run_state = None;
                         v.live.uptime_ms = None;
                     }
+                    if ended.is_some() && was_running {
+                        ended_here = Some(v.record.config.clone());
+                    }
                     if let Some(e) = ended {
                         if was_running || v.live.last_exit.as_ref() != Some(&e) {
                             if crashed(&e, v.live.stopping) {
@@ -723,6 +728,9 @@ impl Daemon {
                     }
                 }
             }
+        }
+        if let Some(config) = ended_here {
+            crate::leases::release(self, &config).await;
         }
         if let Some(api) = ask {
             let status = vmm::call(&api, &Request::Status).await;
