@@ -114,11 +114,6 @@ impl NbdDisk {
         Ok(d)
     }
 
-    /// Whether the disk is connected now.
-    pub fn connected(&self) -> bool {
-        self.client.is_some()
-    }
-
     fn connect(&self) -> io::Result<Client> {
         let addr = self
             .addr
