@@ -44,19 +44,7 @@ fn field(line: &str, key: &str) -> Result<u64> {
 }
 
 fn ferry(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(args)
-        .env_remove("FERRY_HOST")
-        .env_remove("FERRY_CONFIG")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "ferry {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into())
+    Lab::ferry_out(&std::env::current_exe()?, args)
 }
 
 /// (write IOPS, read IOPS) of one guest on `disk`.

@@ -392,7 +392,7 @@ impl Lab {
     }
 
     /// Run `ferry ARGS` here (not in a namespace) and return its stdout.
-    fn ferry_out(ferry: &Path, args: &[&str]) -> Result<String> {
+    pub fn ferry_out(ferry: &Path, args: &[&str]) -> Result<String> {
         let out = Command::new(ferry)
             .args(args)
             .env_remove("FERRY_HOST")
