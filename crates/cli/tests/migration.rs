@@ -15,13 +15,6 @@ use common::*;
 const T: Duration = Duration::from_secs(90);
 const PORT: &str = "7788";
 
-fn num(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-        .parse()
-        .unwrap()
-}
-
 fn disk(dir: &Path) -> PathBuf {
     disk_named(dir, "disk.img")
 }

@@ -48,46 +48,6 @@ fn qemu_nbd(dir: &Path, img: &Path, port: u16, n: u32) -> Proc {
     p
 }
 
-fn image(dir: &Path, mib: u64) -> std::path::PathBuf {
-    let p = dir.join("disk.img");
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    p
-}
-
-fn start(dir: &Path, tag: &str, disk: &str, cmdline: &str) -> (Vmm, Console) {
-    let kernel = testguest(dir);
-    let vmm = Vmm::spawn(
-        dir,
-        tag,
-        &[
-            "vmm",
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "128",
-            "--disk",
-            disk,
-            "--cmdline",
-            cmdline,
-        ],
-    );
-    let con = Console::connect(&vmm.com1);
-    vmm.ctl_ok("resume", &[]);
-    con.wait_line("READY", T);
-    (vmm, con)
-}
-
-fn num(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-        .parse()
-        .unwrap()
-}
-
 /// (durable, errors) once `durable` reaches `at_least`.
 fn wait_durable(con: &mut Console, at_least: u64) -> (u64, u64) {
     let deadline = Instant::now() + T;
@@ -110,7 +70,8 @@ fn verify(con: &mut Console) {
 /// After the guest is gone: the image itself (opened as a local file) holds every record
 /// that was durable, intact.
 fn image_holds(dir: &Path, img: &Path, durable: u64) {
-    let (mut vmm, mut con) = start(dir, "check", img.to_str().unwrap(), "hb=0 disk=verify");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir, "check", img.to_str().unwrap(), "hb=0 disk=verify");
     let found = con.wait_line("DISK found=", T);
     assert!(
         num(&found, "found") >= durable,
@@ -127,11 +88,12 @@ fn a_guest_disk_on_a_qemu_nbd_export_writes_and_verifies() {
         return;
     }
     let dir = tmp();
-    let img = image(dir.path(), 32);
+    let img = disk_image(dir.path(), 32);
     let port = free_port();
     let _srv = qemu_nbd(dir.path(), &img, port, 0);
     let uri = format!("nbd://127.0.0.1:{port}/disk");
-    let (mut vmm, mut con) = start(dir.path(), "w", &uri, "hb=0 disk=write flush=8 qd=8");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir.path(), "w", &uri, "hb=0 disk=write flush=8 qd=8");
     let found = con.wait_line("DISK found=", T);
     assert_eq!(num(&found, "found"), 0, "{found}");
     let (durable, errors) = wait_durable(&mut con, 800);
@@ -149,11 +111,12 @@ fn a_short_server_outage_stalls_guest_io_and_then_resumes_it() {
         return;
     }
     let dir = tmp();
-    let img = image(dir.path(), 32);
+    let img = disk_image(dir.path(), 32);
     let port = free_port();
     let mut srv = qemu_nbd(dir.path(), &img, port, 0);
     let uri = format!("nbd://127.0.0.1:{port}/disk");
-    let (mut vmm, mut con) = start(dir.path(), "o", &uri, "hb=0 disk=write flush=4 qd=8");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir.path(), "o", &uri, "hb=0 disk=write flush=4 qd=8");
     let (before, _) = wait_durable(&mut con, 300);
     srv.kill();
     std::thread::sleep(Duration::from_secs(3));
@@ -193,11 +156,12 @@ fn an_outage_past_the_stall_limit_gives_io_errors_and_loses_nothing_acknowledged
         return;
     }
     let dir = tmp();
-    let img = image(dir.path(), 32);
+    let img = disk_image(dir.path(), 32);
     let port = free_port();
     let mut srv = qemu_nbd(dir.path(), &img, port, 0);
     let uri = format!("nbd://127.0.0.1:{port}/disk,stall=1");
-    let (mut vmm, mut con) = start(dir.path(), "e", &uri, "hb=0 disk=write flush=1 qd=4");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir.path(), "e", &uri, "hb=0 disk=write flush=1 qd=4");
     let (durable_before, _) = wait_durable(&mut con, 200);
     srv.kill();
     // Past the limit the guest sees errors.

@@ -11,53 +11,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn disk_image(dir: &std::path::Path, mib: u64) -> std::path::PathBuf {
-    let p = dir.join("disk.img");
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    p
-}
-
-fn num(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-        .parse()
-        .unwrap()
-}
-
-/// Start the guest with `cmdline` and one disk; returns the VMM and its console after READY.
-fn start(
-    dir: &std::path::Path,
-    tag: &str,
-    disk: &std::path::Path,
-    cmdline: &str,
-) -> (Vmm, Console) {
-    let kernel = testguest(dir);
-    let disk_arg = disk.to_str().unwrap().to_string();
-    let vmm = Vmm::spawn(
-        dir,
-        tag,
-        &[
-            "vmm",
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "128",
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            cmdline,
-        ],
-    );
-    let con = Console::connect(&vmm.com1);
-    vmm.ctl_ok("resume", &[]);
-    con.wait_line("READY", T);
-    (vmm, con)
-}
-
 fn wait_durable(con: &mut Console, at_least: u64) -> u64 {
     let deadline = Instant::now() + T;
     loop {
@@ -79,7 +32,12 @@ fn disk_writes_survive_a_restart_and_verify() {
     }
     let dir = tmp();
     let disk = disk_image(dir.path(), 32);
-    let (mut vmm, mut con) = start(dir.path(), "w", &disk, "hb=0 disk=write flush=8 qd=8");
+    let (mut vmm, mut con) = start_disk_guest(
+        dir.path(),
+        "w",
+        disk.to_str().unwrap(),
+        "hb=0 disk=write flush=8 qd=8",
+    );
     let found = con.wait_line("DISK found=", T);
     assert_eq!(
         num(&found, "found"),
@@ -94,7 +52,8 @@ fn disk_writes_survive_a_restart_and_verify() {
     assert!(vmm.wait(T).success());
     drop(con);
 
-    let (mut vmm, mut con) = start(dir.path(), "v", &disk, "hb=0 disk=verify");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir.path(), "v", disk.to_str().unwrap(), "hb=0 disk=verify");
     let found = con.wait_line("DISK found=", T);
     assert!(
         num(&found, "found") >= durable,
@@ -113,11 +72,17 @@ fn flushed_writes_survive_sigkill_of_the_vmm() {
     }
     let dir = tmp();
     let disk = disk_image(dir.path(), 32);
-    let (mut vmm, mut con) = start(dir.path(), "k", &disk, "hb=0 disk=write flush=1 qd=4");
+    let (mut vmm, mut con) = start_disk_guest(
+        dir.path(),
+        "k",
+        disk.to_str().unwrap(),
+        "hb=0 disk=write flush=1 qd=4",
+    );
     let durable = wait_durable(&mut con, 200);
     vmm.kill(); // SIGKILL
     drop(con);
-    let (mut vmm, mut con) = start(dir.path(), "k2", &disk, "hb=0 disk=verify");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir.path(), "k2", disk.to_str().unwrap(), "hb=0 disk=verify");
     let found = con.wait_line("DISK found=", T);
     assert!(
         num(&found, "found") >= durable,
@@ -134,7 +99,8 @@ fn a_second_writer_is_refused_naming_the_holder() {
     }
     let dir = tmp();
     let disk = disk_image(dir.path(), 8);
-    let (mut vmm, mut con) = start(dir.path(), "a", &disk, "hb=0 disk=verify");
+    let (mut vmm, mut con) =
+        start_disk_guest(dir.path(), "a", disk.to_str().unwrap(), "hb=0 disk=verify");
     let kernel = testguest(dir.path());
     let out = ferry_output(
         &[

@@ -358,3 +358,47 @@ pub fn field(line: &str, key: &str) -> Option<String> {
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
         .map(|s| s.trim_matches('"').to_string())
 }
+
+/// The number after `key=` in a guest line; panics (naming the line) when there is none.
+pub fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        .parse()
+        .unwrap()
+}
+
+/// A sparse raw image `disk.img` of `mib` MiB in `dir`.
+pub fn disk_image(dir: &Path, mib: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    p
+}
+
+/// `ferry vmm run` of the test guest (128 MiB) with `cmdline` and one disk (`--disk` as
+/// given: a path or an NBD URI); the VMM and its console, after READY.
+pub fn start_disk_guest(dir: &Path, tag: &str, disk: &str, cmdline: &str) -> (Vmm, Console) {
+    let kernel = testguest(dir);
+    let vmm = Vmm::spawn(
+        dir,
+        tag,
+        &[
+            "vmm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--disk",
+            disk,
+            "--cmdline",
+            cmdline,
+        ],
+    );
+    let con = Console::connect(&vmm.com1);
+    vmm.ctl_ok("resume", &[]);
+    con.wait_line("READY", Duration::from_secs(60));
+    (vmm, con)
+}
