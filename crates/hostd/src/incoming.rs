@@ -238,6 +238,18 @@ async fn start_authorised(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<In
         .listen_ip
         .ok_or_else(|| ApiError::internal("no migration address chosen"))?;
     let run = d.run_dir(&vm);
+    // A VM that just moved away from here may come straight back: its old VMM (sharing the
+    // run directory) must have ended before a receiver takes the directory over.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vmm::running_pid(&run).is_some() && !d.lock().vms.contains_key(&vm) {
+        if Instant::now() > deadline {
+            return Err(ApiError::conflict(format!(
+                "{vm}'s previous VMM on {} is still ending; try again in a moment",
+                d.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     {
         let mut g = d.lock();
         let active = d.move_counts(&g);

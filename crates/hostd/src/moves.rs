@@ -778,13 +778,16 @@ async fn forget(d: &Daemon, vm: &str) {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    // Unless it came back meanwhile (a new definition, arriving or owned).
-    if d.lock().vms.contains_key(vm) {
+    // Unless it came back meanwhile (a new definition, arriving or owned): checked and removed
+    // under the lock, so a move back that creates the directory again cannot come in between.
+    let g = d.lock();
+    if g.vms.contains_key(vm) {
         return;
     }
     if let Err(err) = std::fs::remove_dir_all(d.state.vm_dir(vm)) {
         tracing::warn!("removing {vm}'s definition after its move: {err}");
     }
+    drop(g);
 }
 
 /// `POST /v1/moves/{id}/cancel`.
