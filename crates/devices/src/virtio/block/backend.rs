@@ -71,6 +71,12 @@ pub trait DiskBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
 
+    /// Whether `len` bytes at `offset` are a hole (read as zeros and take no space); `false`
+    /// when the backend cannot tell. A copy skips holes.
+    fn is_hole(&mut self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// Serve every request of `ops` and set each one's `result`, in any order, but a flush
     /// covers every write completed before it was issued. One at a time by default.
     fn run(&mut self, ops: &mut [DiskOp]) {
@@ -105,6 +111,15 @@ impl DiskBackend for File {
             len,
         )
         .map_err(io::Error::from)
+    }
+
+    fn is_hole(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+        // The next byte of data at or after `offset`: none (ENXIO) or past the range is a hole.
+        match rustix::fs::seek(&*self, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(next) => Ok(next >= offset + len),
+            Err(rustix::io::Errno::NXIO) => Ok(true),
+            Err(_) => Ok(false),
+        }
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
