@@ -46,6 +46,72 @@ pub enum Request {
     /// paused guest here (the destination has it), `aborted` resumes it here. Only whoever
     /// read the destination's outcome record may say which.
     MigrateResolve { outcome: Outcome },
+    /// Start copying disk `disk` (its index) to `target` while the VM runs: every guest write
+    /// goes to both copies, one background pass copies the rest (skipping holes and zero
+    /// blocks). `target` is an image file of the same size that reads as zeros (a new sparse
+    /// file), or an NBD export; the VMM locks and opens it. The VM keeps using its disk.
+    MirrorStart {
+        disk: usize,
+        target: PathBuf,
+        /// Cap for the background pass, Mbit/s (0: none); guest writes are never held back.
+        #[serde(default)]
+        bandwidth_mbit: u64,
+    },
+    /// Every disk mirror's progress.
+    MirrorStatus,
+    /// Switch disk `disk` to its copy once the copy is complete: the copy is flushed, the guest
+    /// uses it from the next request on, the old image is closed (its lock let go). Nothing
+    /// is in flight during the switch.
+    MirrorComplete { disk: usize },
+    /// Stop mirroring disk `disk`: the copy is closed, the VM stays on its disk.
+    MirrorCancel { disk: usize },
+}
+
+/// Where a disk mirror is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorState {
+    /// The background pass is copying.
+    Copying,
+    /// The copy is complete and kept in step with every write: it may be switched to.
+    Ready,
+    /// A write or copy to the target failed (see `error`); the VM is on its disk as before.
+    Failed,
+}
+
+/// One disk mirror's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MirrorProgress {
+    pub disk: usize,
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub state: MirrorState,
+    /// The disk's size.
+    pub total_bytes: u64,
+    /// How far the background pass has come (copied and skipped).
+    pub done_bytes: u64,
+    /// Bytes the background pass copied.
+    pub copied_bytes: u64,
+    /// Bytes it skipped as holes or zero blocks.
+    pub skipped_bytes: u64,
+    /// Guest writes sent to both copies, bytes.
+    pub mirrored_bytes: u64,
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// What switching a disk to its copy did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MirrorSwitched {
+    pub disk: usize,
+    /// The image the VM used before (closed now).
+    pub old: PathBuf,
+    /// The one it uses now.
+    pub new: PathBuf,
+    /// How long guest I/O on the disk waited for the switch, ms.
+    pub pause_ms: f64,
+    pub progress: MirrorProgress,
 }
 
 /// What became of a move, as the destination's outcome record says.
@@ -99,6 +165,8 @@ pub enum ResponseBody {
         ms: u64,
     },
     Migration(MigrationProgress),
+    Mirrors(Vec<MirrorProgress>),
+    MirrorSwitched(MirrorSwitched),
     Done,
 }
 

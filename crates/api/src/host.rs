@@ -290,13 +290,35 @@ impl Default for MoveSettings {
     }
 }
 
+/// Where one disk goes in a storage move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMove {
+    /// The disk: its index (`0`), its path or URI, or its file name.
+    pub disk: String,
+    /// A folder on the VM's host (an absolute path), or a share (`[FILESERVER:]SHARE`).
+    pub to: String,
+}
+
 /// `POST /v1/moves` and `POST /v1/moves/check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoveRequest {
     pub vm: String,
-    /// The destination: a peer's name or its daemon's `host:port`.
+    /// The destination host: a peer's name or its daemon's `host:port`. Empty (or this host)
+    /// with `storage_to`/`disk_to`: a storage move, the VM stays where it runs.
+    #[serde(default)]
     pub to: String,
+    /// Move every disk too: to a folder on the VM's host (an absolute path) or to a share
+    /// (`[FILESERVER:]SHARE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_to: Option<String>,
+    /// Per-disk destinations (override `storage_to` for the disks they name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_to: Vec<DiskMove>,
+    /// Keep each moved disk's old copy (default: removed once the VM uses the new one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_source: bool,
     #[serde(default)]
     pub settings: MoveSettings,
     /// An admin's signed grant for this move (hosts in delegated mode require one).
@@ -385,6 +407,30 @@ pub struct MoveReport {
     /// How the move was authorised ("console", "grant ... signed by admin alice").
     #[serde(default)]
     pub auth: Option<String>,
+    /// The disks a storage move moved (or tried to).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskMoveReport>,
+}
+
+/// What a storage move did with one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskMoveReport {
+    pub disk: usize,
+    pub from: String,
+    pub to: String,
+    /// Whether the VM uses the new copy now.
+    pub switched: bool,
+    /// Bytes the background pass copied, and skipped as holes or zeros.
+    pub copied_bytes: u64,
+    pub skipped_bytes: u64,
+    /// Guest writes sent to both copies meanwhile.
+    pub mirrored_bytes: u64,
+    /// How long guest I/O on the disk waited for the switch, ms.
+    #[serde(default)]
+    pub pause_ms: Option<f64>,
+    /// What became of the old copy ("removed", "kept", or why it stays).
+    #[serde(default)]
+    pub old_copy: Option<String>,
 }
 
 /// A move: a resource with an id, a state and progress (`GET /v1/moves/{id}`; its
@@ -402,6 +448,9 @@ pub struct MoveInfo {
     /// The memory copy, as the VMM reports it.
     #[serde(default)]
     pub progress: Option<MigrationProgress>,
+    /// The disk copies of a storage move, as the VMM reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<crate::MirrorProgress>,
     #[serde(default)]
     pub check: Option<CheckReport>,
     #[serde(default)]
