@@ -478,6 +478,14 @@ fn call(api: &std::path::Path, req: Request) -> Result<()> {
             println!("{}", serde_json::to_string(&p)?);
             Ok(())
         }
+        Response::Ok(ResponseBody::Mirrors(m)) => {
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+        Response::Ok(ResponseBody::MirrorSwitched(m)) => {
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
         Response::Ok(ResponseBody::Done) => Ok(()),
         Response::Error(e) => bail!("{e}"),
     }

@@ -228,7 +228,51 @@ pub struct DiskHandle {
     store: DiskStore,
     /// Whether this VMM holds the image's lock now.
     locked: std::sync::atomic::AtomicBool,
+    /// What the device reaches the disk through (and mirrors it with).
+    slot: crate::mirror::SwitchDisk,
+    /// The copy being made by a mirror: where it is and its store, for the switch.
+    pending: Option<(PathBuf, DiskStore)>,
 }
+
+/// Open disk `d`'s storage: its backend for the device and the VMM's own handle on it.
+/// `stall` overrides the NBD stall limit (a mirror's copy gives up sooner than a disk).
+fn open_disk_store(
+    index: usize,
+    d: &ferry_api::DiskConfig,
+    lock: bool,
+    stall: Option<std::time::Duration>,
+) -> Result<(Box<dyn DiskBackend>, DiskStore), DevicesError> {
+    let io = |source| DevicesError::Virtio { index, source };
+    let nbd_stall = stall.unwrap_or(std::time::Duration::from_secs(
+        d.stall_limit_s.unwrap_or(ferry_api::DEFAULT_STALL_LIMIT_S),
+    ));
+    match d.nbd_uri() {
+        Some(uri) => {
+            let tls = if uri.starts_with("nbds://") {
+                crate::nbd_disk::host_tls().map_err(|e| io(std::io::Error::other(e)))?
+            } else {
+                None
+            };
+            let n = crate::nbd_disk::NbdDisk::open(uri, d.read_only, nbd_stall, tls)
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let shared = crate::nbd_disk::SharedNbd(Arc::new(Mutex::new(n)));
+            Ok((Box::new(shared.clone()), DiskStore::Nbd(shared)))
+        }
+        None => {
+            let file = if lock {
+                host_io::open_disk(&d.path, d.read_only)?
+            } else {
+                host_io::open_disk_unlocked(&d.path, d.read_only)?
+            };
+            let dup = file.try_clone().map_err(io)?;
+            Ok((Box::new(file), DiskStore::File(dup)))
+        }
+    }
+}
+
+/// How long a mirror's NBD copy rides out an outage before the mirror fails (the guest's
+/// writes wait for it meanwhile, so this is short: the VM's own disk is the truth).
+const MIRROR_STALL: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn nonblocking_eventfd() -> std::io::Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK)
@@ -317,45 +361,18 @@ fn build_virtio(
         let vstate = |source| DevicesError::VirtioState { index, source };
         let slot = if index < cfg.disks.len() {
             let d = &cfg.disks[index];
-            let nbd_stall = std::time::Duration::from_secs(
-                d.stall_limit_s.unwrap_or(ferry_api::DEFAULT_STALL_LIMIT_S),
-            );
-            let (disk, store): (Box<dyn DiskBackend>, DiskStore) = match d.nbd_uri() {
-                Some(uri) => {
-                    let tls = if uri.starts_with("nbds://") {
-                        crate::nbd_disk::host_tls().map_err(|e| DevicesError::Virtio {
-                            index,
-                            source: std::io::Error::other(e),
-                        })?
-                    } else {
-                        None
-                    };
-                    let n = crate::nbd_disk::NbdDisk::open(uri, d.read_only, nbd_stall, tls)
-                        .map_err(|e| DevicesError::Virtio {
-                            index,
-                            source: std::io::Error::other(e.to_string()),
-                        })?;
-                    let shared = crate::nbd_disk::SharedNbd(Arc::new(Mutex::new(n)));
-                    (Box::new(shared.clone()), DiskStore::Nbd(shared))
-                }
-                None => {
-                    let file = if args.lock_disks {
-                        host_io::open_disk(&d.path, d.read_only)?
-                    } else {
-                        host_io::open_disk_unlocked(&d.path, d.read_only)?
-                    };
-                    let dup = file
-                        .try_clone()
-                        .map_err(|source| DevicesError::Virtio { index, source })?;
-                    (Box::new(file), DiskStore::File(dup))
-                }
-            };
+            let (disk, store) = open_disk_store(index, d, args.lock_disks, None)?;
             let is_nbd = matches!(store, DiskStore::Nbd(_));
+            let slot = crate::mirror::SwitchDisk::new(disk)
+                .map_err(|source| DevicesError::Virtio { index, source })?;
+            let disk: Box<dyn DiskBackend> = Box::new(slot.clone());
             disks.push(DiskHandle {
                 path: d.path.clone(),
                 read_only: d.read_only,
                 store,
                 locked: (args.lock_disks || is_nbd).into(),
+                slot,
+                pending: None,
             });
             let serial = d
                 .serial
@@ -510,6 +527,119 @@ impl Devices {
             taken.push(d);
         }
         Ok(())
+    }
+
+    /// Start copying disk `i` to `target` while the VM runs (see [`crate::mirror`]). The copy
+    /// is opened (and locked, for an image file) here.
+    pub fn start_mirror(
+        &mut self,
+        i: usize,
+        target: &std::path::Path,
+        bandwidth_mbit: u64,
+    ) -> Result<(), String> {
+        let h = self
+            .disks
+            .get_mut(i)
+            .ok_or_else(|| format!("the VM has no disk {i}"))?;
+        if h.pending.is_some() {
+            return Err(format!(
+                "disk {i} is already being copied; cancel that first"
+            ));
+        }
+        if h.path == target {
+            return Err(format!("disk {i} is {} already", target.display()));
+        }
+        let cfg = ferry_api::DiskConfig {
+            path: target.to_path_buf(),
+            read_only: false,
+            serial: None,
+            stall_limit_s: None,
+        };
+        let (backend, store) = open_disk_store(i, &cfg, true, Some(MIRROR_STALL))
+            .map_err(|e| crate::error_chain(&e))?;
+        h.slot
+            .start_mirror(
+                i,
+                backend,
+                h.path.clone(),
+                target.to_path_buf(),
+                bandwidth_mbit,
+            )
+            .map_err(|e| e.to_string())?;
+        h.pending = Some((target.to_path_buf(), store));
+        tracing::info!(
+            "disk {i}: copying {} to {}",
+            h.path.display(),
+            target.display()
+        );
+        Ok(())
+    }
+
+    /// The progress of every disk mirror.
+    pub fn mirrors(&self) -> Vec<ferry_api::MirrorProgress> {
+        self.disks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.slot.mirror_progress(i))
+            .collect()
+    }
+
+    /// Whether a disk mirror runs.
+    pub fn mirroring(&self) -> bool {
+        self.disks.iter().any(|h| h.pending.is_some())
+    }
+
+    /// Stop copying disk `i`; the copy is closed (and its lock let go).
+    pub fn cancel_mirror(&mut self, i: usize) -> Result<(), String> {
+        let h = self
+            .disks
+            .get_mut(i)
+            .ok_or_else(|| format!("the VM has no disk {i}"))?;
+        h.slot.cancel_mirror();
+        match h.pending.take() {
+            Some((p, _store)) => {
+                tracing::info!("disk {i}: copy to {} cancelled", p.display());
+                Ok(())
+            }
+            None => Err(format!("disk {i} is not being copied")),
+        }
+    }
+
+    /// Switch disk `i` to its complete copy: the old image is closed and its lock let go.
+    pub fn complete_mirror(&mut self, i: usize) -> Result<ferry_api::MirrorSwitched, String> {
+        let h = self
+            .disks
+            .get_mut(i)
+            .ok_or_else(|| format!("the VM has no disk {i}"))?;
+        if h.pending.is_none() {
+            return Err(format!("disk {i} is not being copied"));
+        }
+        let (old_backend, progress, waited) = h.slot.switch(i).map_err(|e| e.to_string())?;
+        let (new_path, new_store) = h.pending.take().expect("checked above");
+        let old_path = std::mem::replace(&mut h.path, new_path.clone());
+        let old_store = std::mem::replace(&mut h.store, new_store);
+        drop(old_backend);
+        match old_store {
+            DiskStore::File(f) => {
+                if let Err(e) = f.unlock() {
+                    tracing::warn!("unlocking {}: {e}", old_path.display());
+                }
+            }
+            DiskStore::Nbd(_) => {} // the connection closes with its last handle
+        }
+        tracing::info!(
+            "disk {i}: now {} (was {}; guest I/O waited {:.2} ms)",
+            new_path.display(),
+            old_path.display(),
+            waited.as_secs_f64() * 1e3
+        );
+        Ok(ferry_api::MirrorSwitched {
+            disk: i,
+            old: old_path,
+            new: new_path,
+            pause_ms: waited.as_secs_f64() * 1e3,
+            progress,
+        })
     }
 
     /// Whether every disk image's lock is held by this VMM.

@@ -21,6 +21,7 @@ pub mod kvm_vm;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod mirror;
 pub mod nbd_disk;
 pub mod serial_backend;
 pub mod snapshot;

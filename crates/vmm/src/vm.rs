@@ -82,6 +82,8 @@ pub enum VmError {
     VcpuFailed { id: u8, msg: String },
     #[error("{0}")]
     Busy(&'static str),
+    #[error("{0}")]
+    Mirror(String),
     #[error(transparent)]
     Receive(#[from] crate::migration::receive::ReceiveError),
 }
@@ -696,6 +698,9 @@ impl Vm {
                 return true;
             }
             Request::Migrate { .. } if self.migrating() => busy(),
+            Request::Migrate { .. } if self.devices.mirroring() => Err(VmError::Busy(
+                "a disk is being copied (a storage move); let it finish or cancel it first",
+            )),
             Request::Migrate { .. } if self.state != VmRunState::Running => Err(VmError::Busy(
                 "only a running VM can be migrated; resume it first",
             )),
@@ -735,6 +740,31 @@ impl Vm {
                     Err(e) => Err(VmError::Thread(e)),
                 }
             }
+            Request::MirrorStart { .. } if self.migrating() => busy(),
+            Request::MirrorStart {
+                disk,
+                target,
+                bandwidth_mbit,
+            } => self
+                .devices
+                .start_mirror(disk, &target, bandwidth_mbit)
+                .map(|_| ResponseBody::Mirrors(self.devices.mirrors()))
+                .map_err(VmError::Mirror),
+            Request::MirrorStatus => Ok(ResponseBody::Mirrors(self.devices.mirrors())),
+            Request::MirrorCancel { disk } => self
+                .devices
+                .cancel_mirror(disk)
+                .map(|_| ResponseBody::Done)
+                .map_err(VmError::Mirror),
+            Request::MirrorComplete { disk } => match self.devices.complete_mirror(disk) {
+                Ok(sw) => {
+                    if let Some(d) = self.config.disks.get_mut(disk) {
+                        d.path = sw.new.clone();
+                    }
+                    Ok(ResponseBody::MirrorSwitched(sw))
+                }
+                Err(e) => Err(VmError::Mirror(e)),
+            },
             Request::MigrationStatus => match &self.migration {
                 Some(m) => Ok(ResponseBody::Migration(
                     m.progress.lock().unwrap_or_else(|e| e.into_inner()).clone(),

@@ -1,0 +1,487 @@
+//! I/O mirroring: moving a running VM's disk to another image without stopping it.
+//!
+//! Every disk's device reaches its storage through a [`SwitchDisk`]: one lock around the
+//! backend the guest uses and, while a storage move runs, a [`Mirror`] to the new copy. Then
+//!
+//! - every guest write, discard and write-zeroes that touches a chunk already copied goes to
+//!   both copies (under the lock, so both see the same order), and is acknowledged only when
+//!   the disk the guest uses has it; a write the copy refuses fails the mirror, not the guest;
+//! - one background pass copies the disk chunk by chunk under the same lock, skipping holes
+//!   and chunks that read as zeros (the copy is a new image that reads as zeros), so the copy
+//!   converges whatever the guest writes: once the pass has been everywhere, the copy is the
+//!   disk and stays so;
+//! - the switch flushes the copy and swaps the two under the lock: the request after it goes to
+//!   the new image. Guest I/O waits for at most one chunk copy (or the switch) at a time.
+//!
+//! The VM's own disk stays the truth until the switch: a failed or cancelled mirror just drops
+//! the copy.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ferry_api::{MirrorProgress, MirrorState};
+use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind};
+
+/// What the background pass copies at a time (and so the longest a guest request waits for it).
+pub const CHUNK: u64 = 1 << 20;
+
+/// A disk's storage as its device reaches it: switchable, and mirrored during a storage move.
+#[derive(Clone)]
+pub struct SwitchDisk {
+    inner: Arc<Mutex<Slot>>,
+    /// Guest requests waiting for the lock: the copier lets them go first.
+    waiting: Arc<AtomicUsize>,
+}
+
+struct Slot {
+    disk: Box<dyn DiskBackend>,
+    size: u64,
+    mirror: Option<Mirror>,
+}
+
+/// A copy in the making.
+struct Mirror {
+    target: Box<dyn DiskBackend>,
+    source_path: PathBuf,
+    target_path: PathBuf,
+    /// One bit per chunk: copied (or skipped) by the background pass.
+    done: Vec<u64>,
+    /// The next chunk the pass looks at.
+    next: u64,
+    chunks: u64,
+    copied: u64,
+    skipped: u64,
+    mirrored: u64,
+    started: Instant,
+    error: Option<String>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Mirror {
+    fn is_done(&self, chunk: u64) -> bool {
+        self.done[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+    }
+
+    fn set_done(&mut self, chunk: u64) {
+        self.done[(chunk / 64) as usize] |= 1 << (chunk % 64);
+    }
+
+    /// Whether any chunk of the range has been copied (so a write there must reach the copy;
+    /// elsewhere the pass will copy it later from the disk).
+    fn touches_copied(&self, offset: u64, len: u64) -> bool {
+        let first = offset / CHUNK;
+        let last = (offset + len.max(1) - 1) / CHUNK;
+        (first..=last.min(self.chunks.saturating_sub(1))).any(|c| self.is_done(c))
+    }
+
+    fn progress(&self, disk: usize, size: u64) -> MirrorProgress {
+        MirrorProgress {
+            disk,
+            source: self.source_path.clone(),
+            target: self.target_path.clone(),
+            state: if self.error.is_some() {
+                MirrorState::Failed
+            } else if self.next >= self.chunks {
+                MirrorState::Ready
+            } else {
+                MirrorState::Copying
+            },
+            total_bytes: size,
+            done_bytes: (self.next * CHUNK).min(size),
+            copied_bytes: self.copied,
+            skipped_bytes: self.skipped,
+            mirrored_bytes: self.mirrored,
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            error: self.error.clone(),
+        }
+    }
+}
+
+impl SwitchDisk {
+    pub fn new(disk: Box<dyn DiskBackend>) -> io::Result<SwitchDisk> {
+        let size = disk.size()?;
+        Ok(SwitchDisk {
+            inner: Arc::new(Mutex::new(Slot {
+                disk,
+                size,
+                mirror: None,
+            })),
+            waiting: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The lock, as a guest request takes it (ahead of the copier).
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        g
+    }
+
+    /// Start mirroring to `target` (same size, reads as zeros) and its background pass.
+    pub fn start_mirror(
+        &self,
+        disk: usize,
+        target: Box<dyn DiskBackend>,
+        source_path: PathBuf,
+        target_path: PathBuf,
+        bandwidth_mbit: u64,
+    ) -> io::Result<()> {
+        let mut g = self.lock();
+        if g.mirror.is_some() {
+            return Err(io::Error::other(format!(
+                "disk {disk} is already being copied; cancel that first"
+            )));
+        }
+        let tsize = target.size()?;
+        if tsize != g.size {
+            return Err(io::Error::other(format!(
+                "the copy {} is {tsize} bytes, the disk {} is {}: they must be the same size",
+                target_path.display(),
+                source_path.display(),
+                g.size
+            )));
+        }
+        let chunks = g.size.div_ceil(CHUNK);
+        let stop = Arc::new(AtomicBool::new(false));
+        g.mirror = Some(Mirror {
+            target,
+            source_path,
+            target_path,
+            done: vec![0; chunks.div_ceil(64) as usize],
+            next: 0,
+            chunks,
+            copied: 0,
+            skipped: 0,
+            mirrored: 0,
+            started: Instant::now(),
+            error: None,
+            stop: stop.clone(),
+        });
+        drop(g);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("mirror{disk}"))
+            .spawn(move || me.copy_pass(stop, bandwidth_mbit))?;
+        Ok(())
+    }
+
+    /// The background pass: chunk by chunk, each under the lock; at most `mbit` Mbit/s of
+    /// copied data when not 0 (holes cost nothing).
+    fn copy_pass(&self, stop: Arc<AtomicBool>, mbit: u64) {
+        let mut buf = vec![0u8; CHUNK as usize];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        loop {
+            if mbit > 0 {
+                let due =
+                    std::time::Duration::from_secs_f64(sent as f64 * 8.0 / (mbit as f64 * 1e6));
+                while start.elapsed() < due && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(
+                        (due - start.elapsed()).min(std::time::Duration::from_millis(50)),
+                    );
+                }
+            }
+            // Guest requests first: the pass only fills the gaps between them.
+            while self.waiting.load(Ordering::SeqCst) > 0 && !stop.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = &mut *g;
+            let Some(m) = slot.mirror.as_mut() else {
+                return;
+            };
+            if m.error.is_some() || m.next >= m.chunks {
+                return;
+            }
+            let c = m.next;
+            m.next += 1;
+            let off = c * CHUNK;
+            let len = CHUNK.min(slot.size - off);
+            let r = copy_chunk(
+                &mut *slot.disk,
+                &mut *m.target,
+                off,
+                &mut buf[..len as usize],
+            );
+            match r {
+                Ok(true) => {
+                    m.copied += len;
+                    sent += len;
+                }
+                Ok(false) => m.skipped += len,
+                Err(e) => {
+                    m.error = Some(format!(
+                        "copying {} at {off} to {}: {e}",
+                        m.source_path.display(),
+                        m.target_path.display()
+                    ));
+                    tracing::warn!("{}", m.error.as_deref().unwrap_or_default());
+                    return;
+                }
+            }
+            m.set_done(c);
+        }
+    }
+
+    /// The mirror's progress, if one runs.
+    pub fn mirror_progress(&self, disk: usize) -> Option<MirrorProgress> {
+        let g = self.lock();
+        g.mirror.as_ref().map(|m| m.progress(disk, g.size))
+    }
+
+    /// Drop the copy; the disk stays as it is.
+    pub fn cancel_mirror(&self) -> bool {
+        let mut g = self.lock();
+        match g.mirror.take() {
+            Some(m) => {
+                m.stop.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Switch to the copy, if it is complete: flush it, swap it in. Returns the old backend
+    /// (to close), the final progress, and how long guest I/O waited.
+    pub fn switch(
+        &self,
+        disk: usize,
+    ) -> io::Result<(Box<dyn DiskBackend>, MirrorProgress, std::time::Duration)> {
+        let mut g = self.lock();
+        let t = Instant::now();
+        let size = g.size;
+        let Some(m) = g.mirror.as_mut() else {
+            return Err(io::Error::other(format!("disk {disk} is not being copied")));
+        };
+        if let Some(e) = &m.error {
+            return Err(io::Error::other(format!("the copy failed: {e}")));
+        }
+        if m.next < m.chunks {
+            return Err(io::Error::other(format!(
+                "the copy is not complete yet ({} of {} bytes)",
+                (m.next * CHUNK).min(size),
+                size
+            )));
+        }
+        // Everything the guest had acknowledged is on the old disk; make it durable on the new
+        // one before the guest may depend on it.
+        m.target.flush()?;
+        let progress = m.progress(disk, size);
+        let m = g.mirror.take().expect("checked above");
+        m.stop.store(true, Ordering::SeqCst);
+        let old = std::mem::replace(&mut g.disk, m.target);
+        Ok((old, progress, t.elapsed()))
+    }
+
+    /// Send what `ops` changed to the copy (they ran on the disk already).
+    fn mirror_ops(slot: &mut Slot, ops: &[DiskOp]) {
+        let Some(m) = slot.mirror.as_mut() else {
+            return;
+        };
+        if m.error.is_some() {
+            return;
+        }
+        let mut out: Vec<DiskOp> = ops
+            .iter()
+            .filter(|o| {
+                o.result.is_ok()
+                    && !matches!(o.kind, DiskOpKind::Read | DiskOpKind::Flush)
+                    && m.touches_copied(o.offset, o.len)
+            })
+            .map(|o| DiskOp::new(o.kind, o.offset, o.len, o.buf.clone()))
+            .collect();
+        if out.is_empty() {
+            return;
+        }
+        m.target.run(&mut out);
+        for o in &out {
+            match &o.result {
+                Ok(()) if o.kind == DiskOpKind::Write => m.mirrored += o.len,
+                Ok(()) => {}
+                Err(e) => {
+                    m.error = Some(format!(
+                        "writing to the copy {} at {}: {e}",
+                        m.target_path.display(),
+                        o.offset
+                    ));
+                    tracing::warn!("{}", m.error.as_deref().unwrap_or_default());
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Copy one chunk; `Ok(false)` when it was a hole or zeros (the copy reads as zeros already).
+fn copy_chunk(
+    from: &mut dyn DiskBackend,
+    to: &mut dyn DiskBackend,
+    off: u64,
+    buf: &mut [u8],
+) -> io::Result<bool> {
+    if from.is_hole(off, buf.len() as u64)? {
+        return Ok(false);
+    }
+    from.read_at(buf, off)?;
+    if buf.iter().all(|b| *b == 0) {
+        return Ok(false);
+    }
+    to.write_at(buf, off)?;
+    Ok(true)
+}
+
+impl DiskBackend for SwitchDisk {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.lock().size)
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.lock().disk.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut ops = [DiskOp::new(
+            DiskOpKind::Write,
+            offset,
+            buf.len() as u64,
+            buf.to_vec(),
+        )];
+        self.run(&mut ops);
+        let [op] = ops;
+        op.result
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.lock().disk.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let mut ops = [DiskOp::new(DiskOpKind::Discard, offset, len, Vec::new())];
+        self.run(&mut ops);
+        let [op] = ops;
+        op.result
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let mut ops = [DiskOp::new(
+            DiskOpKind::WriteZeroes { unmap },
+            offset,
+            len,
+            Vec::new(),
+        )];
+        self.run(&mut ops);
+        let [op] = ops;
+        op.result
+    }
+    fn is_hole(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+        self.lock().disk.is_hole(offset, len)
+    }
+    fn run(&mut self, ops: &mut [DiskOp]) {
+        let mut g = self.lock();
+        g.disk.run(ops);
+        if g.mirror.is_some() {
+            Self::mirror_ops(&mut g, ops);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    fn image(dir: &std::path::Path, name: &str, size: u64) -> (PathBuf, File) {
+        let p = dir.join(name);
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(size).unwrap();
+        (p, f)
+    }
+
+    fn wait_ready(d: &SwitchDisk) -> MirrorProgress {
+        loop {
+            let p = d.mirror_progress(0).unwrap();
+            if p.state != MirrorState::Copying {
+                return p;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn copy_converges_with_writes_during_the_pass_and_skips_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64 * CHUNK;
+        let (sp, src) = image(dir.path(), "a", size);
+        // Data in a few chunks; the rest is a hole.
+        for c in [0u64, 5, 33, 63] {
+            src.write_all_at(&vec![c as u8 + 1; CHUNK as usize], c * CHUNK)
+                .unwrap();
+        }
+        let (tp, dst) = image(dir.path(), "b", size);
+        let mut d = SwitchDisk::new(Box::new(src.try_clone().unwrap())).unwrap();
+        d.start_mirror(0, Box::new(dst.try_clone().unwrap()), sp, tp, 0)
+            .unwrap();
+        // Writes everywhere while the pass runs: before it, behind it, across chunks.
+        let half = size / 2 - 8192;
+        for i in 0..400u64 {
+            let off = (i * 7919 * 4096) % half;
+            d.write_at(&[(i % 251) as u8 + 1; 8192], off).unwrap();
+            if i == 200 {
+                // Let the pass get going, so the rest land behind it too.
+                while d.mirror_progress(0).unwrap().done_bytes < 8 * CHUNK {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        d.write_zeroes(5 * CHUNK, 4096, false).unwrap();
+        let p = wait_ready(&d);
+        assert_eq!(p.state, MirrorState::Ready, "{p:?}");
+        assert!(p.skipped_bytes >= 20 * CHUNK, "holes were skipped: {p:?}");
+        assert!(
+            p.mirrored_bytes > 0,
+            "writes behind the pass reached the copy: {p:?}"
+        );
+        // After the pass, writes still reach both.
+        d.write_at(&[0xee; 4096], 40 * CHUNK).unwrap();
+        let (_, p, _) = d.switch(0).unwrap();
+        assert_eq!(p.done_bytes, size);
+        let (mut a, mut b) = (vec![0u8; size as usize], vec![0u8; size as usize]);
+        src.read_exact_at(&mut a, 0).unwrap();
+        dst.read_exact_at(&mut b, 0).unwrap();
+        assert!(a == b, "the copy equals the disk");
+        // The device now writes the new image only.
+        d.write_at(&[0x11; 512], 0).unwrap();
+        let mut x = [0u8; 512];
+        dst.read_exact_at(&mut x, 0).unwrap();
+        assert_eq!(x, [0x11; 512]);
+        src.read_exact_at(&mut x, 0).unwrap();
+        assert_ne!(x, [0x11; 512]);
+    }
+
+    #[test]
+    fn switch_refused_until_complete_and_cancel_keeps_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sp, src) = image(dir.path(), "a", 4 * CHUNK);
+        let (tp, dst) = image(dir.path(), "b", 4 * CHUNK);
+        let (_, small) = image(dir.path(), "c", CHUNK);
+        let d = SwitchDisk::new(Box::new(src)).unwrap();
+        let e = d
+            .start_mirror(0, Box::new(small), sp.clone(), tp.clone(), 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("same size"), "{e}");
+        assert!(d.switch(0).is_err());
+        d.start_mirror(0, Box::new(dst), sp, tp, 0).unwrap();
+        assert!(d.cancel_mirror());
+        assert!(d.mirror_progress(0).is_none());
+        assert!(d.switch(0).is_err());
+    }
+}
