@@ -14,7 +14,7 @@ use ferry_hostd::error::{ApiError, ApiResult};
 use ferry_hostd::routes::Body;
 use ferry_hostd::transport::Peer;
 
-use crate::store::StoreError;
+use crate::store::{export_name, StoreError};
 use crate::ShareServer;
 
 type S = State<Arc<ShareServer>>;
@@ -87,6 +87,46 @@ fn admin(s: &ShareServer, p: &Peer, what: &str) -> ApiResult<()> {
             let why = format!("host {h} is not an admin: only admins change shares");
             audit::record(&s.state, p, what, Some(&why), None);
             Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why))
+        }
+        Err(e) => {
+            audit::record(&s.state, p, what, Some(&e.body.error), None);
+            Err(e)
+        }
+    }
+}
+
+/// Admins, or a host with write access to the share (its "Full Control": a host makes and
+/// removes the disks of its storage moves). `disk`: a disk to remove, which another host's
+/// lease must not hold. Audited.
+fn writer(s: &ShareServer, p: &Peer, share: &str, disk: Option<&str>, what: &str) -> ApiResult<()> {
+    let r = match caller(s, p) {
+        Ok(Caller::Admin) => Ok("admin"),
+        Ok(Caller::Host(h)) if s.store.access(share, &h) != Some(Access::Write) => {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "host {h} may not change share {share}: it needs write access (ferry share grant {share} {h} write)"
+                ),
+            ))
+        }
+        Ok(Caller::Host(h)) => {
+            let holder = disk.and_then(|d| s.store.lease(&export_name(share, d)).holder);
+            match holder {
+                Some(other) if other != h => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "lease_held",
+                    format!("host {other} holds the write lease of {share}/{}", disk.unwrap_or("")),
+                )),
+                _ => Ok("write access"),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(how) => {
+            audit::record(&s.state, p, what, None, Some(how));
+            Ok(())
         }
         Err(e) => {
             audit::record(&s.state, p, what, Some(&e.body.error), None);
@@ -208,7 +248,14 @@ async fn create_disk(
     Path(share): Path<String>,
     Body(b): Body<DiskCreate>,
 ) -> R {
-    admin(&s, &p, &format!("create disk {share}/{}", b.name))?;
+    s.store.check_share(&share)?;
+    writer(
+        &s,
+        &p,
+        &share,
+        None,
+        &format!("create disk {share}/{}", b.name),
+    )?;
     s.store.create_disk(&share, &b.name, b.size_bytes)?;
     Ok((
         StatusCode::CREATED,
@@ -232,7 +279,14 @@ async fn delete_disk(
     Extension(p): Extension<Peer>,
     Path((share, disk)): Path<(String, String)>,
 ) -> R {
-    admin(&s, &p, &format!("delete disk {share}/{disk}"))?;
+    s.store.check_share(&share)?;
+    writer(
+        &s,
+        &p,
+        &share,
+        Some(&disk),
+        &format!("delete disk {share}/{disk}"),
+    )?;
     s.store.delete_disk(&share, &disk)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
