@@ -13,7 +13,7 @@ use crate::daemon::{protocol_range, Daemon};
 use crate::error::{ApiError, ApiResult};
 use crate::hostinfo;
 
-fn item(name: &str, ok: bool, detail: String, fix: Option<String>) -> CheckItem {
+pub(crate) fn item(name: &str, ok: bool, detail: String, fix: Option<String>) -> CheckItem {
     CheckItem {
         name: name.into(),
         ok,

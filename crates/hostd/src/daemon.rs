@@ -224,7 +224,11 @@ impl Daemon {
     /// Live migrations in progress here (sending and receiving), and queued ones.
     pub fn move_counts(&self, inner: &Inner) -> MoveCounts {
         MoveCounts {
-            outgoing: inner.outgoing.values().filter(|m| m.holds_slot).count() as u32,
+            outgoing: inner
+                .outgoing
+                .values()
+                .filter(|m| m.holds_slot && !m.storage_only)
+                .count() as u32,
             incoming: inner.incoming.values().filter(|m| m.active()).count() as u32,
             queued: inner
                 .outgoing

@@ -24,6 +24,7 @@ pub mod routes;
 pub mod security;
 pub mod server;
 pub mod state;
+pub mod storage;
 pub mod transport;
 pub mod vmm;
 

@@ -69,6 +69,10 @@ pub struct OutMove {
     pub auth: String,
     /// Whether the migration stream is encrypted.
     pub encrypted: bool,
+    /// A storage move (the VM stays here): it holds a storage-move slot, not a migration's.
+    pub storage_only: bool,
+    /// What a storage move did with each disk, for its report.
+    pub disk_reports: Vec<ferry_api::host::DiskMoveReport>,
 }
 
 /// What the state directory keeps of a move sent from here.
@@ -84,12 +88,12 @@ pub struct MoveRecord {
     pub report: Option<MoveReport>,
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     ferry_vmm::migration::send::new_migration_id()[..16].to_string()
 }
 
 /// Change a move's public state and tell its followers.
-fn update(d: &Daemon, id: &str, f: impl FnOnce(&mut MoveInfo)) -> Option<MoveInfo> {
+pub(crate) fn update(d: &Daemon, id: &str, f: impl FnOnce(&mut MoveInfo)) -> Option<MoveInfo> {
     let mut g = d.lock();
     let m = g.outgoing.get_mut(id)?;
     f(&mut m.info);
@@ -192,7 +196,11 @@ fn authorise(d: &Daemon, req: &MoveRequest, peer: &Peer) -> ApiResult<String> {
             let refuse = |m: String| forbidden("grant_refused", format!("grant refused: {m}"));
             let (g, admin) = ferry_auth::grant::verify(token, &sec.trust)
                 .map_err(|e| refuse(e.to_string().trim_start_matches("grant refused: ").to_string()))?;
-            let (to, _) = d.resolve_host(&req.to)?;
+            let to = if crate::storage::is_storage_only(d, req) {
+                d.name.clone()
+            } else {
+                d.resolve_host(&req.to)?.0
+            };
             if g.from != d.name {
                 return Err(refuse(format!("it is for a move from {}, not from {}", g.from, d.name)));
             }
@@ -214,6 +222,17 @@ fn authorise(d: &Daemon, req: &MoveRequest, peer: &Peer) -> ApiResult<String> {
             Ok(format!("grant {} signed by {admin}", g.jti))
         }
     }
+}
+
+/// A move of the VM and its disks at once is not built yet: say what to do instead.
+pub fn refuse_shared_nothing(req: &MoveRequest) -> ApiResult<()> {
+    if req.storage_to.is_some() || !req.disk_to.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "moving {} and its disks in one move (shared-nothing) is not available yet: move the disks first (`ferry move {} --storage-to DEST`, to a share both hosts may write), then the VM (`ferry move {} --to {}`)",
+            req.vm, req.vm, req.vm, req.to
+        )));
+    }
+    Ok(())
 }
 
 /// `POST /v1/moves`: authorise, check, then start (or queue) a move.
@@ -238,6 +257,10 @@ pub async fn start(d: &Arc<Daemon>, req: MoveRequest, peer: &Peer) -> ApiResult<
 }
 
 async fn start_authorised(d: &Arc<Daemon>, req: MoveRequest, auth: String) -> ApiResult<MoveInfo> {
+    if crate::storage::is_storage_only(d, &req) {
+        return crate::storage::start(d, req, auth).await;
+    }
+    refuse_shared_nothing(&req)?;
     let report = check::check_move(d, &req.vm, &req.to, None).await?;
     if !report.ok {
         return Err(
@@ -265,6 +288,23 @@ fn begin(
     auth: String,
 ) -> ApiResult<MoveInfo> {
     let (to_name, to_addr) = d.resolve_host(&req.to)?;
+    let info = register(d, req, to_name, to_addr, report, auth, false)?;
+    let id = info.id.clone();
+    tracing::info!("move {id}: {} to {}", req.vm, info.to);
+    tokio::spawn(drive(d.clone(), id));
+    Ok(info)
+}
+
+/// Record a new move from here (queued), unless the VM is moving already.
+pub(crate) fn register(
+    d: &Daemon,
+    req: &MoveRequest,
+    to_name: String,
+    to_addr: String,
+    report: CheckReport,
+    auth: String,
+    storage_only: bool,
+) -> ApiResult<MoveInfo> {
     let id = new_id();
     let info = MoveInfo {
         id: id.clone(),
@@ -274,6 +314,7 @@ fn begin(
         state: MoveState::Queued,
         waiting_for: None,
         progress: None,
+        storage: Vec::new(),
         check: Some(report),
         report: None,
         error: None,
@@ -287,7 +328,7 @@ fn begin(
             .find(|m| m.info.vm == req.vm && !m.info.state.is_final())
         {
             return Err(ApiError::conflict(format!(
-                "{} is already moving (move {} to {})",
+                "{} is already moving (move {} to {}); cancel it or wait for it to end",
                 req.vm, m.info.id, m.info.to
             )));
         }
@@ -307,12 +348,12 @@ fn begin(
                 grant: req.grant.clone(),
                 auth,
                 encrypted: false,
+                storage_only,
+                disk_reports: Vec::new(),
             },
         );
         prune(&mut g);
     }
-    tracing::info!("move {id}: {} to {}", req.vm, info.to);
-    tokio::spawn(drive(d.clone(), id));
     Ok(info)
 }
 
@@ -750,6 +791,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         },
         encrypted: encrypted && e.progress.is_some(),
         auth: (!auth.is_empty()).then_some(auth),
+        disks: Vec::new(),
     };
     set_slot(d, id, false);
     let info = update(d, id, |i| {
@@ -925,6 +967,9 @@ pub async fn evacuate(
                     to: t,
                     settings: req.settings.clone(),
                     grant: None,
+                    storage_to: None,
+                    disk_to: Vec::new(),
+                    keep_source: false,
                 };
                 match begin(d, &r, report, auth.clone()) {
                     Ok(m) => moves.push(m),
@@ -984,6 +1029,7 @@ pub fn recover(d: &Arc<Daemon>) {
             },
             waiting_for: None,
             progress: None,
+            storage: Vec::new(),
             check: None,
             report: r.report.clone(),
             error: r.report.as_ref().and_then(|r| r.error.clone()),
@@ -1023,6 +1069,8 @@ pub fn recover(d: &Arc<Daemon>) {
                 grant: None,
                 auth: String::new(),
                 encrypted: r.report.as_ref().is_some_and(|x| x.encrypted),
+                storage_only: false,
+                disk_reports: Vec::new(),
             },
         );
         if live {

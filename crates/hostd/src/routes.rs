@@ -246,6 +246,10 @@ async fn pump(socket: WebSocket, sock: tokio::net::UnixStream) {
 }
 
 async fn check_move(State(d): D, Body(req): Body<MoveRequest>) -> ApiResult<Response> {
+    if crate::storage::is_storage_only(&d, &req) {
+        return Ok(json(crate::storage::check(&d, &req).await?));
+    }
+    moves::refuse_shared_nothing(&req)?;
     Ok(json(check::check_move(&d, &req.vm, &req.to, None).await?))
 }
 
