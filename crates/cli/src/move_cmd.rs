@@ -1,5 +1,6 @@
-//! `ferry move ...`: move a running VM live to another host, through the daemons: a check
-//! first, then the move with a progress bar, Ctrl-C to cancel, a report at the end.
+//! `ferry move ...`: move a running VM live to another host, or its disks to another folder or
+//! share (a storage move), through the daemons: a check first, then the move with a progress
+//! bar, Ctrl-C to cancel, a report at the end.
 
 use std::time::Duration;
 
@@ -36,13 +37,27 @@ enum MoveSub {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("dest").required(true).multiple(true).args(["to", "storage_to", "disk_to"])))]
 struct MoveArgs {
     /// The VM to move (found on whichever host has it).
     #[arg(required = true)]
     vm: Option<String>,
-    /// Where to: a host name the source knows as a peer, or its daemon's host:port.
-    #[arg(long, required = true)]
+    /// Move the VM (its memory, CPU and device state) to this host: a host name the source
+    /// knows as a peer, or its daemon's host:port.
+    #[arg(long)]
     to: Option<String>,
+    /// Move the VM's disks, while it runs, to DEST: a folder on the VM's host (an absolute
+    /// path, e.g. /srv/vms) or a share of a file server (SHARE, or FILESERVER:SHARE). Without
+    /// --to the VM stays on its host (a storage move).
+    #[arg(long, value_name = "DEST")]
+    storage_to: Option<String>,
+    /// Move one disk to DEST (DISK: its index, path or file name); may be given for each
+    /// disk, and overrides --storage-to for the disks it names.
+    #[arg(long, value_name = "DISK=DEST", value_parser = parse_disk_to)]
+    disk_to: Vec<ferry_api::host::DiskMove>,
+    /// Keep each moved disk's old copy (by default it is removed once the VM uses the new one).
+    #[arg(long)]
+    keep_source: bool,
     /// Only check whether the move could happen, and say why not; move nothing.
     #[arg(long)]
     check: bool,
@@ -58,6 +73,18 @@ struct MoveArgs {
     /// Use this grant (a file from `ferry grant`) instead of signing one.
     #[arg(long)]
     grant: Option<std::path::PathBuf>,
+}
+
+fn parse_disk_to(s: &str) -> Result<ferry_api::host::DiskMove, String> {
+    match s.split_once('=') {
+        Some((d, to)) if !d.is_empty() && !to.is_empty() => Ok(ferry_api::host::DiskMove {
+            disk: d.into(),
+            to: to.into(),
+        }),
+        _ => Err(format!(
+            "{s:?}: give DISK=DEST, e.g. 0=/srv/vms or web01.img=fs1:vms"
+        )),
+    }
 }
 
 pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
@@ -111,7 +138,7 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                             .trim()
                             .to_string(),
                     ),
-                    None => grant_for(t, &info, &to)?,
+                    None => grant_for(t, &info, if to.is_empty() { &info.host } else { &to })?,
                 };
                 let req = MoveRequest {
                     vm: vm.clone(),
@@ -122,6 +149,9 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                         timeout_s: a.timeout,
                     },
                     grant,
+                    storage_to: a.storage_to,
+                    disk_to: a.disk_to,
+                    keep_source: a.keep_source,
                 };
                 if a.check {
                     let r: CheckReport = c.post("/v1/moves/check", &req).await?;
@@ -237,7 +267,52 @@ pub fn print_check(r: &CheckReport) {
     }
 }
 
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+}
+
 fn print_report(r: &MoveReport) {
+    if !r.disks.is_empty() && r.from == r.to {
+        // A storage move.
+        let moved = r.disks.iter().filter(|d| d.switched).count();
+        println!(
+            "{} {} of {} disk{} of {} on {} in {:.2} s{}",
+            if r.result == "done" {
+                "moved"
+            } else {
+                "storage move"
+            },
+            moved,
+            r.disks.len(),
+            if r.disks.len() == 1 { "" } else { "s" },
+            r.vm,
+            r.from,
+            r.total_ms as f64 / 1000.0,
+            if r.result == "done" {
+                String::new()
+            } else {
+                format!(": {}", r.result)
+            }
+        );
+        for d in &r.disks {
+            println!(
+                "  disk {}: {} -> {}: {}; copied {}, skipped {} (holes, zeros), mirrored {} of guest writes{}{}",
+                d.disk,
+                d.from,
+                d.to,
+                if d.switched { "the VM uses the new copy" } else { "the VM stays on its disk" },
+                mib(d.copied_bytes),
+                mib(d.skipped_bytes),
+                mib(d.mirrored_bytes),
+                d.pause_ms.map(|p| format!(", I/O paused {p:.2} ms")).unwrap_or_default(),
+                d.old_copy.as_deref().map(|o| format!("; old copy {o}")).unwrap_or_default(),
+            );
+        }
+        if let Some(n) = &r.error {
+            println!("note: {n}");
+        }
+        return;
+    }
     if r.result == "done" {
         println!(
             "moved {} {} -> {} in {:.2} s: pause {}, {:.1} MiB in {} rounds{}",
@@ -292,8 +367,17 @@ fn memory_bytes(m: &MoveInfo) -> u64 {
         .unwrap_or(1 << 30)
 }
 
-/// Percent done of a move, from its memory copy.
+/// Percent done of a move, from its memory copy (or its disk copies).
 fn percent(m: &MoveInfo) -> u64 {
+    if !m.storage.is_empty() && m.progress.is_none() {
+        let total: u64 = m.storage.iter().map(|s| s.total_bytes).sum::<u64>().max(1);
+        let done: u64 = m.storage.iter().map(|s| s.done_bytes).sum();
+        return if m.state == MoveState::Done {
+            100
+        } else {
+            (done * 100 / total).min(99)
+        };
+    }
     let total = memory_bytes(m).max(1);
     match (&m.progress, m.state) {
         (_, MoveState::Done) => 100,
@@ -307,6 +391,32 @@ fn percent(m: &MoveInfo) -> u64 {
 
 fn line(m: &MoveInfo) -> String {
     let state = format!("{:?}", m.state).to_lowercase();
+    if !m.storage.is_empty() && m.progress.is_none() && !m.state.is_final() {
+        let total: u64 = m.storage.iter().map(|s| s.total_bytes).sum();
+        let done: u64 = m.storage.iter().map(|s| s.done_bytes).sum();
+        let copied: u64 = m.storage.iter().map(|s| s.copied_bytes).sum();
+        let skipped: u64 = m.storage.iter().map(|s| s.skipped_bytes).sum();
+        let ms = m
+            .storage
+            .iter()
+            .map(|s| s.elapsed_ms)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        return format!(
+            "{} disks: {} of {} ({} copied at {:.0} MiB/s, {} skipped as holes)",
+            if m.state == MoveState::Switchover {
+                "switching"
+            } else {
+                "copying"
+            },
+            mib(done),
+            mib(total),
+            mib(copied),
+            copied as f64 / f64::from(1 << 20) / (ms as f64 / 1000.0),
+            mib(skipped)
+        );
+    }
     match (&m.progress, m.state) {
         (_, MoveState::Queued) => format!(
             "queued: {}",

@@ -27,6 +27,14 @@ impl Lab {
         Lab { h, fs }
     }
 
+    /// Share `vms`, writable by `hosts`.
+    fn vms_share(&self, hosts: &[&str]) {
+        self.share(&["share", "create", "vms"]);
+        for h in hosts {
+            self.share(&["share", "grant", "vms", h, "write"]);
+        }
+    }
+
     fn server(&self) -> String {
         format!("unix:{}", self.fs.socket().display())
     }
@@ -96,9 +104,7 @@ fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
         return;
     }
     let l = Lab::new();
-    l.share(&["share", "create", "vms"]);
-    l.share(&["share", "grant", "vms", "hv1", "write"]);
-    l.share(&["share", "grant", "vms", "hv2", "write"]);
+    l.vms_share(&["hv1", "hv2"]);
     let made = l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     assert!(made.contains("--disk nbds://"), "{made}");
     let uri = l.uri("vms/web01");
@@ -146,8 +152,7 @@ fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
         return;
     }
     let l = Lab::new();
-    l.share(&["share", "create", "vms"]);
-    l.share(&["share", "grant", "vms", "hv1", "write"]);
+    l.vms_share(&["hv1"]);
     l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     let uri = l.uri("vms/web01");
     let kernel = l.h.dir.path().join("k.elf");
@@ -259,8 +264,7 @@ fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
         return;
     }
     let mut l = Lab::new();
-    l.share(&["share", "create", "vms"]);
-    l.share(&["share", "grant", "vms", "hv1", "write"]);
+    l.vms_share(&["hv1"]);
     l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     let uri = l.uri("vms/web01");
     let g = share_guest(&l, "hv1", &uri);
@@ -322,4 +326,165 @@ fn a_disk_copy_keeps_holes_and_every_byte() {
     assert!(!again.status.success());
     assert!(text(&again).contains("exists already"), "{}", text(&again));
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+}
+
+fn vm_disk(l: &Lab, host: &str, i: usize) -> String {
+    l.h.vm(host, "web01").unwrap()["config"]["disks"][i]["path"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn share_disks(l: &Lab, share: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&l.share(&["--json", "share", "show", share])).unwrap();
+    v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
+    if !kvm_available() {
+        return;
+    }
+    let l = Lab::new();
+    l.vms_share(&["hv1", "hv2"]);
+    let mut g = l.h.guest(GuestSpec {
+        memory: 128,
+        cmdline: "dirty=16 rate=2000",
+        ..Default::default()
+    });
+    let local = vm_disk(&l, "hv1", 0);
+    let before = wait_durable(&g, 100);
+
+    // Host -> share, while the writer runs.
+    let out =
+        l.h.ferry(&["--json", "move", "web01", "--storage-to", "fs1:vms"]);
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
+    let uri = vm_disk(&l, "hv1", 0);
+    assert_eq!(
+        uri,
+        l.uri("vms/web01.img"),
+        "the VM's disk is on the share now"
+    );
+    assert!(
+        !std::path::Path::new(&local).exists(),
+        "the old copy was removed"
+    );
+    let d = l.disk("vms/web01.img");
+    assert_eq!(d["lease"]["holder"], "hv1", "{d}");
+    let mid = wait_durable(&g, before + 200);
+
+    // Now only memory has to move.
+    let out = l.h.ferry(&["--json", "move", "web01", "--to", "hv2"]);
+    assert_eq!(report(&out)["result"], "done", "{}", text(&out));
+    g.follow_on(&l.h, "hv2");
+    let mid = wait_durable(&g, mid + 200);
+    assert_eq!(l.disk("vms/web01.img")["lease"]["holder"], "hv2");
+
+    // Share -> hv2's own disk: the share's copy and its lease go.
+    let back = l.h.dir.path().join("hv2-disks");
+    std::fs::create_dir(&back).unwrap();
+    let out = l.h.ferry(&[
+        "--json",
+        "--host",
+        "hv2",
+        "move",
+        "web01",
+        "--storage-to",
+        back.to_str().unwrap(),
+    ]);
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
+    assert_eq!(r["disks"][0]["old_copy"], "removed", "{r}");
+    assert_eq!(
+        vm_disk(&l, "hv2", 0),
+        back.join("web01.img").display().to_string()
+    );
+    assert!(
+        share_disks(&l, "vms").is_empty(),
+        "the share's copy was removed"
+    );
+    wait_durable(&g, mid + 200);
+    g.verify(0);
+}
+
+#[test]
+fn a_storage_move_to_a_share_that_goes_away_fails_and_leaves_the_vm_on_its_disks() {
+    if !kvm_available() {
+        return;
+    }
+    let mut l = Lab::new();
+    l.vms_share(&["hv1"]);
+    // A second disk full of data, so the copy takes a while at 40 Mbit/s.
+    let data = l.h.dir.path().join("data.img");
+    let bytes: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8 | 1)
+        .collect();
+    std::fs::write(&data, &bytes).unwrap();
+    let data_arg = data.display().to_string();
+    let g = l.h.guest(GuestSpec {
+        memory: 128,
+        cmdline: "dirty=16 rate=2000",
+        extra: vec!["--disk", &data_arg],
+        ..Default::default()
+    });
+    let local = vm_disk(&l, "hv1", 0);
+    let before = wait_durable(&g, 100);
+    let child = l.h.spawn(&[
+        "--json",
+        "move",
+        "web01",
+        "--storage-to",
+        "vms",
+        "--bandwidth-mbit",
+        "40",
+    ]);
+    let deadline = Instant::now() + T;
+    while share_disks(&l, "vms").len() < 2 || {
+        let v = l.h.json(&["move", "list"]);
+        v["moves"].as_array().unwrap().last().unwrap()["storage"]
+            .as_array()
+            .is_none_or(|s| s.iter().all(|x| x["copied_bytes"] == 0))
+    } {
+        assert!(Instant::now() < deadline, "the copy never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The file server dies mid-copy.
+    l.h.lab.file_server_proc(0).unwrap().kill();
+    let out = child.wait_with_output().unwrap();
+    let r = report(&out);
+    assert_eq!(r["result"], "failed", "{}", text(&out));
+    assert_eq!(r["runs_on"], "hv1");
+    assert_eq!(vm_disk(&l, "hv1", 0), local, "the VM stays on its disk");
+    assert_eq!(vm_disk(&l, "hv1", 1), data_arg);
+    assert!(
+        std::fs::read(&data).unwrap() == bytes,
+        "the data disk is as it was"
+    );
+    // The guest never saw an error and goes on writing to its own disk.
+    let mid = wait_durable(&g, before + 200);
+    assert_eq!(l.h.state("hv1", "web01"), "running");
+    // The file server comes back: the half-made copies on it are removed.
+    let fs = l.fs.clone();
+    let p =
+        l.h.lab
+            .start_file_server(std::path::Path::new(ferry_bin()), &fs)
+            .unwrap();
+    l.h.lab.set_file_server_proc(0, p);
+    let deadline = Instant::now() + T;
+    while !share_disks(&l, "vms").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "half-made copies stayed: {:?}",
+            share_disks(&l, "vms")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_durable(&g, mid + 100);
+    g.verify(0);
 }
