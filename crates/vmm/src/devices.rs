@@ -270,6 +270,14 @@ fn open_disk_store(
     }
 }
 
+/// Another handle on a disk's storage (a duplicated file descriptor, or the same NBD disk).
+fn store_handle(s: &DiskStore) -> std::io::Result<Box<dyn DiskBackend>> {
+    Ok(match s {
+        DiskStore::File(f) => Box::new(f.try_clone()?),
+        DiskStore::Nbd(n) => Box::new(n.clone()),
+    })
+}
+
 /// How long a mirror's NBD copy rides out an outage before the mirror fails (the guest's
 /// writes wait for it meanwhile, so this is short: the VM's own disk is the truth).
 const MIRROR_STALL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -557,10 +565,16 @@ impl Devices {
         };
         let (backend, store) = open_disk_store(i, &cfg, true, Some(MIRROR_STALL))
             .map_err(|e| crate::error_chain(&e))?;
+        // The copy pass's own handles on the disk and on the copy.
+        let handles = (
+            store_handle(&h.store).map_err(|e| e.to_string())?,
+            store_handle(&store).map_err(|e| e.to_string())?,
+        );
         h.slot
             .start_mirror(
                 i,
                 backend,
+                handles,
                 h.path.clone(),
                 target.to_path_buf(),
                 bandwidth_mbit,

@@ -25,8 +25,10 @@ use std::time::Instant;
 use ferry_api::{MirrorProgress, MirrorState};
 use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind};
 
-/// What the background pass copies at a time (and so the longest a guest request waits for it).
+/// What the background pass copies at a time.
 pub const CHUNK: u64 = 1 << 20;
+/// How much the pass copies between flushes of the copy.
+const FLUSH_EVERY: u64 = 64 << 20;
 
 /// A disk's storage as its device reaches it: switchable, and mirrored during a storage move.
 #[derive(Clone)]
@@ -49,6 +51,8 @@ struct Mirror {
     target_path: PathBuf,
     /// One bit per chunk: copied (or skipped) by the background pass.
     done: Vec<u64>,
+    /// One bit per chunk not copied yet that a mirrored write reached on the copy.
+    touched: Vec<u64>,
     /// The next chunk the pass looks at.
     next: u64,
     chunks: u64,
@@ -58,6 +62,11 @@ struct Mirror {
     started: Instant,
     error: Option<String>,
     stop: Arc<AtomicBool>,
+    /// The chunk the pass is copying now, and whether a guest write touched it meanwhile.
+    in_flight: Option<u64>,
+    dirtied: bool,
+    /// The pass is through and the copy flushed.
+    ready: bool,
 }
 
 impl Mirror {
@@ -84,7 +93,7 @@ impl Mirror {
             target: self.target_path.clone(),
             state: if self.error.is_some() {
                 MirrorState::Failed
-            } else if self.next >= self.chunks {
+            } else if self.ready {
                 MirrorState::Ready
             } else {
                 MirrorState::Copying
@@ -126,6 +135,7 @@ impl SwitchDisk {
         &self,
         disk: usize,
         target: Box<dyn DiskBackend>,
+        handles: (Box<dyn DiskBackend>, Box<dyn DiskBackend>),
         source_path: PathBuf,
         target_path: PathBuf,
         bandwidth_mbit: u64,
@@ -152,6 +162,7 @@ impl SwitchDisk {
             source_path,
             target_path,
             done: vec![0; chunks.div_ceil(64) as usize],
+            touched: vec![0; chunks.div_ceil(64) as usize],
             next: 0,
             chunks,
             copied: 0,
@@ -160,21 +171,44 @@ impl SwitchDisk {
             started: Instant::now(),
             error: None,
             stop: stop.clone(),
+            in_flight: None,
+            dirtied: false,
+            ready: false,
         });
         drop(g);
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("mirror{disk}"))
-            .spawn(move || me.copy_pass(stop, bandwidth_mbit))?;
+            .spawn(move || me.copy_pass(stop, bandwidth_mbit, handles.0, handles.1))?;
         Ok(())
     }
 
-    /// The background pass: chunk by chunk, each under the lock; at most `mbit` Mbit/s of
-    /// copied data when not 0 (holes cost nothing).
-    fn copy_pass(&self, stop: Arc<AtomicBool>, mbit: u64) {
+    /// The background pass, chunk by chunk, on its own handles of the two disks (`reader` of
+    /// the disk, `writer` of the copy) and outside the lock, so guest I/O never waits for a
+    /// chunk: a chunk the guest wrote while the pass copied it is copied again (after a few
+    /// tries, under the lock, so the pass always gets through). At most `mbit` Mbit/s of
+    /// copied data when not 0 (holes cost nothing). The copy is flushed as the pass goes and
+    /// at its end, so the switch's own flush finds little to do.
+    fn copy_pass(
+        &self,
+        stop: Arc<AtomicBool>,
+        mbit: u64,
+        mut reader: Box<dyn DiskBackend>,
+        mut writer: Box<dyn DiskBackend>,
+    ) {
         let mut buf = vec![0u8; CHUNK as usize];
         let start = Instant::now();
         let mut sent = 0u64;
+        let mut unflushed = 0u64;
+        let mut tries = 0u32;
+        let fail = |me: &SwitchDisk, what: String| {
+            let mut g = me.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = g.mirror.as_mut() {
+                tracing::warn!("{what}");
+                m.error = Some(what);
+                m.in_flight = None;
+            }
+        };
         loop {
             if mbit > 0 {
                 let due =
@@ -185,48 +219,116 @@ impl SwitchDisk {
                     );
                 }
             }
-            // Guest requests first: the pass only fills the gaps between them.
-            while self.waiting.load(Ordering::SeqCst) > 0 && !stop.load(Ordering::SeqCst) {
-                std::thread::yield_now();
-            }
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = &mut *g;
-            let Some(m) = slot.mirror.as_mut() else {
-                return;
-            };
-            if m.error.is_some() || m.next >= m.chunks {
-                return;
-            }
-            let c = m.next;
-            m.next += 1;
-            let off = c * CHUNK;
-            let len = CHUNK.min(slot.size - off);
-            let r = copy_chunk(
-                &mut *slot.disk,
-                &mut *m.target,
-                off,
-                &mut buf[..len as usize],
-            );
-            match r {
-                Ok(true) => {
-                    m.copied += len;
-                    sent += len;
-                }
-                Ok(false) => m.skipped += len,
-                Err(e) => {
-                    m.error = Some(format!(
-                        "copying {} at {off} to {}: {e}",
-                        m.source_path.display(),
-                        m.target_path.display()
-                    ));
-                    tracing::warn!("{}", m.error.as_deref().unwrap_or_default());
+            // Pick the next chunk.
+            let (c, off, len, names, touched) = {
+                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let size = g.size;
+                let Some(m) = g.mirror.as_mut() else { return };
+                if m.error.is_some() {
                     return;
                 }
+                if m.next >= m.chunks {
+                    break;
+                }
+                let c = m.next;
+                m.in_flight = Some(c);
+                m.dirtied = false;
+                let touched = m.touched[(c / 64) as usize] & (1 << (c % 64)) != 0;
+                let off = c * CHUNK;
+                (
+                    c,
+                    off,
+                    CHUNK.min(size - off),
+                    (m.source_path.clone(), m.target_path.clone()),
+                    touched,
+                )
+            };
+            let retry = tries > 0 || touched;
+            let r = if tries >= 3 {
+                // The guest keeps writing this chunk: copy it under the lock this time.
+                let mut g = self.lock();
+                let r = copy_chunk(
+                    &mut *reader,
+                    &mut *writer,
+                    off,
+                    &mut buf[..len as usize],
+                    true,
+                );
+                if let Some(m) = g.mirror.as_mut() {
+                    m.dirtied = false;
+                }
+                drop(g);
+                r
+            } else {
+                copy_chunk(
+                    &mut *reader,
+                    &mut *writer,
+                    off,
+                    &mut buf[..len as usize],
+                    retry,
+                )
+            };
+            let copied = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    return fail(
+                        self,
+                        format!(
+                            "copying {} at {off} to {}: {e}",
+                            names.0.display(),
+                            names.1.display()
+                        ),
+                    )
+                }
+            };
+            // Done, unless the guest wrote the chunk meanwhile.
+            {
+                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(m) = g.mirror.as_mut() else { return };
+                m.in_flight = None;
+                if m.dirtied {
+                    tries += 1;
+                    continue;
+                }
+                tries = 0;
+                m.set_done(c);
+                m.next += 1;
+                if copied {
+                    m.copied += len;
+                } else {
+                    m.skipped += len;
+                }
             }
-            m.set_done(c);
+            if copied {
+                sent += len;
+                unflushed += len;
+            }
+            if unflushed >= FLUSH_EVERY {
+                unflushed = 0;
+                if let Err(e) = writer.flush() {
+                    return fail(
+                        self,
+                        format!("flushing the copy {}: {e}", names.1.display()),
+                    );
+                }
+            }
+        }
+        // The pass is through: make the copy durable (outside the lock), then it is ready.
+        let r = writer.flush();
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = g.mirror.as_mut() {
+            match r {
+                Ok(()) => m.ready = true,
+                Err(e) => {
+                    m.error = Some(format!(
+                        "flushing the copy {}: {e}",
+                        m.target_path.display()
+                    ))
+                }
+            }
         }
     }
 
@@ -263,7 +365,7 @@ impl SwitchDisk {
         if let Some(e) = &m.error {
             return Err(io::Error::other(format!("the copy failed: {e}")));
         }
-        if m.next < m.chunks {
+        if !m.ready {
             return Err(io::Error::other(format!(
                 "the copy is not complete yet ({} of {} bytes)",
                 (m.next * CHUNK).min(size),
@@ -288,6 +390,20 @@ impl SwitchDisk {
         if m.error.is_some() {
             return;
         }
+        // A write into the chunk the pass is copying: the pass copies that chunk again.
+        if let Some(c) = m.in_flight {
+            let (a, b) = (c * CHUNK, (c + 1) * CHUNK);
+            if ops.iter().any(|o| {
+                o.result.is_ok()
+                    && !matches!(o.kind, DiskOpKind::Read | DiskOpKind::Flush)
+                    && o.offset < b
+                    && o.offset + o.len.max(1) > a
+            }) {
+                m.dirtied = true;
+            }
+        }
+        // A write that reaches the copy in a chunk the pass has not copied yet: that chunk
+        // may no longer read as zeros there, so the pass must write it even if it is zeros.
         let mut out: Vec<DiskOp> = ops
             .iter()
             .filter(|o| {
@@ -299,6 +415,14 @@ impl SwitchDisk {
             .collect();
         if out.is_empty() {
             return;
+        }
+        for o in &out {
+            let last = ((o.offset + o.len.max(1) - 1) / CHUNK).min(m.chunks.saturating_sub(1));
+            for c in o.offset / CHUNK..=last {
+                if !m.is_done(c) {
+                    m.touched[(c / 64) as usize] |= 1 << (c % 64);
+                }
+            }
         }
         m.target.run(&mut out);
         for o in &out {
@@ -319,18 +443,24 @@ impl SwitchDisk {
     }
 }
 
-/// Copy one chunk; `Ok(false)` when it was a hole or zeros (the copy reads as zeros already).
+/// Copy one chunk; `Ok(false)` when it was a hole or zeros (the copy reads as zeros already,
+/// unless an earlier try of this chunk wrote it: `again` zeroes it then).
 fn copy_chunk(
     from: &mut dyn DiskBackend,
     to: &mut dyn DiskBackend,
     off: u64,
     buf: &mut [u8],
+    again: bool,
 ) -> io::Result<bool> {
-    if from.is_hole(off, buf.len() as u64)? {
-        return Ok(false);
-    }
-    from.read_at(buf, off)?;
-    if buf.iter().all(|b| *b == 0) {
+    let len = buf.len() as u64;
+    let zeros = from.is_hole(off, len)? || {
+        from.read_at(buf, off)?;
+        buf.iter().all(|b| *b == 0)
+    };
+    if zeros {
+        if again {
+            to.write_zeroes(off, len, false)?;
+        }
         return Ok(false);
     }
     to.write_at(buf, off)?;
@@ -406,6 +536,13 @@ mod tests {
         (p, f)
     }
 
+    fn two(a: &File, b: &File) -> (Box<dyn DiskBackend>, Box<dyn DiskBackend>) {
+        (
+            Box::new(a.try_clone().unwrap()),
+            Box::new(b.try_clone().unwrap()),
+        )
+    }
+
     fn wait_ready(d: &SwitchDisk) -> MirrorProgress {
         loop {
             let p = d.mirror_progress(0).unwrap();
@@ -428,7 +565,8 @@ mod tests {
         }
         let (tp, dst) = image(dir.path(), "b", size);
         let mut d = SwitchDisk::new(Box::new(src.try_clone().unwrap())).unwrap();
-        d.start_mirror(0, Box::new(dst.try_clone().unwrap()), sp, tp, 0)
+        let handles = two(&src, &dst);
+        d.start_mirror(0, Box::new(dst.try_clone().unwrap()), handles, sp, tp, 0)
             .unwrap();
         // Writes everywhere while the pass runs: before it, behind it, across chunks.
         let half = size / 2 - 8192;
@@ -457,7 +595,14 @@ mod tests {
         let (mut a, mut b) = (vec![0u8; size as usize], vec![0u8; size as usize]);
         src.read_exact_at(&mut a, 0).unwrap();
         dst.read_exact_at(&mut b, 0).unwrap();
-        assert!(a == b, "the copy equals the disk");
+        if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+            panic!(
+                "the copy differs at {i} (chunk {}): {} vs {}",
+                i as u64 / CHUNK,
+                a[i],
+                b[i]
+            );
+        }
         // The device now writes the new image only.
         d.write_at(&[0x11; 512], 0).unwrap();
         let mut x = [0u8; 512];
@@ -468,18 +613,93 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_racing_the_pass_never_leaves_the_copy_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 48 * CHUNK;
+        let (sp, src) = image(dir.path(), "a", size);
+        for c in 0..48u64 {
+            if c % 3 != 0 {
+                src.write_all_at(&vec![c as u8 + 1; CHUNK as usize], c * CHUNK)
+                    .unwrap();
+            }
+        }
+        let (tp, dst) = image(dir.path(), "b", size);
+        let d = SwitchDisk::new(Box::new(src.try_clone().unwrap())).unwrap();
+        d.start_mirror(
+            0,
+            Box::new(dst.try_clone().unwrap()),
+            two(&src, &dst),
+            sp,
+            tp,
+            0,
+        )
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut w, s2) = (d.clone(), stop.clone());
+        let t = std::thread::spawn(move || {
+            let mut x = 12345u64;
+            while !s2.load(Ordering::SeqCst) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (x >> 20) % (size - 3 * CHUNK);
+                match x % 5 {
+                    // Writes across chunk boundaries, whole chunks zeroed, small writes.
+                    0 => w
+                        .write_zeroes(off / CHUNK * CHUNK, CHUNK, x % 2 == 0)
+                        .unwrap(),
+                    1 => w
+                        .write_at(&vec![(x >> 8) as u8 | 1; 3 * 4096], off)
+                        .unwrap(),
+                    _ => w
+                        .write_at(&[(x >> 16) as u8; 512], off / 512 * 512)
+                        .unwrap(),
+                }
+            }
+        });
+        let p = wait_ready(&d);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stop.store(true, Ordering::SeqCst);
+        t.join().unwrap();
+        assert_eq!(p.state, MirrorState::Ready, "{p:?}");
+        d.switch(0).unwrap();
+        let (mut a, mut b) = (vec![0u8; size as usize], vec![0u8; size as usize]);
+        src.read_exact_at(&mut a, 0).unwrap();
+        dst.read_exact_at(&mut b, 0).unwrap();
+        if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+            panic!("the copy differs at {i} (chunk {})", i as u64 / CHUNK);
+        }
+    }
+
+    #[test]
     fn switch_refused_until_complete_and_cancel_keeps_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let (sp, src) = image(dir.path(), "a", 4 * CHUNK);
         let (tp, dst) = image(dir.path(), "b", 4 * CHUNK);
         let (_, small) = image(dir.path(), "c", CHUNK);
+        let src2 = src.try_clone().unwrap();
         let d = SwitchDisk::new(Box::new(src)).unwrap();
         let e = d
-            .start_mirror(0, Box::new(small), sp.clone(), tp.clone(), 0)
+            .start_mirror(
+                0,
+                Box::new(small),
+                two(&src2, &dst),
+                sp.clone(),
+                tp.clone(),
+                0,
+            )
             .unwrap_err();
         assert!(e.to_string().contains("same size"), "{e}");
         assert!(d.switch(0).is_err());
-        d.start_mirror(0, Box::new(dst), sp, tp, 0).unwrap();
+        d.start_mirror(
+            0,
+            Box::new(dst.try_clone().unwrap()),
+            two(&src2, &dst),
+            sp,
+            tp,
+            0,
+        )
+        .unwrap();
         assert!(d.cancel_mirror());
         assert!(d.mirror_progress(0).is_none());
         assert!(d.switch(0).is_err());
