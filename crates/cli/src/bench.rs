@@ -18,6 +18,8 @@ mod migrate;
 mod move_;
 #[path = "bench_storage.rs"]
 mod storage;
+#[path = "bench_storage_move.rs"]
+mod storage_move;
 
 /// Benchmarks.
 #[derive(Subcommand)]

@@ -1,0 +1,438 @@
+//! The move half of `ferry bench storage`: a running VM's 2 GiB disk moved while the guest
+//! writes to it, by ferry (`ferry move --storage-to`, to a folder and to the share) and by
+//! QEMU (drive-mirror + block-job-complete, to a folder), unlimited and at 1 Gbit/s.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_lab::{Lab, Port, Proc};
+use serde_json::{json, Value};
+
+use crate::qmp::Qmp;
+
+const DISK_BYTES: u64 = 2 << 30;
+/// The guest's writer: 4 KiB records, one in flight, no flushes (latency = 1 / IOPS).
+const CMDLINE: &str = "hb=0 disk=write flush=0 qd=1";
+const T: Duration = Duration::from_secs(120);
+
+struct Row {
+    vmm: &'static str,
+    dest: &'static str,
+    cap_mbit: u64,
+    total_ms: f64,
+    copied: u64,
+    skipped: u64,
+    pause_ms: Option<f64>,
+    iops_before: f64,
+    iops_during: f64,
+}
+
+fn field(line: &str, key: &str) -> Result<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .with_context(|| format!("no {key}= in {line}"))?
+        .parse()
+        .with_context(|| format!("{key}= in {line}"))
+}
+
+fn ferry(args: &[&str]) -> Result<String> {
+    Lab::ferry_out(&std::env::current_exe()?, args)
+}
+
+/// A 2 GiB image: the lower half a hole (the guest's records go there), the upper `data_mib`
+/// MiB pseudo-random data.
+fn image(path: &Path, data_mib: u64) -> Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.set_len(DISK_BYTES)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(
+        DISK_BYTES - (data_mib.min(1024) << 20),
+    ))?;
+    for _ in 0..data_mib.min(1024) {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&(x | 1).to_le_bytes());
+        }
+        f.write_all(&buf)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn acked(con: &Port) -> Result<(u64, Instant)> {
+    let s = con.ask(b's', "STATUS", T)?;
+    Ok((field(&s, "disk_acked")?, Instant::now()))
+}
+
+fn rate(a: (u64, Instant), b: (u64, Instant)) -> f64 {
+    (b.0 - a.0) as f64 / b.1.duration_since(a.1).as_secs_f64()
+}
+
+fn wait_console(con: &Port, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !con.connected() {
+        if Instant::now() > deadline {
+            bail!("{what}'s console never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The guest answers once its disk scan is done.
+    con.ask(b's', "STATUS", T)?;
+    Ok(())
+}
+
+fn ferry_row(
+    lab: &Lab,
+    dir: &Path,
+    srv: &str,
+    run: usize,
+    dest: &'static str,
+    cap: u64,
+    data_mib: u64,
+) -> Result<Row> {
+    let h = &lab.hosts[0];
+    let host = format!("unix:{}", h.socket().display());
+    let kernel = dir.join("testguest.elf");
+    if !kernel.exists() {
+        std::fs::write(&kernel, ferry_testguest::elf())?;
+    }
+    let name = format!("m{run}{dest}{cap}");
+    let img = dir.join(format!("{name}.img"));
+    image(&img, data_mib)?;
+    ferry(&[
+        "--host",
+        &host,
+        "vm",
+        "create",
+        &name,
+        "--kernel",
+        &kernel.display().to_string(),
+        "--memory",
+        "256",
+        "--disk",
+        &img.display().to_string(),
+        "--cmdline",
+        CMDLINE,
+        "--start",
+    ])?;
+    let con = Port::follow(
+        h.state_dir.join("vms").join(&name).join("run/con"),
+        Duration::from_millis(5),
+    );
+    wait_console(&con, &name)?;
+    let s0 = acked(&con)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s1 = acked(&con)?;
+    let to = match dest {
+        "folder" => {
+            let d = dir.join(format!("dest-{name}"));
+            std::fs::create_dir_all(&d)?;
+            d.display().to_string()
+        }
+        _ => "vms".to_string(),
+    };
+    let capstr = cap.to_string();
+    let out = ferry(&[
+        "--json",
+        "--host",
+        &host,
+        "move",
+        &name,
+        "--storage-to",
+        &to,
+        "--bandwidth-mbit",
+        &capstr,
+    ])?;
+    let s2 = acked(&con)?;
+    let r: Value = serde_json::from_str(out.lines().last().unwrap_or("{}"))
+        .with_context(|| format!("the move's report: {out}"))?;
+    if r["result"] != "done" {
+        bail!("the storage move of {name} did not finish: {out}");
+    }
+    let v = con.ask(b'd', "DISK VERIFY", T)?;
+    if !v.starts_with("DISK VERIFY OK") {
+        bail!("the guest's disk check failed after the move: {v}");
+    }
+    con.close();
+    ferry(&["--host", &host, "vm", "stop", "--force", &name])?;
+    let d = &r["disks"][0];
+    let row = Row {
+        vmm: "ferry",
+        dest,
+        cap_mbit: cap,
+        total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
+        copied: d["copied_bytes"].as_u64().unwrap_or(0) + d["mirrored_bytes"].as_u64().unwrap_or(0),
+        skipped: d["skipped_bytes"].as_u64().unwrap_or(0),
+        pause_ms: d["pause_ms"].as_f64(),
+        iops_before: rate(s0, s1),
+        iops_during: rate(s1, s2),
+    };
+    ferry(&["--host", &host, "vm", "delete", &name])?;
+    if dest == "share" {
+        // The lease goes when the daemon sees the VMM end; then the disk may go.
+        let disk = format!("vms/{name}.img");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ferry(&["disk", "delete", &disk, "--server", srv]).is_err()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir.join(format!("dest-{name}")));
+    Ok(row)
+}
+
+fn qemu_row(
+    lab: &Lab,
+    dir: &Path,
+    qemu: &Path,
+    run: usize,
+    cap: u64,
+    data_mib: u64,
+) -> Result<Row> {
+    let ns = &lab.hosts[0].ns;
+    let tag = format!("q{run}-{cap}");
+    let img = dir.join(format!("{tag}.img"));
+    image(&img, data_mib)?;
+    let target = dir.join(format!("{tag}-copy.img"));
+    let _ = std::fs::remove_file(&target);
+    let kernel = dir.join("testguest.elf");
+    if !kernel.exists() {
+        std::fs::write(&kernel, ferry_testguest::elf())?;
+    }
+    let con_path = dir.join(format!("{tag}.con"));
+    let qmp_path = dir.join(format!("{tag}.qmp"));
+    let _ = std::fs::remove_file(&qmp_path);
+    let mut cmdline = CMDLINE.to_string();
+    for i in 0..8 {
+        cmdline += &format!(
+            " virtio_mmio.device=512@0x{:x}:{}",
+            0xfeb0_0000u64 + i * 0x200,
+            5 + i
+        );
+    }
+    let mut cmd = Lab::exec(ns);
+    cmd.arg(qemu).args([
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,rtc=off,pit=on,pic=on,isa-serial=on",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-m",
+        "256",
+    ]);
+    cmd.arg("-kernel").arg(&kernel).args(["-append", &cmdline]);
+    cmd.arg("-drive")
+        .arg(format!(
+            "id=d0,file={},format=raw,if=none,cache=writeback,aio=threads",
+            img.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d0,serial=ferrydisk"]);
+    cmd.arg("-serial")
+        .arg(format!("unix:{},server=on,wait=off", con_path.display()));
+    cmd.args([
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-reboot",
+        "-monitor",
+        "none",
+    ]);
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+    let mut p = Proc::spawn(cmd, format!("QEMU {tag}"), dir.join(format!("{tag}.log")))?;
+    let mut q = Qmp::connect(&qmp_path, &mut p)?;
+    let con = Port::follow(con_path, Duration::from_millis(5));
+    wait_console(&con, &tag)?;
+    let s0 = acked(&con)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s1 = acked(&con)?;
+    let t0 = Instant::now();
+    let mut args = json!({"device": "d0", "target": target.display().to_string(), "sync": "full", "format": "raw", "job-id": "m"});
+    if cap > 0 {
+        args["speed"] = json!(cap * 1_000_000 / 8);
+    }
+    q.cmd("drive-mirror", args)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let jobs = q.cmd("query-block-jobs", json!({}))?;
+        let j = jobs.get(0).cloned().context("QEMU's mirror job vanished")?;
+        if j["ready"] == true {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU's mirror never became ready: {j}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t_switch = Instant::now();
+    q.cmd("block-job-complete", json!({"device": "m"}))?;
+    while q
+        .cmd("query-block-jobs", json!({}))?
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let switch = t_switch.elapsed();
+    let total = t0.elapsed();
+    let s2 = acked(&con)?;
+    let v = con.ask(b'd', "DISK VERIFY", T)?;
+    if !v.starts_with("DISK VERIFY OK") {
+        bail!("the guest's disk check failed after QEMU's mirror: {v}");
+    }
+    let _ = q.cmd("quit", json!({}));
+    con.close();
+    drop(p);
+    let alloc = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&target)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    };
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_file(&target);
+    Ok(Row {
+        vmm: "qemu",
+        dest: "folder",
+        cap_mbit: cap,
+        total_ms: total.as_secs_f64() * 1e3,
+        // What the copy holds (QEMU's job length counts the whole disk, holes included).
+        copied: alloc,
+        skipped: DISK_BYTES.saturating_sub(alloc),
+        // Its switch (block-job-complete until the job is gone) drains guest I/O: an upper
+        // bound on what the guest waited.
+        pause_ms: Some(switch.as_secs_f64() * 1e3),
+        iops_before: rate(s0, s1),
+        iops_during: rate(s1, s2),
+    })
+}
+
+fn median_row(mut v: Vec<Row>) -> Row {
+    v.sort_by(|a, b| a.total_ms.total_cmp(&b.total_ms));
+    let n = v.len() / 2;
+    v.swap_remove(n)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    lab: &Lab,
+    dir: &Path,
+    srv: &str,
+    data_mib: u64,
+    runs: usize,
+    as_json: bool,
+    qemu: &str,
+) -> Result<()> {
+    let qemu: Option<PathBuf> = super::which(qemu);
+    if qemu.is_none() && !as_json {
+        println!("(QEMU not found: install qemu-system-x86 for the side-by-side rows)");
+    }
+    let mut rows = Vec::new();
+    for cap in [0u64, 1000] {
+        for dest in ["folder", "share"] {
+            let mut v = Vec::new();
+            for r in 0..runs.max(1) {
+                v.push(ferry_row(lab, dir, srv, r, dest, cap, data_mib)?);
+            }
+            rows.push(median_row(v));
+        }
+        if let Some(q) = &qemu {
+            let mut v = Vec::new();
+            for r in 0..runs.max(1) {
+                v.push(qemu_row(lab, dir, q, r, cap, data_mib)?);
+            }
+            rows.push(median_row(v));
+        }
+    }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    if as_json {
+        for r in &rows {
+            println!(
+                "{}",
+                json!({"bench": "storage_move", "vmm": r.vmm, "dest": r.dest, "cap_mbit": r.cap_mbit,
+                    "total_ms": r.total_ms, "copied_bytes": r.copied, "skipped_bytes": r.skipped,
+                    "pause_ms": r.pause_ms, "write_iops_before": r.iops_before.round(),
+                    "write_iops_during": r.iops_during.round()})
+            );
+        }
+        return Ok(());
+    }
+    println!();
+    println!(
+        "a running VM's 2 GiB disk ({data_mib} MiB of data, the guest writing 4 KiB records one at a time) moved to another folder or to the share; medians of {}:",
+        runs.max(1)
+    );
+    println!(
+        "{:<6} {:<7} {:>6} {:>9} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "vmm",
+        "to",
+        "cap",
+        "total s",
+        "sent MiB",
+        "skip MiB",
+        "pause ms",
+        "IOPS idle",
+        "IOPS move",
+        "vs link"
+    );
+    for r in &rows {
+        let link = if r.cap_mbit > 0 {
+            let ideal_ms = r.copied as f64 * 8.0 / (r.cap_mbit as f64 * 1e6) * 1e3;
+            format!("{:.2}x", r.total_ms / ideal_ms.max(1.0))
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<6} {:<7} {:>6} {:>9.2} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0} {:>8}",
+            r.vmm,
+            r.dest,
+            if r.cap_mbit > 0 {
+                format!("{}M", r.cap_mbit)
+            } else {
+                "none".into()
+            },
+            r.total_ms / 1e3,
+            mib(r.copied),
+            mib(r.skipped),
+            r.pause_ms
+                .map(|p| format!("{p:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.iops_before,
+            r.iops_during,
+            link
+        );
+    }
+    for cap in [0u64, 1000] {
+        let f = rows
+            .iter()
+            .find(|r| r.vmm == "ferry" && r.dest == "folder" && r.cap_mbit == cap);
+        let q = rows.iter().find(|r| r.vmm == "qemu" && r.cap_mbit == cap);
+        if let (Some(f), Some(q)) = (f, q) {
+            println!(
+                "ferry/qemu to a folder, cap {}: total {:.2}x, pause {}, guest write IOPS while moving {:.0}/{:.0}",
+                if cap > 0 { format!("{cap} Mbit/s") } else { "none".into() },
+                f.total_ms / q.total_ms,
+                match (f.pause_ms, q.pause_ms) {
+                    (Some(a), Some(b)) => format!("{a:.2}/{b:.2} ms"),
+                    _ => "-".into(),
+                },
+                f.iops_during,
+                q.iops_during
+            );
+        }
+    }
+    println!("(write IOPS with one request in flight: latency = 1/IOPS; \"vs link\": total time against bytes sent at the cap)");
+    Ok(())
+}
