@@ -646,7 +646,7 @@ mod tests {
                 match x % 5 {
                     // Writes across chunk boundaries, whole chunks zeroed, small writes.
                     0 => w
-                        .write_zeroes(off / CHUNK * CHUNK, CHUNK, x % 2 == 0)
+                        .write_zeroes(off / CHUNK * CHUNK, CHUNK, x.is_multiple_of(2))
                         .unwrap(),
                     1 => w
                         .write_at(&vec![(x >> 8) as u8 | 1; 3 * 4096], off)
