@@ -7,7 +7,7 @@
 //! sequence, `qd` in flight, no flushes) gives write IOPS, its verifier (reading every record
 //! back, `qd` in flight) read IOPS.
 //!
-//! The move half: a 2 GiB disk (its upper half full of data, its lower half taking the guest's
+//! The move half: a 4 GiB disk (its last GiB full of data, its start taking the guest's
 //! writes: 4 KiB records, one in flight, so write latency is 1/IOPS) moved while the guest
 //! writes, by `ferry move --storage-to` (to another folder, and to the share) and, in the same
 //! run, by QEMU's drive-mirror + block-job-complete (to another folder), unlimited and at
@@ -39,7 +39,7 @@ pub struct StorageArgs {
     /// Which half: the share against local disks (`io`), live storage moves (`move`), or both.
     #[arg(long, default_value = "all", value_parser = ["all", "io", "move"])]
     part: String,
-    /// MiB of data in the moved disk (its upper half; the disk is 2 GiB).
+    /// MiB of data at the end of the moved disk (4 GiB; at most 1024).
     #[arg(long, default_value_t = 1024)]
     data_mib: u64,
     /// QEMU for the side-by-side move rows.

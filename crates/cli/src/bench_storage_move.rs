@@ -1,4 +1,4 @@
-//! The move half of `ferry bench storage`: a running VM's 2 GiB disk moved while the guest
+//! The move half of `ferry bench storage`: a running VM's 4 GiB disk moved while the guest
 //! writes to it, by ferry (`ferry move --storage-to`, to a folder and to the share) and by
 //! QEMU (drive-mirror + block-job-complete, to a folder), unlimited and at 1 Gbit/s.
 
@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use crate::qmp::Qmp;
 
-const DISK_BYTES: u64 = 2 << 30;
+/// The moved disk: big enough that the guest's writer (from the start) does not reach the
+/// data (at the end) before the move is over.
+const DISK_BYTES: u64 = 4 << 30;
 /// The guest's writer: 4 KiB records, one in flight, no flushes (latency = 1 / IOPS).
 const CMDLINE: &str = "hb=0 disk=write flush=0 qd=1";
 const T: Duration = Duration::from_secs(120);
@@ -41,8 +43,8 @@ fn ferry(args: &[&str]) -> Result<String> {
     Lab::ferry_out(&std::env::current_exe()?, args)
 }
 
-/// A 2 GiB image: the lower half a hole (the guest's records go there), the upper `data_mib`
-/// MiB pseudo-random data.
+/// A 4 GiB image: a hole where the guest's records go, its last `data_mib` MiB pseudo-random
+/// data.
 fn image(path: &Path, data_mib: u64) -> Result<()> {
     let mut f = std::fs::File::create(path)?;
     f.set_len(DISK_BYTES)?;
@@ -74,11 +76,13 @@ fn rate(a: (u64, Instant), b: (u64, Instant)) -> f64 {
     (b.0 - a.0) as f64 / b.1.duration_since(a.1).as_secs_f64()
 }
 
-fn wait_console(con: &Port, what: &str) -> Result<()> {
+/// Wait for the console (and, where output before the connection is not kept, as with
+/// QEMU's socket, for READY: a byte sent before the guest set its UART up may be lost).
+fn wait_console(con: &Port, what: &str, ready: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !con.connected() {
+    while !con.connected() || (ready && !con.text().contains("READY")) {
         if Instant::now() > deadline {
-            bail!("{what}'s console never appeared");
+            bail!("{what}'s console never appeared (or never said READY)");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -125,7 +129,7 @@ fn ferry_row(
         h.state_dir.join("vms").join(&name).join("run/con"),
         Duration::from_millis(5),
     );
-    wait_console(&con, &name)?;
+    wait_console(&con, &name, false)?;
     let s0 = acked(&con)?;
     std::thread::sleep(Duration::from_secs(2));
     let s1 = acked(&con)?;
@@ -158,6 +162,9 @@ fn ferry_row(
     let v = con.ask(b'd', "DISK VERIFY", T)?;
     if !v.starts_with("DISK VERIFY OK") {
         bail!("the guest's disk check failed after the move: {v}");
+    }
+    if con.text().contains("DISK full") {
+        bail!("{name}'s writer filled its disk during the measurement: use a smaller --data-mib");
     }
     con.close();
     ferry(&["--host", &host, "vm", "stop", "--force", &name])?;
@@ -254,7 +261,7 @@ fn qemu_row(
     let mut p = Proc::spawn(cmd, format!("QEMU {tag}"), dir.join(format!("{tag}.log")))?;
     let mut q = Qmp::connect(&qmp_path, &mut p)?;
     let con = Port::follow(con_path, Duration::from_millis(5));
-    wait_console(&con, &tag)?;
+    wait_console(&con, &tag, true)?;
     let s0 = acked(&con)?;
     std::thread::sleep(Duration::from_secs(2));
     let s1 = acked(&con)?;
@@ -291,6 +298,9 @@ fn qemu_row(
     let v = con.ask(b'd', "DISK VERIFY", T)?;
     if !v.starts_with("DISK VERIFY OK") {
         bail!("the guest's disk check failed after QEMU's mirror: {v}");
+    }
+    if con.text().contains("DISK full") {
+        bail!("the writer under QEMU filled its disk during the measurement: use a smaller --data-mib");
     }
     let _ = q.cmd("quit", json!({}));
     con.close();
@@ -371,7 +381,7 @@ pub fn run(
     }
     println!();
     println!(
-        "a running VM's 2 GiB disk ({data_mib} MiB of data, the guest writing 4 KiB records one at a time) moved to another folder or to the share; medians of {}:",
+        "a running VM's 4 GiB disk ({data_mib} MiB of data, the guest writing 4 KiB records one at a time) moved to another folder or to the share; medians of {}:",
         runs.max(1)
     );
     println!(
