@@ -28,7 +28,7 @@ use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind};
 /// What the background pass copies at a time.
 pub const CHUNK: u64 = 1 << 20;
 /// How much the pass copies between flushes of the copy.
-const FLUSH_EVERY: u64 = 64 << 20;
+const FLUSH_EVERY: u64 = 1 << 30;
 
 /// A disk's storage as its device reaches it: switchable, and mirrored during a storage move.
 #[derive(Clone)]
