@@ -142,6 +142,9 @@ pub struct VmStatus {
     /// CPU features the vCPUs were given (names as in /proc/cpuinfo).
     #[serde(default)]
     pub cpu_features: Vec<String>,
+    /// The image (path or NBD URI) each disk uses now, in slot order.
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
 }
 
 /// A VMM's answer.

@@ -661,6 +661,7 @@ impl Vm {
             memory_mib: self.config.memory_mib,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             cpu_features: self.cpu_features.clone(),
+            disks: self.config.disks.iter().map(|d| d.path.clone()).collect(),
         }
     }
 
