@@ -208,3 +208,53 @@ fn a_cancelled_storage_move_leaves_the_vm_on_its_disks_and_no_copies() {
     let out = h.ferry(&["move", "web01", "--disk-to", "7=/tmp"]);
     assert!(text(&out).contains("has no disk \"7\""), "{}", text(&out));
 }
+
+#[test]
+fn a_daemon_restarting_mid_copy_drops_the_copy_and_the_vm_stays_on_its_disks() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut h, data, sum, g) = one_host_guest(48);
+    let old = disks(&h);
+    let before = wait_durable(&g, 50);
+    let slow = h.dir.path().join("slow");
+    std::fs::create_dir(&slow).unwrap();
+    let mut child = h.spawn(&[
+        "move",
+        "web01",
+        "--storage-to",
+        slow.to_str().unwrap(),
+        "--bandwidth-mbit",
+        "40",
+    ]);
+    let deadline = Instant::now() + T;
+    while !slow.join("data.img").exists() {
+        assert!(Instant::now() < deadline, "the copy never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The daemon dies mid-copy (its VMM, in its own session, runs on) and comes back.
+    h.restart_daemon(0, &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let deadline = Instant::now() + T;
+    while std::fs::read_dir(&slow).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the half-made copy stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(disks(&h), old, "the VM is on its disks");
+    assert_eq!(h.state("hv1", "web01"), "running");
+    assert!(same(&data, &sum));
+    wait_durable(&g, before + 100);
+    // The VMM's mirror was stopped: a new move runs, to the end.
+    let out = h.ferry(&[
+        "--json",
+        "move",
+        "web01",
+        "--storage-to",
+        slow.to_str().unwrap(),
+    ]);
+    assert_eq!(report(&out)["result"], "done", "{}", text(&out));
+    assert!(same(&slow.join("data.img"), &sum));
+    g.verify(0);
+}

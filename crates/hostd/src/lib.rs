@@ -146,6 +146,7 @@ pub async fn run(o: Options) -> Result<(), RunError> {
     }
     incoming::recover(&d);
     moves::recover(&d);
+    tokio::spawn(storage::recover(d.clone()));
     tokio::spawn(d.clone().supervise());
     tokio::spawn(cluster::keep_current(d.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

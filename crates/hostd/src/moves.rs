@@ -73,6 +73,8 @@ pub struct OutMove {
     pub storage_only: bool,
     /// What a storage move did with each disk, for its report.
     pub disk_reports: Vec<ferry_api::host::DiskMoveReport>,
+    /// A storage move keeps each disk's old copy.
+    pub keep_source: bool,
 }
 
 /// What the state directory keeps of a move sent from here.
@@ -350,6 +352,7 @@ pub(crate) fn register(
                 encrypted: false,
                 storage_only,
                 disk_reports: Vec::new(),
+                keep_source: req.keep_source,
             },
         );
         prune(&mut g);
@@ -1011,7 +1014,8 @@ pub fn recover(d: &Arc<Daemon>) {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        if !name.ends_with(".json") || name.ends_with(".in.json") {
+        if !name.ends_with(".json") || name.ends_with(".in.json") || name.ends_with(".storage.json")
+        {
             continue;
         }
         let Ok(Some(r)) = state::read_json::<MoveRecord>(&p) else {
@@ -1071,6 +1075,7 @@ pub fn recover(d: &Arc<Daemon>) {
                 encrypted: r.report.as_ref().is_some_and(|x| x.encrypted),
                 storage_only: false,
                 disk_reports: Vec::new(),
+                keep_source: false,
             },
         );
         if live {

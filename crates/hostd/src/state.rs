@@ -158,6 +158,11 @@ impl StateDir {
         self.moves_dir().join(format!("{id}.json"))
     }
 
+    /// A storage move running here.
+    pub fn storage_record(&self, id: &str) -> PathBuf {
+        self.moves_dir().join(format!("{id}.storage.json"))
+    }
+
     /// A move arriving here.
     pub fn incoming_record(&self, id: &str) -> PathBuf {
         self.moves_dir().join(format!("{id}.in.json"))

@@ -25,6 +25,8 @@ use ferry_api::host::{
     CheckItem, CheckReport, DiskMoveReport, MoveInfo, MoveReport, MoveRequest, MoveState, VmState,
 };
 use ferry_api::share::{Access, DiskCreate, DiskInfo, LeaseAction, LeaseRequest, ShareInfo};
+use serde::{Deserialize, Serialize};
+
 use ferry_api::{DiskConfig, MirrorProgress, MirrorState, Request, Response, ResponseBody};
 
 use crate::check::item;
@@ -774,7 +776,150 @@ async fn run(
     if let Some(m) = d.lock().outgoing.get_mut(id) {
         m.disk_reports = reports;
     }
+    let _ = std::fs::remove_file(d.state.storage_record(id));
     r
+}
+
+/// What the state directory keeps of a storage move while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StorageRecord {
+    id: String,
+    vm: String,
+    keep_source: bool,
+    disks: Vec<DiskRecord>,
+}
+
+/// A disk of a storage move: where it was and where its copy goes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DiskRecord {
+    index: usize,
+    source: PathBuf,
+    /// The copy's path, for a folder (a share's copy is known by `dest_share`).
+    target: Option<PathBuf>,
+    /// (file server, share, disk) of the copy, and of the source, when on shares.
+    dest_share: Option<(String, String, String)>,
+    source_share: Option<(String, String, String)>,
+}
+
+impl DiskRecord {
+    fn of(p: &Plan) -> DiskRecord {
+        DiskRecord {
+            index: p.index,
+            source: p.source.path.clone(),
+            target: match &p.dest {
+                Dest::Folder(f) => Some(f.join(&p.name)),
+                Dest::Share(_) => None,
+            },
+            dest_share: match &p.dest {
+                Dest::Share(s) => Some((s.server.clone(), s.share.clone(), p.name.clone())),
+                Dest::Folder(_) => None,
+            },
+            source_share: p
+                .source_share
+                .as_ref()
+                .map(|(s, n)| (s.server.clone(), s.share.clone(), n.clone())),
+        }
+    }
+}
+
+/// A copy (or old disk) a record names, removed.
+async fn remove_recorded(
+    d: &Daemon,
+    path: Option<&Path>,
+    share: Option<&(String, String, String)>,
+) {
+    let r = match share {
+        Some((server, share, name)) => match file_server(d, Some(server)) {
+            Ok((server, client)) => {
+                let s = ShareRef {
+                    server,
+                    client,
+                    share: share.clone(),
+                };
+                remove_share_copy(&s, name).await
+            }
+            Err(e) => Err(e),
+        },
+        None => match path {
+            Some(p) if p.exists() => remove_copy(d, Some(p), None).await,
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = r {
+        tracing::warn!("{e}");
+    }
+}
+
+/// After a restart: settle the storage moves the daemon was running. A disk whose VMM already
+/// uses the copy keeps it (the definition is brought up to date, the old disk goes unless it
+/// was to be kept); every other copy is dropped (the VMM's mirror stopped, the copy removed).
+pub async fn recover(d: Arc<Daemon>) {
+    let files: Vec<PathBuf> = std::fs::read_dir(d.state.moves_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".storage.json"))
+        .collect();
+    for f in files {
+        let Ok(Some(r)) = crate::state::read_json::<StorageRecord>(&f) else {
+            continue;
+        };
+        let api = d.run_dir(&r.vm).api();
+        let using: Vec<PathBuf> = match vmm::call(&api, &Request::Status).await {
+            Ok(Response::Ok(ResponseBody::Status(s))) => s.disks,
+            _ => d
+                .lock()
+                .vms
+                .get(&r.vm)
+                .map(|v| {
+                    v.record
+                        .config
+                        .disks
+                        .iter()
+                        .map(|x| x.path.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        for disk in &r.disks {
+            let _ = vmm_call(&api, Request::MirrorCancel { disk: disk.index }).await;
+            let now = using.get(disk.index);
+            let switched = now.is_some_and(|p| *p != disk.source);
+            if switched {
+                let new = now.cloned().unwrap_or_default();
+                {
+                    let mut g = d.lock();
+                    if let Some(v) = g.vms.get_mut(&r.vm) {
+                        if let Some(x) = v.record.config.disks.get_mut(disk.index) {
+                            x.path = new.clone();
+                        }
+                        let _ = crate::state::write_json(&d.state.vm_record(&r.vm), &v.record);
+                    }
+                }
+                tracing::warn!(
+                    "storage move {} of {} was cut short by a restart after disk {} switched to {}: it stays there",
+                    r.id,
+                    r.vm,
+                    disk.index,
+                    new.display()
+                );
+                if !r.keep_source {
+                    remove_recorded(&d, Some(&disk.source), disk.source_share.as_ref()).await;
+                }
+            } else {
+                tracing::warn!(
+                    "storage move {} of {} was cut short by a restart: disk {} stays {}, its copy goes",
+                    r.id,
+                    r.vm,
+                    disk.index,
+                    disk.source.display()
+                );
+                remove_recorded(&d, disk.target.as_deref(), disk.dest_share.as_ref()).await;
+            }
+        }
+        let _ = std::fs::remove_file(&f);
+    }
 }
 
 /// Make the copies, mirror, switch. Returns how the move ended; `outcomes` says per disk.
@@ -793,6 +938,23 @@ async fn copy_and_switch(
             )
         })
     };
+    // Recorded before any copy exists, so a daemon that restarts mid-move finds and settles it.
+    let vm = d
+        .lock()
+        .outgoing
+        .get(id)
+        .map(|m| m.info.vm.clone())
+        .unwrap_or_default();
+    let keep = d.lock().outgoing.get(id).is_some_and(|m| m.keep_source);
+    let rec = StorageRecord {
+        id: id.into(),
+        vm,
+        keep_source: keep,
+        disks: plans.iter().map(DiskRecord::of).collect(),
+    };
+    if let Err(e) = crate::state::write_json(&d.state.storage_record(id), &rec) {
+        return (MoveState::Failed, Some(format!("recording the move: {e}")));
+    }
     for p in plans.iter_mut() {
         if let Some(s) = stop(d) {
             return s;
