@@ -48,7 +48,8 @@ struct MoveArgs {
     to: Option<String>,
     /// Move the VM's disks, while it runs, to DEST: a folder on the VM's host (an absolute
     /// path, e.g. /srv/vms) or a share of a file server (SHARE, or FILESERVER:SHARE). Without
-    /// --to the VM stays on its host (a storage move).
+    /// --to the VM stays on its host (a storage move); with --to and a share, the disks go onto
+    /// the share first and then the VM moves (two moves, one report each).
     #[arg(long, value_name = "DEST")]
     storage_to: Option<String>,
     /// Move one disk to DEST (DISK: its index, path or file name); may be given for each
@@ -129,8 +130,15 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
             }
             None => {
                 let a = cmd.args;
-                let (vm, to) = (a.vm.unwrap_or_default(), a.to.unwrap_or_default());
+                let (vm, to) = (
+                    a.vm.clone().unwrap_or_default(),
+                    a.to.clone().unwrap_or_default(),
+                );
                 let (_, c, info) = t.find_vm(&vm).await?;
+                let moves_disks = a.storage_to.is_some() || !a.disk_to.is_empty();
+                if !to.is_empty() && to != info.host && moves_disks {
+                    return both(t, a, info, json).await;
+                }
                 let grant = match &a.grant {
                     Some(f) => Some(
                         std::fs::read_to_string(f)
@@ -153,50 +161,122 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                     disk_to: a.disk_to,
                     keep_source: a.keep_source,
                 };
-                if a.check {
-                    let r: CheckReport = c.post("/v1/moves/check", &req).await?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
-                    } else {
-                        print_check(&r);
-                    }
-                    if !r.ok {
-                        bail!("{} cannot move to {}", r.vm, r.to);
-                    }
-                    return Ok(());
-                }
-                let m: MoveInfo = match c.post("/v1/moves", &req).await {
-                    Ok(m) => m,
-                    Err(ClientError::Api { body, .. }) if body.check.is_some() => {
-                        let r = body.check.map(|b| *b).unwrap_or_else(unreachable_report);
-                        if json {
-                            println!("{}", serde_json::to_string_pretty(&r)?);
-                        } else {
-                            print_check(&r);
-                        }
-                        bail!("nothing moved: {}", body.error);
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let report = follow(&c, &m, json).await?;
-                if json {
-                    println!("{}", serde_json::to_string(&report)?);
-                } else {
-                    print_report(&report);
-                }
-                if report.result != "done" {
-                    bail!(
-                        "the move {}: {}; {} runs on {}",
-                        report.result,
-                        report.error.clone().unwrap_or_default(),
-                        report.vm,
-                        report.runs_on
-                    );
-                }
-                Ok(())
+                one(&c, &req, a.check, json).await
             }
         }
     })
+}
+
+/// The VM to another host and its disks onto a share, as two moves in one command: the disks
+/// first (the VM stays where it is), then the VM (only its memory moves, the share being
+/// reachable from both). Disks into a folder of the other host need the shared-nothing move,
+/// which is not built yet.
+async fn both(t: &Targets, a: MoveArgs, info: ferry_api::host::VmInfo, json: bool) -> Result<()> {
+    let to = a.to.clone().unwrap_or_default();
+    let dests = a.storage_to.iter().chain(a.disk_to.iter().map(|d| &d.to));
+    if let Some(f) = dests.into_iter().find(|d| d.starts_with('/')) {
+        bail!(
+            "moving {} to {to} with its disks into a folder ({f}) in one move (shared-nothing) is not built yet: put the disks on a share both hosts may write (--storage-to FILESERVER:SHARE), or move the VM and its disks in separate steps",
+            info.name
+        );
+    }
+    if a.grant.is_some() {
+        bail!("--grant names one move; this is two (the disks, then the VM): let ferry sign one per step, or run them one by one");
+    }
+    let settings = MoveSettings {
+        downtime_ms: a.downtime_ms,
+        bandwidth_mbit: a.bandwidth_mbit,
+        timeout_s: a.timeout,
+    };
+    let (_, c, _) = t.find_vm(&info.name).await?;
+    let disks = MoveRequest {
+        vm: info.name.clone(),
+        to: String::new(),
+        settings: settings.clone(),
+        grant: grant_for(t, &info, &info.host)?,
+        storage_to: a.storage_to.clone(),
+        disk_to: a.disk_to.clone(),
+        keep_source: a.keep_source,
+    };
+    if !json {
+        eprintln!(
+            "step 1 of 2: {}'s disks onto the share, on {}",
+            info.name, info.host
+        );
+    }
+    one(&c, &disks, a.check, json).await?;
+    if a.check {
+        println!(
+            "then: {} to {to}, checked once its disks are on the share (`ferry move {} --to {to} --check`)",
+            info.name, info.name
+        );
+        return Ok(());
+    }
+    // The disks are on the share now: the VM's move is checked and granted for them.
+    let (_, c, info) = t.find_vm(&info.name).await?;
+    let vm = MoveRequest {
+        vm: info.name.clone(),
+        to: to.clone(),
+        settings,
+        grant: grant_for(t, &info, &to)?,
+        storage_to: None,
+        disk_to: Vec::new(),
+        keep_source: false,
+    };
+    if !json {
+        eprintln!("step 2 of 2: {} to {to}", info.name);
+    }
+    one(&c, &vm, false, json).await.with_context(|| {
+        format!(
+            "{}'s disks are on the share now; only the VM did not move",
+            info.name
+        )
+    })
+}
+
+/// Check, or start and follow, one move; fails unless it is done.
+async fn one(c: &Client, req: &MoveRequest, check: bool, json: bool) -> Result<()> {
+    if check {
+        let r: CheckReport = c.post("/v1/moves/check", req).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            print_check(&r);
+        }
+        if !r.ok {
+            bail!("{} cannot move to {}", r.vm, r.to);
+        }
+        return Ok(());
+    }
+    let m: MoveInfo = match c.post("/v1/moves", req).await {
+        Ok(m) => m,
+        Err(ClientError::Api { body, .. }) if body.check.is_some() => {
+            let r = body.check.map(|b| *b).unwrap_or_else(unreachable_report);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_check(&r);
+            }
+            bail!("nothing moved: {}", body.error);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let report = follow(c, &m, json).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    if report.result != "done" {
+        bail!(
+            "the move {}: {}; {} runs on {}",
+            report.result,
+            report.error.clone().unwrap_or_default(),
+            report.vm,
+            report.runs_on
+        );
+    }
+    Ok(())
 }
 
 /// How long a grant the CLI signs is valid.

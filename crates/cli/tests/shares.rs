@@ -360,31 +360,60 @@ fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
     let local = vm_disk(&l, "hv1", 0);
     let before = wait_durable(&g, 100);
 
-    // Host -> share, while the writer runs.
-    let out =
-        l.h.ferry(&["--json", "move", "web01", "--storage-to", "fs1:vms"]);
-    let r = report(&out);
-    assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
-    let uri = vm_disk(&l, "hv1", 0);
+    // The VM to hv2 and its disk onto the share, in one command (disks first, then the VM),
+    // while the writer runs.
+    let out = l.h.ferry(&[
+        "--json",
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--storage-to",
+        "fs1:vms",
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out), l.h.logs());
+    let reports: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(reports.len(), 2, "one report per step: {}", text(&out));
+    assert_eq!(reports[0]["to"], "hv1", "the disks moved first, on hv1");
+    assert_eq!(reports[0]["disks"][0]["old_copy"], "removed");
+    assert_eq!(reports[1]["to"], "hv2");
+    assert_eq!(reports[1]["result"], "done");
+    g.follow_on(&l.h, "hv2");
     assert_eq!(
-        uri,
+        vm_disk(&l, "hv2", 0),
         l.uri("vms/web01.img"),
-        "the VM's disk is on the share now"
+        "the VM's disk is on the share"
     );
     assert!(
         !std::path::Path::new(&local).exists(),
         "the old copy was removed"
     );
-    let d = l.disk("vms/web01.img");
-    assert_eq!(d["lease"]["holder"], "hv1", "{d}");
     let mid = wait_durable(&g, before + 200);
-
-    // Now only memory has to move.
-    let out = l.h.ferry(&["--json", "move", "web01", "--to", "hv2"]);
-    assert_eq!(report(&out)["result"], "done", "{}", text(&out));
-    g.follow_on(&l.h, "hv2");
-    let mid = wait_durable(&g, mid + 200);
-    assert_eq!(l.disk("vms/web01.img")["lease"]["holder"], "hv2");
+    assert_eq!(
+        l.disk("vms/web01.img")["lease"]["holder"],
+        "hv2",
+        "the lease followed the VM"
+    );
+    // Into a folder of the other host: not in one move yet, and it says what to do.
+    let out = l.h.ferry(&[
+        "--host",
+        "hv2",
+        "move",
+        "web01",
+        "--to",
+        "hv1",
+        "--storage-to",
+        "/srv",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("put the disks on a share"),
+        "{}",
+        text(&out)
+    );
 
     // Share -> hv2's own disk: the share's copy and its lease go.
     let back = l.h.dir.path().join("hv2-disks");
