@@ -565,11 +565,14 @@ impl Devices {
         };
         let (backend, store) = open_disk_store(i, &cfg, true, Some(MIRROR_STALL))
             .map_err(|e| crate::error_chain(&e))?;
-        // The copy pass's own handles on the disk and on the copy.
-        let handles = (
-            store_handle(&h.store).map_err(|e| e.to_string())?,
-            store_handle(&store).map_err(|e| e.to_string())?,
-        );
+        // The copy pass's own handles on the disk and on the copy, one pair per worker.
+        let mut handles = Vec::new();
+        for _ in 0..crate::mirror::WORKERS {
+            handles.push((
+                store_handle(&h.store).map_err(|e| e.to_string())?,
+                store_handle(&store).map_err(|e| e.to_string())?,
+            ));
+        }
         h.slot
             .start_mirror(
                 i,
@@ -620,7 +623,12 @@ impl Devices {
     }
 
     /// Switch disk `i` to its complete copy: the old image is closed and its lock let go.
-    pub fn complete_mirror(&mut self, i: usize) -> Result<ferry_api::MirrorSwitched, String> {
+    /// `stall`: the NBD stall limit the disk has (the copy had a short one while it was one).
+    pub fn complete_mirror(
+        &mut self,
+        i: usize,
+        stall: std::time::Duration,
+    ) -> Result<ferry_api::MirrorSwitched, String> {
         let h = self
             .disks
             .get_mut(i)
@@ -630,6 +638,9 @@ impl Devices {
         }
         let (old_backend, progress, waited) = h.slot.switch(i).map_err(|e| e.to_string())?;
         let (new_path, new_store) = h.pending.take().expect("checked above");
+        if let DiskStore::Nbd(n) = &new_store {
+            n.set_stall_limit(stall);
+        }
         let old_path = std::mem::replace(&mut h.path, new_path.clone());
         let old_store = std::mem::replace(&mut h.store, new_store);
         drop(old_backend);

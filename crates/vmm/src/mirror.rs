@@ -27,6 +27,8 @@ use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind};
 
 /// What the background pass copies at a time.
 pub const CHUNK: u64 = 1 << 20;
+/// The copy pass's workers (chunks in flight at once).
+pub const WORKERS: usize = 4;
 /// How much the pass copies between flushes of the copy.
 const FLUSH_EVERY: u64 = 1 << 30;
 
@@ -62,9 +64,13 @@ struct Mirror {
     started: Instant,
     error: Option<String>,
     stop: Arc<AtomicBool>,
-    /// The chunk the pass is copying now, and whether a guest write touched it meanwhile.
-    in_flight: Option<u64>,
-    dirtied: bool,
+    /// The chunks the pass's workers are copying now, each with whether a guest write touched
+    /// it meanwhile.
+    in_flight: Vec<(u64, bool)>,
+    /// Chunks done by the pass.
+    done_count: u64,
+    /// The pass's workers still running.
+    workers: usize,
     /// The pass is through and the copy flushed.
     ready: bool,
 }
@@ -72,6 +78,14 @@ struct Mirror {
 impl Mirror {
     fn is_done(&self, chunk: u64) -> bool {
         self.done[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+    }
+
+    /// Whether chunk `c` (in flight) was written since it was last asked; clears the mark.
+    fn clear_dirtied(&mut self, c: u64) -> bool {
+        match self.in_flight.iter_mut().find(|(x, _)| *x == c) {
+            Some((_, d)) => std::mem::replace(d, false),
+            None => false,
+        }
     }
 
     fn set_done(&mut self, chunk: u64) {
@@ -99,7 +113,7 @@ impl Mirror {
                 MirrorState::Copying
             },
             total_bytes: size,
-            done_bytes: (self.next * CHUNK).min(size),
+            done_bytes: (self.done_count * CHUNK).min(size),
             copied_bytes: self.copied,
             skipped_bytes: self.skipped,
             mirrored_bytes: self.mirrored,
@@ -135,7 +149,7 @@ impl SwitchDisk {
         &self,
         disk: usize,
         target: Box<dyn DiskBackend>,
-        handles: (Box<dyn DiskBackend>, Box<dyn DiskBackend>),
+        handles: Vec<(Box<dyn DiskBackend>, Box<dyn DiskBackend>)>,
         source_path: PathBuf,
         target_path: PathBuf,
         bandwidth_mbit: u64,
@@ -171,24 +185,34 @@ impl SwitchDisk {
             started: Instant::now(),
             error: None,
             stop: stop.clone(),
-            in_flight: None,
-            dirtied: false,
+            in_flight: Vec::new(),
+            done_count: 0,
+            workers: handles.len(),
             ready: false,
         });
         drop(g);
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name(format!("mirror{disk}"))
-            .spawn(move || me.copy_pass(stop, bandwidth_mbit, handles.0, handles.1))?;
+        // Several workers, so several chunks are in flight (each gets its share of the cap).
+        let n = handles.len().max(1) as u64;
+        for (i, (reader, writer)) in handles.into_iter().enumerate() {
+            let (me, stop) = (self.clone(), stop.clone());
+            let mbit = bandwidth_mbit.div_ceil(n);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mirror{disk}.{i}"))
+                .spawn(move || me.copy_pass(stop, mbit, reader, writer));
+            if let Err(e) = spawned {
+                self.cancel_mirror();
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
-    /// The background pass, chunk by chunk, on its own handles of the two disks (`reader` of
-    /// the disk, `writer` of the copy) and outside the lock, so guest I/O never waits for a
-    /// chunk: a chunk the guest wrote while the pass copied it is copied again (after a few
-    /// tries, under the lock, so the pass always gets through). At most `mbit` Mbit/s of
-    /// copied data when not 0 (holes cost nothing). The copy is flushed as the pass goes and
-    /// at its end, so the switch's own flush finds little to do.
+    /// One worker of the background pass: chunk by chunk, on its own handles of the two disks
+    /// (`reader` of the disk, `writer` of the copy) and outside the lock, so guest I/O never
+    /// waits for a chunk: a chunk the guest wrote while it was being copied is copied again
+    /// (after a few tries, under the lock, so the pass always gets through). At most `mbit`
+    /// Mbit/s of copied data when not 0 (holes cost nothing). The copy is flushed as the pass
+    /// goes, and by the last worker at its end, so the switch's own flush finds little to do.
     fn copy_pass(
         &self,
         stop: Arc<AtomicBool>,
@@ -196,127 +220,22 @@ impl SwitchDisk {
         mut reader: Box<dyn DiskBackend>,
         mut writer: Box<dyn DiskBackend>,
     ) {
-        let mut buf = vec![0u8; CHUNK as usize];
-        let start = Instant::now();
-        let mut sent = 0u64;
-        let mut unflushed = 0u64;
-        let mut tries = 0u32;
-        let fail = |me: &SwitchDisk, what: String| {
-            let mut g = me.inner.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(m) = g.mirror.as_mut() {
-                tracing::warn!("{what}");
-                m.error = Some(what);
-                m.in_flight = None;
-            }
-        };
-        loop {
-            if mbit > 0 {
-                let due =
-                    std::time::Duration::from_secs_f64(sent as f64 * 8.0 / (mbit as f64 * 1e6));
-                while start.elapsed() < due && !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(
-                        (due - start.elapsed()).min(std::time::Duration::from_millis(50)),
-                    );
-                }
-            }
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            // Pick the next chunk.
-            let (c, off, len, names, touched) = {
-                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                let size = g.size;
-                let Some(m) = g.mirror.as_mut() else { return };
-                if m.error.is_some() {
-                    return;
-                }
-                if m.next >= m.chunks {
-                    break;
-                }
-                let c = m.next;
-                m.in_flight = Some(c);
-                m.dirtied = false;
-                let touched = m.touched[(c / 64) as usize] & (1 << (c % 64)) != 0;
-                let off = c * CHUNK;
-                (
-                    c,
-                    off,
-                    CHUNK.min(size - off),
-                    (m.source_path.clone(), m.target_path.clone()),
-                    touched,
-                )
-            };
-            let retry = tries > 0 || touched;
-            let r = if tries >= 3 {
-                // The guest keeps writing this chunk: copy it under the lock this time.
-                let mut g = self.lock();
-                let r = copy_chunk(
-                    &mut *reader,
-                    &mut *writer,
-                    off,
-                    &mut buf[..len as usize],
-                    true,
-                );
-                if let Some(m) = g.mirror.as_mut() {
-                    m.dirtied = false;
-                }
-                drop(g);
-                r
-            } else {
-                copy_chunk(
-                    &mut *reader,
-                    &mut *writer,
-                    off,
-                    &mut buf[..len as usize],
-                    retry,
-                )
-            };
-            let copied = match r {
-                Ok(x) => x,
-                Err(e) => {
-                    return fail(
-                        self,
-                        format!(
-                            "copying {} at {off} to {}: {e}",
-                            names.0.display(),
-                            names.1.display()
-                        ),
-                    )
-                }
-            };
-            // Done, unless the guest wrote the chunk meanwhile.
-            {
-                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(m) = g.mirror.as_mut() else { return };
-                m.in_flight = None;
-                if m.dirtied {
-                    tries += 1;
-                    continue;
-                }
-                tries = 0;
-                m.set_done(c);
-                m.next += 1;
-                if copied {
-                    m.copied += len;
-                } else {
-                    m.skipped += len;
-                }
-            }
-            if copied {
-                sent += len;
-                unflushed += len;
-            }
-            if unflushed >= FLUSH_EVERY {
-                unflushed = 0;
-                if let Err(e) = writer.flush() {
-                    return fail(
-                        self,
-                        format!("flushing the copy {}: {e}", names.1.display()),
-                    );
-                }
-            }
+        let r = self.copy_chunks(&stop, mbit, &mut *reader, &mut *writer);
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = g.mirror.as_mut() else { return };
+        if !Arc::ptr_eq(&m.stop, &stop) {
+            return; // a later mirror: this worker's was cancelled
         }
-        // The pass is through: make the copy durable (outside the lock), then it is ready.
+        if let Err(e) = r {
+            tracing::warn!("{e}");
+            m.error.get_or_insert(e);
+        }
+        m.workers -= 1;
+        if m.workers > 0 || m.error.is_some() || m.done_count < m.chunks {
+            return;
+        }
+        // The last worker, the pass through: make the copy durable (outside the lock).
+        drop(g);
         let r = writer.flush();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = g.mirror.as_mut() {
@@ -328,6 +247,109 @@ impl SwitchDisk {
                         m.target_path.display()
                     ))
                 }
+            }
+        }
+    }
+
+    /// Copy chunks until there are none left (or the mirror stops or fails).
+    fn copy_chunks(
+        &self,
+        stop: &AtomicBool,
+        mbit: u64,
+        reader: &mut dyn DiskBackend,
+        writer: &mut dyn DiskBackend,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; CHUNK as usize];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut unflushed = 0u64;
+        loop {
+            if mbit > 0 {
+                let due =
+                    std::time::Duration::from_secs_f64(sent as f64 * 8.0 / (mbit as f64 * 1e6));
+                while start.elapsed() < due && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(
+                        (due - start.elapsed()).min(std::time::Duration::from_millis(50)),
+                    );
+                }
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            // Take the next chunk.
+            let (c, off, len, names, touched) = {
+                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let size = g.size;
+                let Some(m) = g.mirror.as_mut() else {
+                    return Ok(());
+                };
+                if m.error.is_some() || m.next >= m.chunks {
+                    return Ok(());
+                }
+                let c = m.next;
+                m.next += 1;
+                m.in_flight.push((c, false));
+                let off = c * CHUNK;
+                let touched = m.touched[(c / 64) as usize] & (1 << (c % 64)) != 0;
+                (
+                    c,
+                    off,
+                    CHUNK.min(size - off),
+                    (m.source_path.clone(), m.target_path.clone()),
+                    touched,
+                )
+            };
+            let buf = &mut buf[..len as usize];
+            let mut tries = 0u32;
+            let copied = loop {
+                let again = tries > 0 || touched;
+                let r = if tries >= 3 {
+                    // The guest keeps writing this chunk: copy it under the lock this time.
+                    let mut g = self.lock();
+                    let r = copy_chunk(reader, writer, off, buf, true);
+                    if let Some(m) = g.mirror.as_mut() {
+                        m.clear_dirtied(c);
+                    }
+                    drop(g);
+                    r
+                } else {
+                    copy_chunk(reader, writer, off, buf, again)
+                };
+                let copied = r.map_err(|e| {
+                    format!(
+                        "copying {} at {off} to {}: {e}",
+                        names.0.display(),
+                        names.1.display()
+                    )
+                })?;
+                // Done, unless the guest wrote the chunk meanwhile.
+                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(m) = g.mirror.as_mut() else {
+                    return Ok(());
+                };
+                if m.clear_dirtied(c) {
+                    tries += 1;
+                    continue;
+                }
+                m.in_flight.retain(|(x, _)| *x != c);
+                m.set_done(c);
+                m.done_count += 1;
+                if copied {
+                    m.copied += len;
+                } else {
+                    m.skipped += len;
+                }
+                break copied;
+            };
+            if copied {
+                sent += len;
+                unflushed += len;
+            }
+            if unflushed >= FLUSH_EVERY {
+                unflushed = 0;
+                writer
+                    .flush()
+                    .map_err(|e| format!("flushing the copy {}: {e}", names.1.display()))?;
             }
         }
     }
@@ -368,7 +390,7 @@ impl SwitchDisk {
         if !m.ready {
             return Err(io::Error::other(format!(
                 "the copy is not complete yet ({} of {} bytes)",
-                (m.next * CHUNK).min(size),
+                (m.done_count * CHUNK).min(size),
                 size
             )));
         }
@@ -391,15 +413,15 @@ impl SwitchDisk {
             return;
         }
         // A write into the chunk the pass is copying: the pass copies that chunk again.
-        if let Some(c) = m.in_flight {
-            let (a, b) = (c * CHUNK, (c + 1) * CHUNK);
+        for (c, dirtied) in m.in_flight.iter_mut() {
+            let (a, b) = (*c * CHUNK, (*c + 1) * CHUNK);
             if ops.iter().any(|o| {
                 o.result.is_ok()
                     && !matches!(o.kind, DiskOpKind::Read | DiskOpKind::Flush)
                     && o.offset < b
                     && o.offset + o.len.max(1) > a
             }) {
-                m.dirtied = true;
+                *dirtied = true;
             }
         }
         // A write that reaches the copy in a chunk the pass has not copied yet: that chunk
@@ -536,11 +558,16 @@ mod tests {
         (p, f)
     }
 
-    fn two(a: &File, b: &File) -> (Box<dyn DiskBackend>, Box<dyn DiskBackend>) {
-        (
-            Box::new(a.try_clone().unwrap()),
-            Box::new(b.try_clone().unwrap()),
-        )
+    fn two(a: &File, b: &File) -> Vec<(Box<dyn DiskBackend>, Box<dyn DiskBackend>)> {
+        (0..WORKERS)
+            .map(|_| {
+                let h: (Box<dyn DiskBackend>, Box<dyn DiskBackend>) = (
+                    Box::new(a.try_clone().unwrap()),
+                    Box::new(b.try_clone().unwrap()),
+                );
+                h
+            })
+            .collect()
     }
 
     fn wait_ready(d: &SwitchDisk) -> MirrorProgress {

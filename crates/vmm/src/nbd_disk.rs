@@ -430,6 +430,12 @@ impl SharedNbd {
     fn lock(&self) -> std::sync::MutexGuard<'_, NbdDisk> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// How long guest I/O rides out an outage from now on (a mirror's copy, once it is the
+    /// VM's disk, gets the disk's limit).
+    pub fn set_stall_limit(&self, limit: Duration) {
+        self.lock().stall_limit = limit;
+    }
 }
 
 impl DiskBackend for SharedNbd {

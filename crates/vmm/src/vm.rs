@@ -757,7 +757,16 @@ impl Vm {
                 .cancel_mirror(disk)
                 .map(|_| ResponseBody::Done)
                 .map_err(VmError::Mirror),
-            Request::MirrorComplete { disk } => match self.devices.complete_mirror(disk) {
+            Request::MirrorComplete { disk } => match self.devices.complete_mirror(
+                disk,
+                std::time::Duration::from_secs(
+                    self.config
+                        .disks
+                        .get(disk)
+                        .and_then(|d| d.stall_limit_s)
+                        .unwrap_or(ferry_api::DEFAULT_STALL_LIMIT_S),
+                ),
+            ) {
                 Ok(sw) => {
                     if let Some(d) = self.config.disks.get_mut(disk) {
                         d.path = sw.new.clone();
