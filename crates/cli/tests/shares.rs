@@ -83,6 +83,27 @@ fn wait_durable(g: &Guest, at_least: u64) -> u64 {
     }
 }
 
+/// As [`wait_durable`], with the hosts' and the file server's logs when it fails.
+fn wait_durable_or_logs(l: &Lab, g: &Guest, at_least: u64) -> u64 {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = g.con.ask(b's', "STATUS", T).unwrap();
+        let d: u64 = field(&s, "disk_durable").unwrap().parse().unwrap();
+        let bad = field(&s, "disk_errors").as_deref() != Some("0");
+        if bad || Instant::now() > deadline {
+            panic!(
+                "the disk writer failed or stalled: {s}\n{}\n{}",
+                l.h.logs(),
+                l.fs_log()
+            );
+        }
+        if d >= at_least {
+            return d;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn disk_verify(g: &Guest) {
     let d = g.con.ask(b'd', "DISK VERIFY", T).unwrap();
     assert!(d.starts_with("DISK VERIFY OK"), "{d}");
@@ -391,7 +412,7 @@ fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
         !std::path::Path::new(&local).exists(),
         "the old copy was removed"
     );
-    let mid = wait_durable(&g, before + 200);
+    let mid = wait_durable_or_logs(&l, &g, before + 200);
     assert_eq!(
         l.disk("vms/web01.img")["lease"]["holder"],
         "hv2",
