@@ -470,7 +470,13 @@ fn percent(m: &MoveInfo) -> u64 {
 }
 
 fn line(m: &MoveInfo) -> String {
-    let state = format!("{:?}", m.state).to_lowercase();
+    let storage_only = m.from == m.to;
+    let state = match m.state {
+        MoveState::Preparing if storage_only => "making the new copies".to_string(),
+        MoveState::Migrating if storage_only => "copying disks".to_string(),
+        MoveState::Switchover if storage_only => "switching disks".to_string(),
+        s => format!("{s:?}").to_lowercase(),
+    };
     if !m.storage.is_empty() && m.progress.is_none() && !m.state.is_final() {
         let total: u64 = m.storage.iter().map(|s| s.total_bytes).sum();
         let done: u64 = m.storage.iter().map(|s| s.done_bytes).sum();
