@@ -6,19 +6,20 @@
 //! - every guest write, discard and write-zeroes that touches a chunk already copied goes to
 //!   both copies (under the lock, so both see the same order), and is acknowledged only when
 //!   the disk the guest uses has it; a write the copy refuses fails the mirror, not the guest;
-//! - one background pass copies the disk chunk by chunk under the same lock, skipping holes
-//!   and chunks that read as zeros (the copy is a new image that reads as zeros), so the copy
-//!   converges whatever the guest writes: once the pass has been everywhere, the copy is the
-//!   disk and stays so;
+//! - one background pass ([`WORKERS`] chunks in flight) copies the disk chunk by chunk on its
+//!   own handles, outside the lock, skipping holes and chunks that read as zeros (the copy is a
+//!   new image that reads as zeros); a chunk the guest writes while it is being copied is
+//!   copied again. So the copy converges whatever the guest writes: once the pass has been
+//!   everywhere, the copy is the disk and stays so;
 //! - the switch flushes the copy and swaps the two under the lock: the request after it goes to
-//!   the new image. Guest I/O waits for at most one chunk copy (or the switch) at a time.
+//!   the new image. Guest I/O waits only for the switch (and for writes that go to both).
 //!
 //! The VM's own disk stays the truth until the switch: a failed or cancelled mirror just drops
 //! the copy.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -36,8 +37,6 @@ const FLUSH_EVERY: u64 = 1 << 30;
 #[derive(Clone)]
 pub struct SwitchDisk {
     inner: Arc<Mutex<Slot>>,
-    /// Guest requests waiting for the lock: the copier lets them go first.
-    waiting: Arc<AtomicUsize>,
 }
 
 struct Slot {
@@ -132,16 +131,11 @@ impl SwitchDisk {
                 size,
                 mirror: None,
             })),
-            waiting: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// The lock, as a guest request takes it (ahead of the copier).
     fn lock(&self) -> MutexGuard<'_, Slot> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        g
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Start mirroring to `target` (same size, reads as zeros) and its background pass.
@@ -221,7 +215,7 @@ impl SwitchDisk {
         mut writer: Box<dyn DiskBackend>,
     ) {
         let r = self.copy_chunks(&stop, mbit, &mut *reader, &mut *writer);
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         let Some(m) = g.mirror.as_mut() else { return };
         if !Arc::ptr_eq(&m.stop, &stop) {
             return; // a later mirror: this worker's was cancelled
@@ -237,7 +231,7 @@ impl SwitchDisk {
         // The last worker, the pass through: make the copy durable (outside the lock).
         drop(g);
         let r = writer.flush();
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         if let Some(m) = g.mirror.as_mut() {
             match r {
                 Ok(()) => m.ready = true,
@@ -278,7 +272,7 @@ impl SwitchDisk {
             }
             // Take the next chunk.
             let (c, off, len, names, touched) = {
-                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let mut g = self.lock();
                 let size = g.size;
                 let Some(m) = g.mirror.as_mut() else {
                     return Ok(());
@@ -323,7 +317,7 @@ impl SwitchDisk {
                     )
                 })?;
                 // Done, unless the guest wrote the chunk meanwhile.
-                let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                let mut g = self.lock();
                 let Some(m) = g.mirror.as_mut() else {
                     return Ok(());
                 };
