@@ -26,6 +26,36 @@ struct SharedDisk {
     disk: String,
 }
 
+/// The file server of this host's cluster that exports `uri`, and the share and disk there
+/// (`None`: no cluster, not a ferry share, or not a file server of the cluster).
+pub(crate) fn file_server_of(
+    d: &Daemon,
+    uri: &str,
+) -> Option<(ferry_auth::doc::Member, String, String)> {
+    let u = parse_uri(uri).ok()?;
+    let (share, name) = u.export.split_once('/')?;
+    let doc = d.security.as_ref()?.trust.doc();
+    let fs = doc
+        .file_servers
+        .into_iter()
+        .find(|m| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(u.host.as_str()))?;
+    Some((fs, share.into(), name.into()))
+}
+
+/// A client of file server `fs`'s API, with this host's credentials.
+pub(crate) fn file_server_client(
+    d: &Daemon,
+    fs: &ferry_auth::doc::Member,
+    timeout: Duration,
+) -> Result<Client, String> {
+    let sec = d
+        .security
+        .as_ref()
+        .ok_or_else(|| format!("{} is in no cluster: it knows no file servers", d.name))?;
+    let tls = sec.client_tls(&fs.name).map_err(|e| e.to_string())?;
+    Ok(Client::with_tls(Endpoint::Tcp(fs.addr.clone()), Some(tls)).with_timeout(timeout))
+}
+
 /// The share disks of `config`, each with a client for its file server's API.
 fn shared_disks(d: &Daemon, config: &VmConfig) -> Result<Vec<SharedDisk>, String> {
     let mut v = Vec::new();
@@ -34,29 +64,16 @@ fn shared_disks(d: &Daemon, config: &VmConfig) -> Result<Vec<SharedDisk>, String
         if disk.read_only {
             continue;
         }
-        let u = parse_uri(uri).map_err(|e| e.to_string())?;
-        let Some((share, name)) = u.export.split_once('/') else {
-            continue; // not a ferry share (any NBD server): no lease to take
+        // Any other NBD server, or no cluster (file servers run --insecure): no lease to take.
+        let Some((fs, share, name)) = file_server_of(d, uri) else {
+            continue;
         };
-        let Some(sec) = d.security.as_ref() else {
-            continue; // no cluster: file servers run --insecure, no leases
-        };
-        let doc = sec.trust.doc();
-        let Some(fs) = doc
-            .file_servers
-            .iter()
-            .find(|m| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(u.host.as_str()))
-        else {
-            continue; // not a file server of this cluster
-        };
-        let tls = sec.client_tls(&fs.name).map_err(|e| e.to_string())?;
         v.push(SharedDisk {
             uri: uri.to_string(),
             server: fs.name.clone(),
-            client: Client::with_tls(Endpoint::Tcp(fs.addr.clone()), Some(tls))
-                .with_timeout(Duration::from_secs(5)),
-            share: share.into(),
-            disk: name.into(),
+            client: file_server_client(d, &fs, Duration::from_secs(5))?,
+            share,
+            disk: name,
         });
     }
     Ok(v)

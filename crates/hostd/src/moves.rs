@@ -73,8 +73,6 @@ pub struct OutMove {
     pub storage_only: bool,
     /// What a storage move did with each disk, for its report.
     pub disk_reports: Vec<ferry_api::host::DiskMoveReport>,
-    /// A storage move keeps each disk's old copy.
-    pub keep_source: bool,
 }
 
 /// What the state directory keeps of a move sent from here.
@@ -352,7 +350,6 @@ pub(crate) fn register(
                 encrypted: false,
                 storage_only,
                 disk_reports: Vec::new(),
-                keep_source: req.keep_source,
             },
         );
         prune(&mut g);
@@ -1075,7 +1072,6 @@ pub fn recover(d: &Arc<Daemon>) {
                 encrypted: r.report.as_ref().is_some_and(|x| x.encrypted),
                 storage_only: false,
                 disk_reports: Vec::new(),
-                keep_source: false,
             },
         );
         if live {

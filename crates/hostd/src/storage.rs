@@ -33,7 +33,6 @@ use crate::check::item;
 use crate::client::Client;
 use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult};
-use crate::transport::Endpoint;
 use crate::vmm;
 
 /// Whether `req` asks for a storage move only (the VM stays on this host).
@@ -133,11 +132,9 @@ fn file_server(d: &Daemon, server: Option<&str>) -> Result<(String, Client), Str
             }
         },
     };
-    let tls = sec.client_tls(&fs.name).map_err(|e| e.to_string())?;
     Ok((
         fs.name.clone(),
-        Client::with_tls(Endpoint::Tcp(fs.addr.clone()), Some(tls))
-            .with_timeout(Duration::from_secs(10)),
+        crate::leases::file_server_client(d, fs, Duration::from_secs(10))?,
     ))
 }
 
@@ -171,24 +168,24 @@ fn parse_dest(d: &Daemon, s: &str) -> Result<Dest, String> {
 
 /// The share a disk URI points into, if it is one of this cluster's file servers.
 fn share_of(d: &Daemon, disk: &DiskConfig) -> Option<(ShareRef, String)> {
-    let uri = disk.nbd_uri()?;
-    let u = ferry_nbd::client::parse_uri(uri).ok()?;
-    let (share, name) = u.export.split_once('/')?;
-    let sec = d.security.as_ref()?;
-    let doc = sec.trust.doc();
-    let fs = doc
-        .file_servers
-        .iter()
-        .find(|m| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(u.host.as_str()))?;
-    let (server, client) = file_server(d, Some(&fs.name)).ok()?;
+    let (fs, share, name) = crate::leases::file_server_of(d, disk.nbd_uri()?)?;
+    let client = crate::leases::file_server_client(d, &fs, Duration::from_secs(10)).ok()?;
     Some((
         ShareRef {
-            server,
+            server: fs.name,
             client,
-            share: share.into(),
+            share,
         },
-        name.into(),
+        name,
     ))
+}
+
+/// The last part of a disk's path or URI (`web01.img`, or `web01` of `nbds://.../vms/web01`).
+fn file_name(d: &DiskConfig) -> &str {
+    d.path
+        .to_str()
+        .and_then(|s| s.rsplit('/').next())
+        .unwrap_or_default()
 }
 
 /// Which disk `sel` names: its index, its path or URI, or its file name.
@@ -198,15 +195,8 @@ fn select(disks: &[DiskConfig], sel: &str) -> Result<usize, String> {
             return Ok(i);
         }
     }
-    let name = |d: &DiskConfig| {
-        d.path
-            .to_str()
-            .and_then(|s| s.rsplit('/').next())
-            .unwrap_or_default()
-            .to_string()
-    };
     let hits: Vec<usize> = (0..disks.len())
-        .filter(|&i| disks[i].path.to_str() == Some(sel) || name(&disks[i]) == sel)
+        .filter(|&i| disks[i].path.to_str() == Some(sel) || file_name(&disks[i]) == sel)
         .collect();
     match hits.as_slice() {
         [one] => Ok(*one),
@@ -295,12 +285,7 @@ async fn plan(d: &Arc<Daemon>, req: &MoveRequest) -> ApiResult<(CheckReport, Vec
         let source_share = share_of(d, &src);
         let name = match &source_share {
             Some((_, n)) => n.clone(),
-            None => src
-                .path
-                .to_str()
-                .and_then(|s| s.rsplit('/').next())
-                .unwrap_or("disk")
-                .to_string(),
+            None => file_name(&src).to_string(),
         };
         // Size and allocation of the source.
         let sized = match (src.nbd_uri(), &source_share) {
@@ -510,7 +495,7 @@ pub async fn start(d: &Arc<Daemon>, req: MoveRequest, auth: String) -> ApiResult
     tokio::spawn(async move {
         let mut plans = plans;
         let (state, error) = run(&d2, &id, &mut plans, keep).await;
-        finish(&d2, &id, state, error, &plans).await;
+        finish(&d2, &id, state, error).await;
     });
     Ok(info)
 }
@@ -554,7 +539,7 @@ async fn vmm_call(api: &Path, req: Request) -> Result<ResponseBody, String> {
 
 /// Make the empty copy of `p`: a sparse file of the disk's size, or a new disk on the share
 /// whose lease this host takes.
-async fn make_copy(d: &Daemon, p: &mut Plan) -> Result<(), String> {
+async fn make_copy(p: &mut Plan) -> Result<(), String> {
     match &p.dest {
         Dest::Folder(f) => {
             let path = f.join(&p.name);
@@ -589,25 +574,12 @@ async fn make_copy(d: &Daemon, p: &mut Plan) -> Result<(), String> {
                 .map_err(|e| format!("taking the write lease of {}: {e}", p.dest_text()))?;
         }
     }
-    let _ = d;
     Ok(())
 }
 
-/// Remove a copy (the new one after a failure, or the old one after the switch).
-async fn remove_copy(
-    d: &Daemon,
-    host_path: Option<&Path>,
-    share: Option<(&ShareRef, &str)>,
-) -> Result<(), String> {
-    if let Some((s, name)) = share {
-        return remove_share_copy(s, name).await;
-    }
-    if let Some(p) = host_path {
-        std::fs::remove_file(p)
-            .map_err(|e| format!("{} could not be removed: {e}", p.display()))?;
-    }
-    let _ = d;
-    Ok(())
+/// Remove an image file (a half-made copy, or the old disk after the switch).
+fn remove_file(p: &Path) -> Result<(), String> {
+    std::fs::remove_file(p).map_err(|e| format!("{} could not be removed: {e}", p.display()))
 }
 
 /// Give up a share disk's lease (ours, if we hold it), then delete it.
@@ -624,13 +596,11 @@ async fn remove_share_copy(s: &ShareRef, name: &str) -> Result<(), String> {
 }
 
 /// Remove the half-made copy of `p`.
-async fn drop_copy(d: &Daemon, p: &Plan) {
-    if p.target.is_none() {
-        return;
-    }
+async fn drop_copy(p: &Plan) {
+    let Some(target) = &p.target else { return };
     let r = match &p.dest {
-        Dest::Folder(_) => remove_copy(d, p.target.as_deref(), None).await,
-        Dest::Share(s) => remove_copy(d, None, Some((s, &p.name))).await,
+        Dest::Folder(_) => remove_file(target),
+        Dest::Share(s) => remove_share_copy(s, &p.name).await,
     };
     match r {
         Ok(()) => tracing::info!("removed the unfinished copy {}", p.dest_text()),
@@ -710,12 +680,12 @@ async fn run(
     });
     let api = d.run_dir(&vm).api();
     let mut outcomes = vec![Outcome::default(); plans.len()];
-    let r = copy_and_switch(d, id, &api, plans, &mut outcomes).await;
+    let r = copy_and_switch(d, id, &api, plans, &mut outcomes, keep).await;
     // Whatever happened: copies not switched to go, mirrors still running stop.
     for (p, o) in plans.iter().zip(&outcomes) {
         if !o.switched {
             let _ = vmm_call(&api, Request::MirrorCancel { disk: p.index }).await;
-            drop_copy(d, p).await;
+            drop_copy(p).await;
         }
     }
     // Old copies of switched disks go (unless kept).
@@ -740,8 +710,8 @@ async fn run(
             continue;
         }
         let r = match &p.source_share {
-            Some((s, n)) => remove_copy(d, None, Some((s, n))).await,
-            None => remove_copy(d, Some(&p.source.path), None).await,
+            Some((s, n)) => remove_share_copy(s, n).await,
+            None => remove_file(&p.source.path),
         };
         o.old_copy = Some(match r {
             Ok(()) => "removed".into(),
@@ -841,7 +811,7 @@ async fn remove_recorded(
             Err(e) => Err(e),
         },
         None => match path {
-            Some(p) if p.exists() => remove_copy(d, Some(p), None).await,
+            Some(p) if p.exists() => remove_file(p),
             _ => Ok(()),
         },
     };
@@ -929,6 +899,7 @@ async fn copy_and_switch(
     api: &Path,
     plans: &mut [Plan],
     outcomes: &mut [Outcome],
+    keep: bool,
 ) -> (MoveState, Option<String>) {
     let stop = |d: &Daemon| -> Option<(MoveState, Option<String>)> {
         cancelled(d, id).then(|| {
@@ -945,7 +916,6 @@ async fn copy_and_switch(
         .get(id)
         .map(|m| m.info.vm.clone())
         .unwrap_or_default();
-    let keep = d.lock().outgoing.get(id).is_some_and(|m| m.keep_source);
     let rec = StorageRecord {
         id: id.into(),
         vm,
@@ -959,7 +929,7 @@ async fn copy_and_switch(
         if let Some(s) = stop(d) {
             return s;
         }
-        if let Err(e) = make_copy(d, p).await {
+        if let Err(e) = make_copy(p).await {
             return (MoveState::Failed, Some(e));
         }
     }
@@ -1067,13 +1037,7 @@ async fn copy_and_switch(
     (MoveState::Done, None)
 }
 
-async fn finish(
-    d: &Arc<Daemon>,
-    id: &str,
-    state: MoveState,
-    error: Option<String>,
-    plans: &[Plan],
-) {
+async fn finish(d: &Arc<Daemon>, id: &str, state: MoveState, error: Option<String>) {
     let Some((vm, started, queued_ms, auth, disks)) = d.lock().outgoing.get(id).map(|m| {
         (
             m.info.vm.clone(),
@@ -1085,7 +1049,6 @@ async fn finish(
     }) else {
         return;
     };
-    let _ = plans;
     let switched = disks.iter().filter(|x| x.switched).count();
     let error = match (state, error) {
         (MoveState::Done, e) => e,
