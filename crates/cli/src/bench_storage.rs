@@ -50,7 +50,7 @@ pub struct StorageArgs {
 /// Big enough that the writer does not fill it within the measurement.
 const DISK_BYTES: u64 = 4 << 30;
 
-fn field(line: &str, key: &str) -> Result<u64> {
+pub(super) fn field(line: &str, key: &str) -> Result<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
         .with_context(|| format!("no {key}= in {line}"))?
@@ -58,7 +58,7 @@ fn field(line: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("{key}= in {line}"))
 }
 
-fn ferry(args: &[&str]) -> Result<String> {
+pub(super) fn ferry(args: &[&str]) -> Result<String> {
     Lab::ferry_out(&std::env::current_exe()?, args)
 }
 

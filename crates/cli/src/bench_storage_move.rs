@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use ferry_lab::{Lab, Port, Proc};
 use serde_json::{json, Value};
 
+use super::storage::{ferry, field};
 use crate::qmp::Qmp;
 
 /// The moved disk: big enough that the guest's writer (from the start) does not reach the
@@ -29,18 +30,6 @@ struct Row {
     pause_ms: Option<f64>,
     iops_before: f64,
     iops_during: f64,
-}
-
-fn field(line: &str, key: &str) -> Result<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .with_context(|| format!("no {key}= in {line}"))?
-        .parse()
-        .with_context(|| format!("{key}= in {line}"))
-}
-
-fn ferry(args: &[&str]) -> Result<String> {
-    Lab::ferry_out(&std::env::current_exe()?, args)
 }
 
 /// A 4 GiB image: a hole where the guest's records go, its last `data_mib` MiB pseudo-random
