@@ -145,17 +145,12 @@ fn a_running_vm_s_disks_move_to_another_folder_while_it_writes() {
     assert_eq!(h.state("hv1", "web01"), "running");
 }
 
-#[test]
-fn a_cancelled_storage_move_leaves_the_vm_on_its_disks_and_no_copies() {
-    if !kvm_available() {
-        return;
-    }
-    let (h, data, sum, g) = one_host_guest(48);
-    let old = disks(&h);
-    let before = wait_durable(&g, 50);
+/// `ferry --json move web01 --storage-to DIR/slow` at 40 Mbit/s (36 MiB of data: about 7 s),
+/// once it has copied something. The caller waits for the child.
+#[allow(clippy::zombie_processes)]
+fn slow_move(h: &Hosts) -> (PathBuf, std::process::Child) {
     let slow = h.dir.path().join("slow");
     std::fs::create_dir(&slow).unwrap();
-    // 36 MiB of data at 40 Mbit/s: about 7 s, time enough to cancel.
     let child = h.spawn(&[
         "--json",
         "move",
@@ -175,11 +170,22 @@ fn a_cancelled_storage_move_leaves_the_vm_on_its_disks_and_no_copies() {
             .map(|s| s.iter().map(|x| x["copied_bytes"].as_u64().unwrap()).sum())
             .unwrap_or(0);
         if done > 0 {
-            break;
+            return (slow, child);
         }
         assert!(Instant::now() < deadline, "the copy never started: {v}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_cancelled_storage_move_leaves_the_vm_on_its_disks_and_no_copies() {
+    if !kvm_available() {
+        return;
+    }
+    let (h, data, sum, g) = one_host_guest(48);
+    let old = disks(&h);
+    let before = wait_durable(&g, 50);
+    let (slow, child) = slow_move(&h);
     assert!(slow.join("data.img").exists(), "the copy is being made");
     let out = h.ok(&["move", "cancel", "web01"]);
     assert!(out.contains("stays"), "{out}");
@@ -217,22 +223,7 @@ fn a_daemon_restarting_mid_copy_drops_the_copy_and_the_vm_stays_on_its_disks() {
     let (mut h, data, sum, g) = one_host_guest(48);
     let old = disks(&h);
     let before = wait_durable(&g, 50);
-    let slow = h.dir.path().join("slow");
-    std::fs::create_dir(&slow).unwrap();
-    let mut child = h.spawn(&[
-        "move",
-        "web01",
-        "--storage-to",
-        slow.to_str().unwrap(),
-        "--bandwidth-mbit",
-        "40",
-    ]);
-    let deadline = Instant::now() + T;
-    while !slow.join("data.img").exists() {
-        assert!(Instant::now() < deadline, "the copy never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let (slow, mut child) = slow_move(&h);
     // The daemon dies mid-copy (its VMM, in its own session, runs on) and comes back.
     h.restart_daemon(0, &[]);
     let _ = child.kill();
