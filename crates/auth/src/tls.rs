@@ -148,10 +148,10 @@ impl ClientCertVerifier for ClientVerifier {
 struct ServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     trust: Arc<Trust>,
-    /// Accept any file server of the cluster (its certificate checked against its own name)
-    /// instead of the name dialled: for clients that reach a file server by address (an NBD
-    /// URI).
-    any_file_server: bool,
+    /// Accept any file server or host of the cluster (its certificate checked against its own
+    /// name) instead of the name dialled: for clients that reach an NBD server by address (a
+    /// share's disk, or the copy a shared-nothing move's destination host serves).
+    any_storage_peer: bool,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -164,12 +164,12 @@ impl ServerCertVerifier for ServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let own;
-        let server_name = if self.any_file_server {
+        let server_name = if self.any_storage_peer {
             let id = Identity::from_cert(end_entity)
                 .map_err(|e| rustls::Error::General(format!("not a ferry certificate: {e}")))?;
-            if id.role != crate::Role::FileServer {
+            if !matches!(id.role, crate::Role::FileServer | crate::Role::Host) {
                 return Err(rustls::Error::General(format!(
-                    "{id} is not a file server of this cluster"
+                    "{id} is neither a file server nor a host of this cluster"
                 )));
             }
             own = self::server_name(&id.name).map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -248,15 +248,17 @@ pub fn client_config(c: &Credentials, trust: Arc<Trust>) -> Result<Arc<ClientCon
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
             inner,
             trust,
-            any_file_server: false,
+            any_storage_peer: false,
         }))
         .with_client_auth_cert(chain, key)
         .map_err(tls)?;
     Ok(Arc::new(cfg))
 }
 
-/// A client that presents `c`'s certificate to any file server of this cluster (not revoked),
-/// whatever address it was reached at: the VMM's NBD disks (`nbds://ADDR/share/disk`).
+/// A client that presents `c`'s certificate to any file server or host of this cluster (not
+/// revoked), whatever address it was reached at: the VMM's NBD disks (`nbds://ADDR/share/disk`)
+/// and the copies a shared-nothing move writes to its destination host. Which server may hold
+/// what is the servers' business: each lets only the peers it expects open an export.
 pub fn file_server_client_config(
     c: &Credentials,
     trust: Arc<Trust>,
@@ -272,7 +274,7 @@ pub fn file_server_client_config(
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
             inner,
             trust,
-            any_file_server: true,
+            any_storage_peer: true,
         }))
         .with_client_auth_cert(chain, key)
         .map_err(tls)?;
