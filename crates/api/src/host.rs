@@ -4,6 +4,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 use crate::{MigrationProgress, Outcome, VmConfig};
 
@@ -524,6 +525,10 @@ pub struct IncomingCheck {
     pub from_addresses: Vec<String>,
     pub version: String,
     pub protocol: ProtocolRange,
+    /// Disks that come along into the destination's own folders (a shared-nothing move): the
+    /// destination checks the folder instead of the disk's path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks_to: Vec<DiskTargetSpec>,
 }
 
 /// The destination's side of a compatibility check.
@@ -546,6 +551,50 @@ pub struct IncomingRequest {
     /// The admin's grant for this move (a destination in delegated mode requires one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
+}
+
+/// `POST /v1/disk-targets` (daemon to daemon): a shared-nothing move's destination checks
+/// again, makes the empty copies `check.disks_to` asks for in its own folders and serves them
+/// over NBD to the move's source host, for that move only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskTargetRequest {
+    pub move_id: String,
+    pub check: IncomingCheck,
+    /// The admin's grant for the move (a destination in delegated mode requires one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+}
+
+/// One disk a shared-nothing move brings to the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskTargetSpec {
+    /// The disk's index in the VM.
+    pub index: usize,
+    /// The destination's folder (absolute).
+    pub folder: PathBuf,
+    /// The file name the copy gets there.
+    pub name: String,
+    pub size_bytes: u64,
+    /// What the source has allocated: the most space the copy may take.
+    pub allocated_bytes: u64,
+}
+
+/// The copies the destination made and serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskTargetReply {
+    pub disks: Vec<DiskTarget>,
+}
+
+/// One empty copy made and served for a shared-nothing move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskTarget {
+    pub index: usize,
+    /// The copy's path on the destination (what the VM's definition names there after the move).
+    pub path: PathBuf,
+    /// Where the source VMM writes it (`nbds://IP:PORT/EXPORT` or `nbd://` without a cluster).
+    pub uri: String,
 }
 
 /// Where the destination's VMM waits for the source's.

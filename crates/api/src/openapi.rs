@@ -124,6 +124,8 @@ pub fn document() -> Value {
     let icr = d.schema::<IncomingCheckReply>();
     let ir = d.schema::<IncomingRequest>();
     let irr = d.schema::<IncomingReply>();
+    let dtr = d.schema::<DiskTargetRequest>();
+    let dtrr = d.schema::<DiskTargetReply>();
     let ii = d.schema::<IncomingInfo>();
     let settle = d.schema::<SettleReply>();
     let _ = d.schema::<VmConfig>();
@@ -279,6 +281,22 @@ pub fn document() -> Value {
         Some(ir),
         (201, "Where the source VMM connects.", Some(irr)),
         &[400, 403, 409, 422, 503],
+    );
+    d.op(
+        "post",
+        "/v1/disk-targets",
+        "(Daemon to daemon.) A shared-nothing move's destination: check its folders, or make the empty copies and serve them over NBD to the source host for that move only.",
+        Some(dtr),
+        (201, "The checks, and where the source writes each copy.", Some(dtrr)),
+        &[400, 403, 409, 422],
+    );
+    d.op(
+        "delete",
+        "/v1/disk-targets/{id}",
+        "(Daemon to daemon.) The move failed before its VM ran here: stop serving its copies and remove them.",
+        None,
+        (204, "Removed (or there was nothing).", None),
+        &[403, 409],
     );
     d.op(
         "get",
