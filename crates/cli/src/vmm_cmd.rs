@@ -84,6 +84,10 @@ pub struct ReceiveArgs {
     /// COM2 backend on this host (default: as on the source).
     #[arg(long)]
     serial2: Option<SerialBackend>,
+    /// Disk INDEX is at PATH on this host, not where the source has it (repeatable): a disk a
+    /// storage move copied here. Example: --disk-path 0=/var/lib/ferry/disks/web01.img
+    #[arg(long = "disk-path", value_name = "INDEX=PATH", value_parser = parse_disk_path)]
+    disk_paths: Vec<(usize, PathBuf)>,
     /// Serve the control API on this unix socket (once the VM has arrived).
     #[arg(long)]
     api: Option<PathBuf>,
@@ -292,6 +296,7 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
             let overrides = RestoreOverrides {
                 serial: a.serial,
                 serial2: a.serial2,
+                disks: Vec::new(),
             };
             let opts = RunOptions {
                 api: a.api,
@@ -320,6 +325,7 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
             let overrides = RestoreOverrides {
                 serial: a.serial,
                 serial2: a.serial2,
+                disks: a.disk_paths,
             };
             let listen = match (a.listen, a.listen_fd) {
                 (_, Some(fd)) => Listen::Fd(fd),
@@ -353,6 +359,19 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
         }
         VmmCmd::Migrate(a) => migrate(a),
     }
+}
+
+fn parse_disk_path(s: &str) -> Result<(usize, PathBuf), String> {
+    let (i, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: give INDEX=PATH, e.g. 0=/var/lib/ferry/web01.img"))?;
+    let i = i
+        .parse()
+        .map_err(|_| format!("{i:?} is not a disk index (0, 1, ...)"))?;
+    if p.is_empty() {
+        return Err(format!("{s:?}: the path is empty"));
+    }
+    Ok((i, PathBuf::from(p)))
 }
 
 fn migrate(a: MigrateArgs) -> Result<()> {

@@ -606,6 +606,18 @@ impl Devices {
         self.disks.iter().any(|h| h.pending.is_some())
     }
 
+    /// Make every disk copy durable and check it is whole (a migration's switch-over, the guest
+    /// paused: the destination runs on the copies a shared-nothing move made). A copy that is
+    /// not complete, or that a write failed to reach, fails the migration.
+    pub fn flush_mirrors(&self) -> Result<(), String> {
+        for (i, h) in self.disks.iter().enumerate() {
+            if h.pending.is_some() {
+                h.slot.flush_mirror(i).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stop copying disk `i`; the copy is closed (and its lock let go).
     pub fn cancel_mirror(&mut self, i: usize) -> Result<(), String> {
         let h = self

@@ -354,6 +354,27 @@ impl SwitchDisk {
         g.mirror.as_ref().map(|m| m.progress(disk, g.size))
     }
 
+    /// Make the copy durable while it stays in step, if it is complete and whole.
+    pub fn flush_mirror(&self, disk: usize) -> io::Result<()> {
+        let mut g = self.lock();
+        let size = g.size;
+        let Some(m) = g.mirror.as_mut() else {
+            return Err(io::Error::other(format!("disk {disk} is not being copied")));
+        };
+        if let Some(e) = &m.error {
+            return Err(io::Error::other(format!("disk {disk}'s copy failed: {e}")));
+        }
+        if !m.ready {
+            return Err(io::Error::other(format!(
+                "disk {disk}'s copy is not complete ({} of {size} bytes)",
+                (m.done_count * CHUNK).min(size)
+            )));
+        }
+        m.target
+            .flush()
+            .map_err(|e| io::Error::other(format!("flushing disk {disk}'s copy: {e}")))
+    }
+
     /// Drop the copy; the disk stays as it is.
     pub fn cancel_mirror(&self) -> bool {
         let mut g = self.lock();

@@ -27,8 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS client config for `nbds://` disks: this host's credentials from the directory in
-/// `FERRY_TLS_DIR` (the host daemon sets it for its VMMs), accepting any file server of the
-/// cluster. `None` when the variable is not set.
+/// `FERRY_TLS_DIR` (the host daemon sets it for its VMMs), accepting any file server or host of
+/// the cluster. `None` when the variable is not set.
 pub fn host_tls() -> Result<Option<Arc<rustls::ClientConfig>>, String> {
     let Some(dir) = std::env::var_os("FERRY_TLS_DIR") else {
         return Ok(None);

@@ -122,11 +122,13 @@ pub struct RunOptions {
 }
 
 /// Host-side overrides when restoring a snapshot or receiving a VM (host ends of the serial
-/// ports).
+/// ports; where a disk is on this host, for a disk that a shared-nothing move brought here).
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOverrides {
     pub serial: Option<SerialBackend>,
     pub serial2: Option<SerialBackend>,
+    /// Disk index -> its path (or URI) here.
+    pub disks: Vec<(usize, PathBuf)>,
 }
 
 impl RestoreOverrides {
@@ -137,6 +139,15 @@ impl RestoreOverrides {
         }
         if let Some(s) = &self.serial2 {
             config.serial2 = s.clone();
+        }
+        for (i, p) in &self.disks {
+            let n = config.disks.len();
+            let d = config.disks.get_mut(*i).ok_or_else(|| {
+                VmError::Mirror(format!(
+                    "a disk path is given for disk {i}, but the VM has {n} disks"
+                ))
+            })?;
+            d.path = p.clone();
         }
         config.validate()?;
         check_host_memory(&config)?;
@@ -699,9 +710,19 @@ impl Vm {
                 return true;
             }
             Request::Migrate { .. } if self.migrating() => busy(),
-            Request::Migrate { .. } if self.devices.mirroring() => Err(VmError::Busy(
-                "a disk is being copied (a storage move); let it finish or cancel it first",
-            )),
+            Request::Migrate { .. }
+                if self
+                    .devices
+                    .mirrors()
+                    .iter()
+                    .any(|m| m.state != ferry_api::MirrorState::Ready) =>
+            {
+                Err(VmError::Busy(
+                    "a disk is being copied (a storage move): the VM may migrate once every copy \
+                     is complete, and then keeps them in step until the switch-over; let the \
+                     copy finish or cancel it first",
+                ))
+            }
             Request::Migrate { .. } if self.state != VmRunState::Running => Err(VmError::Busy(
                 "only a running VM can be migrated; resume it first",
             )),
@@ -752,6 +773,10 @@ impl Vm {
                 .map(|_| ResponseBody::Mirrors(self.devices.mirrors()))
                 .map_err(VmError::Mirror),
             Request::MirrorStatus => Ok(ResponseBody::Mirrors(self.devices.mirrors())),
+            // A migration counts on every copy it was started with staying in step.
+            Request::MirrorCancel { .. } | Request::MirrorComplete { .. } if self.migrating() => {
+                busy()
+            }
             Request::MirrorCancel { disk } => self
                 .devices
                 .cancel_mirror(disk)
@@ -840,9 +865,11 @@ impl Vm {
                 .map_err(s),
             MigrationCall::ReleaseDisks => self
                 .devices
-                .release_disks()
+                .flush_mirrors()
+                .map_err(VmError::Mirror)
+                .and_then(|_| self.devices.release_disks().map_err(VmError::from))
                 .map(|_| CallReply::Done)
-                .map_err(|e| s(e.into())),
+                .map_err(s),
             MigrationCall::Rollback => {
                 self.throttle.store(0, Ordering::Relaxed);
                 // Every disk this VMM let go of comes back before the guest may run again.
