@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use ferry_api::host::{CheckItem, CheckReport, IncomingCheck, IncomingCheckReply, VmState};
+use ferry_api::host::{
+    CheckItem, CheckReport, DiskTargetSpec, IncomingCheck, IncomingCheckReply, VmState,
+};
 use ferry_api::NetBackend;
 use ipnet::Ipv4Net;
 
@@ -148,7 +150,11 @@ pub fn incoming(d: &Daemon, req: &IncomingCheck) -> IncomingCheckReply {
             )),
         ));
     }
-    for d_ in &req.config.disks {
+    for (i, d_) in req.config.disks.iter().enumerate() {
+        if let Some(t) = req.disks_to.iter().find(|t| t.index == i) {
+            checks.push(disk_target(me, d_, t));
+            continue;
+        }
         if let Some(uri) = d_.nbd_uri() {
             // On a file server (or another NBD server): reachable from here? (Its access list
             // and lease are the file server's to enforce.)
@@ -263,6 +269,58 @@ pub fn incoming(d: &Daemon, req: &IncomingCheck) -> IncomingCheckReply {
     }
 }
 
+/// Whether the copy of `disk` a shared-nothing move brings can be made in `t.folder` here.
+fn disk_target(me: &str, disk: &ferry_api::DiskConfig, t: &DiskTargetSpec) -> CheckItem {
+    let what = format!(
+        "disk {}: {} -> {me}:{}",
+        t.index,
+        disk.path.display(),
+        t.folder.join(&t.name).display()
+    );
+    let bad_name = t.name.is_empty() || t.name.contains('/') || t.name.starts_with('.');
+    if !t.folder.is_absolute() || bad_name {
+        return item(
+            "disk",
+            false,
+            format!("{what}: give an absolute folder and a plain file name"),
+            None,
+        );
+    }
+    if !t.folder.is_dir() {
+        return item(
+            "disk",
+            false,
+            format!("{what}: {} is not a folder on {me}", t.folder.display()),
+            Some(format!(
+                "create it on {me} first (mkdir -p {})",
+                t.folder.display()
+            )),
+        );
+    }
+    let target = t.folder.join(&t.name);
+    if target.exists() {
+        return item(
+            "disk",
+            false,
+            format!("{what}: {} exists on {me}", target.display()),
+            Some("remove it, or move the disk to another folder".into()),
+        );
+    }
+    let free = nix::sys::statvfs::statvfs(&t.folder)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0);
+    item(
+        "disk",
+        free >= t.allocated_bytes,
+        format!(
+            "{what}: needs up to {} MiB, {} MiB free there",
+            t.allocated_bytes >> 20,
+            free >> 20
+        ),
+        Some(format!("free space in {} on {me}", t.folder.display())),
+    )
+}
+
 /// What a source sends the destination about `vm`.
 pub fn incoming_request(d: &Daemon, vm: &str) -> ApiResult<IncomingCheck> {
     let g = d.lock();
@@ -286,16 +344,19 @@ pub fn incoming_request(d: &Daemon, vm: &str) -> ApiResult<IncomingCheck> {
         from_addresses: migration_addresses(d),
         version: env!("CARGO_PKG_VERSION").into(),
         protocol: protocol_range(),
+        disks_to: Vec::new(),
     })
 }
 
 /// The whole check for moving `vm` from here to `to` (a peer name or address); `for_move` is
-/// the move that asks (its own slot makes the VM read "moving").
+/// the move that asks (its own slot makes the VM read "moving"); `disks_to`, the disks that go
+/// into the destination's folders with it.
 pub async fn check_move(
     d: &Arc<Daemon>,
     vm: &str,
     to: &str,
     for_move: Option<&str>,
+    disks_to: &[DiskTargetSpec],
 ) -> ApiResult<CheckReport> {
     let (to_name, to_addr) = d.resolve_host(to)?;
     let info = d.vm(vm)?;
@@ -349,7 +410,8 @@ pub async fn check_move(
             )),
         ));
     }
-    let req = incoming_request(d, vm)?;
+    let mut req = incoming_request(d, vm)?;
+    req.disks_to = disks_to.to_vec();
     let client = d.client_for(&to_name, &to_addr);
     match client
         .post::<_, IncomingCheckReply>("/v1/incoming/check", &req)

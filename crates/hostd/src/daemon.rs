@@ -70,6 +70,8 @@ pub struct Inner {
     pub vms: BTreeMap<String, VmEntry>,
     pub outgoing: BTreeMap<String, OutMove>,
     pub incoming: BTreeMap<String, InMove>,
+    /// Disk copies served for shared-nothing moves arriving here, by move id.
+    pub targets: BTreeMap<String, crate::targets::Served>,
 }
 
 /// Static facts and the shared state of one host daemon.
@@ -140,6 +142,7 @@ impl Daemon {
                 vms: BTreeMap::new(),
                 outgoing: BTreeMap::new(),
                 incoming: BTreeMap::new(),
+                targets: BTreeMap::new(),
             }),
             moves_changed: Notify::new(),
             state,

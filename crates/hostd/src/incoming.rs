@@ -81,9 +81,9 @@ pub fn settle(d: &Daemon, id: &str, by: &str) -> ApiResult<Outcome> {
 /// Whether `req` may arrive from `peer`: the source host itself (by its certificate), and in
 /// delegated mode only inside a valid, unused grant. Returns how it was authorised.
 fn authorise(d: &Daemon, req: &IncomingRequest, peer: &Peer) -> ApiResult<String> {
-    let Some(sec) = &d.security else {
+    if d.security.is_none() {
         return Ok("no cluster (insecure)".into());
-    };
+    }
     let from = &req.check.from;
     match peer {
         Peer::Cert { identity, .. } if crate::security::is_host(identity, from) => {}
@@ -110,7 +110,30 @@ fn authorise(d: &Daemon, req: &IncomingRequest, peer: &Peer) -> ApiResult<String
             "console mode; source {from} is in the migration group"
         ));
     }
-    let token = req.grant.as_deref().ok_or_else(|| {
+    check_grant(d, &req.move_id, req.grant.as_deref(), &req.check, true)?
+        .map(|(jti, admin)| format!("grant {jti} signed by {admin}"))
+        .ok_or_else(|| ApiError::internal("no grant checked"))
+}
+
+/// In delegated mode, whether `token` is an admin's grant for exactly this move (VM, source,
+/// destination, every disk; a disk a shared-nothing move copied here counts by its source
+/// path). `spend` uses it up (the move itself); a grant works once. Returns its id and admin;
+/// `None` outside delegated mode, where no grant is needed.
+pub fn check_grant(
+    d: &Daemon,
+    move_id: &str,
+    token: Option<&str>,
+    check: &ferry_api::host::IncomingCheck,
+    spend_it: bool,
+) -> ApiResult<Option<(String, String)>> {
+    let Some(sec) = &d.security else {
+        return Ok(None);
+    };
+    if d.lock().settings.migration_auth != MigrationAuth::Delegated {
+        return Ok(None);
+    }
+    let from = &check.from;
+    let token = token.ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,
             "grant_required",
@@ -146,20 +169,20 @@ fn authorise(d: &Daemon, req: &IncomingRequest, peer: &Peer) -> ApiResult<String
             g.from
         )));
     }
-    if g.vm != req.check.vm {
-        return Err(refuse(format!(
-            "it is for VM {}, not {}",
-            g.vm, req.check.vm
-        )));
+    if g.vm != check.vm {
+        return Err(refuse(format!("it is for VM {}, not {}", g.vm, check.vm)));
     }
-    for disk in &req.check.config.disks {
+    for disk in &check.config.disks {
         let p = disk.path.display().to_string();
-        if !g.disks.contains(&p) {
+        let copied = crate::targets::source_of(d, move_id, &disk.path);
+        if !g.disks.contains(&p) && !copied.is_some_and(|s| g.disks.contains(&s)) {
             return Err(refuse(format!("it does not name disk {p}")));
         }
     }
-    spend(d, &g.jti, g.exp).map_err(refuse)?;
-    Ok(format!("grant {} signed by {admin}", g.jti))
+    if spend_it {
+        spend(d, &g.jti, g.exp).map_err(refuse)?;
+    }
+    Ok(Some((g.jti, admin.to_string())))
 }
 
 static GRANTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -349,6 +372,13 @@ async fn start_authorised(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<In
         "--serial2".into(),
         format!("unix:{}", run.con2().display()).into(),
     ];
+    // Disks a shared-nothing move copied here are not where the source has them.
+    for (i, disk) in req.check.config.disks.iter().enumerate() {
+        if crate::targets::source_of(d, &id, &disk.path).is_some() {
+            args.push("--disk-path".into());
+            args.push(format!("{i}={}", disk.path.display()).into());
+        }
+    }
     if !plaintext {
         args.extend([
             "--tls-dir".into(),
@@ -457,6 +487,7 @@ fn commit(d: &Daemon, id: &str, vm: &str) {
         );
     }
     drop(g);
+    crate::targets::settled(d, id, Outcome::Committed);
     tracing::info!("{vm} arrived (move {id}): it runs here now");
     d.moves_changed.notify_waiters();
 }
@@ -488,6 +519,7 @@ fn cleanup(d: &Daemon, id: &str) {
         },
     );
     drop(g);
+    crate::targets::settled(d, id, Outcome::Aborted);
     tracing::info!("move {id} of {vm} aborted here; nothing of it is left");
     d.moves_changed.notify_waiters();
 }

@@ -23,8 +23,10 @@ pub mod moves;
 pub mod routes;
 pub mod security;
 pub mod server;
+pub mod shared_nothing;
 pub mod state;
 pub mod storage;
+pub mod targets;
 pub mod transport;
 pub mod vmm;
 
@@ -145,8 +147,10 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         d.refresh(&n).await;
     }
     incoming::recover(&d);
+    targets::recover(&d);
     moves::recover(&d);
     tokio::spawn(storage::recover(d.clone()));
+    tokio::spawn(shared_nothing::recover(d.clone()));
     tokio::spawn(d.clone().supervise());
     tokio::spawn(cluster::keep_current(d.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -73,6 +73,10 @@ pub struct OutMove {
     pub storage_only: bool,
     /// What a storage move did with each disk, for its report.
     pub disk_reports: Vec<ferry_api::host::DiskMoveReport>,
+    /// Disks that go into the destination's folders with the VM (a shared-nothing move).
+    pub disks_to: Vec<ferry_api::host::DiskTargetSpec>,
+    /// Keep the old disks once the move is done.
+    pub keep_source: bool,
 }
 
 /// What the state directory keeps of a move sent from here.
@@ -224,17 +228,6 @@ fn authorise(d: &Daemon, req: &MoveRequest, peer: &Peer) -> ApiResult<String> {
     }
 }
 
-/// A move of the VM and its disks at once is not built yet: say what to do instead.
-pub fn refuse_shared_nothing(req: &MoveRequest) -> ApiResult<()> {
-    if req.storage_to.is_some() || !req.disk_to.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "moving {} and its disks in one move (shared-nothing) is not available yet: move the disks first (`ferry move {} --storage-to DEST`, to a share both hosts may write), then the VM (`ferry move {} --to {}`)",
-            req.vm, req.vm, req.vm, req.to
-        )));
-    }
-    Ok(())
-}
-
 /// `POST /v1/moves`: authorise, check, then start (or queue) a move.
 pub async fn start(d: &Arc<Daemon>, req: MoveRequest, peer: &Peer) -> ApiResult<MoveInfo> {
     let what = format!("move {} to {}", req.vm, req.to);
@@ -260,8 +253,14 @@ async fn start_authorised(d: &Arc<Daemon>, req: MoveRequest, auth: String) -> Ap
     if crate::storage::is_storage_only(d, &req) {
         return crate::storage::start(d, req, auth).await;
     }
-    refuse_shared_nothing(&req)?;
-    let report = check::check_move(d, &req.vm, &req.to, None).await?;
+    let (report, disks_to) = if crate::shared_nothing::wants(d, &req) {
+        crate::shared_nothing::check(d, &req, None).await?
+    } else {
+        (
+            check::check_move(d, &req.vm, &req.to, None, &[]).await?,
+            Vec::new(),
+        )
+    };
     if !report.ok {
         return Err(
             if report
@@ -278,7 +277,7 @@ async fn start_authorised(d: &Arc<Daemon>, req: MoveRequest, auth: String) -> Ap
             },
         );
     }
-    begin(d, &req, report, auth)
+    begin(d, &req, report, auth, disks_to)
 }
 
 fn begin(
@@ -286,10 +285,14 @@ fn begin(
     req: &MoveRequest,
     report: CheckReport,
     auth: String,
+    disks_to: Vec<ferry_api::host::DiskTargetSpec>,
 ) -> ApiResult<MoveInfo> {
     let (to_name, to_addr) = d.resolve_host(&req.to)?;
     let info = register(d, req, to_name, to_addr, report, auth, false)?;
     let id = info.id.clone();
+    if let Some(m) = d.lock().outgoing.get_mut(&id) {
+        m.disks_to = disks_to;
+    }
     tracing::info!("move {id}: {} to {}", req.vm, info.to);
     tokio::spawn(drive(d.clone(), id));
     Ok(info)
@@ -350,6 +353,8 @@ pub(crate) fn register(
                 encrypted: false,
                 storage_only,
                 disk_reports: Vec::new(),
+                disks_to: Vec::new(),
+                keep_source: req.keep_source,
             },
         );
         prune(&mut g);
@@ -414,16 +419,22 @@ impl Ending {
 /// Run move `id` to its end.
 async fn drive(d: Arc<Daemon>, id: String) {
     let ending = run(&d, &id).await;
+    // A shared-nothing move's copies: kept (and the old disks removed), or dropped.
+    let disks = crate::shared_nothing::settle(&d, &id, ending.state).await;
+    if let Some(m) = d.lock().outgoing.get_mut(&id) {
+        m.disk_reports = disks;
+    }
     finish(&d, &id, ending).await;
 }
 
 async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
-    let Some((vm, to, to_addr, settings)) = d.lock().outgoing.get(id).map(|m| {
+    let Some((vm, to, to_addr, settings, disks_to)) = d.lock().outgoing.get(id).map(|m| {
         (
             m.info.vm.clone(),
             m.info.to.clone(),
             m.to_addr.clone(),
             m.settings.clone(),
+            m.disks_to.clone(),
         )
     }) else {
         return Ending::failed("the move vanished");
@@ -434,6 +445,8 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
     let queued_at = Instant::now();
     // The check that let the move start is fresh unless the move had to wait.
     let mut waited = false;
+    // A shared-nothing move's copies on the destination, once made (and in step).
+    let mut copies: Option<Vec<ferry_api::host::DiskTarget>> = None;
     let (listen, encrypted) = loop {
         if cancelled(d, id) {
             return Ending {
@@ -451,13 +464,13 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             wait_a_little(d, id).await;
             continue;
         }
-        if waited {
+        if waited && copies.is_none() {
             // Things may have changed while it waited: check again.
             update(d, id, |i| {
                 i.state = MoveState::Checking;
                 i.waiting_for = None;
             });
-            let report = match check::check_move(d, &vm, &to, Some(id)).await {
+            let report = match check::check_move(d, &vm, &to, Some(id), &disks_to).await {
                 Ok(r) => r,
                 Err(e) => {
                     set_slot(d, id, false);
@@ -472,10 +485,31 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             }
         }
         update(d, id, |i| i.state = MoveState::Preparing);
+        if !disks_to.is_empty() && copies.is_none() {
+            match crate::shared_nothing::copy(d, id, &dest, &vm, &to, &to_addr, &disks_to).await {
+                Ok(c) => copies = Some(c),
+                Err((state, error)) => {
+                    set_slot(d, id, false);
+                    return Ending {
+                        state,
+                        error: Some(error),
+                        progress: None,
+                    };
+                }
+            }
+        }
         let req = match check::incoming_request(d, &vm) {
-            Ok(check) => IncomingRequest {
+            Ok(mut check) => IncomingRequest {
+                check: {
+                    // The destination runs the VM on the copies it made.
+                    for c in copies.iter().flatten() {
+                        if let Some(disk) = check.config.disks.get_mut(c.index) {
+                            disk.path = c.path.clone();
+                        }
+                    }
+                    check
+                },
                 move_id: id.into(),
-                check,
                 grant: d.lock().outgoing.get(id).and_then(|m| m.grant.clone()),
             },
             Err(e) => {
@@ -791,7 +825,12 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         },
         encrypted: encrypted && e.progress.is_some(),
         auth: (!auth.is_empty()).then_some(auth),
-        disks: Vec::new(),
+        disks: d
+            .lock()
+            .outgoing
+            .get(id)
+            .map(|m| m.disk_reports.clone())
+            .unwrap_or_default(),
     };
     set_slot(d, id, false);
     let info = update(d, id, |i| {
@@ -936,7 +975,7 @@ pub async fn evacuate(
         let mut best: Option<(i64, String, CheckReport)> = None;
         let mut reasons = Vec::new();
         for t in &targets {
-            match check::check_move(d, &vm, t, None).await {
+            match check::check_move(d, &vm, t, None, &[]).await {
                 Ok(r) if r.ok => {
                     let free = free_memory(&r) as i64 - *planned.get(t).unwrap_or(&0) as i64;
                     if free >= mem as i64 && best.as_ref().is_none_or(|b| free > b.0) {
@@ -971,7 +1010,7 @@ pub async fn evacuate(
                     disk_to: Vec::new(),
                     keep_source: false,
                 };
-                match begin(d, &r, report, auth.clone()) {
+                match begin(d, &r, report, auth.clone(), Vec::new()) {
                     Ok(m) => moves.push(m),
                     Err(e) => skipped.push(Skipped {
                         vm,
@@ -1011,7 +1050,11 @@ pub fn recover(d: &Arc<Daemon>) {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        if !name.ends_with(".json") || name.ends_with(".in.json") || name.ends_with(".storage.json")
+        if !name.ends_with(".json")
+            || name.ends_with(".in.json")
+            || name.ends_with(".storage.json")
+            || name.ends_with(".targets.json")
+            || name.ends_with(".remote.json")
         {
             continue;
         }
@@ -1072,6 +1115,8 @@ pub fn recover(d: &Arc<Daemon>) {
                 encrypted: r.report.as_ref().is_some_and(|x| x.encrypted),
                 storage_only: false,
                 disk_reports: Vec::new(),
+                disks_to: Vec::new(),
+                keep_source: false,
             },
         );
         if live {

@@ -71,6 +71,11 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/incoming/{id}", get(incoming_info))
         .route("/v1/incoming/{id}/settle", post(incoming_settle))
         .route("/v1/incoming/{id}/abort", post(incoming_abort))
+        .route("/v1/disk-targets", post(disk_targets_start))
+        .route(
+            "/v1/disk-targets/{id}",
+            axum::routing::delete(disk_targets_delete),
+        )
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/audit", get(audit))
         .merge(crate::cluster::routes())
@@ -249,8 +254,12 @@ async fn check_move(State(d): D, Body(req): Body<MoveRequest>) -> ApiResult<Resp
     if crate::storage::is_storage_only(&d, &req) {
         return Ok(json(crate::storage::check(&d, &req).await?));
     }
-    moves::refuse_shared_nothing(&req)?;
-    Ok(json(check::check_move(&d, &req.vm, &req.to, None).await?))
+    if crate::shared_nothing::wants(&d, &req) {
+        return Ok(json(crate::shared_nothing::check(&d, &req, None).await?.0));
+    }
+    Ok(json(
+        check::check_move(&d, &req.vm, &req.to, None, &[]).await?,
+    ))
 }
 
 async fn start_move(
@@ -331,6 +340,24 @@ async fn incoming_start(
     Ok((StatusCode::CREATED, axum::Json(r)).into_response())
 }
 
+async fn disk_targets_start(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Body(req): Body<DiskTargetRequest>,
+) -> ApiResult<Response> {
+    let r = crate::targets::start(&d, req, &peer).await?;
+    Ok((StatusCode::CREATED, axum::Json(r)).into_response())
+}
+
+async fn disk_targets_delete(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    crate::targets::delete(&d, &id, &peer)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn incoming_info(State(d): D, Path(id): Path<String>) -> ApiResult<Response> {
     Ok(json(incoming::info(&d, &id)?))
 }
@@ -366,7 +393,8 @@ async fn authorise(State(d): D, req: Request, next: axum::middleware::Next) -> R
     let peer = req.extensions().get::<Peer>().cloned();
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let host_ok = path.starts_with("/v1/incoming")
+    let for_hosts = path.starts_with("/v1/incoming") || path.starts_with("/v1/disk-targets");
+    let host_ok = for_hosts
         || (method == axum::http::Method::GET && path.starts_with("/v1/cluster"))
         || (method == axum::http::Method::POST && path == "/v1/cluster/doc");
     let refusal = match &peer {
@@ -376,7 +404,7 @@ async fn authorise(State(d): D, req: Request, next: axum::middleware::Next) -> R
             d.name
         )),
         Some(Peer::Cert { identity, .. }) => match identity.role {
-            ferry_auth::Role::Admin if path.starts_with("/v1/incoming") => Some(format!(
+            ferry_auth::Role::Admin if for_hosts => Some(format!(
                 "{identity} may not call {path}: it is for hosts sending VMs here"
             )),
             ferry_auth::Role::Admin => None,

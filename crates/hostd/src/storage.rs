@@ -42,14 +42,14 @@ pub fn is_storage_only(d: &Daemon, req: &MoveRequest) -> bool {
 
 /// A file server's share, as a destination or a disk's home.
 #[derive(Clone)]
-struct ShareRef {
-    server: String,
-    client: Client,
-    share: String,
+pub(crate) struct ShareRef {
+    pub server: String,
+    pub client: Client,
+    pub share: String,
 }
 
 impl ShareRef {
-    fn disk_path(&self, disk: &str) -> String {
+    pub fn disk_path(&self, disk: &str) -> String {
         format!("/v1/shares/{}/disks/{disk}", self.share)
     }
 
@@ -167,7 +167,7 @@ fn parse_dest(d: &Daemon, s: &str) -> Result<Dest, String> {
 }
 
 /// The share a disk URI points into, if it is one of this cluster's file servers.
-fn share_of(d: &Daemon, disk: &DiskConfig) -> Option<(ShareRef, String)> {
+pub(crate) fn share_of(d: &Daemon, disk: &DiskConfig) -> Option<(ShareRef, String)> {
     let (fs, share, name) = crate::leases::file_server_of(d, disk.nbd_uri()?)?;
     let client = crate::leases::file_server_client(d, &fs, Duration::from_secs(10)).ok()?;
     Some((
@@ -181,7 +181,7 @@ fn share_of(d: &Daemon, disk: &DiskConfig) -> Option<(ShareRef, String)> {
 }
 
 /// The last part of a disk's path or URI (`web01.img`, or `web01` of `nbds://.../vms/web01`).
-fn file_name(d: &DiskConfig) -> &str {
+pub(crate) fn file_name(d: &DiskConfig) -> &str {
     d.path
         .to_str()
         .and_then(|s| s.rsplit('/').next())
@@ -189,7 +189,7 @@ fn file_name(d: &DiskConfig) -> &str {
 }
 
 /// Which disk `sel` names: its index, its path or URI, or its file name.
-fn select(disks: &[DiskConfig], sel: &str) -> Result<usize, String> {
+pub(crate) fn select(disks: &[DiskConfig], sel: &str) -> Result<usize, String> {
     if let Ok(i) = sel.parse::<usize>() {
         if i < disks.len() {
             return Ok(i);
@@ -211,6 +211,71 @@ fn select(disks: &[DiskConfig], sel: &str) -> Result<usize, String> {
         )),
         _ => Err(format!("{sel:?} names several disks: give its index")),
     }
+}
+
+/// A disk's size and the bytes it has allocated (what a copy may need at most); when they
+/// cannot be known, a failed check item `label` says why.
+pub(crate) async fn sizes(
+    src: &DiskConfig,
+    share: Option<&(ShareRef, String)>,
+    label: &str,
+    checks: &mut Vec<CheckItem>,
+) -> Option<(u64, u64)> {
+    let r = match (src.nbd_uri(), share) {
+        (None, _) => std::fs::metadata(&src.path)
+            .map(|m| (m.len(), m.blocks() * 512))
+            .map_err(|e| e.to_string()),
+        (Some(_), Some((s, n))) => s
+            .client
+            .get::<DiskInfo>(&s.disk_path(n))
+            .await
+            .map(|di| (di.size_bytes, di.allocated_bytes))
+            .map_err(|e| e.to_string()),
+        (Some(uri), None) => Err(format!(
+            "{uri} is an NBD export of no file server of this cluster: ferry cannot size or remove it (move it with the tools of the server that exports it)"
+        )),
+    };
+    r.map_err(|e| {
+        checks.push(item(
+            label,
+            false,
+            format!("{}: {e}", src.path.display()),
+            None,
+        ))
+    })
+    .ok()
+}
+
+/// Which disks `req` moves, and where to (index, destination as given); a disk it names that
+/// the VM lacks, or no disk at all, is a failed item of `checks`.
+pub(crate) fn wanted(
+    req: &MoveRequest,
+    disks: &[DiskConfig],
+    checks: &mut Vec<CheckItem>,
+) -> Vec<(usize, String)> {
+    let mut wanted: Vec<(usize, String)> = Vec::new();
+    if let Some(all) = &req.storage_to {
+        wanted.extend((0..disks.len()).map(|i| (i, all.clone())));
+    }
+    for dm in &req.disk_to {
+        match select(disks, &dm.disk) {
+            Ok(i) => {
+                wanted.retain(|(j, _)| *j != i);
+                wanted.push((i, dm.to.clone()));
+            }
+            Err(e) => checks.push(item(&format!("disk {}", dm.disk), false, e, None)),
+        }
+    }
+    wanted.sort();
+    if wanted.is_empty() && disks.is_empty() {
+        checks.push(item(
+            "disks",
+            false,
+            format!("{} has no disks", req.vm),
+            None,
+        ));
+    }
+    wanted
 }
 
 /// Plan the move: which disk goes where (a failed step is an item of the check report).
@@ -248,29 +313,7 @@ async fn plan(d: &Arc<Daemon>, req: &MoveRequest) -> ApiResult<(CheckReport, Vec
         ));
     }
     let disks = &info.config.disks;
-    // Which disks, and where to.
-    let mut wanted: Vec<(usize, String)> = Vec::new();
-    if let Some(all) = &req.storage_to {
-        wanted.extend((0..disks.len()).map(|i| (i, all.clone())));
-    }
-    for dm in &req.disk_to {
-        match select(disks, &dm.disk) {
-            Ok(i) => {
-                wanted.retain(|(j, _)| *j != i);
-                wanted.push((i, dm.to.clone()));
-            }
-            Err(e) => checks.push(item(&format!("disk {}", dm.disk), false, e, None)),
-        }
-    }
-    wanted.sort();
-    if wanted.is_empty() && disks.is_empty() {
-        checks.push(item(
-            "disks",
-            false,
-            format!("{} has no disks", req.vm),
-            None,
-        ));
-    }
+    let wanted = wanted(req, disks, &mut checks);
     let mut plans = Vec::new();
     for (i, to) in wanted {
         let src = disks[i].clone();
@@ -288,37 +331,9 @@ async fn plan(d: &Arc<Daemon>, req: &MoveRequest) -> ApiResult<(CheckReport, Vec
             None => file_name(&src).to_string(),
         };
         // Size and allocation of the source.
-        let sized = match (src.nbd_uri(), &source_share) {
-            (None, _) => std::fs::metadata(&src.path)
-                .map(|m| (m.len(), m.blocks() * 512))
-                .map_err(|e| e.to_string()),
-            (Some(_), Some((s, n))) => s
-                .client
-                .get::<DiskInfo>(&s.disk_path(n))
-                .await
-                .map(|di| (di.size_bytes, di.allocated_bytes))
-                .map_err(|e| e.to_string()),
-            (Some(uri), None) => {
-                checks.push(item(
-                    &label,
-                    false,
-                    format!("{uri} is an NBD export of no file server of this cluster: ferry cannot size or remove it"),
-                    Some("move it with the tools of the server that exports it".into()),
-                ));
-                continue;
-            }
-        };
-        let (size, allocated) = match sized {
-            Ok(x) => x,
-            Err(e) => {
-                checks.push(item(
-                    &label,
-                    false,
-                    format!("{}: {e}", src.path.display()),
-                    None,
-                ));
-                continue;
-            }
+        let Some((size, allocated)) = sizes(&src, source_share.as_ref(), &label, &mut checks).await
+        else {
+            continue;
         };
         let p = Plan {
             index: i,
@@ -529,7 +544,7 @@ fn try_take_slot(d: &Daemon, id: &str) -> Result<(), String> {
     }
 }
 
-async fn vmm_call(api: &Path, req: Request) -> Result<ResponseBody, String> {
+pub(crate) async fn vmm_call(api: &Path, req: Request) -> Result<ResponseBody, String> {
     match vmm::call(api, &req).await {
         Ok(Response::Ok(b)) => Ok(b),
         Ok(Response::Error(e)) => Err(e),
@@ -578,12 +593,12 @@ async fn make_copy(p: &mut Plan) -> Result<(), String> {
 }
 
 /// Remove an image file (a half-made copy, or the old disk after the switch).
-fn remove_file(p: &Path) -> Result<(), String> {
+pub(crate) fn remove_file(p: &Path) -> Result<(), String> {
     std::fs::remove_file(p).map_err(|e| format!("{} could not be removed: {e}", p.display()))
 }
 
 /// Give up a share disk's lease (ours, if we hold it), then delete it.
-async fn remove_share_copy(s: &ShareRef, name: &str) -> Result<(), String> {
+pub(crate) async fn remove_share_copy(s: &ShareRef, name: &str) -> Result<(), String> {
     let _ = s.lease(name, LeaseAction::Release).await;
     match s.client.delete(&s.disk_path(name)).await {
         Ok(()) => Ok(()),
@@ -953,43 +968,13 @@ async fn copy_and_switch(
         }
     }
     // Follow the copies until every one is ready.
-    loop {
-        if let Some(s) = stop(d) {
-            return s;
-        }
-        let all = match vmm_call(api, Request::MirrorStatus).await {
-            Ok(ResponseBody::Mirrors(m)) => m,
-            Ok(_) => Vec::new(),
-            Err(e) => return (MoveState::Failed, Some(e)),
-        };
-        let mine: Vec<MirrorProgress> = all
-            .into_iter()
-            .filter(|m| plans.iter().any(|p| p.index == m.disk))
-            .collect();
-        for (p, o) in plans.iter().zip(outcomes.iter_mut()) {
-            o.progress = mine.iter().find(|m| m.disk == p.index).cloned();
-        }
-        crate::moves::update(d, id, |i| i.storage = mine.clone());
-        if let Some(f) = mine.iter().find(|m| m.state == MirrorState::Failed) {
-            return (
-                MoveState::Failed,
-                Some(format!(
-                    "disk {}: {}; the VM stays on its disks",
-                    f.disk,
-                    f.error.clone().unwrap_or_default()
-                )),
-            );
-        }
-        if mine.len() < plans.len() {
-            return (
-                MoveState::Failed,
-                Some("the VMM stopped copying a disk".into()),
-            );
-        }
-        if mine.iter().all(|m| m.state == MirrorState::Ready) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let indices: Vec<usize> = plans.iter().map(|p| p.index).collect();
+    let (last, failed) = follow_mirrors(d, id, api, &indices).await;
+    for (p, o) in plans.iter().zip(outcomes.iter_mut()) {
+        o.progress = last.iter().find(|m| m.disk == p.index).cloned();
+    }
+    if let Some(f) = failed {
+        return f;
     }
     // The switch, disk by disk; each is whole (the VMM flushes the copy, then uses it).
     crate::moves::update(d, id, |i| i.state = MoveState::Switchover);
@@ -1035,6 +1020,60 @@ async fn copy_and_switch(
         );
     }
     (MoveState::Done, None)
+}
+
+/// Follow the VMM's mirrors of disks `indices` (the move's progress shows them) until every one
+/// is ready. Returns their last progress, and how the move ends if it must (cancelled, a copy
+/// failed, the VMM gone).
+pub(crate) async fn follow_mirrors(
+    d: &Daemon,
+    id: &str,
+    api: &Path,
+    indices: &[usize],
+) -> (Vec<MirrorProgress>, Option<(MoveState, Option<String>)>) {
+    let mut mine: Vec<MirrorProgress> = Vec::new();
+    loop {
+        if cancelled(d, id) {
+            return (
+                mine,
+                Some((
+                    MoveState::Cancelled,
+                    Some("cancelled; the VM stays on its disks".into()),
+                )),
+            );
+        }
+        let all = match vmm_call(api, Request::MirrorStatus).await {
+            Ok(ResponseBody::Mirrors(m)) => m,
+            Ok(_) => Vec::new(),
+            Err(e) => return (mine, Some((MoveState::Failed, Some(e)))),
+        };
+        mine = all
+            .into_iter()
+            .filter(|m| indices.contains(&m.disk))
+            .collect();
+        crate::moves::update(d, id, |i| i.storage = mine.clone());
+        if let Some(f) = mine.iter().find(|m| m.state == MirrorState::Failed) {
+            let e = format!(
+                "disk {}: {}; the VM stays on its disks",
+                f.disk,
+                f.error.clone().unwrap_or_default()
+            );
+            return (mine, Some((MoveState::Failed, Some(e))));
+        }
+        if mine.len() < indices.len() {
+            return (
+                mine,
+                Some((
+                    MoveState::Failed,
+                    Some("the VMM stopped copying a disk".into()),
+                )),
+            );
+        }
+        if mine.iter().all(|m| m.state == MirrorState::Ready) {
+            return (mine, None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn finish(d: &Arc<Daemon>, id: &str, state: MoveState, error: Option<String>) {
