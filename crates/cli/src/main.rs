@@ -50,8 +50,9 @@ enum Cmd {
     /// console.
     #[command(subcommand)]
     Vm(vm_cmd::VmCmd),
-    /// Move a running VM live to another host: `ferry move web01 --to hv2` (checks first;
-    /// `--check` only checks). `ferry move cancel web01` stops a move; the VM stays.
+    /// Move a running VM live: to another host (`ferry move web01 --to hv2`), its disks
+    /// (`--storage-to /srv/vms` or a share), or both (`--to hv2 --storage-to /srv/vms`). Checks
+    /// first; `--check` only checks. `ferry move cancel web01` stops a move; the VM stays.
     Move(move_cmd::MoveCmd),
     /// The cluster: its authority, join tokens, the migration group.
     #[command(subcommand)]

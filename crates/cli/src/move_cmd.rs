@@ -1,6 +1,7 @@
-//! `ferry move ...`: move a running VM live to another host, or its disks to another folder or
-//! share (a storage move), through the daemons: a check first, then the move with a progress
-//! bar, Ctrl-C to cancel, a report at the end.
+//! `ferry move ...`: move a running VM live to another host, its disks to another folder or
+//! share (a storage move), or both at once (into the other host's folders: shared-nothing),
+//! through the daemons: a check first, then the move with a progress bar, Ctrl-C to cancel, a
+//! report at the end.
 
 use std::time::Duration;
 
@@ -46,10 +47,12 @@ struct MoveArgs {
     /// knows as a peer, or its daemon's host:port.
     #[arg(long)]
     to: Option<String>,
-    /// Move the VM's disks, while it runs, to DEST: a folder on the VM's host (an absolute
-    /// path, e.g. /srv/vms) or a share of a file server (SHARE, or FILESERVER:SHARE). Without
-    /// --to the VM stays on its host (a storage move); with --to and a share, the disks go onto
-    /// the share first and then the VM moves (two moves, one report each).
+    /// Move the VM's disks, while it runs, to DEST: a folder (an absolute path, e.g. /srv/vms)
+    /// or a share of a file server (SHARE, or FILESERVER:SHARE). Without --to the VM stays on
+    /// its host (a storage move, the folder is on that host). With --to and a folder, the
+    /// folder is on the --to host: disks and VM move together, sharing nothing but the network
+    /// (the disks are copied while the VM runs, then the VM moves in one pause). With --to and
+    /// a share, the disks go onto the share first and then the VM moves (two moves).
     #[arg(long, value_name = "DEST")]
     storage_to: Option<String>,
     /// Move one disk to DEST (DISK: its index, path or file name); may be given for each
@@ -136,7 +139,13 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                 );
                 let (_, c, info) = t.find_vm(&vm).await?;
                 let moves_disks = a.storage_to.is_some() || !a.disk_to.is_empty();
-                if !to.is_empty() && to != info.host && moves_disks {
+                // Onto a share with the VM: two moves (folders of the other host: one).
+                let all_folders = a
+                    .storage_to
+                    .iter()
+                    .chain(a.disk_to.iter().map(|d| &d.to))
+                    .all(|d| d.starts_with('/'));
+                if !to.is_empty() && to != info.host && moves_disks && !all_folders {
                     return both(t, a, info, json).await;
                 }
                 let grant = match &a.grant {
@@ -169,15 +178,19 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
 
 /// The VM to another host and its disks onto a share, as two moves in one command: the disks
 /// first (the VM stays where it is), then the VM (only its memory moves, the share being
-/// reachable from both). Disks into a folder of the other host need the shared-nothing move,
-/// which is not built yet.
+/// reachable from both). Into folders of the other host it is one move (shared-nothing: the
+/// daemons copy the disks while the VM runs, then move it in one pause), not this.
 async fn both(t: &Targets, a: MoveArgs, info: ferry_api::host::VmInfo, json: bool) -> Result<()> {
     let to = a.to.clone().unwrap_or_default();
-    let dests = a.storage_to.iter().chain(a.disk_to.iter().map(|d| &d.to));
-    if let Some(f) = dests.into_iter().find(|d| d.starts_with('/')) {
+    let dests: Vec<&String> = a
+        .storage_to
+        .iter()
+        .chain(a.disk_to.iter().map(|d| &d.to))
+        .collect();
+    let folders = dests.iter().filter(|d| d.starts_with('/')).count();
+    if folders > 0 {
         bail!(
-            "moving {} to {to} with its disks into a folder ({f}) in one move (shared-nothing) is not built yet: put the disks on a share both hosts may write (--storage-to FILESERVER:SHARE), or move the VM and its disks in separate steps",
-            info.name
+            "with --to, give either folders of {to} (one shared-nothing move) or shares (the disks onto the share, then the VM), not both"
         );
     }
     if a.grant.is_some() {
@@ -351,6 +364,23 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
 }
 
+fn print_disks(r: &MoveReport) {
+    for d in &r.disks {
+        println!(
+            "  disk {}: {} -> {}: {}; copied {}, skipped {} (holes, zeros), mirrored {} of guest writes{}{}",
+            d.disk,
+            d.from,
+            d.to,
+            if d.switched { "the VM uses the new copy" } else { "the VM stays on its disk" },
+            mib(d.copied_bytes),
+            mib(d.skipped_bytes),
+            mib(d.mirrored_bytes),
+            d.pause_ms.map(|p| format!(", I/O paused {p:.2} ms")).unwrap_or_default(),
+            d.old_copy.as_deref().map(|o| format!("; old copy {o}")).unwrap_or_default(),
+        );
+    }
+}
+
 fn print_report(r: &MoveReport) {
     if !r.disks.is_empty() && r.from == r.to {
         // A storage move.
@@ -374,20 +404,7 @@ fn print_report(r: &MoveReport) {
                 format!(": {}", r.result)
             }
         );
-        for d in &r.disks {
-            println!(
-                "  disk {}: {} -> {}: {}; copied {}, skipped {} (holes, zeros), mirrored {} of guest writes{}{}",
-                d.disk,
-                d.from,
-                d.to,
-                if d.switched { "the VM uses the new copy" } else { "the VM stays on its disk" },
-                mib(d.copied_bytes),
-                mib(d.skipped_bytes),
-                mib(d.mirrored_bytes),
-                d.pause_ms.map(|p| format!(", I/O paused {p:.2} ms")).unwrap_or_default(),
-                d.old_copy.as_deref().map(|o| format!("; old copy {o}")).unwrap_or_default(),
-            );
-        }
+        print_disks(r);
         if let Some(n) = &r.error {
             println!("note: {n}");
         }
@@ -420,6 +437,7 @@ fn print_report(r: &MoveReport) {
             },
             r.auth.as_deref().unwrap_or("-")
         );
+        print_disks(r);
         if let Some(n) = &r.error {
             println!("note: {n}");
         }
@@ -433,6 +451,7 @@ fn print_report(r: &MoveReport) {
             r.total_ms as f64 / 1000.0,
             r.runs_on
         );
+        print_disks(r);
     }
 }
 

@@ -69,21 +69,7 @@ fn status_num(g: &Guest, key: &str) -> u64 {
         .unwrap()
 }
 
-fn wait_durable(g: &Guest, at_least: u64) -> u64 {
-    let deadline = Instant::now() + T;
-    loop {
-        let s = g.con.ask(b's', "STATUS", T).unwrap();
-        assert_eq!(field(&s, "disk_errors").as_deref(), Some("0"), "{s}");
-        let d: u64 = field(&s, "disk_durable").unwrap().parse().unwrap();
-        if d >= at_least {
-            return d;
-        }
-        assert!(Instant::now() < deadline, "the disk writer stalled: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// As [`wait_durable`], with the hosts' and the file server's logs when it fails.
+/// As [`Guest::wait_durable`], with the hosts' and the file server's logs when it fails.
 fn wait_durable_or_logs(l: &Lab, g: &Guest, at_least: u64) -> u64 {
     let deadline = Instant::now() + T;
     loop {
@@ -130,7 +116,7 @@ fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
     assert!(made.contains("--disk nbds://"), "{made}");
     let uri = l.uri("vms/web01");
     let mut g = share_guest(&l, "hv1", &uri);
-    let before = wait_durable(&g, 200);
+    let before = g.wait_durable(200);
     let d = l.disk("vms/web01");
     assert_eq!(d["lease"]["holder"], "hv1", "{d}");
     let fence = d["lease"]["fence"].as_u64().unwrap();
@@ -140,7 +126,7 @@ fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
     assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
     g.follow_on(&l.h, "hv2");
     // The guest goes on writing on hv2, over the same disk: only memory moved.
-    let after = wait_durable(&g, before + 300);
+    let after = g.wait_durable(before + 300);
     assert!(after > before);
     let v = g.con.ask(b'v', "VERIFY", T).unwrap();
     assert!(v.starts_with("VERIFY OK"), "{v}");
@@ -234,7 +220,7 @@ fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
     // hv1 writes; an admin breaks its lease (as for a host gone for good): from then on the
     // file server refuses hv1's writes, whatever hv1's VMM does.
     let g = share_guest(&l, "hv1", &uri);
-    wait_durable(&g, 200);
+    g.wait_durable(200);
     // A disk being written is not copied (the copy would be torn).
     let s = l.server();
     let out =
@@ -289,7 +275,7 @@ fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
     l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
     let uri = l.uri("vms/web01");
     let g = share_guest(&l, "hv1", &uri);
-    let before = wait_durable(&g, 200);
+    let before = g.wait_durable(200);
     let fence = l.disk("vms/web01")["lease"]["fence"].as_u64().unwrap();
     l.h.lab.file_server_proc(0).unwrap().kill();
     std::thread::sleep(Duration::from_secs(3));
@@ -303,7 +289,7 @@ fn the_file_server_restarting_under_guest_io_stalls_it_and_loses_nothing() {
             .unwrap();
     l.h.lab.set_file_server_proc(0, p);
     // The lease survived the restart (it is in the catalogue), so the same VMM writes on.
-    let after = wait_durable(&g, before + 300);
+    let after = g.wait_durable(before + 300);
     assert!(after > before);
     let d = l.disk("vms/web01");
     assert_eq!(d["lease"]["holder"], "hv1", "{d}");
@@ -379,7 +365,7 @@ fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
         ..Default::default()
     });
     let local = vm_disk(&l, "hv1", 0);
-    let before = wait_durable(&g, 100);
+    let before = g.wait_durable(100);
 
     // The VM to hv2 and its disk onto the share, in one command (disks first, then the VM),
     // while the writer runs.
@@ -418,8 +404,11 @@ fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
         "hv2",
         "the lease followed the VM"
     );
-    // Into a folder of the other host: not in one move yet, and it says what to do.
-    let out = l.h.ferry(&[
+    // From the share into a folder of the other host, with the VM: one shared-nothing move
+    // (only checked here; tests/shared_nothing.rs runs them).
+    let hv1_disks = l.h.dir.path().join("hv1-disks");
+    std::fs::create_dir(&hv1_disks).unwrap();
+    let out = l.h.ok(&[
         "--host",
         "hv2",
         "move",
@@ -427,14 +416,10 @@ fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
         "--to",
         "hv1",
         "--storage-to",
-        "/srv",
+        hv1_disks.to_str().unwrap(),
+        "--check",
     ]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("put the disks on a share"),
-        "{}",
-        text(&out)
-    );
+    assert!(out.contains("-> hv1:"), "{out}");
 
     // Share -> hv2's own disk: the share's copy and its lease go.
     let back = l.h.dir.path().join("hv2-disks");
@@ -459,7 +444,7 @@ fn a_running_vm_s_disk_moves_to_a_share_then_with_the_vm_then_back_to_a_host() {
         share_disks(&l, "vms").is_empty(),
         "the share's copy was removed"
     );
-    wait_durable(&g, mid + 200);
+    g.wait_durable(mid + 200);
     g.verify(0);
 }
 
@@ -484,7 +469,7 @@ fn a_storage_move_to_a_share_that_goes_away_fails_and_leaves_the_vm_on_its_disks
         ..Default::default()
     });
     let local = vm_disk(&l, "hv1", 0);
-    let before = wait_durable(&g, 100);
+    let before = g.wait_durable(100);
     let child = l.h.spawn(&[
         "--json",
         "move",
@@ -517,7 +502,7 @@ fn a_storage_move_to_a_share_that_goes_away_fails_and_leaves_the_vm_on_its_disks
         "the data disk is as it was"
     );
     // The guest never saw an error and goes on writing to its own disk.
-    let mid = wait_durable(&g, before + 200);
+    let mid = g.wait_durable(before + 200);
     assert_eq!(l.h.state("hv1", "web01"), "running");
     // The file server comes back: the half-made copies on it are removed.
     let fs = l.fs.clone();
@@ -535,6 +520,6 @@ fn a_storage_move_to_a_share_that_goes_away_fails_and_leaves_the_vm_on_its_disks
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_durable(&g, mid + 100);
+    g.wait_durable(mid + 100);
     g.verify(0);
 }

@@ -9,27 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::hosts::*;
 use common::*;
-use serde_json::Value;
-
-/// A disk the guest does not touch, full of data (so the copy has something to copy), and its
-/// contents.
-fn data_disk(dir: &Path, mib: usize) -> (PathBuf, Vec<u8>) {
-    let p = dir.join("data.img");
-    let mut bytes = vec![0u8; mib << 20];
-    let mut x = 0x9e37_79b9u32;
-    for (i, b) in bytes.iter_mut().enumerate() {
-        // Every 4th MiB stays zero (skipped by the copy); the rest pseudo-random.
-        if (i >> 20) % 4 == 3 {
-            continue;
-        }
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        *b = x as u8 | 1;
-    }
-    std::fs::write(&p, &bytes).unwrap();
-    (p, bytes)
-}
 
 fn same(p: &Path, want: &[u8]) -> bool {
     std::fs::read(p).unwrap() == want
@@ -44,28 +23,10 @@ fn disks(h: &Hosts) -> Vec<String> {
         .collect()
 }
 
-fn durable(g: &Guest) -> u64 {
-    let s = g.con.ask(b's', "STATUS", T).unwrap();
-    assert_eq!(field(&s, "disk_errors").as_deref(), Some("0"), "{s}");
-    num(&s, "disk_durable")
-}
-
-fn wait_durable(g: &Guest, at_least: u64) -> u64 {
-    let deadline = Instant::now() + T;
-    loop {
-        let d = durable(g);
-        if d >= at_least {
-            return d;
-        }
-        assert!(Instant::now() < deadline, "the disk writer stalled at {d}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One host, the test guest with its own disk and a data disk of `mib` MiB (and its bytes).
 fn one_host_guest(mib: usize) -> (Hosts, PathBuf, Vec<u8>, Guest) {
     let h = Hosts::new(1);
-    let (data, sum) = data_disk(h.dir.path(), mib);
+    let (data, sum) = data_disk(h.dir.path(), mib, 0x9e37_79b9);
     let data_arg = data.display().to_string();
     let g = h.guest(GuestSpec {
         memory: 128,
@@ -82,7 +43,7 @@ fn a_running_vm_s_disks_move_to_another_folder_while_it_writes() {
     }
     let (h, _, sum, g) = one_host_guest(24);
     let old = disks(&h);
-    let before = wait_durable(&g, 100);
+    let before = g.wait_durable(100);
     let fast = h.dir.path().join("fast");
     std::fs::create_dir(&fast).unwrap();
 
@@ -137,21 +98,20 @@ fn a_running_vm_s_disks_move_to_another_folder_while_it_writes() {
     );
     // The guest never stopped: it goes on writing, now to the new copy, and every
     // acknowledged record (before, during and after the move) reads back intact.
-    let after = wait_durable(&g, before + 200);
+    let after = g.wait_durable(before + 200);
     let img = std::fs::metadata(fast.join("web01.img")).unwrap();
     assert!(img.len() == 64 << 20, "{img:?}");
     g.verify(0);
-    assert!(durable(&g) >= after);
+    assert!(g.durable() >= after);
     assert_eq!(h.state("hv1", "web01"), "running");
 }
 
 /// `ferry --json move web01 --storage-to DIR/slow` at 40 Mbit/s (36 MiB of data: about 7 s),
 /// once it has copied something. The caller waits for the child.
-#[allow(clippy::zombie_processes)]
 fn slow_move(h: &Hosts) -> (PathBuf, std::process::Child) {
     let slow = h.dir.path().join("slow");
     std::fs::create_dir(&slow).unwrap();
-    let child = h.spawn(&[
+    let child = h.spawn_until_copying(&[
         "--json",
         "move",
         "web01",
@@ -160,21 +120,7 @@ fn slow_move(h: &Hosts) -> (PathBuf, std::process::Child) {
         "--bandwidth-mbit",
         "40",
     ]);
-    let deadline = Instant::now() + T;
-    loop {
-        let v: Value = h.json(&["move", "list"]);
-        let m = v["moves"].as_array().unwrap().last().cloned();
-        let done: u64 = m
-            .as_ref()
-            .and_then(|m| m["storage"].as_array())
-            .map(|s| s.iter().map(|x| x["copied_bytes"].as_u64().unwrap()).sum())
-            .unwrap_or(0);
-        if done > 0 {
-            return (slow, child);
-        }
-        assert!(Instant::now() < deadline, "the copy never started: {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    (slow, child)
 }
 
 #[test]
@@ -184,7 +130,7 @@ fn a_cancelled_storage_move_leaves_the_vm_on_its_disks_and_no_copies() {
     }
     let (h, data, sum, g) = one_host_guest(48);
     let old = disks(&h);
-    let before = wait_durable(&g, 50);
+    let before = g.wait_durable(50);
     let (slow, child) = slow_move(&h);
     assert!(slow.join("data.img").exists(), "the copy is being made");
     let out = h.ok(&["move", "cancel", "web01"]);
@@ -204,7 +150,7 @@ fn a_cancelled_storage_move_leaves_the_vm_on_its_disks_and_no_copies() {
         "no half-made copy stays"
     );
     assert!(same(&data, &sum), "the disk is as it was");
-    wait_durable(&g, before + 100);
+    g.wait_durable(before + 100);
     g.verify(0);
     assert_eq!(h.state("hv1", "web01"), "running");
     // A destination that cannot take the disk is refused by the check, before anything.
@@ -222,7 +168,7 @@ fn a_daemon_restarting_mid_copy_drops_the_copy_and_the_vm_stays_on_its_disks() {
     }
     let (mut h, data, sum, g) = one_host_guest(48);
     let old = disks(&h);
-    let before = wait_durable(&g, 50);
+    let before = g.wait_durable(50);
     let (slow, mut child) = slow_move(&h);
     // The daemon dies mid-copy (its VMM, in its own session, runs on) and comes back.
     h.restart_daemon(0, &[]);
@@ -236,7 +182,7 @@ fn a_daemon_restarting_mid_copy_drops_the_copy_and_the_vm_stays_on_its_disks() {
     assert_eq!(disks(&h), old, "the VM is on its disks");
     assert_eq!(h.state("hv1", "web01"), "running");
     assert!(same(&data, &sum));
-    wait_durable(&g, before + 100);
+    g.wait_durable(before + 100);
     // The VMM's mirror was stopped: a new move runs, to the end.
     let out = h.ferry(&[
         "--json",

@@ -399,9 +399,78 @@ impl Guest {
         writes
     }
 
+    /// How many disk records the guest's writer has made durable (its disk shows no errors).
+    pub fn durable(&self) -> u64 {
+        let s = self.con.ask(b's', "STATUS", T).unwrap();
+        assert_eq!(super::field(&s, "disk_errors").as_deref(), Some("0"), "{s}");
+        super::num(&s, "disk_durable")
+    }
+
+    /// Wait until the writer has made `at_least` records durable; returns how many it has.
+    pub fn wait_durable(&self, at_least: u64) -> u64 {
+        let deadline = Instant::now() + T;
+        loop {
+            let d = self.durable();
+            if d >= at_least {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "the disk writer stalled at {d}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The client's TCP counter stream from this guest.
     pub fn stream(&self, h: &Hosts) -> Stream {
         Stream::new(h.connect(&self.ip, 19))
+    }
+}
+
+/// A disk the guest does not touch, full of data (so a copy has something to copy: every 4th
+/// MiB zero, the rest pseudo-random from `seed`), and its contents.
+pub fn data_disk(dir: &Path, mib: usize, seed: u32) -> (PathBuf, Vec<u8>) {
+    let p = dir.join("data.img");
+    let mut bytes = vec![0u8; mib << 20];
+    let mut x = seed | 1;
+    for (i, b) in bytes.iter_mut().enumerate() {
+        if (i >> 20) % 4 == 3 {
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8 | 1;
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    (p, bytes)
+}
+
+impl Hosts {
+    /// Start `ferry ARGS` (a move that copies disks) and return once its copy has begun; the
+    /// caller waits for the child.
+    #[allow(clippy::zombie_processes)]
+    pub fn spawn_until_copying(&self, args: &[&str]) -> std::process::Child {
+        let child = self.spawn(args);
+        let deadline = Instant::now() + T;
+        loop {
+            let v: Value = self.json(&["move", "list"]);
+            // This move: the one not ended yet (earlier ones have).
+            let m = v["moves"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| !["done", "failed", "cancelled"].contains(&m["state"].as_str().unwrap()))
+                .cloned();
+            let copied: u64 = m
+                .as_ref()
+                .and_then(|m| m["storage"].as_array())
+                .map(|s| s.iter().map(|x| x["copied_bytes"].as_u64().unwrap()).sum())
+                .unwrap_or(0);
+            if copied > 0 {
+                return child;
+            }
+            assert!(Instant::now() < deadline, "the copy never started: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -1,0 +1,227 @@
+//! Shared-nothing moves: `ferry move VM --to HOST --storage-to DIR` moves a running VM and its
+//! disks into a folder of the other host, in one move and one pause, while the guest's disk
+//! writer runs (real daemons in network namespaces, mutual TLS, real KVM, the test guest's
+//! writer and verifier); and a cancel and a destination daemon lost mid-copy, after which the
+//! VM runs on at the source on its disks and the destination keeps nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::hosts::*;
+use common::*;
+
+fn disks(h: &Hosts, host: &str) -> Vec<String> {
+    h.vm(host, "web01").unwrap()["config"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Two hosts; the test guest on hv1 with its own disk and a data disk of `mib` MiB; an empty
+/// folder for hv2's copies.
+fn two_hosts(mib: usize) -> (Hosts, PathBuf, Vec<u8>, Guest, PathBuf) {
+    let h = Hosts::new(2);
+    let (data, sum) = data_disk(h.dir.path(), mib, 0x2545_f491);
+    let data_arg = data.display().to_string();
+    let g = h.guest(GuestSpec {
+        memory: 128,
+        extra: vec!["--disk", &data_arg],
+        ..Default::default()
+    });
+    let dest = h.dir.path().join("hv2-disks");
+    std::fs::create_dir(&dest).unwrap();
+    (h, data, sum, g, dest)
+}
+
+/// `ferry --json move web01 --to hv2 --storage-to DEST ARGS...`, to its end.
+fn move_to_hv2(h: &Hosts, dest: &Path, more: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--json",
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--storage-to",
+        dest.to_str().unwrap(),
+    ];
+    args.extend(more);
+    h.ferry(&args)
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect()
+}
+
+#[test]
+fn a_vm_and_its_disks_move_into_the_other_host_s_folder_in_one_move() {
+    if !kvm_available() {
+        return;
+    }
+    let (h, data, sum, mut g, dest) = two_hosts(24);
+    let old = disks(&h, "hv1");
+    let before = g.wait_durable(100);
+
+    // The check asks both hosts: each disk's way into hv2's folder and the space it needs.
+    let out = h.ok(&[
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--storage-to",
+        dest.to_str().unwrap(),
+        "--check",
+    ]);
+    assert!(out.contains("-> hv2:") && out.contains("MiB free"), "{out}");
+    // A folder hv2 lacks is refused before anything happens.
+    let out = h.ferry(&[
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--storage-to",
+        "/nonexistent",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("is not a folder on hv2"),
+        "{}",
+        text(&out)
+    );
+
+    let out = move_to_hv2(&h, &dest, &[]);
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), h.logs());
+    assert_eq!(r["runs_on"], "hv2");
+    assert_eq!(r["encrypted"], true, "{r}");
+    g.follow_on(&h, "hv2");
+    assert!(h.vm("hv1", "web01").is_none(), "hv1 has no VM web01 now");
+    assert_eq!(
+        disks(&h, "hv2"),
+        vec![
+            dest.join("web01.img").display().to_string(),
+            dest.join("data.img").display().to_string()
+        ],
+        "hv2's definition names its own copies"
+    );
+    let reports = r["disks"].as_array().unwrap();
+    assert_eq!(reports.len(), 2, "{r}");
+    for (i, d) in reports.iter().enumerate() {
+        assert_eq!(d["switched"], true, "{d}");
+        assert_eq!(d["old_copy"], "removed", "{d}");
+        assert!(!Path::new(&old[i]).exists(), "{} was removed", old[i]);
+    }
+    assert!(
+        reports[1]["copied_bytes"].as_u64().unwrap() >= 18 << 20,
+        "{r}"
+    );
+    assert!(
+        reports[1]["skipped_bytes"].as_u64().unwrap() >= 6 << 20,
+        "{r}"
+    );
+    assert!(
+        std::fs::read(dest.join("data.img")).unwrap() == sum,
+        "the copy of the data disk equals the original"
+    );
+    let _ = data;
+    // The guest never restarted: it goes on writing on hv2, to its copy, and every
+    // acknowledged record (before, during and after the move) reads back intact.
+    let after = g.wait_durable(before + 200);
+    g.verify(0);
+    assert!(g.durable() >= after);
+    assert_eq!(h.state("hv2", "web01"), "running");
+}
+
+/// `ferry --json move web01 --to hv2 --storage-to DEST` at 40 Mbit/s, once its copy has begun
+/// (the caller waits for the child).
+fn slow_move(h: &Hosts, dest: &Path) -> std::process::Child {
+    let d = dest.to_str().unwrap();
+    h.spawn_until_copying(&[
+        "--json",
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--storage-to",
+        d,
+        "--bandwidth-mbit",
+        "40",
+    ])
+}
+
+/// The VM runs on hv1 on its own disks, untouched, and hv2 has neither it nor any copy.
+fn still_on_hv1(h: &Hosts, g: &Guest, old: &[String], data: &Path, sum: &[u8], dest: &Path) {
+    assert_eq!(h.state("hv1", "web01"), "running");
+    assert_eq!(disks(h, "hv1"), old, "the VM is on its disks");
+    assert!(h.vm("hv2", "web01").is_none(), "hv2 has no VM web01");
+    let deadline = Instant::now() + T;
+    while !files_in(dest).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "copies stayed on hv2: {:?}\n{}",
+            files_in(dest),
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        std::fs::read(data).unwrap() == sum,
+        "the data disk is as it was"
+    );
+    let d = g.durable();
+    g.wait_durable(d + 50);
+    g.verify(0);
+}
+
+#[test]
+fn a_shared_nothing_move_cancelled_or_losing_its_destination_leaves_the_vm_where_it_was() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut h, data, sum, mut g, dest) = two_hosts(48);
+    let old = disks(&h, "hv1");
+    g.wait_durable(50);
+
+    // Cancelled mid-copy.
+    let child = slow_move(&h, &dest);
+    assert!(!files_in(&dest).is_empty(), "hv2 makes the copies");
+    let out = h.ok(&["move", "cancel", "web01"]);
+    assert!(out.contains("stays"), "{out}");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the move reports it did not happen");
+    let r = report(&out);
+    assert_eq!(r["result"], "cancelled", "{}", text(&out));
+    assert_eq!(r["runs_on"], "hv1");
+    still_on_hv1(&h, &g, &old, &data, &sum, &dest);
+
+    // hv2's daemon dies mid-copy (and comes back): the copy fails, the move with it.
+    let child = slow_move(&h, &dest);
+    h.restart_daemon(1, &[]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let r = report(&out);
+    assert_eq!(r["result"], "failed", "{}", text(&out));
+    assert_eq!(r["runs_on"], "hv1");
+    still_on_hv1(&h, &g, &old, &data, &sum, &dest);
+
+    // Nothing is left in the way: the move runs to the end, keeping the old disks.
+    let out = move_to_hv2(&h, &dest, &["--keep-source"]);
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), h.logs());
+    for d in r["disks"].as_array().unwrap() {
+        assert_eq!(d["old_copy"], "kept", "{d}");
+    }
+    assert!(
+        std::fs::read(&data).unwrap() == sum,
+        "the old data disk is kept, intact"
+    );
+    assert!(std::fs::read(dest.join("data.img")).unwrap() == sum);
+    g.follow_on(&h, "hv2");
+    g.verify(0);
+}
