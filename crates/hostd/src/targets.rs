@@ -507,3 +507,43 @@ impl Export for Touched {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: Option<&str>) -> NbdPeer {
+        NbdPeer {
+            addr: "10.0.0.1:5000".parse().unwrap(),
+            tls_identity: id.map(String::from),
+        }
+    }
+
+    #[test]
+    fn only_the_source_host_opens_or_lists_a_move_s_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("c.img")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let export: Arc<dyn Export> = Arc::new(Touched {
+            inner: RawFileExport::from_file(f, false).unwrap(),
+            last_use: Arc::new(AtomicU64::new(0)),
+        });
+        let p = Provider {
+            exports: BTreeMap::from([("tok-0".to_string(), export)]),
+            allowed: Some("host hv1".into()),
+        };
+        assert!(p.open("tok-0", &peer(Some("host hv1"))).is_ok());
+        assert_eq!(p.list(&peer(Some("host hv1"))), vec!["tok-0".to_string()]);
+        for stranger in [Some("host hv3"), Some("admin hv1"), Some("fileserver hv1"), None] {
+            assert!(
+                matches!(p.open("tok-0", &peer(stranger)), Err(Refusal::Policy(_))),
+                "{stranger:?} must be refused"
+            );
+            assert!(p.list(&peer(stranger)).is_empty());
+        }
+        assert!(matches!(
+            p.open("tok-1", &peer(Some("host hv1"))),
+            Err(Refusal::Unknown(_))
+        ));
+    }
+}
