@@ -114,6 +114,13 @@ impl NbdDisk {
         Ok(d)
     }
 
+    /// How long a request (or a send) may go unanswered before the connection is taken for
+    /// dead: [`REPLY_TIMEOUT`], shorter for a disk with a short stall limit (a mirror's copy,
+    /// whose failure the guest should not wait long for), never under 5 s.
+    fn reply_timeout(&self) -> Duration {
+        REPLY_TIMEOUT.min(self.stall_limit.max(Duration::from_secs(5)))
+    }
+
     fn connect(&self) -> io::Result<Client> {
         let addr = self
             .addr
@@ -123,6 +130,8 @@ impl NbdDisk {
         let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
         let c = Client::connect_stream(sock, &self.export, self.tls.clone(), CONNECT_TIMEOUT)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        // A send the server does not take for as long as a reply may take: the link is dead.
+        c.set_write_timeout(Some(self.reply_timeout()))?;
         if c.size() != self.size && self.size != 0 {
             c.abort();
             return Err(io::Error::other(format!(
@@ -277,7 +286,7 @@ impl NbdDisk {
             let mut lease_wait = false;
             for (k, t) in tickets {
                 let c = match t {
-                    Ok(t) => match t.wait_timeout(REPLY_TIMEOUT) {
+                    Ok(t) => match t.wait_timeout(self.reply_timeout()) {
                         Some(c) => c,
                         None => {
                             // No answer: take the connection for dead (a cut link says nothing).

@@ -533,6 +533,12 @@ impl Client {
         Client::start(n)
     }
 
+    /// Fail a send that cannot go on for `t` (the peer stopped reading: a cut link, a server
+    /// that hangs) instead of blocking until TCP gives up, minutes later. `None`: block.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.shared.sock.set_write_timeout(t)
+    }
+
     /// Break the connection now: every request in flight fails as disconnected, and dropping
     /// the client afterwards does not wait for the server.
     pub fn abort(&self) {
