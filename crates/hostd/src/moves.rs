@@ -486,6 +486,10 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         }
         update(d, id, |i| i.state = MoveState::Preparing);
         if !disks_to.is_empty() && copies.is_none() {
+            // A shared-nothing move's time counts from its disk copy.
+            if let Some(m) = d.lock().outgoing.get_mut(id) {
+                m.started = Instant::now();
+            }
             match crate::shared_nothing::copy(d, id, &dest, &vm, &to, &to_addr, &disks_to).await {
                 Ok(c) => copies = Some(c),
                 Err((state, error)) => {
@@ -543,7 +547,9 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
     };
     if let Some(m) = d.lock().outgoing.get_mut(id) {
         m.queued_ms = queued_at.elapsed().as_millis() as u64;
-        m.started = Instant::now();
+        if copies.is_none() {
+            m.started = Instant::now();
+        }
         m.encrypted = encrypted;
     }
     // From here the VMM may commit the move: record it first, so a restarted daemon settles it.
@@ -798,6 +804,12 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         d.refresh(&vm).await;
     }
     let p = e.progress.clone().unwrap_or_default();
+    let disks = d
+        .lock()
+        .outgoing
+        .get(id)
+        .map(|m| m.disk_reports.clone())
+        .unwrap_or_default();
     let report = MoveReport {
         vm: vm.clone(),
         from: d.name.clone(),
@@ -808,7 +820,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
             _ => "failed",
         }
         .into(),
-        total_ms: if p.elapsed_ms > 0 {
+        total_ms: if p.elapsed_ms > 0 && disks.is_empty() {
             p.elapsed_ms
         } else {
             started.elapsed().as_millis() as u64
@@ -825,12 +837,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         },
         encrypted: encrypted && e.progress.is_some(),
         auth: (!auth.is_empty()).then_some(auth),
-        disks: d
-            .lock()
-            .outgoing
-            .get(id)
-            .map(|m| m.disk_reports.clone())
-            .unwrap_or_default(),
+        disks,
     };
     set_slot(d, id, false);
     let info = update(d, id, |i| {

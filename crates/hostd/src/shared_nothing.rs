@@ -299,15 +299,30 @@ async fn stop_copies(d: &Daemon, r: &RemoteRecord, dest: &Client) {
             }
         }
     }
-    match dest.delete(&format!("/v1/disk-targets/{}", r.id)).await {
+    let path = format!("/v1/disk-targets/{}", r.id);
+    match dest.delete(&path).await {
         Ok(()) => tracing::info!("move {}: {} removed the copies", r.id, r.to),
-        // Its own watch removes them once nothing writes them.
-        Err(e) => tracing::warn!(
-            "move {}: asking {} to remove the copies: {e} (it removes them itself within {:?})",
-            r.id,
-            r.to,
-            crate::targets::IDLE
-        ),
+        Err(e) => {
+            // Unreachable (perhaps why the move failed): ask again once it answers. Its own
+            // watch also removes copies nothing writes, after a while.
+            tracing::warn!(
+                "move {}: asking {} to remove the copies: {e}; asking again until it answers (it removes them itself within {:?})",
+                r.id,
+                r.to,
+                crate::targets::IDLE
+            );
+            let (dest, id, to) = (dest.clone(), r.id.clone(), r.to.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if dest.delete(&path).await.is_ok() {
+                        tracing::info!("move {id}: {to} removed the copies (it answers again)");
+                        return;
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -534,7 +534,12 @@ mod tests {
         };
         assert!(p.open("tok-0", &peer(Some("host hv1"))).is_ok());
         assert_eq!(p.list(&peer(Some("host hv1"))), vec!["tok-0".to_string()]);
-        for stranger in [Some("host hv3"), Some("admin hv1"), Some("fileserver hv1"), None] {
+        for stranger in [
+            Some("host hv3"),
+            Some("admin hv1"),
+            Some("fileserver hv1"),
+            None,
+        ] {
             assert!(
                 matches!(p.open("tok-0", &peer(stranger)), Err(Refusal::Policy(_))),
                 "{stranger:?} must be refused"
