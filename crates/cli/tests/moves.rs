@@ -65,6 +65,7 @@ const SLOW_DIRTIER: GuestSpec = GuestSpec {
     k: 0,
     memory: 256,
     disk: true,
+    disk_mib: 64,
     cmdline: "dirty=32 rate=500",
     extra: Vec::new(),
 };

@@ -1,8 +1,8 @@
 //! Shared-nothing moves: `ferry move VM --to HOST --storage-to DIR` moves a running VM and its
 //! disks into a folder of the other host, in one move and one pause, while the guest's disk
 //! writer runs (real daemons in network namespaces, mutual TLS, real KVM, the test guest's
-//! writer and verifier); and a cancel and a destination daemon lost mid-copy, after which the
-//! VM runs on at the source on its disks and the destination keeps nothing.
+//! writer and verifier); and a cancel, a destination daemon lost and a link cut mid-copy, after
+//! which the VM runs on at the source on its disks and the destination keeps nothing.
 
 mod common;
 
@@ -29,6 +29,8 @@ fn two_hosts(mib: usize) -> (Hosts, PathBuf, Vec<u8>, Guest, PathBuf) {
     let data_arg = data.display().to_string();
     let g = h.guest(GuestSpec {
         memory: 128,
+        // Room for the writer through four moves.
+        disk_mib: 256,
         extra: vec!["--disk", &data_arg],
         ..Default::default()
     });
@@ -180,7 +182,7 @@ fn still_on_hv1(h: &Hosts, g: &Guest, old: &[String], data: &Path, sum: &[u8], d
 }
 
 #[test]
-fn a_shared_nothing_move_cancelled_or_losing_its_destination_leaves_the_vm_where_it_was() {
+fn a_shared_nothing_move_cancelled_or_cut_off_mid_copy_leaves_the_vm_where_it_was() {
     if !kvm_available() {
         return;
     }
@@ -205,6 +207,26 @@ fn a_shared_nothing_move_cancelled_or_losing_its_destination_leaves_the_vm_where
     h.restart_daemon(1, &[]);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", text(&out));
+    let r = report(&out);
+    assert_eq!(r["result"], "failed", "{}", text(&out));
+    assert_eq!(r["runs_on"], "hv1");
+    still_on_hv1(&h, &g, &old, &data, &sum, &dest);
+
+    // hv2's link is cut mid-copy (and mended): the move fails, and the copies go once hv2
+    // answers again.
+    let child = slow_move(&h, &dest);
+    let ns = h.lab.hosts[1].ns.clone();
+    let link = |state: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ip", "link", "set", "eth0", state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set eth0 {state} in {ns}");
+    };
+    link("down");
+    let out = child.wait_with_output().unwrap();
+    link("up");
     let r = report(&out);
     assert_eq!(r["result"], "failed", "{}", text(&out));
     assert_eq!(r["runs_on"], "hv1");

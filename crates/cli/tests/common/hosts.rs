@@ -239,6 +239,8 @@ pub struct GuestSpec<'a> {
     pub k: usize,
     pub memory: u64,
     pub disk: bool,
+    /// The size of its disk, MiB (the writer stops when it is full).
+    pub disk_mib: u64,
     /// Extra guest command line (the heartbeat, TCP server and, with a disk, the writer run
     /// anyway).
     pub cmdline: &'a str,
@@ -254,6 +256,7 @@ impl Default for GuestSpec<'_> {
             k: 0,
             memory: 256,
             disk: true,
+            disk_mib: 64,
             cmdline: "dirty=32 rate=0",
             extra: Vec::new(),
         }
@@ -272,7 +275,7 @@ impl Hosts {
             let p = self.dir.path().join(format!("{}.img", s.name));
             std::fs::File::create(&p)
                 .unwrap()
-                .set_len(64 << 20)
+                .set_len(s.disk_mib << 20)
                 .unwrap();
             p
         });
@@ -406,12 +409,14 @@ impl Guest {
         super::num(&s, "disk_durable")
     }
 
-    /// Wait until the writer has made `at_least` records durable; returns how many it has.
+    /// Wait until the writer has made `at_least` records durable (or filled its disk); returns
+    /// how many it has.
     pub fn wait_durable(&self, at_least: u64) -> u64 {
         let deadline = Instant::now() + T;
         loop {
             let d = self.durable();
-            if d >= at_least {
+            // A writer that filled its disk stops (its records stay for the verifier).
+            if d >= at_least || self.con.text().contains("DISK full") {
                 return d;
             }
             assert!(Instant::now() < deadline, "the disk writer stalled at {d}");
