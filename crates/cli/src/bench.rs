@@ -42,7 +42,8 @@ pub enum BenchCmd {
     /// on the host, and guest-to-host TCP throughput (a lab host; needs root).
     Io(io::IoArgs),
     /// A VM's disk on a file server's share (NBD over TLS, a lab file server) against the same
-    /// disk on the host's own filesystem: guest write and read IOPS, and their ratio.
+    /// disk on the host's own filesystem: guest write and read IOPS, and their ratio; and live
+    /// storage moves (to a folder, to the share, with the VM to the other host) beside QEMU's.
     Storage(storage::StorageArgs),
 }
 

@@ -133,7 +133,12 @@ pub fn run(a: StorageArgs) -> Result<()> {
 
 fn bench(a: &StorageArgs, dir: &Path) -> Result<()> {
     let ferry_bin = std::env::current_exe()?;
-    let mut lab = Lab::new(LabOptions::new(1, dir.join("lab")).with_daemons(&ferry_bin))?;
+    // Two hosts: the shared-nothing rows move the VM and its disk to hv2.
+    let mut lab = Lab::new(LabOptions::new(2, dir.join("lab")).with_daemons(&ferry_bin))?;
+    for h in &lab.hosts {
+        let host = format!("unix:{}", h.socket().display());
+        ferry(&["--host", &host, "host", "set", "--live-migration", "on"])?;
+    }
     let fs = lab.add_file_server(&ferry_bin)?;
     let srv = format!("unix:{}", fs.socket().display());
     ferry(&["share", "create", "vms", "--server", &srv])?;

@@ -1,6 +1,7 @@
 //! The move half of `ferry bench storage`: a running VM's 4 GiB disk moved while the guest
-//! writes to it, by ferry (`ferry move --storage-to`, to a folder and to the share) and by
-//! QEMU (drive-mirror + block-job-complete, to a folder), unlimited and at 1 Gbit/s.
+//! writes to it, by ferry (`ferry move --storage-to`, to a folder and to the share; `--to hv2
+//! --storage-to`, shared-nothing) and by QEMU (drive-mirror + block-job-complete to a folder;
+//! drive-mirror to the destination's NBD export + migrate), unlimited and at 1 Gbit/s.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -123,7 +124,7 @@ fn ferry_row(
     std::thread::sleep(Duration::from_secs(2));
     let s1 = acked(&con)?;
     let to = match dest {
-        "folder" => {
+        "folder" | "host" => {
             let d = dir.join(format!("dest-{name}"));
             std::fs::create_dir_all(&d)?;
             d.display().to_string()
@@ -131,7 +132,7 @@ fn ferry_row(
         _ => "vms".to_string(),
     };
     let capstr = cap.to_string();
-    let out = ferry(&[
+    let mut args = vec![
         "--json",
         "--host",
         &host,
@@ -141,7 +142,24 @@ fn ferry_row(
         &to,
         "--bandwidth-mbit",
         &capstr,
-    ])?;
+    ];
+    if dest == "host" {
+        // Shared-nothing: the VM and its disk into the other host's folder.
+        args.extend(["--to", "hv2"]);
+    }
+    let out = ferry(&args)?;
+    let (con, host) = if dest == "host" {
+        con.close();
+        let h2 = &lab.hosts[1];
+        let c = Port::follow(
+            h2.state_dir.join("vms").join(&name).join("run/con"),
+            Duration::from_millis(5),
+        );
+        wait_console(&c, &name, false)?;
+        (c, format!("unix:{}", h2.socket().display()))
+    } else {
+        (con, host)
+    };
     let s2 = acked(&con)?;
     let r: Value = serde_json::from_str(out.lines().last().unwrap_or("{}"))
         .with_context(|| format!("the move's report: {out}"))?;
@@ -163,9 +181,17 @@ fn ferry_row(
         dest,
         cap_mbit: cap,
         total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
-        copied: d["copied_bytes"].as_u64().unwrap_or(0) + d["mirrored_bytes"].as_u64().unwrap_or(0),
+        // With the VM (shared-nothing), its memory stream too.
+        copied: d["copied_bytes"].as_u64().unwrap_or(0)
+            + d["mirrored_bytes"].as_u64().unwrap_or(0)
+            + if dest == "host" {
+                r["bytes"].as_u64().unwrap_or(0)
+            } else {
+                0
+            },
         skipped: d["skipped_bytes"].as_u64().unwrap_or(0),
-        pause_ms: d["pause_ms"].as_f64(),
+        // A storage move pauses the disk's I/O only; a shared-nothing move, the whole VM once.
+        pause_ms: d["pause_ms"].as_f64().or(r["downtime_ms"].as_f64()),
         iops_before: rate(s0, s1),
         iops_during: rate(s1, s2),
     };
@@ -184,20 +210,16 @@ fn ferry_row(
     Ok(row)
 }
 
-fn qemu_row(
-    lab: &Lab,
+/// One QEMU (microvm, the test guest, the disk as virtio-blk) in namespace `ns`, with its
+/// console and QMP sockets; `extra` arguments appended.
+fn qemu_vm(
+    ns: &str,
     dir: &Path,
     qemu: &Path,
-    run: usize,
-    cap: u64,
-    data_mib: u64,
-) -> Result<Row> {
-    let ns = &lab.hosts[0].ns;
-    let tag = format!("q{run}-{cap}");
-    let img = dir.join(format!("{tag}.img"));
-    image(&img, data_mib)?;
-    let target = dir.join(format!("{tag}-copy.img"));
-    let _ = std::fs::remove_file(&target);
+    tag: &str,
+    img: &Path,
+    extra: &[&str],
+) -> Result<(Proc, Qmp, PathBuf)> {
     let kernel = dir.join("testguest.elf");
     if !kernel.exists() {
         std::fs::write(&kernel, ferry_testguest::elf())?;
@@ -247,10 +269,174 @@ fn qemu_row(
     ]);
     cmd.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+    cmd.args(extra);
     let mut p = Proc::spawn(cmd, format!("QEMU {tag}"), dir.join(format!("{tag}.log")))?;
-    let mut q = Qmp::connect(&qmp_path, &mut p)?;
+    let q = Qmp::connect(&qmp_path, &mut p)?;
+    Ok((p, q, con_path))
+}
+
+/// Start a QEMU created stopped (`-S`) once its console is followed, so that no byte of the
+/// guest's is sent before anyone reads (QEMU's socket drops them), and wait for the guest.
+fn start_on_console(q: &mut Qmp, con: &Port, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !con.connected() {
+        if Instant::now() > deadline {
+            bail!("{what}'s console never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    q.cmd("cont", json!({}))?;
+    wait_console(con, what, true)
+}
+
+/// Wait until QEMU's mirror job `m` is ready (the copy complete and kept in step).
+fn mirror_ready(q: &mut Qmp) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let jobs = q.cmd("query-block-jobs", json!({}))?;
+        let j = jobs.get(0).cloned().context("QEMU's mirror job vanished")?;
+        if j["ready"] == true {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU's mirror never became ready: {j}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// QEMU's shared-nothing move, as libvirt drives it: the destination QEMU (`-incoming defer`)
+/// exports its blank disk over NBD, the source mirrors into it (blockdev-mirror's drive-mirror
+/// form, `mode: existing`), then migrates; once migrated, the mirror is cancelled (its copy is
+/// complete) and the destination runs on its own disk.
+fn qemu_shared_nothing(
+    lab: &Lab,
+    dir: &Path,
+    qemu: &Path,
+    run: usize,
+    cap: u64,
+    data_mib: u64,
+) -> Result<Row> {
+    let tag = format!("qs{run}-{cap}");
+    let img = dir.join(format!("{tag}.img"));
+    image(&img, data_mib)?;
+    let target = dir.join(format!("{tag}-dest.img"));
+    std::fs::File::create(&target)?.set_len(DISK_BYTES)?;
+    let (mut sp, mut sq, scon) = qemu_vm(&lab.hosts[0].ns, dir, qemu, &tag, &img, &["-S"])?;
+    let dtag = format!("{tag}-B");
+    let (mut dp, mut dq, dcon) = qemu_vm(
+        &lab.hosts[1].ns,
+        dir,
+        qemu,
+        &dtag,
+        &target,
+        &["-incoming", "defer"],
+    )?;
+    let ip = &lab.hosts[1].ip;
+    dq.cmd(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": ip, "port": "10809"}}}),
+    )?;
+    dq.cmd("nbd-server-add", json!({"device": "d0", "writable": true}))?;
+    dq.cmd("migrate-incoming", json!({"uri": format!("tcp:{ip}:4444")}))?;
+    let con = Port::follow(scon, Duration::from_millis(5));
+    start_on_console(&mut sq, &con, &tag)?;
+    let s0 = acked(&con)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s1 = acked(&con)?;
+    let t0 = Instant::now();
+    let mut args = json!({"device": "d0", "target": format!("nbd:{ip}:10809:exportname=d0"),
+        "sync": "full", "format": "raw", "mode": "existing", "job-id": "m"});
+    if cap > 0 {
+        args["speed"] = json!(cap * 1_000_000 / 8);
+    }
+    sq.cmd("drive-mirror", args)?;
+    mirror_ready(&mut sq)?;
+    let bw: u64 = if cap > 0 {
+        cap * 1_000_000 / 8
+    } else {
+        10_000_000_000
+    };
+    sq.cmd(
+        "migrate-set-parameters",
+        json!({"downtime-limit": 300, "max-bandwidth": bw}),
+    )?;
+    sq.cmd("migrate", json!({"uri": format!("tcp:{ip}:4444")}))?;
+    let info = loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let q = sq.cmd("query-migrate", json!({}))?;
+        match q.get("status").and_then(Value::as_str).unwrap_or("") {
+            "completed" => break q,
+            "failed" | "cancelled" => bail!("QEMU's migration ended: {q}"),
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(900) {
+            bail!("QEMU's migration did not complete: {q}");
+        }
+    };
+    let total = t0.elapsed();
+    // The copy is complete and the source paused for good: end the mirror, stop exporting.
+    sq.cmd("block-job-cancel", json!({"device": "m", "force": true}))?;
+    dq.cmd("nbd-server-stop", json!({}))?;
+    con.close();
+    let con = Port::follow(dcon, Duration::from_millis(5));
+    wait_console(&con, &dtag, false)?;
+    let s2 = acked(&con)?;
+    let v = con.ask(b'd', "DISK VERIFY", T)?;
+    if !v.starts_with("DISK VERIFY OK") {
+        bail!("the guest's disk check failed after QEMU's shared-nothing move: {v}");
+    }
+    let _ = sq.cmd("quit", json!({}));
+    let _ = dq.cmd("quit", json!({}));
+    con.close();
+    let alloc = allocated(&target);
+    sp.alive().ok();
+    dp.alive().ok();
+    drop(sp);
+    drop(dp);
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_file(&target);
+    let num = |k: &str| info.get(k).and_then(Value::as_f64);
+    let ram = info
+        .get("ram")
+        .and_then(|r| r.get("transferred"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok(Row {
+        vmm: "qemu",
+        dest: "host",
+        cap_mbit: cap,
+        total_ms: total.as_secs_f64() * 1e3,
+        copied: alloc + ram,
+        skipped: DISK_BYTES.saturating_sub(alloc),
+        pause_ms: num("downtime"),
+        iops_before: rate(s0, s1),
+        iops_during: rate(s1, s2),
+    })
+}
+
+fn qemu_row(
+    lab: &Lab,
+    dir: &Path,
+    qemu: &Path,
+    run: usize,
+    cap: u64,
+    data_mib: u64,
+) -> Result<Row> {
+    let ns = &lab.hosts[0].ns;
+    let tag = format!("q{run}-{cap}");
+    let img = dir.join(format!("{tag}.img"));
+    image(&img, data_mib)?;
+    let target = dir.join(format!("{tag}-copy.img"));
+    let _ = std::fs::remove_file(&target);
+    let (p, mut q, con_path) = qemu_vm(ns, dir, qemu, &tag, &img, &["-S"])?;
     let con = Port::follow(con_path, Duration::from_millis(5));
-    wait_console(&con, &tag, true)?;
+    start_on_console(&mut q, &con, &tag)?;
     let s0 = acked(&con)?;
     std::thread::sleep(Duration::from_secs(2));
     let s1 = acked(&con)?;
@@ -260,18 +446,7 @@ fn qemu_row(
         args["speed"] = json!(cap * 1_000_000 / 8);
     }
     q.cmd("drive-mirror", args)?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let jobs = q.cmd("query-block-jobs", json!({}))?;
-        let j = jobs.get(0).cloned().context("QEMU's mirror job vanished")?;
-        if j["ready"] == true {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("QEMU's mirror never became ready: {j}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    mirror_ready(&mut q)?;
     let t_switch = Instant::now();
     q.cmd("block-job-complete", json!({"device": "m"}))?;
     while q
@@ -294,12 +469,7 @@ fn qemu_row(
     let _ = q.cmd("quit", json!({}));
     con.close();
     drop(p);
-    let alloc = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&target)
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0)
-    };
+    let alloc = allocated(&target);
     let _ = std::fs::remove_file(&img);
     let _ = std::fs::remove_file(&target);
     Ok(Row {
@@ -340,7 +510,7 @@ pub fn run(
     }
     let mut rows = Vec::new();
     for cap in [0u64, 1000] {
-        for dest in ["folder", "share"] {
+        for dest in ["folder", "share", "host"] {
             let mut v = Vec::new();
             for r in 0..runs.max(1) {
                 v.push(ferry_row(lab, dir, srv, r, dest, cap, data_mib)?);
@@ -351,6 +521,11 @@ pub fn run(
             let mut v = Vec::new();
             for r in 0..runs.max(1) {
                 v.push(qemu_row(lab, dir, q, r, cap, data_mib)?);
+            }
+            rows.push(median_row(v));
+            let mut v = Vec::new();
+            for r in 0..runs.max(1) {
+                v.push(qemu_shared_nothing(lab, dir, q, r, cap, data_mib)?);
             }
             rows.push(median_row(v));
         }
@@ -370,7 +545,7 @@ pub fn run(
     }
     println!();
     println!(
-        "a running VM's 4 GiB disk ({data_mib} MiB of data, the guest writing 4 KiB records one at a time) moved to another folder or to the share; medians of {}:",
+        "a running VM's 4 GiB disk ({data_mib} MiB of data, the guest writing 4 KiB records one at a time) moved to another folder, to the share, or with the VM to the other host's folder (\"host\", shared-nothing; pause = the VM's); medians of {}:",
         runs.max(1)
     );
     println!(
@@ -413,14 +588,22 @@ pub fn run(
             link
         );
     }
-    for cap in [0u64, 1000] {
+    for (cap, dest) in [
+        (0u64, "folder"),
+        (1000, "folder"),
+        (0, "host"),
+        (1000, "host"),
+    ] {
         let f = rows
             .iter()
-            .find(|r| r.vmm == "ferry" && r.dest == "folder" && r.cap_mbit == cap);
-        let q = rows.iter().find(|r| r.vmm == "qemu" && r.cap_mbit == cap);
+            .find(|r| r.vmm == "ferry" && r.dest == dest && r.cap_mbit == cap);
+        let q = rows
+            .iter()
+            .find(|r| r.vmm == "qemu" && r.dest == dest && r.cap_mbit == cap);
         if let (Some(f), Some(q)) = (f, q) {
             println!(
-                "ferry/qemu to a folder, cap {}: total {:.2}x, pause {}, guest write IOPS while moving {:.0}/{:.0}",
+                "ferry/qemu {}, cap {}: total {:.2}x, pause {}, guest write IOPS while moving {:.0}/{:.0}",
+                if dest == "host" { "with the VM to the other host's folder" } else { "to a folder" },
                 if cap > 0 { format!("{cap} Mbit/s") } else { "none".into() },
                 f.total_ms / q.total_ms,
                 match (f.pause_ms, q.pause_ms) {
