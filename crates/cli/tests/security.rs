@@ -463,6 +463,21 @@ fn delegated_moves_need_a_valid_unused_grant_for_exactly_that_move() {
         a.contains("used already") && a.contains("signed by admin admin"),
         "{a}"
     );
+    // A shared-nothing move under one grant: the copies hv2 makes count by the disks they
+    // were copied from, which the grant names.
+    let dest = h.dir.path().join("hv2-disks");
+    std::fs::create_dir(&dest).unwrap();
+    let d = dest.to_str().unwrap();
+    let out = h.remote(
+        &admin,
+        &["--json", "move", "web01", "--to", "hv2", "--storage-to", d],
+    );
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), h.logs());
+    assert!(r["auth"].as_str().unwrap().contains("grant"), "{r}");
+    g.follow_on(&h, "hv2");
+    g.verify(0);
+    assert!(dest.join("web01.img").exists() && !Path::new(&disk).exists());
 }
 
 #[test]
