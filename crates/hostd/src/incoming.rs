@@ -578,15 +578,7 @@ pub fn abort(d: &Daemon, id: &str) -> ApiResult<IncomingInfo> {
 /// After a daemon restart: pick up every move that was arriving.
 pub fn recover(d: &Arc<Daemon>) {
     let mut pending = Vec::new();
-    for e in std::fs::read_dir(d.state.moves_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let p = e.path();
-        if !p.to_string_lossy().ends_with(".in.json") {
-            continue;
-        }
+    for (_, p) in d.state.records(".in.json") {
         let Ok(Some(r)) = state::read_json::<IncomingRecord>(&p) else {
             continue;
         };

@@ -163,6 +163,30 @@ impl StateDir {
         self.moves_dir().join(format!("{id}.storage.json"))
     }
 
+    /// A shared-nothing move's copies on its destination, sent from here.
+    pub fn remote_record(&self, id: &str) -> PathBuf {
+        self.moves_dir().join(format!("{id}.remote.json"))
+    }
+
+    /// The disk copies this host serves for a shared-nothing move arriving here.
+    pub fn targets_record(&self, id: &str) -> PathBuf {
+        self.moves_dir().join(format!("{id}.targets.json"))
+    }
+
+    /// The records of one kind (`.storage.json`, `.remote.json`, ...): (move id, path).
+    pub fn records(&self, suffix: &str) -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(self.moves_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let p = e.path();
+                let id = p.file_name()?.to_str()?.strip_suffix(suffix)?.to_string();
+                Some((id, p))
+            })
+            .collect()
+    }
+
     /// A move arriving here.
     pub fn incoming_record(&self, id: &str) -> PathBuf {
         self.moves_dir().join(format!("{id}.in.json"))

@@ -839,14 +839,7 @@ async fn remove_recorded(
 /// uses the copy keeps it (the definition is brought up to date, the old disk goes unless it
 /// was to be kept); every other copy is dropped (the VMM's mirror stopped, the copy removed).
 pub async fn recover(d: Arc<Daemon>) {
-    let files: Vec<PathBuf> = std::fs::read_dir(d.state.moves_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".storage.json"))
-        .collect();
-    for f in files {
+    for (_, f) in d.state.records(".storage.json") {
         let Ok(Some(r)) = crate::state::read_json::<StorageRecord>(&f) else {
             continue;
         };
