@@ -356,3 +356,8 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, AuthError> {
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
     Identity::from_cert(certs?.first()?).ok()
 }
+
+/// The identity of a TLS client, as `role name` (an NBD server's view of who connected).
+pub fn client_identity(c: &rustls::ServerConnection) -> Option<String> {
+    peer_identity(c.peer_certificates()).map(|i| i.to_string())
+}

@@ -106,11 +106,6 @@ fn lock_dir(root: &Path) -> Result<std::fs::File, RunError> {
     Ok(f)
 }
 
-/// The identity a TLS client's certificate gives it, as `role name`.
-fn nbd_identity(c: &tokio_rustls::rustls::ServerConnection) -> Option<String> {
-    ferry_auth::tls::peer_identity(c.peer_certificates()).map(|i| i.to_string())
-}
-
 /// Run the file server until the process ends.
 pub async fn run(o: Options) -> Result<(), RunError> {
     let root = std::path::absolute(&o.state_dir).map_err(|source| RunError::State {
@@ -130,7 +125,7 @@ pub async fn run(o: Options) -> Result<(), RunError> {
         .map(|config| ferry_nbd::server::ServerTls {
             config,
             required: true,
-            identity: Some(nbd_identity),
+            identity: Some(ferry_auth::tls::client_identity),
         });
     let nbd_listener = tokio::net::TcpListener::bind(&o.nbd_listen)
         .await
