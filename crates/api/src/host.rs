@@ -542,26 +542,15 @@ pub struct IncomingCheckReply {
     pub listen_ip: Option<String>,
 }
 
-/// `POST /v1/incoming`: get ready to receive move `move_id`.
+/// `POST /v1/incoming`: get ready to receive move `move_id`. Also the body of `POST
+/// /v1/disk-targets`, where a shared-nothing move's destination checks again, then makes the
+/// empty copies `check.disks_to` asks for and serves them to the source for that move only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingRequest {
     pub move_id: String,
     pub check: IncomingCheck,
     /// The admin's grant for this move (a destination in delegated mode requires one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grant: Option<String>,
-}
-
-/// `POST /v1/disk-targets` (daemon to daemon): a shared-nothing move's destination checks
-/// again, makes the empty copies `check.disks_to` asks for in its own folders and serves them
-/// over NBD to the move's source host, for that move only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DiskTargetRequest {
-    pub move_id: String,
-    pub check: IncomingCheck,
-    /// The admin's grant for the move (a destination in delegated mode requires one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
 }

@@ -124,7 +124,6 @@ pub fn document() -> Value {
     let icr = d.schema::<IncomingCheckReply>();
     let ir = d.schema::<IncomingRequest>();
     let irr = d.schema::<IncomingReply>();
-    let dtr = d.schema::<DiskTargetRequest>();
     let dtrr = d.schema::<DiskTargetReply>();
     let ii = d.schema::<IncomingInfo>();
     let settle = d.schema::<SettleReply>();
@@ -278,7 +277,7 @@ pub fn document() -> Value {
         "post",
         "/v1/incoming",
         "(Daemon to daemon.) Start a receiving VMM for a move.",
-        Some(ir),
+        Some(ir.clone()),
         (201, "Where the source VMM connects.", Some(irr)),
         &[400, 403, 409, 422, 503],
     );
@@ -286,8 +285,8 @@ pub fn document() -> Value {
         "post",
         "/v1/disk-targets",
         "(Daemon to daemon.) A shared-nothing move's destination: check its folders, or make the empty copies and serve them over NBD to the source host for that move only.",
-        Some(dtr),
-        (201, "The checks, and where the source writes each copy.", Some(dtrr)),
+        Some(ir),
+        (201, "Where the source writes each copy.", Some(dtrr)),
         &[400, 403, 409, 422],
     );
     d.op(

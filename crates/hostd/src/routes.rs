@@ -343,7 +343,7 @@ async fn incoming_start(
 async fn disk_targets_start(
     State(d): D,
     Extension(peer): Extension<Peer>,
-    Body(req): Body<DiskTargetRequest>,
+    Body(req): Body<IncomingRequest>,
 ) -> ApiResult<Response> {
     let r = crate::targets::start(&d, req, &peer).await?;
     Ok((StatusCode::CREATED, axum::Json(r)).into_response())

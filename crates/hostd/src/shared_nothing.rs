@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_api::host::{
-    CheckItem, CheckReport, DiskMoveReport, DiskTarget, DiskTargetReply, DiskTargetRequest,
-    DiskTargetSpec, IncomingInfo, IncomingState, MoveRequest, MoveState,
+    CheckItem, CheckReport, DiskMoveReport, DiskTarget, DiskTargetReply, DiskTargetSpec,
+    IncomingInfo, IncomingRequest, IncomingState, MoveRequest, MoveState,
 };
 use ferry_api::Request;
 use serde::{Deserialize, Serialize};
@@ -127,13 +127,8 @@ struct RemoteRecord {
     disks: Vec<(usize, PathBuf, PathBuf)>,
 }
 
-fn record_path(d: &Daemon, id: &str) -> PathBuf {
-    d.state.moves_dir().join(format!("{id}.remote.json"))
-}
-
 /// Have the destination make and serve the copies, mirror every disk into its copy, and wait
 /// until all are complete (and kept in step from then on). Returns the copies.
-#[allow(clippy::too_many_arguments)]
 pub async fn copy(
     d: &Arc<Daemon>,
     id: &str,
@@ -154,7 +149,7 @@ pub async fn copy(
     c.disks_to = specs.to_vec();
     // Recorded before the copies exist, so a restarted daemon settles them.
     state::write_json(
-        &record_path(d, id),
+        &d.state.remote_record(id),
         &RemoteRecord {
             id: id.into(),
             vm: vm.into(),
@@ -174,7 +169,7 @@ pub async fn copy(
         },
     )
     .map_err(|e| fail(format!("recording the move: {e}")))?;
-    let req = DiskTargetRequest {
+    let req = IncomingRequest {
         move_id: id.into(),
         check: c,
         grant,
@@ -216,7 +211,7 @@ pub async fn copy(
 /// After the move ended (`state`): done, the old disks go (unless kept); otherwise the VMM
 /// stops mirroring and the destination removes the copies. Returns the per-disk report.
 pub async fn settle(d: &Arc<Daemon>, id: &str, state: MoveState) -> Vec<DiskMoveReport> {
-    let Ok(Some(r)) = state::read_json::<RemoteRecord>(&record_path(d, id)) else {
+    let Ok(Some(r)) = state::read_json::<RemoteRecord>(&d.state.remote_record(id)) else {
         return Vec::new();
     };
     let progress = d
@@ -243,7 +238,7 @@ pub async fn settle(d: &Arc<Daemon>, id: &str, state: MoveState) -> Vec<DiskMove
         stop_copies(d, &r, &dest).await;
         vec![None; r.disks.len()]
     };
-    let _ = std::fs::remove_file(record_path(d, id));
+    let _ = std::fs::remove_file(d.state.remote_record(id));
     r.disks
         .iter()
         .zip(old)
@@ -329,14 +324,7 @@ async fn stop_copies(d: &Daemon, r: &RemoteRecord, dest: &Client) {
 /// After a restart: settle each shared-nothing move whose copies existed, by what the
 /// destination says of it (committed: the old disks go unless kept; otherwise the copies go).
 pub async fn recover(d: Arc<Daemon>) {
-    let files: Vec<PathBuf> = std::fs::read_dir(d.state.moves_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".remote.json"))
-        .collect();
-    for f in files {
+    for (_, f) in d.state.records(".remote.json") {
         let Ok(Some(r)) = state::read_json::<RemoteRecord>(&f) else {
             continue;
         };
@@ -381,7 +369,7 @@ pub async fn recover(d: Arc<Daemon>) {
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            let _ = std::fs::remove_file(record_path(&d, &r.id));
+            let _ = std::fs::remove_file(d.state.remote_record(&r.id));
         });
     }
 }

@@ -16,13 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use ferry_api::host::{DiskTarget, DiskTargetReply, DiskTargetRequest};
+use ferry_api::host::{DiskTarget, DiskTargetReply, IncomingRequest};
 use ferry_api::Outcome;
 use ferry_nbd::export::{
     Export, ExportProvider, Peer as NbdPeer, RawFileExport, Refusal, ZeroFlags,
@@ -58,10 +59,6 @@ struct TargetRecord {
     files: Vec<PathBuf>,
 }
 
-fn record_path(d: &Daemon, id: &str) -> PathBuf {
-    d.state.moves_dir().join(format!("{id}.targets.json"))
-}
-
 /// The source path of disk `path` if it is a copy move `id` made here.
 pub fn source_of(d: &Daemon, id: &str, path: &std::path::Path) -> Option<String> {
     d.lock()
@@ -92,7 +89,7 @@ fn peer_ok(d: &Daemon, from: &str, peer: &Peer) -> ApiResult<()> {
 /// `POST /v1/disk-targets`.
 pub async fn start(
     d: &Arc<Daemon>,
-    req: DiskTargetRequest,
+    req: IncomingRequest,
     peer: &Peer,
 ) -> ApiResult<DiskTargetReply> {
     let id = req.move_id.clone();
@@ -116,7 +113,7 @@ pub async fn start(
     r
 }
 
-async fn make(d: &Arc<Daemon>, req: &DiskTargetRequest) -> ApiResult<DiskTargetReply> {
+async fn make(d: &Arc<Daemon>, req: &IncomingRequest) -> ApiResult<DiskTargetReply> {
     let id = &req.move_id;
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(ApiError::bad_request(format!("{id:?} is not a move id")));
@@ -124,7 +121,7 @@ async fn make(d: &Arc<Daemon>, req: &DiskTargetRequest) -> ApiResult<DiskTargetR
     if req.check.disks_to.is_empty() {
         return Err(ApiError::bad_request("no disks to copy here"));
     }
-    if d.lock().targets.contains_key(id) || record_path(d, id).exists() {
+    if d.lock().targets.contains_key(id) || d.state.targets_record(id).exists() {
         return Err(ApiError::conflict(format!(
             "move {id} has its copies on {} already",
             d.name
@@ -151,7 +148,7 @@ async fn make(d: &Arc<Daemon>, req: &DiskTargetRequest) -> ApiResult<DiskTargetR
         .collect();
     // Recorded before any file exists: a restart finds and removes them.
     state::write_json(
-        &record_path(d, id),
+        &d.state.targets_record(id),
         &TargetRecord {
             id: id.clone(),
             vm: req.check.vm.clone(),
@@ -163,7 +160,7 @@ async fn make(d: &Arc<Daemon>, req: &DiskTargetRequest) -> ApiResult<DiskTargetR
         for f in made {
             let _ = std::fs::remove_file(f);
         }
-        let _ = std::fs::remove_file(record_path(d, id));
+        let _ = std::fs::remove_file(d.state.targets_record(id));
     };
     let mut exports: BTreeMap<String, Arc<dyn Export>> = BTreeMap::new();
     let last_use = Arc::new(AtomicU64::new(vmm::now_ms()));
@@ -233,7 +230,7 @@ async fn make(d: &Arc<Daemon>, req: &DiskTargetRequest) -> ApiResult<DiskTargetR
     let tls = d.security.as_ref().map(|s| ferry_nbd::server::ServerTls {
         config: s.server.clone(),
         required: true,
-        identity: Some(nbd_identity),
+        identity: Some(ferry_auth::tls::client_identity),
     });
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let provider = Arc::new(Provider {
@@ -286,13 +283,6 @@ async fn make(d: &Arc<Daemon>, req: &DiskTargetRequest) -> ApiResult<DiskTargetR
     Ok(reply)
 }
 
-use std::os::unix::fs::OpenOptionsExt;
-
-/// The identity a TLS client's certificate gives it, as `role name`.
-fn nbd_identity(c: &tokio_rustls::rustls::ServerConnection) -> Option<String> {
-    ferry_auth::tls::peer_identity(c.peer_certificates()).map(|i| i.to_string())
-}
-
 /// Give up a move's copies when nothing of the move happens for [`IDLE`] and it has not
 /// arrived; an arriving move settles them itself ([`settled`]).
 async fn watch(d: Arc<Daemon>, id: String) {
@@ -324,7 +314,7 @@ pub fn drop_copies(d: &Daemon, id: &str) {
             s.stop.notify_one();
             s.disks.into_iter().map(|(_, p, _)| p).collect()
         }
-        None => match state::read_json::<TargetRecord>(&record_path(d, id)) {
+        None => match state::read_json::<TargetRecord>(&d.state.targets_record(id)) {
             Ok(Some(r)) => r.files,
             _ => return,
         },
@@ -336,7 +326,7 @@ pub fn drop_copies(d: &Daemon, id: &str) {
             Err(e) => tracing::warn!("move {id}: removing the copy {}: {e}", f.display()),
         }
     }
-    let _ = std::fs::remove_file(record_path(d, id));
+    let _ = std::fs::remove_file(d.state.targets_record(id));
 }
 
 /// The arriving move `id` is decided: committed, its VM runs on the copies (they stay, no
@@ -348,7 +338,7 @@ pub fn settled(d: &Daemon, id: &str, outcome: Outcome) {
                 s.stop.notify_one();
                 tracing::info!("move {id}: its disk copies are {}'s disks now", s.vm);
             }
-            let _ = std::fs::remove_file(record_path(d, id));
+            let _ = std::fs::remove_file(d.state.targets_record(id));
         }
         Outcome::Aborted => drop_copies(d, id),
     }
@@ -362,7 +352,7 @@ pub fn delete(d: &Daemon, id: &str, peer: &Peer) -> ApiResult<()> {
         .get(id)
         .map(|s| s.from.clone())
         .or_else(|| {
-            state::read_json::<TargetRecord>(&record_path(d, id))
+            state::read_json::<TargetRecord>(&d.state.targets_record(id))
                 .ok()
                 .flatten()
                 .map(|r| r.from)
@@ -390,20 +380,7 @@ pub fn delete(d: &Daemon, id: &str, peer: &Peer) -> ApiResult<()> {
 /// After a restart: copies of moves that arrived are settled by their outcome; the others are
 /// removed (nothing serves them any more, so their source's copy has failed).
 pub fn recover(d: &Daemon) {
-    for e in std::fs::read_dir(d.state.moves_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let p = e.path();
-        let Some(id) = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".targets.json"))
-            .map(String::from)
-        else {
-            continue;
-        };
+    for (id, _) in d.state.records(".targets.json") {
         match incoming::record(d, &id).get(&id) {
             Ok(Some(o)) => settled(d, &id, o),
             // Still arriving (its receiving VMM may commit): the arriving move settles them.
