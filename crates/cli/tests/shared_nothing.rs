@@ -39,8 +39,8 @@ fn two_hosts(mib: usize) -> (Hosts, PathBuf, Vec<u8>, Guest, PathBuf) {
     (h, data, sum, g, dest)
 }
 
-/// `ferry --json move web01 --to hv2 --storage-to DEST ARGS...`, to its end.
-fn move_to_hv2(h: &Hosts, dest: &Path, more: &[&str]) -> std::process::Output {
+/// `ferry --json move web01 --to hv2 --storage-to DEST ARGS...`.
+fn move_args<'a>(dest: &'a Path, more: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "--json",
         "move",
@@ -51,7 +51,12 @@ fn move_to_hv2(h: &Hosts, dest: &Path, more: &[&str]) -> std::process::Output {
         dest.to_str().unwrap(),
     ];
     args.extend(more);
-    h.ferry(&args)
+    args
+}
+
+/// That move, to its end.
+fn move_to_hv2(h: &Hosts, dest: &Path, more: &[&str]) -> std::process::Output {
+    h.ferry(&move_args(dest, more))
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
@@ -66,7 +71,7 @@ fn a_vm_and_its_disks_move_into_the_other_host_s_folder_in_one_move() {
     if !kvm_available() {
         return;
     }
-    let (h, data, sum, mut g, dest) = two_hosts(24);
+    let (h, _, sum, mut g, dest) = two_hosts(24);
     let old = disks(&h, "hv1");
     let before = g.wait_durable(100);
 
@@ -131,7 +136,6 @@ fn a_vm_and_its_disks_move_into_the_other_host_s_folder_in_one_move() {
         std::fs::read(dest.join("data.img")).unwrap() == sum,
         "the copy of the data disk equals the original"
     );
-    let _ = data;
     // The guest never restarted: it goes on writing on hv2, to its copy, and every
     // acknowledged record (before, during and after the move) reads back intact.
     let after = g.wait_durable(before + 200);
@@ -140,27 +144,35 @@ fn a_vm_and_its_disks_move_into_the_other_host_s_folder_in_one_move() {
     assert_eq!(h.state("hv2", "web01"), "running");
 }
 
-/// `ferry --json move web01 --to hv2 --storage-to DEST` at 40 Mbit/s, once its copy has begun
-/// (the caller waits for the child).
+/// That move at 40 Mbit/s, once its copy has begun (the caller waits for the child).
 fn slow_move(h: &Hosts, dest: &Path) -> std::process::Child {
-    let d = dest.to_str().unwrap();
-    h.spawn_until_copying(&[
-        "--json",
-        "move",
-        "web01",
-        "--to",
-        "hv2",
-        "--storage-to",
-        d,
-        "--bandwidth-mbit",
-        "40",
-    ])
+    h.spawn_until_copying(&move_args(dest, &["--bandwidth-mbit", "40"]))
+}
+
+/// What must be as it was after a move that did not happen.
+struct Before {
+    old: Vec<String>,
+    data: PathBuf,
+    sum: Vec<u8>,
+    dest: PathBuf,
+}
+
+/// The interrupted move `child` ended as `result`: the VM runs on hv1 on its own disks,
+/// untouched, and hv2 has neither it nor any copy.
+fn ended_on_hv1(h: &Hosts, g: &Guest, b: &Before, child: std::process::Child, result: &str) {
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the move reports it did not happen");
+    let r = report(&out);
+    assert_eq!(r["result"], result, "{}", text(&out));
+    assert_eq!(r["runs_on"], "hv1");
+    still_on_hv1(h, g, b);
 }
 
 /// The VM runs on hv1 on its own disks, untouched, and hv2 has neither it nor any copy.
-fn still_on_hv1(h: &Hosts, g: &Guest, old: &[String], data: &Path, sum: &[u8], dest: &Path) {
+fn still_on_hv1(h: &Hosts, g: &Guest, b: &Before) {
+    let dest = &b.dest;
     assert_eq!(h.state("hv1", "web01"), "running");
-    assert_eq!(disks(h, "hv1"), old, "the VM is on its disks");
+    assert_eq!(disks(h, "hv1"), b.old, "the VM is on its disks");
     assert!(h.vm("hv2", "web01").is_none(), "hv2 has no VM web01");
     let deadline = Instant::now() + T;
     while !files_in(dest).is_empty() {
@@ -173,7 +185,7 @@ fn still_on_hv1(h: &Hosts, g: &Guest, old: &[String], data: &Path, sum: &[u8], d
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        std::fs::read(data).unwrap() == sum,
+        std::fs::read(&b.data).unwrap() == b.sum,
         "the data disk is as it was"
     );
     let d = g.durable();
@@ -187,34 +199,29 @@ fn a_shared_nothing_move_cancelled_or_cut_off_mid_copy_leaves_the_vm_where_it_wa
         return;
     }
     let (mut h, data, sum, mut g, dest) = two_hosts(48);
-    let old = disks(&h, "hv1");
+    let b = Before {
+        old: disks(&h, "hv1"),
+        data,
+        sum,
+        dest,
+    };
     g.wait_durable(50);
 
     // Cancelled mid-copy.
-    let child = slow_move(&h, &dest);
-    assert!(!files_in(&dest).is_empty(), "hv2 makes the copies");
+    let child = slow_move(&h, &b.dest);
+    assert!(!files_in(&b.dest).is_empty(), "hv2 makes the copies");
     let out = h.ok(&["move", "cancel", "web01"]);
     assert!(out.contains("stays"), "{out}");
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "the move reports it did not happen");
-    let r = report(&out);
-    assert_eq!(r["result"], "cancelled", "{}", text(&out));
-    assert_eq!(r["runs_on"], "hv1");
-    still_on_hv1(&h, &g, &old, &data, &sum, &dest);
+    ended_on_hv1(&h, &g, &b, child, "cancelled");
 
     // hv2's daemon dies mid-copy (and comes back): the copy fails, the move with it.
-    let child = slow_move(&h, &dest);
+    let child = slow_move(&h, &b.dest);
     h.restart_daemon(1, &[]);
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "{}", text(&out));
-    let r = report(&out);
-    assert_eq!(r["result"], "failed", "{}", text(&out));
-    assert_eq!(r["runs_on"], "hv1");
-    still_on_hv1(&h, &g, &old, &data, &sum, &dest);
+    ended_on_hv1(&h, &g, &b, child, "failed");
 
     // hv2's link is cut mid-copy (and mended): the move fails, and the copies go once hv2
     // answers again.
-    let child = slow_move(&h, &dest);
+    let child = slow_move(&h, &b.dest);
     let ns = h.lab.hosts[1].ns.clone();
     let link = |state: &str| {
         let ok = std::process::Command::new("ip")
@@ -228,22 +235,24 @@ fn a_shared_nothing_move_cancelled_or_cut_off_mid_copy_leaves_the_vm_where_it_wa
     let out = child.wait_with_output().unwrap();
     link("up");
     let r = report(&out);
+    assert!(!out.status.success(), "the move reports it did not happen");
     assert_eq!(r["result"], "failed", "{}", text(&out));
     assert_eq!(r["runs_on"], "hv1");
-    still_on_hv1(&h, &g, &old, &data, &sum, &dest);
+    still_on_hv1(&h, &g, &b);
 
     // Nothing is left in the way: the move runs to the end, keeping the old disks.
-    let out = move_to_hv2(&h, &dest, &["--keep-source"]);
+    let (data, sum, dest) = (&b.data, &b.sum, &b.dest);
+    let out = move_to_hv2(&h, dest, &["--keep-source"]);
     let r = report(&out);
     assert_eq!(r["result"], "done", "{}\n{}", text(&out), h.logs());
     for d in r["disks"].as_array().unwrap() {
         assert_eq!(d["old_copy"], "kept", "{d}");
     }
     assert!(
-        std::fs::read(&data).unwrap() == sum,
+        std::fs::read(data).unwrap() == *sum,
         "the old data disk is kept, intact"
     );
-    assert!(std::fs::read(dest.join("data.img")).unwrap() == sum);
+    assert!(std::fs::read(dest.join("data.img")).unwrap() == *sum);
     g.follow_on(&h, "hv2");
     g.verify(0);
 }
