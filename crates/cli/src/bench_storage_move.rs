@@ -327,9 +327,9 @@ fn qemu_shared_nothing(
     image(&img, data_mib)?;
     let target = dir.join(format!("{tag}-dest.img"));
     std::fs::File::create(&target)?.set_len(DISK_BYTES)?;
-    let (mut sp, mut sq, scon) = qemu_vm(&lab.hosts[0].ns, dir, qemu, &tag, &img, &["-S"])?;
+    let (sp, mut sq, scon) = qemu_vm(&lab.hosts[0].ns, dir, qemu, &tag, &img, &["-S"])?;
     let dtag = format!("{tag}-B");
-    let (mut dp, mut dq, dcon) = qemu_vm(
+    let (dp, mut dq, dcon) = qemu_vm(
         &lab.hosts[1].ns,
         dir,
         qemu,
@@ -395,8 +395,6 @@ fn qemu_shared_nothing(
     let _ = dq.cmd("quit", json!({}));
     con.close();
     let alloc = allocated(&target);
-    sp.alive().ok();
-    dp.alive().ok();
     drop(sp);
     drop(dp);
     let _ = std::fs::remove_file(&img);
