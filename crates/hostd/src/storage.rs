@@ -506,10 +506,10 @@ pub async fn start(d: &Arc<Daemon>, req: MoveRequest, auth: String) -> ApiResult
     let info = crate::moves::register(d, &req, d.name.clone(), String::new(), report, auth, true)?;
     let id = info.id.clone();
     tracing::info!("move {id}: storage of {}", req.vm);
-    let (d2, keep) = (d.clone(), req.keep_source);
+    let d2 = d.clone();
     tokio::spawn(async move {
         let mut plans = plans;
-        let (state, error) = run(&d2, &id, &mut plans, keep).await;
+        let (state, error) = run(&d2, &id, &mut plans).await;
         finish(&d2, &id, state, error).await;
     });
     Ok(info)
@@ -655,13 +655,13 @@ struct Outcome {
     old_copy: Option<String>,
 }
 
-async fn run(
-    d: &Arc<Daemon>,
-    id: &str,
-    plans: &mut [Plan],
-    keep: bool,
-) -> (MoveState, Option<String>) {
-    let Some(vm) = d.lock().outgoing.get(id).map(|m| m.info.vm.clone()) else {
+async fn run(d: &Arc<Daemon>, id: &str, plans: &mut [Plan]) -> (MoveState, Option<String>) {
+    let Some((vm, keep)) = d
+        .lock()
+        .outgoing
+        .get(id)
+        .map(|m| (m.info.vm.clone(), m.keep_source))
+    else {
         return (MoveState::Failed, Some("the move vanished".into()));
     };
     let queued_at = Instant::now();
