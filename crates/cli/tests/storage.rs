@@ -183,15 +183,21 @@ fn a_daemon_restarting_mid_copy_drops_the_copy_and_the_vm_stays_on_its_disks() {
     assert_eq!(h.state("hv1", "web01"), "running");
     assert!(same(&data, &sum));
     g.wait_durable(before + 100);
-    // The VMM's mirror was stopped: a new move runs, to the end.
+    // The VMM's mirror was stopped: a new move runs, to the end (keeping the old disks).
     let out = h.ferry(&[
         "--json",
         "move",
         "web01",
         "--storage-to",
         slow.to_str().unwrap(),
+        "--keep-source",
     ]);
-    assert_eq!(report(&out)["result"], "done", "{}", text(&out));
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}", text(&out));
     assert!(same(&slow.join("data.img"), &sum));
+    for d in r["disks"].as_array().unwrap() {
+        assert_eq!(d["old_copy"], "kept", "{d}");
+    }
+    assert!(same(&data, &sum), "the old data disk is kept, intact");
     g.verify(0);
 }
