@@ -91,7 +91,7 @@ pub struct DiskCreate {
 }
 
 /// Who may write a disk now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LeaseInfo {
     /// The host holding the write lease, if any.
     pub holder: Option<String>,
@@ -99,6 +99,24 @@ pub struct LeaseInfo {
     pub fence: u64,
     /// When it last changed, Unix ms.
     pub since_ms: u64,
+    /// A move's destination its last holder handed the lease to: only that host may take it
+    /// next (an admin may break it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_to: Option<String>,
+    /// The grant (its id) of the delegated move that handed it over: the destination must
+    /// show that grant to take the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+}
+
+impl LeaseRequest {
+    pub fn new(action: LeaseAction) -> LeaseRequest {
+        LeaseRequest {
+            action,
+            to: None,
+            grant: None,
+        }
+    }
 }
 
 /// A disk on a share.
@@ -124,6 +142,10 @@ pub enum LeaseAction {
     Acquire,
     /// Give it up (only its holder).
     Release,
+    /// Its holder gives it to a move's destination (`to`): nobody else may take it next. In a
+    /// delegated move the holder shows the move's grant, which must name this disk (or its
+    /// share), the holder as source and `to` as destination; `to` must then show it too.
+    HandOver,
     /// An admin takes it from whoever holds it (a host that is gone for good): its open
     /// connections can no longer write.
     Break,
@@ -133,6 +155,13 @@ pub enum LeaseAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LeaseRequest {
     pub action: LeaseAction,
+    /// HandOver: the host it is handed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A delegated move's grant (the JWS the admin signed), with HandOver and with the
+    /// destination's Acquire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 /// `POST /v1/shares/{share}/disks/{disk}/copy`: a copy on this file server (holes stay holes).

@@ -65,6 +65,16 @@ pub fn sign(admin: &Credentials, claims: &GrantClaims) -> Result<String, AuthErr
 /// Verify a grant: who signed it (an admin of this cluster, not removed) and what it says (not
 /// expired). Single use is the caller's to enforce (it keeps the ids).
 pub fn verify(token: &str, trust: &Arc<Trust>) -> Result<(GrantClaims, Identity), AuthError> {
+    verify_within(token, trust, 5)
+}
+
+/// As [`verify`], taking it up to `grace_s` seconds past its expiry: a grant's expiry bounds
+/// when its move may start, and a file server sees it again as the move ends.
+pub fn verify_within(
+    token: &str,
+    trust: &Arc<Trust>,
+    grace_s: u64,
+) -> Result<(GrantClaims, Identity), AuthError> {
     let header =
         jsonwebtoken::decode_header(token).map_err(|e| refuse(format!("not a grant: {e}")))?;
     if header.alg != Algorithm::ES256 {
@@ -104,7 +114,7 @@ pub fn verify(token: &str, trust: &Arc<Trust>) -> Result<(GrantClaims, Identity)
         return Err(refuse(format!("{id} was removed from the cluster")));
     }
     let mut v = Validation::new(Algorithm::ES256);
-    v.leeway = 5;
+    v.leeway = grace_s;
     v.validate_aud = false;
     v.set_required_spec_claims(&["exp"]);
     let claims = jsonwebtoken::decode::<GrantClaims>(token, &decoding_key(&der)?, &v)

@@ -180,7 +180,14 @@ fn human(b: u64) -> String {
 fn lease_text(l: &LeaseInfo) -> String {
     match &l.holder {
         Some(h) => format!("held by {h} (fence {})", l.fence),
-        None => format!("free (fence {})", l.fence),
+        None => match (&l.handed_to, &l.grant) {
+            (Some(t), Some(g)) => format!(
+                "handed over to {t} under grant {g}, which {t} must show (fence {})",
+                l.fence
+            ),
+            (Some(t), None) => format!("handed over to {t} (fence {})", l.fence),
+            _ => format!("free (fence {})", l.fence),
+        },
     }
 }
 
@@ -380,9 +387,7 @@ pub fn disk(cmd: DiskCmd, server: ServerArg, t: &Targets, json: bool) -> Result<
             let i: DiskInfo = rt
                 .block_on(c.post(
                     &format!("/v1/shares/{share}/disks/{d}/lease"),
-                    &LeaseRequest {
-                        action: LeaseAction::Break,
-                    },
+                    &LeaseRequest::new(LeaseAction::Break),
                 ))
                 .map_err(at)?;
             out(json, &i, |i| {

@@ -529,6 +529,31 @@ fn plaintext_only_where_both_hosts_trust_the_network() {
     );
     g.follow_on(&h, "hv1");
     g.verify(0);
+    // A shared-nothing move on that network copies the disks in the clear too, and says so.
+    let mut g = h.guest(GuestSpec {
+        name: "db01",
+        ..Default::default()
+    });
+    let dest = h.dir.path().join("hv2-disks");
+    std::fs::create_dir(&dest).unwrap();
+    let d = dest.to_str().unwrap();
+    let out = h.ferry(&["--json", "move", "db01", "--to", "hv2", "--storage-to", d]);
+    let r = report(&out);
+    assert_eq!(
+        (r["result"].as_str(), r["encrypted"].as_bool()),
+        (Some("done"), Some(false)),
+        "{}\n{}",
+        text(&out),
+        h.logs()
+    );
+    let log = std::fs::read_to_string(h.lab.hosts[1].daemon_log()).unwrap();
+    assert!(
+        log.contains("empty copies of db01's disks on nbd://"),
+        "{log}"
+    );
+    assert!(log.contains("in the clear"), "{log}");
+    g.follow_on(&h, "hv2");
+    g.verify(0);
 }
 
 #[test]

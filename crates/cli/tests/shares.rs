@@ -523,3 +523,162 @@ fn a_storage_move_to_a_share_that_goes_away_fails_and_leaves_the_vm_on_its_disks
     g.wait_durable(mid + 100);
     g.verify(0);
 }
+
+/// `curl` in `host`'s namespace with that host's own certificate and key, against the file
+/// server's API: what a misbehaving host could ask, not what ferry's client does.
+fn as_host(l: &Lab, host: &str, path: &str, body: &Value) -> (u16, String) {
+    let lh = l.h.lab.hosts.iter().find(|h| h.name == host).unwrap();
+    let tls = lh.state_dir.join("tls");
+    let out = ferry_lab::Lab::exec(&lh.ns)
+        .args([
+            "curl",
+            "-sS",
+            "-k",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cert",
+        ])
+        .arg(tls.join("me.crt"))
+        .arg("--key")
+        .arg(tls.join("me.key"))
+        .args(["-H", "content-type: application/json", "--data"])
+        .arg(body.to_string())
+        .arg(format!("https://{}{path}", l.fs.api_addr()))
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = t.rsplit_once('\n').unwrap_or((&t, "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn a_delegated_move_hands_the_share_disk_s_lease_over_only_under_its_grant() {
+    if !kvm_available() {
+        return;
+    }
+    let l = Lab::new();
+    l.vms_share(&["hv1", "hv2"]);
+    l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
+    l.share(&["disk", "create", "vms/other", "--size", "16M"]);
+    for host in ["hv1", "hv2"] {
+        l.h.ok(&[
+            "--host",
+            host,
+            "host",
+            "set",
+            "--migration-auth",
+            "delegated",
+        ]);
+    }
+    let uri = l.uri("vms/web01");
+    let mut g = share_guest(&l, "hv1", &uri);
+    let before = g.wait_durable(200);
+    let fence = l.disk("vms/web01")["lease"]["fence"].as_u64().unwrap();
+    // The admin signs a grant for this move (the VM, hv1 -> hv2, its disk) and moves it from
+    // the client namespace.
+    let admin = l.h.admin_dir();
+    let out = l.h.remote(
+        &admin,
+        &[
+            "grant", "--vm", "web01", "--from", "hv1", "--to", "hv2", "--disk", &uri,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let gf = l.h.dir.path().join("grant");
+    std::fs::write(&gf, &token).unwrap();
+    let out = l.h.remote(
+        &admin,
+        &[
+            "--json",
+            "move",
+            "web01",
+            "--to",
+            "hv2",
+            "--grant",
+            gf.to_str().unwrap(),
+        ],
+    );
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
+    assert!(r["auth"].as_str().unwrap().contains("grant"), "{r}");
+    g.follow_on(&l.h, "hv2");
+    let after = wait_durable_or_logs(&l, &g, before + 300);
+    assert!(after > before);
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], "hv2", "{d}");
+    assert!(d["lease"]["fence"].as_u64().unwrap() > fence, "{d}");
+    let fence = d["lease"]["fence"].as_u64().unwrap();
+    // The file server saw the grant on both sides of the hand-over.
+    let audit = std::fs::read_to_string(l.fs.state_dir.join("audit.jsonl")).unwrap();
+    let jti = {
+        use base64::Engine;
+        let p = token.split('.').nth(1).unwrap();
+        let c: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .unwrap(),
+        )
+        .unwrap();
+        c["jti"].as_str().unwrap().to_string()
+    };
+    for side in [
+        "handover lease of vms/web01 to hv2",
+        "acquire lease of vms/web01",
+    ] {
+        assert!(
+            audit
+                .lines()
+                .any(|e| e.contains(side) && e.contains(&jti) && !e.contains("refused\":\"")),
+            "{side} under grant {jti}:\n{audit}"
+        );
+    }
+
+    // hv2, with its own certificate, tries to use the grant beyond the move: another disk of
+    // the share (free, and hv2 may write the share), then the moved disk again.
+    let lease = |disk: &str| format!("/v1/shares/vms/disks/{disk}/lease");
+    let body = serde_json::json!({"action": "acquire", "grant": token});
+    let (code, b) = as_host(&l, "hv2", &lease("other"), &body);
+    assert_eq!(code, 403, "{b}");
+    assert!(b.contains("does not name disk vms/other"), "{b}");
+    let (code, b) = as_host(&l, "hv2", &lease("web01"), &body);
+    assert_eq!(code, 403, "{b}");
+    assert!(b.contains("hands disk vms/web01 to nobody"), "{b}");
+    // hv1 cannot hand the disk over under it again (it did once; it does not hold it now).
+    let body = serde_json::json!({"action": "hand_over", "to": "hv2", "grant": token});
+    let (code, b) = as_host(&l, "hv1", &lease("web01"), &body);
+    assert_eq!(code, 403, "{b}");
+    assert!(b.contains("once already"), "{b}");
+    // An altered grant is not the admin's.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let body = serde_json::json!({"action": "acquire", "grant": forged});
+    let (code, b) = as_host(&l, "hv2", &lease("other"), &body);
+    assert_eq!(code, 403, "{b}");
+    // Nothing changed: the other disk is free at its fence, the moved one hv2's, and the guest
+    // writes on.
+    let o = l.disk("vms/other");
+    assert_eq!(
+        (o["lease"]["holder"].clone(), o["lease"]["fence"].as_u64()),
+        (Value::Null, Some(0)),
+        "{o}"
+    );
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], "hv2", "{d}");
+    assert_eq!(d["lease"]["fence"].as_u64(), Some(fence), "{d}");
+    let audit = std::fs::read_to_string(l.fs.state_dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|e| e.contains("acquire lease of vms/other") && e.contains("does not name")),
+        "every refusal is audited:\n{audit}"
+    );
+    wait_durable_or_logs(&l, &g, after + 100);
+    let v = g.con.ask(b'v', "VERIFY", T).unwrap();
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+    disk_verify(&g);
+    assert!(l.h.vm("hv1", "web01").is_none(), "gone from hv1");
+}

@@ -35,6 +35,7 @@ pub struct InMove {
     pub from: String,
     pub state: IncomingState,
     pub since: Instant,
+    pub grant: Option<String>,
 }
 
 impl InMove {
@@ -61,6 +62,9 @@ pub struct IncomingRecord {
     pub from: String,
     pub state: IncomingState,
     pub created_ms: u64,
+    /// A delegated move's grant: the file server wants it to hand the disks' leases over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 /// The outcome record of move `id` on this host.
@@ -113,6 +117,20 @@ fn authorise(d: &Daemon, req: &IncomingRequest, peer: &Peer) -> ApiResult<String
     check_grant(d, &req.move_id, req.grant.as_deref(), &req.check, true)?
         .map(|(jti, admin)| format!("grant {jti} signed by {admin}"))
         .ok_or_else(|| ApiError::internal("no grant checked"))
+}
+
+/// Whether a move arriving on migration address `ip` goes in the clear (its memory stream and
+/// a shared-nothing move's disk copies): only where both hosts trust the network for it, or
+/// outside a cluster.
+pub fn plaintext(d: &Daemon, ip: &str, check: &ferry_api::host::IncomingCheck) -> bool {
+    let trusted = |nets: &[String]| {
+        let nets = crate::hostinfo::parse_nets(nets).unwrap_or_default();
+        ip.parse()
+            .is_ok_and(|a| !nets.is_empty() && crate::hostinfo::allowed(&nets, a))
+    };
+    d.security.is_none()
+        || (trusted(&d.lock().settings.plaintext_migration_networks)
+            && trusted(&check.plaintext_networks))
 }
 
 /// In delegated mode, whether `token` is an admin's grant for exactly this move (VM, source,
@@ -312,6 +330,7 @@ async fn start_authorised(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<In
                 from: req.check.from.clone(),
                 state: IncomingState::Receiving,
                 created_ms: vmm::now_ms(),
+                grant: req.grant.clone(),
             },
         )?;
         g.vms.insert(
@@ -329,6 +348,7 @@ async fn start_authorised(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<In
                 from: req.check.from.clone(),
                 state: IncomingState::Receiving,
                 since: Instant::now(),
+                grant: req.grant.clone(),
             },
         );
     }
@@ -345,15 +365,7 @@ async fn start_authorised(d: &Arc<Daemon>, req: IncomingRequest) -> ApiResult<In
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    // In the clear only where both hosts trust the network for it.
-    let trusted = |nets: &[String]| {
-        let nets = crate::hostinfo::parse_nets(nets).unwrap_or_default();
-        ip.parse()
-            .is_ok_and(|a| !nets.is_empty() && crate::hostinfo::allowed(&nets, a))
-    };
-    let plaintext = d.security.is_none()
-        || (trusted(&d.lock().settings.plaintext_migration_networks)
-            && trusted(&req.check.plaintext_networks));
+    let plaintext = plaintext(d, &ip, &req.check);
     let mut args: Vec<std::ffi::OsString> = vec![
         "vmm".into(),
         "receive".into(),
@@ -419,12 +431,19 @@ pub async fn watch(d: Arc<Daemon>, id: String) {
         match record(&d, &id).get(&id) {
             Ok(Some(Outcome::Committed)) => {
                 commit(&d, &id, &vm);
-                let config = d.lock().vms.get(&vm).map(|v| v.record.config.clone());
+                let (config, grant) = {
+                    let g = d.lock();
+                    (
+                        g.vms.get(&vm).map(|v| v.record.config.clone()),
+                        g.incoming.get(&id).and_then(|m| m.grant.clone()),
+                    )
+                };
                 if let Some(c) = config {
                     tokio::spawn(crate::leases::acquire_when_free(
                         d.clone(),
                         c,
                         Duration::from_secs(60),
+                        grant,
                     ));
                 }
                 return;
@@ -483,6 +502,7 @@ fn commit(d: &Daemon, id: &str, vm: &str) {
                 from: m.from.clone(),
                 state: IncomingState::Committed,
                 created_ms: vmm::now_ms(),
+                grant: m.grant.clone(),
             },
         );
     }
@@ -516,6 +536,7 @@ fn cleanup(d: &Daemon, id: &str) {
             from,
             state: IncomingState::Aborted,
             created_ms: vmm::now_ms(),
+            grant: None,
         },
     );
     drop(g);
@@ -588,6 +609,7 @@ pub fn recover(d: &Arc<Daemon>) {
             from: r.from.clone(),
             state: r.state,
             since: Instant::now(),
+            grant: r.grant.clone(),
         };
         if r.state == IncomingState::Receiving {
             pending.push(r.id.clone());

@@ -79,11 +79,11 @@ fn shared_disks(d: &Daemon, config: &VmConfig) -> Result<Vec<SharedDisk>, String
     Ok(v)
 }
 
-async fn lease(s: &SharedDisk, action: LeaseAction) -> Result<DiskInfo, crate::ClientError> {
+async fn lease(s: &SharedDisk, req: &LeaseRequest) -> Result<DiskInfo, crate::ClientError> {
     s.client
         .post(
             &format!("/v1/shares/{}/disks/{}/lease", s.share, s.disk),
-            &LeaseRequest { action },
+            req,
         )
         .await
 }
@@ -91,20 +91,32 @@ async fn lease(s: &SharedDisk, action: LeaseAction) -> Result<DiskInfo, crate::C
 /// Take the write lease of every share disk of `config` (before starting its VMM).
 pub async fn acquire(d: &Daemon, config: &VmConfig) -> Result<(), String> {
     for s in shared_disks(d, config)? {
-        let i = lease(&s, LeaseAction::Acquire).await.map_err(|e| {
-            format!(
-                "cannot take the write lease of {} from file server {}: {e}",
-                s.uri, s.server
-            )
-        })?;
+        let i = lease(&s, &LeaseRequest::new(LeaseAction::Acquire))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot take the write lease of {} from file server {}: {e}",
+                    s.uri, s.server
+                )
+            })?;
         tracing::info!("write lease of {} taken (fence {})", s.uri, i.lease.fence);
     }
     Ok(())
 }
 
-/// Take the leases once the previous holder (a move's source) has let them go: keep asking
-/// for up to `wait`.
-pub async fn acquire_when_free(d: Arc<Daemon>, config: VmConfig, wait: Duration) {
+/// Take the leases once the previous holder (a move's source) has handed them over: keep
+/// asking for up to `wait`. `grant`: the delegated move's grant, which the file server wants
+/// to see when the source handed the lease over under it.
+pub async fn acquire_when_free(
+    d: Arc<Daemon>,
+    config: VmConfig,
+    wait: Duration,
+    grant: Option<String>,
+) {
+    let req = LeaseRequest {
+        grant,
+        ..LeaseRequest::new(LeaseAction::Acquire)
+    };
     let disks = match shared_disks(&d, &config) {
         Ok(v) => v,
         Err(e) => {
@@ -115,7 +127,7 @@ pub async fn acquire_when_free(d: Arc<Daemon>, config: VmConfig, wait: Duration)
     for s in disks {
         let deadline = Instant::now() + wait;
         loop {
-            match lease(&s, LeaseAction::Acquire).await {
+            match lease(&s, &req).await {
                 Ok(i) => {
                     tracing::info!(
                         "write lease of {} taken over (fence {})",
@@ -151,9 +163,62 @@ pub async fn release(d: &Daemon, config: &VmConfig) {
         }
     };
     for s in disks {
-        match lease(&s, LeaseAction::Release).await {
+        match lease(&s, &LeaseRequest::new(LeaseAction::Release)).await {
             Ok(_) => tracing::info!("write lease of {} given up", s.uri),
             Err(e) => tracing::warn!("giving up the write lease of {}: {e}", s.uri),
+        }
+    }
+}
+
+/// A move committed: hand the leases over to its destination `to` (nobody else may take them
+/// next), under the move's grant in delegated mode. An unreachable file server is asked again
+/// for a minute (the destination's guest writes wait meanwhile); a refusal is logged: the
+/// destination cannot write until an admin breaks the lease.
+pub async fn hand_over(d: &Daemon, config: &VmConfig, to: &str, grant: Option<String>) {
+    let disks = match shared_disks(d, config) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("leases: {e}");
+            return;
+        }
+    };
+    let req = LeaseRequest {
+        to: Some(to.to_string()),
+        grant,
+        ..LeaseRequest::new(LeaseAction::HandOver)
+    };
+    for s in disks {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match lease(&s, &req).await {
+                Ok(_) => {
+                    tracing::info!("write lease of {} handed over to {to}", s.uri);
+                    break;
+                }
+                Err(crate::ClientError::Api { status, body }) => {
+                    tracing::error!(
+                        "file server {} refused to hand the write lease of {} over to {to} ({status}): {}",
+                        s.server,
+                        s.uri,
+                        body.error
+                    );
+                    break;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(
+                        "handing the write lease of {} over: {e}; asking again",
+                        s.uri
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "could not hand the write lease of {} over to {to}: {e}",
+                        s.uri
+                    );
+                    break;
+                }
+            }
         }
     }
 }

@@ -774,16 +774,19 @@ async fn vmm_gone(
 
 /// Record how a move ended; a VM that left is removed from here.
 async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
-    let Some((vm, to, started, queued_ms, encrypted, auth)) = d.lock().outgoing.get(id).map(|m| {
-        (
-            m.info.vm.clone(),
-            m.info.to.clone(),
-            m.started,
-            m.queued_ms,
-            m.encrypted,
-            m.auth.clone(),
-        )
-    }) else {
+    let Some((vm, to, started, queued_ms, encrypted, auth, grant)) =
+        d.lock().outgoing.get(id).map(|m| {
+            (
+                m.info.vm.clone(),
+                m.info.to.clone(),
+                m.started,
+                m.queued_ms,
+                m.encrypted,
+                m.auth.clone(),
+                m.grant.clone(),
+            )
+        })
+    else {
         return;
     };
     tracing::debug!("move {id}: the VMM reported {:?}", e.state);
@@ -792,9 +795,9 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         // on its own; its files go once it has.
         let config = d.lock().vms.remove(&vm).map(|v| v.record.config);
         if let Some(c) = config {
-            // The destination takes the disks' write leases once they are free.
-            let d2 = d.clone();
-            tokio::spawn(async move { crate::leases::release(&d2, &c).await });
+            // The destination takes the disks' write leases once they are handed over.
+            let (d2, to2) = (d.clone(), to.clone());
+            tokio::spawn(async move { crate::leases::hand_over(&d2, &c, &to2, grant).await });
         }
         let (d2, vm2) = (d.clone(), vm.clone());
         tokio::spawn(async move { forget(&d2, &vm2).await });

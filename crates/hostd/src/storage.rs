@@ -57,7 +57,7 @@ impl ShareRef {
         self.client
             .post(
                 &format!("{}/lease", self.disk_path(disk)),
-                &LeaseRequest { action },
+                &LeaseRequest::new(action),
             )
             .await
     }
@@ -716,9 +716,7 @@ async fn run(d: &Arc<Daemon>, id: &str, plans: &mut [Plan]) -> (MoveState, Optio
                     .client
                     .post::<_, DiskInfo>(
                         &format!("{}/lease", s.disk_path(n)),
-                        &LeaseRequest {
-                            action: LeaseAction::Release,
-                        },
+                        &LeaseRequest::new(LeaseAction::Release),
                     )
                     .await;
             }

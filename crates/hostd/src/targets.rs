@@ -227,18 +227,21 @@ async fn make(d: &Arc<Daemon>, req: &IncomingRequest) -> ApiResult<DiskTargetRep
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let tls = d.security.as_ref().map(|s| ferry_nbd::server::ServerTls {
-        config: s.server.clone(),
-        required: true,
-        identity: Some(ferry_auth::tls::client_identity),
-    });
+    // Encrypted as the move's memory stream will be: in the clear only on a network both hosts
+    // trust for it (then the export names' random token is what keeps others out).
+    let tls = d
+        .security
+        .as_ref()
+        .filter(|_| !incoming::plaintext(d, &ip, &req.check))
+        .map(|s| ferry_nbd::server::ServerTls {
+            config: s.server.clone(),
+            required: true,
+            identity: Some(ferry_auth::tls::client_identity),
+        });
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let provider = Arc::new(Provider {
         exports,
-        allowed: d
-            .security
-            .as_ref()
-            .map(|_| format!("host {}", req.check.from)),
+        allowed: tls.as_ref().map(|_| format!("host {}", req.check.from)),
     });
     let stop = Arc::new(Notify::new());
     {
@@ -274,10 +277,15 @@ async fn make(d: &Arc<Daemon>, req: &IncomingRequest) -> ApiResult<DiskTargetRep
         },
     );
     tracing::info!(
-        "move {id}: serving {} empty copies of {}'s disks on {addr} for {}",
+        "move {id}: serving {} empty copies of {}'s disks on {scheme}://{addr} for {}{}",
         reply.disks.len(),
         req.check.vm,
-        req.check.from
+        req.check.from,
+        if scheme == "nbd" && d.security.is_some() {
+            " in the clear (a network both hosts trust for migrations)"
+        } else {
+            ""
+        }
     );
     tokio::spawn(watch(d.clone(), id.clone()));
     Ok(reply)

@@ -297,17 +297,55 @@ async fn lease(
     Path((share, disk)): Path<(String, String)>,
     Body(b): Body<LeaseRequest>,
 ) -> R {
-    let what = format!("{:?} lease of {share}/{disk}", b.action).to_lowercase();
+    let mut what = format!("{:?} lease of {share}/{disk}", b.action).to_lowercase();
+    if let Some(t) = &b.to {
+        what.push_str(&format!(" to {t}"));
+    }
     let c = caller(&s, &p)?;
+    // A delegated move's grant: an admin of this cluster signed it (checked here); what it
+    // allows for this disk is the store's to check.
+    let grant = match (&b.grant, &s.security) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(ApiError::bad_request(
+                "this file server is in no cluster: it cannot check grants",
+            )
+            .into())
+        }
+        (Some(t), Some(sec)) => {
+            match ferry_auth::grant::verify_within(t, &sec.trust, crate::store::GRANT_GRACE_S) {
+                Ok((g, _)) => {
+                    what.push_str(&format!(
+                        " under grant {} signed by admin {}",
+                        g.jti, g.admin
+                    ));
+                    Some(g)
+                }
+                Err(e) => {
+                    let e = StoreError::Forbidden(e.to_string());
+                    audit::record(&s.state, &p, &what, Some(&e.to_string()), None);
+                    return Err(e.into());
+                }
+            }
+        }
+    };
     let r = match (b.action, &c) {
         (LeaseAction::Break, Caller::Admin) => s.store.break_lease(&share, &disk),
         (LeaseAction::Break, Caller::Host(h)) => Err(StoreError::Forbidden(format!(
             "host {h} may not break leases: only admins may"
         ))),
-        (LeaseAction::Acquire, Caller::Host(h)) => s.store.acquire(&share, &disk, h),
+        (LeaseAction::Acquire, Caller::Host(h)) => {
+            s.store.acquire(&share, &disk, h, grant.as_ref())
+        }
         (LeaseAction::Release, Caller::Host(h)) => s.store.release(&share, &disk, h),
+        (LeaseAction::HandOver, Caller::Host(h)) => match &b.to {
+            Some(to) => s.store.hand_over(&share, &disk, h, to, grant.as_ref()),
+            None => Err(StoreError::Bad(
+                "a hand-over names the host it goes to (`to`)".into(),
+            )),
+        },
         (_, Caller::Admin) => Err(StoreError::Bad(
-            "a lease is acquired and released by the host that writes (an admin may break it)"
+            "a lease is acquired, released and handed over by the host that writes (an admin may break it)"
                 .into(),
         )),
     };

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ferry_api::share::{Access, DiskInfo, LeaseInfo, ShareInfo};
+use ferry_auth::grant::GrantClaims;
 use serde::{Deserialize, Serialize};
 
 /// Why a catalogue operation was refused.
@@ -44,6 +45,53 @@ struct Catalog {
     /// By export name (`share/disk`).
     #[serde(default)]
     leases: BTreeMap<String, LeaseInfo>,
+    /// Grants a lease was handed over under, as `"{grant id} {export}"`, with the grant's
+    /// expiry: each hands a disk over once.
+    #[serde(default)]
+    spent_grants: BTreeMap<String, i64>,
+}
+
+/// How long past its expiry a grant still hands a disk over (its move started in time; the
+/// lease passes as the move ends), and how long its spent id is kept.
+pub const GRANT_GRACE_S: u64 = 24 * 3600;
+
+/// Whether a grant names a disk of this file server: the disk itself (its `nbd://` or
+/// `nbds://` URI, by export name) or its share (`SHARE` or `FILESERVER:SHARE`).
+pub fn grant_names(g: &GrantClaims, share: &str, disk: &str) -> bool {
+    let export = export_name(share, disk);
+    g.shares
+        .iter()
+        .any(|s| s == share || s.rsplit_once(':').is_some_and(|(_, s)| s == share))
+        || g.disks
+            .iter()
+            .any(|d| ferry_nbd::client::parse_uri(d).is_ok_and(|u| u.export == export))
+}
+
+/// Refuse what grant `g` does not allow for disk `share/disk`: a move from another host than
+/// `from`, to another host than `to`, or a disk (and share) it does not name.
+fn refuse_outside(
+    g: &GrantClaims,
+    share: &str,
+    disk: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(), StoreError> {
+    let no = |m: String| {
+        Err(StoreError::Forbidden(format!(
+            "grant {} refused: {m}",
+            g.jti
+        )))
+    };
+    if let Some(f) = from.filter(|f| *f != g.from) {
+        return no(format!("it is for a move from {}, not from {f}", g.from));
+    }
+    if let Some(t) = to.filter(|t| *t != g.to) {
+        return no(format!("it is for a move to {}, not to {t}", g.to));
+    }
+    if !grant_names(g, share, disk) {
+        return no(format!("it does not name disk {share}/{disk} or its share"));
+    }
+    Ok(())
 }
 
 /// The catalogue, shared by the API and the NBD exports.
@@ -243,15 +291,7 @@ impl Store {
     }
 
     pub fn lease(&self, export: &str) -> LeaseInfo {
-        self.lock()
-            .leases
-            .get(export)
-            .cloned()
-            .unwrap_or(LeaseInfo {
-                holder: None,
-                fence: 0,
-                since_ms: 0,
-            })
+        self.lock().leases.get(export).cloned().unwrap_or_default()
     }
 
     pub fn disk_info(
@@ -338,7 +378,16 @@ impl Store {
 
     /// Take the write lease of `export` for `host` (it must have write access). Taking it
     /// again while holding it raises the fence too: connections opened before cannot write.
-    pub fn acquire(&self, share: &str, disk: &str, host: &str) -> Result<LeaseInfo, StoreError> {
+    /// A lease handed over in a move goes only to that move's destination, and, handed over
+    /// under a delegated move's grant, only with that grant (checked by the caller: signed by
+    /// an admin of the cluster), once.
+    pub fn acquire(
+        &self,
+        share: &str,
+        disk: &str,
+        host: &str,
+        grant: Option<&GrantClaims>,
+    ) -> Result<LeaseInfo, StoreError> {
         self.disk_path(share, disk)?;
         if self.access(share, host) != Some(Access::Write) {
             return Err(StoreError::Forbidden(format!(
@@ -346,29 +395,99 @@ impl Store {
             )));
         }
         let export = export_name(share, disk);
+        if let Some(g) = grant {
+            refuse_outside(g, share, disk, None, Some(host))?;
+        }
         self.change(|c| {
-            let l = c.leases.entry(export.clone()).or_insert(LeaseInfo {
-                holder: None,
-                fence: 0,
-                since_ms: 0,
-            });
-            match &l.holder {
-                Some(h) if h != host => Err(StoreError::Conflict(format!(
+            let l = c.leases.entry(export.clone()).or_default();
+            if let Some(h) = l.holder.as_ref().filter(|h| *h != host) {
+                return Err(StoreError::Conflict(format!(
                     "{h} holds disk {export}'s write lease (fence {}): it gives it up when its VM stops or moves; an admin can break it",
                     l.fence
-                ))),
-                _ => {
-                    l.holder = Some(host.into());
-                    l.fence += 1;
-                    l.since_ms = now_ms();
-                    Ok(l.clone())
-                }
+                )));
             }
+            match (&l.handed_to, &l.grant, grant) {
+                (Some(t), _, _) if t != host => {
+                    return Err(StoreError::Conflict(format!(
+                        "disk {export} was handed over to {t} in a move: only {t} may take its lease next (an admin can break it)"
+                    )))
+                }
+                (Some(_), Some(id), g) if g.map(|g| &g.jti) != Some(id) => {
+                    return Err(StoreError::Forbidden(format!(
+                        "disk {export} was handed over under grant {id}: {host} takes it only with that grant"
+                    )))
+                }
+                (None, _, Some(g)) => {
+                    return Err(StoreError::Forbidden(format!(
+                        "grant {} hands disk {export} to nobody now: it did so once already (a grant works once), or the disk was never handed over under it",
+                        g.jti
+                    )))
+                }
+                _ => {}
+            }
+            if let Some(g) = grant {
+                let now = (now_ms() / 1000) as i64;
+                c.spent_grants
+                    .retain(|_, exp| *exp + GRANT_GRACE_S as i64 > now);
+                c.spent_grants
+                    .insert(format!("{} {export}", g.jti), g.exp);
+            }
+            let l = c.leases.entry(export.clone()).or_default();
+            l.holder = Some(host.into());
+            l.fence += 1;
+            l.since_ms = now_ms();
+            l.handed_to = None;
+            l.grant = None;
+            Ok(l.clone())
         })
     }
 
     /// Give the lease up (only its holder).
     pub fn release(&self, share: &str, disk: &str, host: &str) -> Result<LeaseInfo, StoreError> {
+        self.give_up(share, disk, host, None)
+    }
+
+    /// The holder gives the lease to a move's destination `to`: from now on only `to` may
+    /// take it. Under a delegated move's grant (checked by the caller), the grant must be
+    /// for a move from `host` to `to` naming this disk or its share, and `to` must show it.
+    pub fn hand_over(
+        &self,
+        share: &str,
+        disk: &str,
+        host: &str,
+        to: &str,
+        grant: Option<&GrantClaims>,
+    ) -> Result<LeaseInfo, StoreError> {
+        check_name("host", to)?;
+        if to == host {
+            return Err(StoreError::Bad(format!(
+                "{host} cannot hand a lease over to itself"
+            )));
+        }
+        if let Some(g) = grant {
+            refuse_outside(g, share, disk, Some(host), Some(to))?;
+            let export = export_name(share, disk);
+            if self
+                .lock()
+                .spent_grants
+                .contains_key(&format!("{} {export}", g.jti))
+            {
+                return Err(StoreError::Forbidden(format!(
+                    "grant {} handed disk {export} over once already: a grant works once",
+                    g.jti
+                )));
+            }
+        }
+        self.give_up(share, disk, host, Some((to, grant.map(|g| g.jti.clone()))))
+    }
+
+    fn give_up(
+        &self,
+        share: &str,
+        disk: &str,
+        host: &str,
+        to: Option<(&str, Option<String>)>,
+    ) -> Result<LeaseInfo, StoreError> {
         let export = export_name(share, disk);
         self.change(|c| {
             let l = c
@@ -382,6 +501,10 @@ impl Store {
                 })?;
             l.holder = None;
             l.since_ms = now_ms();
+            (l.handed_to, l.grant) = match to {
+                Some((t, g)) => (Some(t.to_string()), g),
+                None => (None, None),
+            };
             Ok(l.clone())
         })
     }
@@ -391,14 +514,12 @@ impl Store {
         self.disk_path(share, disk)?;
         let export = export_name(share, disk);
         self.change(|c| {
-            let l = c.leases.entry(export).or_insert(LeaseInfo {
-                holder: None,
-                fence: 0,
-                since_ms: 0,
-            });
+            let l = c.leases.entry(export).or_default();
             l.holder = None;
             l.fence += 1;
             l.since_ms = now_ms();
+            l.handed_to = None;
+            l.grant = None;
             Ok(l.clone())
         })
     }
@@ -492,4 +613,115 @@ fn copy_sparse(inp: &std::fs::File, out: &std::fs::File, size: u64) -> std::io::
         off = end;
     }
     Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.create_share("vms", None).unwrap();
+        for h in ["hv1", "hv2", "hv3"] {
+            s.set_access("vms", h, Some(Access::Write)).unwrap();
+        }
+        s.create_disk("vms", "a", 1 << 20).unwrap();
+        s.create_disk("vms", "b", 1 << 20).unwrap();
+        (dir, s)
+    }
+
+    fn grant(jti: &str, disks: &[&str]) -> GrantClaims {
+        GrantClaims {
+            vm: "web01".into(),
+            from: "hv1".into(),
+            to: "hv2".into(),
+            disks: disks
+                .iter()
+                .map(|d| format!("nbds://10.0.0.9:10809/{d}"))
+                .collect(),
+            shares: Vec::new(),
+            exp: i64::MAX / 2,
+            iat: 0,
+            jti: jti.into(),
+            admin: "alice".into(),
+        }
+    }
+
+    fn refused(r: Result<LeaseInfo, StoreError>, needle: &str) {
+        match r {
+            Err(e) => assert!(e.to_string().contains(needle), "{e}"),
+            Ok(l) => panic!("allowed: {l:?}"),
+        }
+    }
+
+    #[test]
+    fn a_handed_over_lease_goes_only_to_the_move_s_destination() {
+        let (_d, s) = store();
+        s.acquire("vms", "a", "hv1", None).unwrap();
+        let f = s.lease("vms/a").fence;
+        refused(s.hand_over("vms", "a", "hv2", "hv3", None), "does not hold");
+        s.hand_over("vms", "a", "hv1", "hv2", None).unwrap();
+        assert_eq!(s.lease("vms/a").handed_to.as_deref(), Some("hv2"));
+        refused(s.acquire("vms", "a", "hv3", None), "only hv2 may take");
+        refused(s.acquire("vms", "a", "hv1", None), "only hv2 may take");
+        let l = s.acquire("vms", "a", "hv2", None).unwrap();
+        assert_eq!((l.holder.as_deref(), l.handed_to), (Some("hv2"), None));
+        assert!(l.fence > f);
+        // An admin's break clears a hand-over nobody took.
+        s.hand_over("vms", "a", "hv2", "hv1", None).unwrap();
+        s.break_lease("vms", "a").unwrap();
+        s.acquire("vms", "a", "hv3", None).unwrap();
+    }
+
+    #[test]
+    fn under_a_grant_only_its_disks_pass_once_to_its_destination() {
+        let (_d, s) = store();
+        s.acquire("vms", "a", "hv1", None).unwrap();
+        s.acquire("vms", "b", "hv1", None).unwrap();
+        let g = grant("g1", &["vms/a"]);
+        // The grant names disk a only, from hv1 to hv2.
+        refused(
+            s.hand_over("vms", "b", "hv1", "hv2", Some(&g)),
+            "does not name disk vms/b",
+        );
+        refused(
+            s.hand_over("vms", "a", "hv1", "hv3", Some(&g)),
+            "to hv2, not to hv3",
+        );
+        s.hand_over("vms", "a", "hv1", "hv2", Some(&g)).unwrap();
+        assert_eq!(s.lease("vms/a").grant.as_deref(), Some("g1"));
+        // The destination must show that grant.
+        refused(s.acquire("vms", "a", "hv2", None), "only with that grant");
+        refused(
+            s.acquire("vms", "a", "hv2", Some(&grant("g2", &["vms/a"]))),
+            "only with that grant",
+        );
+        // Nor may it take another disk with it (b is hv1's).
+        s.release("vms", "b", "hv1").unwrap();
+        refused(
+            s.acquire("vms", "b", "hv2", Some(&g)),
+            "does not name disk vms/b",
+        );
+        s.acquire("vms", "a", "hv2", Some(&g)).unwrap();
+        // Once the move ended the grant hands nothing over any more.
+        s.release("vms", "a", "hv2").unwrap();
+        refused(
+            s.acquire("vms", "a", "hv2", Some(&g)),
+            "hands disk vms/a to nobody",
+        );
+        s.acquire("vms", "a", "hv1", None).unwrap();
+        refused(
+            s.hand_over("vms", "a", "hv1", "hv2", Some(&g)),
+            "once already",
+        );
+        // A share the grant names covers its disks.
+        let whole = GrantClaims {
+            disks: Vec::new(),
+            shares: vec!["fs1:vms".into()],
+            ..grant("g3", &[])
+        };
+        s.hand_over("vms", "a", "hv1", "hv2", Some(&whole)).unwrap();
+        s.acquire("vms", "a", "hv2", Some(&whole)).unwrap();
+    }
 }
