@@ -45,6 +45,18 @@ pub struct StorageArgs {
     /// QEMU for the side-by-side move rows.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// The share's and the shared-nothing move's traffic: tls, plain (a file server outside
+    /// the cluster; a network both hosts trust for migrations), or both side by side.
+    #[arg(long, default_value = "both", value_parser = ["plain", "tls", "both"])]
+    encryption: String,
+    /// The move half's destinations: another folder, the share, the other host's folder
+    /// (shared-nothing).
+    #[arg(long = "to", value_delimiter = ',', default_values = ["folder", "share", "host"],
+          value_parser = ["folder", "share", "host"])]
+    dests: Vec<String>,
+    /// The move half's link caps in Mbit/s, 0 = none.
+    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1000])]
+    caps: Vec<u64>,
 }
 
 /// Big enough that the writer does not fill it within the measurement.
@@ -144,10 +156,32 @@ fn bench(a: &StorageArgs, dir: &Path) -> Result<()> {
     ferry(&["share", "create", "vms", "--server", &srv])?;
     ferry(&["share", "grant", "vms", "hv1", "write", "--server", &srv])?;
     if a.part != "move" {
-        io_half(a, dir, &lab, &fs, &srv)?;
+        // The plaintext figure: the same NBD server outside the cluster, with no TLS.
+        let plain = if a.encryption != "tls" {
+            let p = lab.add_insecure_file_server(&ferry_bin)?;
+            let s = format!("unix:{}", p.socket().display());
+            ferry(&["share", "create", "vms", "--server", &s])?;
+            Some((p, s))
+        } else {
+            None
+        };
+        io_half(a, dir, &lab, &fs, &srv, plain.as_ref())?;
     }
     if a.part != "io" {
-        super::storage_move::run(&lab, dir, &srv, a.data_mib, a.runs, a.json, &a.qemu)?;
+        super::storage_move::run(
+            &lab,
+            dir,
+            &srv,
+            &super::storage_move::Plan {
+                data_mib: a.data_mib,
+                runs: a.runs,
+                json: a.json,
+                qemu: &a.qemu,
+                encryption: &a.encryption,
+                dests: &a.dests,
+                caps: &a.caps,
+            },
+        )?;
     }
     Ok(())
 }
@@ -158,10 +192,18 @@ fn io_half(
     lab: &Lab,
     fs: &ferry_lab::LabFileServer,
     srv: &str,
+    plain: Option<&(ferry_lab::LabFileServer, String)>,
 ) -> Result<()> {
-    let uri = format!("nbds://{}/vms/bench", fs.nbd_addr());
-    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> =
-        vec![("local", vec![], vec![]), ("share", vec![], vec![])];
+    // (row, NBD URI of its share disk, the file server's socket); local: no URI.
+    let mut shares: Vec<(&str, String, &str)> = Vec::new();
+    if a.encryption != "plain" {
+        shares.push(("share", format!("nbds://{}/vms/bench", fs.nbd_addr()), srv));
+    }
+    if let Some((p, s)) = plain {
+        shares.push(("plain", format!("nbd://{}/vms/bench", p.nbd_addr()), s));
+    }
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![("local", vec![], vec![])];
+    rows.extend(shares.iter().map(|(n, _, _)| (*n, vec![], vec![])));
     for run in 0..a.runs.max(1) {
         let local = dir.join(format!("local{run}.img"));
         std::fs::File::create(&local)?.set_len(DISK_BYTES)?;
@@ -175,26 +217,28 @@ fn io_half(
         rows[0].1.push(w);
         rows[0].2.push(r);
         let _ = std::fs::remove_file(&local);
-        ferry(&[
-            "disk",
-            "create",
-            "vms/bench",
-            "--size",
-            "4G",
-            "--server",
-            srv,
-        ])?;
-        let (w, r) = measure(lab, dir, &format!("s{run}"), &uri, a)?;
-        rows[1].1.push(w);
-        rows[1].2.push(r);
-        ferry(&["disk", "delete", "vms/bench", "--server", srv])?;
+        for (i, (n, uri, server)) in shares.iter().enumerate() {
+            ferry(&[
+                "disk",
+                "create",
+                "vms/bench",
+                "--size",
+                "4G",
+                "--server",
+                server,
+            ])?;
+            let (w, r) = measure(lab, dir, &format!("{}{run}", &n[..1]), uri, a)?;
+            rows[i + 1].1.push(w);
+            rows[i + 1].2.push(r);
+            ferry(&["disk", "delete", "vms/bench", "--server", server])?;
+        }
     }
     let med: Vec<(&str, f64, f64)> = rows
         .into_iter()
         .map(|(n, w, r)| (n, median(w), median(r)))
         .collect();
-    let (lw, lr) = (med[0].1, med[0].2);
-    let (sw, sr) = (med[1].1, med[1].2);
+    let get = |name: &str| med.iter().find(|m| m.0 == name).map(|m| (m.1, m.2));
+    let (lw, lr) = get("local").unwrap_or((1.0, 1.0));
     if a.json {
         for (n, w, r) in &med {
             println!(
@@ -202,14 +246,16 @@ fn io_half(
                 serde_json::json!({"bench": "storage", "disk": n, "write_iops": w.round(), "read_iops": r.round(), "qd": a.qd})
             );
         }
-        println!(
-            "{}",
-            serde_json::json!({"bench": "storage_ratio", "write": sw / lw, "read": sr / lr})
-        );
+        if let Some((sw, sr)) = get("share") {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "storage_ratio", "write": sw / lw, "read": sr / lr})
+            );
+        }
         return Ok(());
     }
     println!(
-        "a VM's disk on a share (NBD + TLS to a file server namespace) against local, as the test guest sees it"
+        "a VM's disk on a share (NBD to a file server namespace: \"share\" with TLS, \"plain\" a file server outside the cluster, no TLS) against local, as the test guest sees it"
     );
     println!(
         "(4 KiB records in sequence, guest qd {}, {} s of writes, verify reads every record; medians of {}):",
@@ -221,10 +267,26 @@ fn io_half(
     for (n, w, r) in &med {
         println!("{n:<8} {w:>12.0} {r:>12.0}");
     }
-    println!(
-        "share/local: write {:.2}x, read {:.2}x (target: at least 0.7x)",
-        sw / lw,
-        sr / lr
-    );
+    for (n, what) in [("share", "share/local"), ("plain", "plain share/local")] {
+        if let Some((w, r)) = get(n) {
+            println!(
+                "{what}: write {:.2}x, read {:.2}x{}",
+                w / lw,
+                r / lr,
+                if n == "share" {
+                    " (target: at least 0.7x)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if let (Some((sw, sr)), Some((pw, pr))) = (get("share"), get("plain")) {
+        println!(
+            "share tls/plain: write {:.2}x, read {:.2}x of the plaintext IOPS",
+            sw / pw,
+            sr / pr
+        );
+    }
     Ok(())
 }

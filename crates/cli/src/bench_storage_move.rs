@@ -24,6 +24,8 @@ const T: Duration = Duration::from_secs(120);
 struct Row {
     vmm: &'static str,
     dest: &'static str,
+    /// What crossed the network encrypted: "tls", "plain", or "-" (nothing did).
+    enc: &'static str,
     cap_mbit: u64,
     total_ms: f64,
     copied: u64,
@@ -179,6 +181,11 @@ fn ferry_row(
     let row = Row {
         vmm: "ferry",
         dest,
+        enc: match dest {
+            "folder" => "-",
+            "host" if r["encrypted"] == false => "plain",
+            _ => "tls",
+        },
         cap_mbit: cap,
         total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
         // With the VM (shared-nothing), its memory stream too.
@@ -408,6 +415,7 @@ fn qemu_shared_nothing(
     Ok(Row {
         vmm: "qemu",
         dest: "host",
+        enc: "plain",
         cap_mbit: cap,
         total_ms: total.as_secs_f64() * 1e3,
         copied: alloc + ram,
@@ -473,6 +481,7 @@ fn qemu_row(
     Ok(Row {
         vmm: "qemu",
         dest: "folder",
+        enc: "-",
         cap_mbit: cap,
         total_ms: total.as_secs_f64() * 1e3,
         // What the copy holds (QEMU's job length counts the whole disk, holes included).
@@ -492,40 +501,92 @@ fn median_row(mut v: Vec<Row>) -> Row {
     v.swap_remove(n)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    lab: &Lab,
-    dir: &Path,
-    srv: &str,
-    data_mib: u64,
-    runs: usize,
-    as_json: bool,
-    qemu: &str,
-) -> Result<()> {
-    let qemu: Option<PathBuf> = super::which(qemu);
-    if qemu.is_none() && !as_json {
-        println!("(QEMU not found: install qemu-system-x86 for the side-by-side rows)");
+/// Set (or with `none`, clear) the network both hosts trust for plaintext migrations.
+fn plaintext_network(lab: &Lab, net: &str) -> Result<()> {
+    for h in &lab.hosts {
+        let host = format!("unix:{}", h.socket().display());
+        ferry(&[
+            "--host",
+            &host,
+            "host",
+            "set",
+            "--plaintext-migration-network",
+            net,
+        ])?;
     }
+    Ok(())
+}
+
+/// What the move half runs.
+pub struct Plan<'a> {
+    pub data_mib: u64,
+    pub runs: usize,
+    pub json: bool,
+    /// QEMU binary ("" for none).
+    pub qemu: &'a str,
+    /// "tls", "plain" or "both" (for the shared-nothing rows).
+    pub encryption: &'a str,
+    /// Of "folder", "share", "host".
+    pub dests: &'a [String],
+    pub caps: &'a [u64],
+}
+
+pub fn run(lab: &Lab, dir: &Path, srv: &str, p: &Plan) -> Result<()> {
+    let (data_mib, runs, as_json, encryption) = (p.data_mib, p.runs, p.json, p.encryption);
+    let qemu: Option<PathBuf> = if p.qemu.is_empty() {
+        None
+    } else {
+        let q = super::which(p.qemu);
+        if q.is_none() && !as_json {
+            println!("(QEMU not found: install qemu-system-x86 for the side-by-side rows)");
+        }
+        q
+    };
+    let wants = |d: &str| p.dests.iter().any(|x| x == d);
     let mut rows = Vec::new();
-    for cap in [0u64, 1000] {
-        for dest in ["folder", "share", "host"] {
-            let mut v = Vec::new();
-            for r in 0..runs.max(1) {
-                v.push(ferry_row(lab, dir, srv, r, dest, cap, data_mib)?);
+    let rows_of = |dest: &'static str, cap: u64| -> Result<Row> {
+        let mut v = Vec::new();
+        for r in 0..runs.max(1) {
+            v.push(ferry_row(lab, dir, srv, r, dest, cap, data_mib)?);
+        }
+        Ok(median_row(v))
+    };
+    for &cap in p.caps {
+        for dest in ["folder", "share"] {
+            if wants(dest) {
+                rows.push(rows_of(dest, cap)?);
             }
-            rows.push(median_row(v));
+        }
+        // Shared-nothing, encrypted and (on a network both hosts trust) in the clear.
+        if wants("host") && encryption != "plain" {
+            rows.push(rows_of("host", cap)?);
+        }
+        if wants("host") && encryption != "tls" {
+            let subnet = lab.hosts[0]
+                .ip
+                .rsplit_once('.')
+                .map(|(a, _)| format!("{a}.0/24"))
+                .unwrap_or_default();
+            plaintext_network(lab, &subnet)?;
+            let r = rows_of("host", cap);
+            plaintext_network(lab, "none")?;
+            rows.push(r?);
         }
         if let Some(q) = &qemu {
-            let mut v = Vec::new();
-            for r in 0..runs.max(1) {
-                v.push(qemu_row(lab, dir, q, r, cap, data_mib)?);
+            if wants("folder") {
+                let mut v = Vec::new();
+                for r in 0..runs.max(1) {
+                    v.push(qemu_row(lab, dir, q, r, cap, data_mib)?);
+                }
+                rows.push(median_row(v));
             }
-            rows.push(median_row(v));
-            let mut v = Vec::new();
-            for r in 0..runs.max(1) {
-                v.push(qemu_shared_nothing(lab, dir, q, r, cap, data_mib)?);
+            if wants("host") {
+                let mut v = Vec::new();
+                for r in 0..runs.max(1) {
+                    v.push(qemu_shared_nothing(lab, dir, q, r, cap, data_mib)?);
+                }
+                rows.push(median_row(v));
             }
-            rows.push(median_row(v));
         }
     }
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
@@ -533,7 +594,7 @@ pub fn run(
         for r in &rows {
             println!(
                 "{}",
-                json!({"bench": "storage_move", "vmm": r.vmm, "dest": r.dest, "cap_mbit": r.cap_mbit,
+                json!({"bench": "storage_move", "vmm": r.vmm, "dest": r.dest, "encryption": r.enc, "cap_mbit": r.cap_mbit,
                     "total_ms": r.total_ms, "copied_bytes": r.copied, "skipped_bytes": r.skipped,
                     "pause_ms": r.pause_ms, "write_iops_before": r.iops_before.round(),
                     "write_iops_during": r.iops_during.round()})
@@ -547,9 +608,10 @@ pub fn run(
         runs.max(1)
     );
     println!(
-        "{:<6} {:<7} {:>6} {:>9} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "{:<6} {:<7} {:<6} {:>6} {:>9} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}",
         "vmm",
         "to",
+        "crypto",
         "cap",
         "total s",
         "sent MiB",
@@ -567,9 +629,10 @@ pub fn run(
             "-".into()
         };
         println!(
-            "{:<6} {:<7} {:>6} {:>9.2} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0} {:>8}",
+            "{:<6} {:<7} {:<6} {:>6} {:>9.2} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0} {:>8}",
             r.vmm,
             r.dest,
+            r.enc,
             if r.cap_mbit > 0 {
                 format!("{}M", r.cap_mbit)
             } else {
@@ -586,15 +649,10 @@ pub fn run(
             link
         );
     }
-    for (cap, dest) in [
-        (0u64, "folder"),
-        (1000, "folder"),
-        (0, "host"),
-        (1000, "host"),
-    ] {
+    for (cap, dest) in p.caps.iter().flat_map(|&c| [(c, "folder"), (c, "host")]) {
         let f = rows
             .iter()
-            .find(|r| r.vmm == "ferry" && r.dest == dest && r.cap_mbit == cap);
+            .find(|r| r.vmm == "ferry" && r.dest == dest && r.cap_mbit == cap && r.enc != "plain");
         let q = rows
             .iter()
             .find(|r| r.vmm == "qemu" && r.dest == dest && r.cap_mbit == cap);
@@ -613,6 +671,25 @@ pub fn run(
             );
         }
     }
-    println!("(write IOPS with one request in flight: latency = 1/IOPS; \"vs link\": total time against bytes sent at the cap)");
+    for &cap in p.caps {
+        let with = |enc: &str| {
+            rows.iter()
+                .find(|r| r.vmm == "ferry" && r.dest == "host" && r.cap_mbit == cap && r.enc == enc)
+        };
+        if let (Some(t), Some(p)) = (with("tls"), with("plain")) {
+            println!(
+                "ferry tls/plain, with the VM to the other host's folder, cap {}: total {:.2}x (target at most 1.10x), pause {}, guest write IOPS while moving {:.0}/{:.0}",
+                if cap > 0 { format!("{cap} Mbit/s") } else { "none".into() },
+                t.total_ms / p.total_ms,
+                match (t.pause_ms, p.pause_ms) {
+                    (Some(a), Some(b)) => format!("{a:.2}/{b:.2} ms"),
+                    _ => "-".into(),
+                },
+                t.iops_during,
+                p.iops_during
+            );
+        }
+    }
+    println!("(write IOPS with one request in flight: latency = 1/IOPS; \"vs link\": total time against bytes sent at the cap; crypto: how the disk and memory crossed the network, QEMU's rows are in the clear)");
     Ok(())
 }

@@ -132,6 +132,10 @@ pub struct LabFileServer {
     pub ns: String,
     pub ip: String,
     pub state_dir: PathBuf,
+    /// Run with `--insecure`: not of the cluster, NBD and its API in the clear, anyone may
+    /// write (a plaintext figure for benchmarks).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// The file server's API port in a lab.
@@ -626,12 +630,22 @@ impl Lab {
     /// in the lab's cluster with a one-time token (`ferry share join`), `ferry share run`
     /// started and answering. The lab must have formed a cluster (daemons, not insecure).
     pub fn add_file_server(&mut self, ferry: &Path) -> Result<LabFileServer> {
+        self.add_file_server_as(ferry, false)
+    }
+
+    /// A file server outside the cluster (`ferry share run --insecure`): no TLS anywhere.
+    pub fn add_insecure_file_server(&mut self, ferry: &Path) -> Result<LabFileServer> {
+        self.add_file_server_as(ferry, true)
+    }
+
+    fn add_file_server_as(&mut self, ferry: &Path, insecure: bool) -> Result<LabFileServer> {
         let n = self.file_servers.len() + 1;
         let fs = LabFileServer {
             name: format!("fs{n}"),
             ns: format!("{}-fs{n}", self.record.name),
             ip: format!("10.78.0.{}", 20 + n),
             state_dir: self.record.dir.join(format!("fs{n}")),
+            insecure,
         };
         // Registered before it exists, so `lab down` after a crash removes it too.
         self.record.namespaces.push(fs.ns.clone());
@@ -656,6 +670,12 @@ impl Lab {
         )?;
         ipn(&fs.ns, &["link", "set", "eth0", "up"])?;
         std::fs::create_dir_all(&fs.state_dir)?;
+        if insecure {
+            let p = self.start_file_server(ferry, &fs)?;
+            self.file_server_procs.push(p);
+            self.file_servers.push(fs.clone());
+            return Ok(fs);
+        }
         let hv1 = &self.hosts[0];
         let hv1_sock = format!("unix:{}", hv1.socket().display());
         let token = Lab::ferry_out(
@@ -710,6 +730,9 @@ impl Lab {
             .arg(fs.nbd_addr())
             .arg("--state-dir")
             .arg(&fs.state_dir);
+        if fs.insecure {
+            cmd.arg("--insecure");
+        }
         cmd.env(
             "FERRY_LOG",
             std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),

@@ -171,6 +171,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// How much of the socket a connection reads at once.
+const READ_BUFFER: usize = 256 << 10;
+
 /// Serve one connection: negotiate, then transmit until the client disconnects.
 pub async fn serve_connection<S>(
     stream: S,
@@ -182,7 +185,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut n = Negotiation {
-        stream: Box::new(stream),
+        // Read through a large buffer: rustls asks the socket for a few KiB at a time, so a
+        // TLS client's 1 MiB write would otherwise cost hundreds of reads (a plain read of a
+        // payload larger than the buffer bypasses it). Bytes buffered before STARTTLS can only
+        // be TLS records to rustls, never commands.
+        stream: Box::new(tokio::io::BufReader::with_capacity(READ_BUFFER, stream)),
         provider,
         peer,
         tls,
