@@ -501,6 +501,25 @@ fn median_row(mut v: Vec<Row>) -> Row {
     v.swap_remove(n)
 }
 
+/// One line comparing row `a` with row `b`: total time, pause, guest write IOPS while moving.
+fn compare(what: &str, cap: u64, a: &Row, b: &Row, target: &str) {
+    println!(
+        "{what}, cap {}: total {:.2}x{target}, pause {}, guest write IOPS while moving {:.0}/{:.0}",
+        if cap > 0 {
+            format!("{cap} Mbit/s")
+        } else {
+            "none".into()
+        },
+        a.total_ms / b.total_ms,
+        match (a.pause_ms, b.pause_ms) {
+            (Some(x), Some(y)) => format!("{x:.2}/{y:.2} ms"),
+            _ => "-".into(),
+        },
+        a.iops_during,
+        b.iops_during
+    );
+}
+
 /// Set (or with `none`, clear) the network both hosts trust for plaintext migrations.
 fn plaintext_network(lab: &Lab, net: &str) -> Result<()> {
     for h in &lab.hosts {
@@ -657,18 +676,12 @@ pub fn run(lab: &Lab, dir: &Path, srv: &str, p: &Plan) -> Result<()> {
             .iter()
             .find(|r| r.vmm == "qemu" && r.dest == dest && r.cap_mbit == cap);
         if let (Some(f), Some(q)) = (f, q) {
-            println!(
-                "ferry/qemu {}, cap {}: total {:.2}x, pause {}, guest write IOPS while moving {:.0}/{:.0}",
-                if dest == "host" { "with the VM to the other host's folder" } else { "to a folder" },
-                if cap > 0 { format!("{cap} Mbit/s") } else { "none".into() },
-                f.total_ms / q.total_ms,
-                match (f.pause_ms, q.pause_ms) {
-                    (Some(a), Some(b)) => format!("{a:.2}/{b:.2} ms"),
-                    _ => "-".into(),
-                },
-                f.iops_during,
-                q.iops_during
-            );
+            let what = if dest == "host" {
+                "with the VM to the other host's folder"
+            } else {
+                "to a folder"
+            };
+            compare(&format!("ferry/qemu {what}"), cap, f, q, "");
         }
     }
     for &cap in p.caps {
@@ -677,17 +690,8 @@ pub fn run(lab: &Lab, dir: &Path, srv: &str, p: &Plan) -> Result<()> {
                 .find(|r| r.vmm == "ferry" && r.dest == "host" && r.cap_mbit == cap && r.enc == enc)
         };
         if let (Some(t), Some(p)) = (with("tls"), with("plain")) {
-            println!(
-                "ferry tls/plain, with the VM to the other host's folder, cap {}: total {:.2}x (target at most 1.10x), pause {}, guest write IOPS while moving {:.0}/{:.0}",
-                if cap > 0 { format!("{cap} Mbit/s") } else { "none".into() },
-                t.total_ms / p.total_ms,
-                match (t.pause_ms, p.pause_ms) {
-                    (Some(a), Some(b)) => format!("{a:.2}/{b:.2} ms"),
-                    _ => "-".into(),
-                },
-                t.iops_during,
-                p.iops_during
-            );
+            let what = "ferry tls/plain, with the VM to the other host's folder";
+            compare(what, cap, t, p, " (target at most 1.10x)");
         }
     }
     println!("(write IOPS with one request in flight: latency = 1/IOPS; \"vs link\": total time against bytes sent at the cap; crypto: how the disk and memory crossed the network, QEMU's rows are in the clear)");
