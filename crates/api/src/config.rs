@@ -195,6 +195,100 @@ pub fn format_mac(m: &[u8; 6]) -> String {
     )
 }
 
+/// A file loaded into guest memory beside the kernel: a Linux initrd, or a Multiboot (or PVH)
+/// module, which the kernel is told about with its command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BootModule {
+    pub path: PathBuf,
+    /// What the kernel is told with the module; without one, the path (GRUB and QEMU hand a
+    /// module's whole `PATH ARGS` line to the kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+impl BootModule {
+    /// A module without arguments.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        BootModule {
+            path: path.into(),
+            cmdline: None,
+        }
+    }
+
+    /// The command line the kernel sees for this module.
+    pub fn cmdline(&self) -> String {
+        self.cmdline
+            .clone()
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+
+    /// Modules as QEMU's `-initrd` takes them: a comma list (`,,` is a comma in a name) of
+    /// `PATH [ARGS]`, the whole item being the module's command line.
+    ///
+    /// ```
+    /// let m = ferry_api::BootModule::parse_list("mod1.bin speed=3,mod2.bin");
+    /// assert_eq!(m[0].path.to_str(), Some("mod1.bin"));
+    /// assert_eq!(m[0].cmdline(), "mod1.bin speed=3");
+    /// assert_eq!(m[1].cmdline(), "mod2.bin");
+    /// ```
+    pub fn parse_list(s: &str) -> Vec<BootModule> {
+        let mut items = vec![String::new()];
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    items.last_mut().expect("one item").push(',');
+                } else {
+                    items.push(String::new());
+                }
+            } else {
+                items.last_mut().expect("one item").push(c);
+            }
+        }
+        items
+            .into_iter()
+            .map(|i| i.trim().to_string())
+            .filter(|i| !i.is_empty())
+            .map(|item| {
+                let path = item.split(' ').next().unwrap_or_default().to_string();
+                let cmdline = (item != path).then_some(item);
+                BootModule {
+                    path: PathBuf::from(path),
+                    cmdline,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `initrd` as configs before modules wrote it (null or one path), or as now (a list).
+fn modules_compat<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BootModule>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Path(PathBuf),
+        Module(BootModule),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Field {
+        One(PathBuf),
+        Many(Vec<Item>),
+    }
+    Ok(match Option::<Field>::deserialize(d)? {
+        None => Vec::new(),
+        Some(Field::One(p)) => vec![BootModule::new(p)],
+        Some(Field::Many(v)) => v
+            .into_iter()
+            .map(|i| match i {
+                Item::Path(p) => BootModule::new(p),
+                Item::Module(m) => m,
+            })
+            .collect(),
+    })
+}
+
 /// A VM's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VmConfig {
@@ -203,9 +297,10 @@ pub struct VmConfig {
     /// Kernel command line.
     #[serde(default)]
     pub cmdline: String,
-    /// Initial ramdisk (Linux).
-    #[serde(default)]
-    pub initrd: Option<PathBuf>,
+    /// Files loaded beside the kernel: a Linux initrd (one), or Multiboot / PVH modules,
+    /// each with its command line. An older config's single path (or null) still reads.
+    #[serde(default, deserialize_with = "modules_compat")]
+    pub initrd: Vec<BootModule>,
     /// Guest RAM in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
@@ -271,7 +366,7 @@ impl VmConfig {
         VmConfig {
             kernel: kernel.into(),
             cmdline: String::new(),
-            initrd: None,
+            initrd: Vec::new(),
             memory_mib: default_memory_mib(),
             vcpus: default_vcpus(),
             serial: SerialBackend::Null,
@@ -320,6 +415,24 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modules_parse_as_qemu_takes_them_and_old_configs_still_read() {
+        let m = BootModule::parse_list(" a.bin x=1 y ,b,,c.bin,, ,");
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0].path, PathBuf::from("a.bin"));
+        assert_eq!(m[0].cmdline(), "a.bin x=1 y");
+        assert_eq!(m[1].path, PathBuf::from("b,c.bin,"));
+        assert_eq!(m[1].cmdline, None);
+        let old: VmConfig = serde_json::from_str(r#"{"kernel":"k","initrd":"/boot/i"}"#).unwrap();
+        assert_eq!(old.initrd, vec![BootModule::new("/boot/i")]);
+        let none: VmConfig = serde_json::from_str(r#"{"kernel":"k","initrd":null}"#).unwrap();
+        assert!(none.initrd.is_empty());
+        let mut c = VmConfig::new("k");
+        c.initrd = m;
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
 
     #[test]
     fn serial_backends_parse() {

@@ -11,8 +11,8 @@ pub mod openapi;
 pub mod share;
 
 pub use config::{
-    format_mac, parse_mac, ConfigError, DiskConfig, NetBackend, NetConfig, SerialBackend, VmConfig,
-    DEFAULT_STALL_LIMIT_S, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+    format_mac, parse_mac, BootModule, ConfigError, DiskConfig, NetBackend, NetConfig,
+    SerialBackend, VmConfig, DEFAULT_STALL_LIMIT_S, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 pub use control::{
     MigrateSettings, MigrationPhase, MigrationProgress, MigrationTls, MirrorProgress, MirrorState,

@@ -158,9 +158,12 @@ pub struct VmOptions {
     /// Kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Initial ramdisk for a Linux kernel.
-    #[arg(long)]
-    pub initrd: Option<PathBuf>,
+    /// Initial ramdisk for a Linux kernel, or Multiboot modules: "PATH [ARGS]", the whole of
+    /// which the kernel gets as the module's command line. Repeat it, or give a comma list
+    /// (",," for a comma in a name), as QEMU's -initrd.
+    /// Example: --initrd "/boot/mod1.bin speed=3" --initrd /boot/mod2.bin
+    #[arg(long, value_name = "PATH [ARGS]")]
+    pub initrd: Vec<String>,
     /// Guest RAM in MiB [default: 256].
     #[arg(long)]
     pub memory: Option<u64>,
@@ -198,8 +201,12 @@ impl VmOptions {
         if let Some(v) = &self.cmdline {
             c.cmdline = v.clone();
         }
-        if let Some(v) = &self.initrd {
-            c.initrd = Some(v.clone());
+        if !self.initrd.is_empty() {
+            c.initrd = self
+                .initrd
+                .iter()
+                .flat_map(|s| ferry_api::BootModule::parse_list(s))
+                .collect();
         }
         if let Some(v) = self.memory {
             c.memory_mib = v;

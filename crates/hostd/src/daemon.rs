@@ -413,6 +413,21 @@ impl Daemon {
             )));
         }
         config.kernel = kernel;
+        for m in &mut config.initrd {
+            let p = std::path::absolute(&m.path).unwrap_or(m.path.clone());
+            if !p.is_file() {
+                return Err(ApiError::bad_request(format!(
+                    "initrd {} does not exist on {} (give a path on this host)",
+                    p.display(),
+                    self.name
+                )));
+            }
+            if m.cmdline.is_none() && p != m.path {
+                // What the kernel is told stays what the admin wrote.
+                m.cmdline = Some(m.path.display().to_string());
+            }
+            m.path = p;
+        }
         for d in &mut config.disks {
             if let Some(uri) = d.nbd_uri() {
                 // On a file server: checked when the VM starts (its lease, its access list).

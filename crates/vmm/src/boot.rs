@@ -10,11 +10,11 @@
 //!   `rsi` = the zero page, identity page tables and a flat GDT prepared by ferry.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use ferry_api::BootModule;
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
@@ -73,8 +73,12 @@ pub enum BootError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x}")]
     InitrdTooLarge { size: u64, limit: u64 },
-    #[error("an initrd needs a Linux kernel (bzImage or PVH vmlinux); this image boots by {0}")]
-    InitrdUnsupported(&'static str),
+    #[error("a Linux bzImage takes one initrd, {0} were given (concatenate cpio archives into one file)")]
+    InitrdCount(usize),
+    #[error("{0} modules given; ferry passes at most {MAX_MODULES}")]
+    TooManyModules(usize),
+    #[error("module {path} does not fit: it would end at {end:#x}, past the VM's memory below {limit:#x} (give the VM more memory)")]
+    ModulesTooLarge { path: PathBuf, end: u64, limit: u64 },
     #[error("writing boot structures to guest memory failed")]
     Memory(#[source] vm_memory::GuestMemoryError),
 }
@@ -83,6 +87,18 @@ const MULTIBOOT_MAGIC: u32 = 0x1bad_b002;
 const MULTIBOOT_BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
 const MULTIBOOT_AOUT_KLUDGE: u32 = 1 << 16;
 const MULTIBOOT_SEARCH: usize = 8192;
+/// Multiboot header flags a loader must honour: modules page aligned, a memory map, a video mode.
+const MB_PAGE_ALIGN: u32 = 1 << 0;
+const MB_MEMORY_INFO: u32 = 1 << 1;
+const MB_VIDEO_MODE: u32 = 1 << 2;
+/// Multiboot information flags: mem_lower/upper, cmdline, modules, memory map, loader name.
+const MBI_MEMORY: u32 = 1 << 0;
+const MBI_CMDLINE: u32 = 1 << 2;
+const MBI_MODS: u32 = 1 << 3;
+const MBI_MMAP: u32 = 1 << 6;
+const MBI_LOADER_NAME: u32 = 1 << 9;
+/// Most modules (or initrds) a kernel is given.
+pub const MAX_MODULES: usize = 64;
 const PVH_START_MAGIC: u32 = 0x336e_c578;
 
 /// The register value a Multiboot kernel expects in `eax`.
@@ -126,8 +142,8 @@ fn find_multiboot(image: &[u8]) -> Option<MultibootHeader> {
     })
 }
 
-/// Load the kernel (and initrd) named by the config into `mem`, write the boot structures
-/// and return how the boot vCPU must start.
+/// Load the kernel (and its initrd or modules) named by the config into `mem`, write the boot
+/// structures and return how the boot vCPU must start.
 ///
 /// `device_tokens` (`virtio_mmio.device=...`) are appended to the command line of ELF kernels
 /// (PVH, Multiboot), which may not read ACPI; a bzImage finds its devices in the ACPI DSDT.
@@ -136,17 +152,18 @@ pub fn load_kernel(
     kernel: &Path,
     cmdline: &str,
     device_tokens: &str,
-    initrd: Option<&Path>,
+    modules: &[BootModule],
 ) -> Result<BootEntry, BootError> {
     let open_err = |source| BootError::OpenKernel {
         path: kernel.to_path_buf(),
         source,
     };
-    let mut file = File::open(kernel).map_err(open_err)?;
-    let mut head = vec![0u8; MULTIBOOT_SEARCH];
-    let n = read_up_to(&mut file, &mut head).map_err(open_err)?;
-    head.truncate(n);
-    file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+    let bad = |reason: String| BootError::BadImage {
+        path: kernel.to_path_buf(),
+        reason,
+    };
+    let image = std::fs::read(kernel).map_err(open_err)?;
+    let head = &image[..image.len().min(MULTIBOOT_SEARCH)];
     let with_tokens = format!("{cmdline}{device_tokens}");
     let with_tokens = with_tokens.trim_start();
     if with_tokens.len() + 1 > CMDLINE_MAX_SIZE {
@@ -155,189 +172,334 @@ pub fn load_kernel(
             max: CMDLINE_MAX_SIZE - 1,
         });
     }
-    let load_err = |source| BootError::Load {
-        path: kernel.to_path_buf(),
-        source,
-    };
+    if modules.len() > MAX_MODULES {
+        return Err(BootError::TooManyModules(modules.len()));
+    }
     let mem_bytes = crate::memory::total_bytes(mem);
+    let low_end = mem_bytes.min(MMIO_GAP_START);
 
-    let entry = if head.starts_with(b"\x7fELF") {
-        let res =
-            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-        match (res.pvh_boot_cap, find_multiboot(&head)) {
-            (PvhBootCapability::PvhEntryPresent(entry), _) => BootEntry::Pvh { entry: entry.0 },
-            (_, Some(mb)) => {
-                let entry = if mb.flags & MULTIBOOT_AOUT_KLUDGE != 0 {
-                    u64::from(mb.entry_addr)
-                } else {
-                    elf_entry(&head).ok_or_else(|| BootError::BadImage {
-                        path: kernel.to_path_buf(),
-                        reason: "ELF header has no entry point".into(),
-                    })?
-                };
-                BootEntry::Multiboot { entry }
-            }
-            _ => {
-                return Err(BootError::UnknownFormat {
-                    path: kernel.to_path_buf(),
-                })
-            }
+    if head.get(0x202..0x206) == Some(b"HdrS") {
+        if modules.len() > 1 {
+            return Err(BootError::InitrdCount(modules.len()));
         }
-    } else if head.get(0x202..0x206) == Some(b"HdrS") {
-        let res = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(load_err)?;
-        let header = res.setup_header.ok_or_else(|| BootError::BadImage {
-            path: kernel.to_path_buf(),
-            reason: "bzImage without a setup header".into(),
-        })?;
+        let mut file = File::open(kernel).map_err(open_err)?;
+        let res = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(
+            |source| BootError::Load {
+                path: kernel.to_path_buf(),
+                source,
+            },
+        )?;
+        let header = res
+            .setup_header
+            .ok_or_else(|| bad("bzImage without a setup header".into()))?;
         write_cmdline(mem, cmdline)?;
-        let initrd = initrd.map(|p| load_initrd(mem, p, mem_bytes)).transpose()?;
+        let initrd = match modules.first() {
+            Some(m) => {
+                let data = read_module(m)?;
+                let addr = place_below(low_end, data.len() as u64, low_end)?;
+                write(mem, addr, &data)?;
+                Some((addr, data.len() as u64))
+            }
+            None => None,
+        };
         write_zero_page(mem, header, cmdline, initrd, mem_bytes)?;
         setup_long_mode_tables(mem)?;
         return Ok(BootEntry::Linux64 {
             entry: res.kernel_load.0 + 0x200,
         });
-    } else if let Some(mb) = find_multiboot(&head) {
-        load_multiboot_kludge(mem, &mut file, kernel, &mb)?;
-        BootEntry::Multiboot {
-            entry: u64::from(mb.entry_addr),
-        }
-    } else {
-        return Err(BootError::UnknownFormat {
-            path: kernel.to_path_buf(),
-        });
-    };
+    }
 
-    write_cmdline(mem, with_tokens)?;
+    let mb = find_multiboot(head);
+    let elf = if head.starts_with(b"\x7fELF") {
+        Some(crate::elf::parse(&image).map_err(bad)?)
+    } else {
+        None
+    };
+    if let Some(mb) = &mb {
+        // Bits 0-15 are requirements: a loader that cannot meet one must refuse the image.
+        let unknown = mb.flags & 0xffff & !(MB_PAGE_ALIGN | MB_MEMORY_INFO | MB_VIDEO_MODE);
+        if unknown != 0 && elf.as_ref().is_none_or(|e| e.pvh_entry.is_none()) {
+            return Err(bad(format!(
+                "its Multiboot header asks for loader features ferry does not have (flags {unknown:#x})"
+            )));
+        }
+    }
+    let (entry, image_end) = match (&elf, &mb) {
+        (Some(e), _) if e.pvh_entry.is_some() => {
+            load_segments(mem, &image, e, low_end).map_err(bad)?;
+            let entry = e.pvh_entry.unwrap_or_default();
+            (BootEntry::Pvh { entry }, e.end())
+        }
+        // The a.out kludge addresses, where the header has them, win over the ELF headers
+        // (Multiboot spec 3.1.3; GRUB and QEMU do the same).
+        (_, Some(mb)) if mb.flags & MULTIBOOT_AOUT_KLUDGE != 0 => {
+            let end = load_multiboot_kludge(mem, &image, mb, low_end).map_err(bad)?;
+            let entry = u64::from(mb.entry_addr);
+            (BootEntry::Multiboot { entry }, end)
+        }
+        (Some(e), Some(_)) => {
+            load_segments(mem, &image, e, low_end).map_err(bad)?;
+            (BootEntry::Multiboot { entry: e.entry }, e.end())
+        }
+        (Some(_), None) => {
+            return Err(bad(
+                "this ELF has neither a PVH note nor a Multiboot header, so ferry cannot tell how to start it".into(),
+            ))
+        }
+        (None, _) => {
+            return Err(BootError::UnknownFormat {
+                path: kernel.to_path_buf(),
+            })
+        }
+    };
+    if let (BootEntry::Multiboot { .. }, Some(mb)) = (entry, &mb) {
+        if mb.flags & MB_VIDEO_MODE != 0 {
+            tracing::warn!(
+                "{}: its Multiboot header asks for a video mode; ferry has no display, so the kernel gets none",
+                kernel.display()
+            );
+        }
+    }
+
     match entry {
         BootEntry::Pvh { .. } => {
-            let initrd = initrd.map(|p| load_initrd(mem, p, mem_bytes)).transpose()?;
-            write_pvh_start_info(mem, initrd, mem_bytes)?;
+            write_cmdline(mem, with_tokens)?;
+            let mods = place_pvh_modules(mem, modules, image_end, low_end)?;
+            write_pvh_start_info(mem, &mods, mem_bytes)?;
         }
         BootEntry::Multiboot { .. } => {
-            if initrd.is_some() {
-                return Err(BootError::InitrdUnsupported("multiboot"));
+            // GRUB and QEMU start a Multiboot command line with the kernel's path.
+            let line = format!("{} {with_tokens}", kernel.display());
+            if line.len() + 1 > CMDLINE_MAX_SIZE {
+                return Err(BootError::CmdlineTooLong {
+                    len: line.len(),
+                    max: CMDLINE_MAX_SIZE - 1,
+                });
             }
-            write_multiboot_info(mem, mem_bytes)?;
+            write_cmdline(mem, &line)?;
+            let mods = place_multiboot_modules(mem, modules, image_end, low_end)?;
+            write_multiboot_info(mem, &mods, mem_bytes)?;
         }
         BootEntry::Linux64 { .. } => unreachable!("returned above"),
     }
     Ok(entry)
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
+/// Where an ELF image's segments go, checked against guest memory, then copied there. The
+/// memory is freshly mapped (zero), so a segment's .bss needs no writing.
+fn load_segments(
+    mem: &GuestMemory,
+    image: &[u8],
+    elf: &crate::elf::ElfImage,
+    low_end: u64,
+) -> Result<(), String> {
+    for s in &elf.segments {
+        check_range(s.paddr, s.memsz, low_end)?;
+        let data = &image[s.offset as usize..(s.offset + s.filesz) as usize];
+        mem.write_slice(data, GuestAddress(s.paddr))
+            .map_err(|e| format!("writing a segment at {:#x}: {e}", s.paddr))?;
     }
-    Ok(n)
+    Ok(())
 }
 
-fn elf_entry(head: &[u8]) -> Option<u64> {
-    let b = head.get(24..32)?;
-    Some(u64::from_le_bytes(b.try_into().ok()?))
+/// A kernel range must lie in RAM above 1 MiB (below it live ferry's boot structures) and
+/// below the end of low memory.
+fn check_range(addr: u64, len: u64, low_end: u64) -> Result<(), String> {
+    let end = addr.saturating_add(len);
+    if addr < HIMEM_START {
+        return Err(format!(
+            "it loads at {addr:#x}, below 1 MiB, where the boot structures are (link it at 1 MiB or above)"
+        ));
+    }
+    if end > low_end {
+        return Err(format!(
+            "it loads at {addr:#x}..{end:#x}, beyond the VM's memory below {low_end:#x} (give the VM more memory)"
+        ));
+    }
+    Ok(())
+}
+
+/// A module's bytes and where its command line will sit.
+struct PlacedModule {
+    addr: u64,
+    size: u64,
+    cmdline_addr: u64,
+}
+
+fn read_module(m: &BootModule) -> Result<Vec<u8>, BootError> {
+    std::fs::read(&m.path).map_err(|source| BootError::ReadInitrd {
+        path: m.path.clone(),
+        source,
+    })
+}
+
+fn write(mem: &GuestMemory, addr: u64, data: &[u8]) -> Result<(), BootError> {
+    mem.write_slice(data, GuestAddress(addr))
+        .map_err(BootError::Memory)
+}
+
+/// The page-aligned address `size` bytes below `top`, if it stays clear of the kernel's
+/// first 16 MiB.
+fn place_below(top: u64, size: u64, low_end: u64) -> Result<u64, BootError> {
+    top.checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= HIMEM_START + (16 << 20))
+        .ok_or(BootError::InitrdTooLarge {
+            size,
+            limit: low_end,
+        })
+}
+
+/// Multiboot modules go right after the kernel, page aligned, as GRUB and QEMU place them,
+/// then their command lines.
+fn place_multiboot_modules(
+    mem: &GuestMemory,
+    modules: &[BootModule],
+    image_end: u64,
+    low_end: u64,
+) -> Result<Vec<PlacedModule>, BootError> {
+    let align = |a: u64| (a + 0xfff) & !0xfff;
+    let mut next = align(image_end);
+    let mut placed = Vec::with_capacity(modules.len());
+    for m in modules {
+        let data = read_module(m)?;
+        let size = data.len() as u64;
+        if next + size > low_end {
+            return Err(BootError::ModulesTooLarge {
+                path: m.path.clone(),
+                end: next + size,
+                limit: low_end,
+            });
+        }
+        write(mem, next, &data)?;
+        placed.push(PlacedModule {
+            addr: next,
+            size,
+            cmdline_addr: 0,
+        });
+        next = align(next + size);
+    }
+    for (p, m) in placed.iter_mut().zip(modules) {
+        let mut line = m.cmdline().into_bytes();
+        line.push(0);
+        if next + line.len() as u64 > low_end {
+            return Err(BootError::ModulesTooLarge {
+                path: m.path.clone(),
+                end: next + line.len() as u64,
+                limit: low_end,
+            });
+        }
+        write(mem, next, &line)?;
+        p.cmdline_addr = next;
+        next += line.len() as u64;
+    }
+    Ok(placed)
+}
+
+/// PVH modules (a Linux initrd first) go at the top of low memory, out of the way of a
+/// kernel that decompresses itself upwards; their command lines above them.
+fn place_pvh_modules(
+    mem: &GuestMemory,
+    modules: &[BootModule],
+    image_end: u64,
+    low_end: u64,
+) -> Result<Vec<PlacedModule>, BootError> {
+    let lines: Vec<Vec<u8>> = modules
+        .iter()
+        .map(|m| {
+            let mut l = m.cmdline().into_bytes();
+            l.push(0);
+            l
+        })
+        .collect();
+    let total: u64 = lines.iter().map(|l| l.len() as u64).sum();
+    let mut top = if modules.is_empty() {
+        low_end
+    } else {
+        place_below(low_end, total, low_end)?
+    };
+    let mut at = top;
+    let mut placed = Vec::with_capacity(modules.len());
+    for line in &lines {
+        write(mem, at, line)?;
+        placed.push(PlacedModule {
+            addr: 0,
+            size: 0,
+            cmdline_addr: at,
+        });
+        at += line.len() as u64;
+    }
+    for (p, m) in placed.iter_mut().zip(modules) {
+        let data = read_module(m)?;
+        let addr = place_below(top, data.len() as u64, low_end)?;
+        if addr < image_end {
+            return Err(BootError::ModulesTooLarge {
+                path: m.path.clone(),
+                end: image_end,
+                limit: low_end,
+            });
+        }
+        write(mem, addr, &data)?;
+        p.addr = addr;
+        p.size = data.len() as u64;
+        top = addr;
+    }
+    Ok(placed)
 }
 
 fn load_multiboot_kludge(
     mem: &GuestMemory,
-    file: &mut File,
-    path: &Path,
+    image: &[u8],
     mb: &MultibootHeader,
-) -> Result<(), BootError> {
-    let bad = |reason: &str| BootError::BadImage {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    };
-    if mb.flags & MULTIBOOT_AOUT_KLUDGE == 0 {
-        return Err(bad(
-            "Multiboot header without load addresses in a non-ELF image",
-        ));
-    }
+    low_end: u64,
+) -> Result<u64, String> {
     if mb.header_addr < mb.load_addr || mb.entry_addr < mb.load_addr {
-        return Err(bad("Multiboot header addresses are inconsistent"));
+        return Err("its Multiboot header addresses are inconsistent".into());
     }
     let start = (mb.file_offset as u64)
         .checked_sub(u64::from(mb.header_addr - mb.load_addr))
-        .ok_or_else(|| bad("Multiboot load address lies before the file start"))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| BootError::OpenKernel {
-            path: path.into(),
-            source: e,
-        })?
-        .len();
+        .ok_or("its Multiboot load address lies before the start of the file")?;
+    let file_len = image.len() as u64;
     let load_len = if mb.load_end_addr == 0 {
         file_len - start
     } else {
         u64::from(
             mb.load_end_addr
                 .checked_sub(mb.load_addr)
-                .ok_or_else(|| bad("load_end_addr < load_addr"))?,
+                .ok_or("its Multiboot load_end_addr lies below load_addr")?,
         )
     };
     if start + load_len > file_len {
-        return Err(bad("Multiboot load range runs past the end of the file"));
+        return Err("its Multiboot load range runs past the end of the file".into());
     }
-    let mut data = vec![0u8; load_len as usize];
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| BootError::OpenKernel {
-            path: path.into(),
-            source: e,
-        })?;
-    file.read_exact(&mut data)
-        .map_err(|e| BootError::OpenKernel {
-            path: path.into(),
-            source: e,
-        })?;
     let load = u64::from(mb.load_addr);
-    if load < HIMEM_START {
-        return Err(bad("Multiboot image loads below 1 MiB"));
+    let end = if mb.bss_end_addr == 0 {
+        load + load_len
+    } else {
+        u64::from(mb.bss_end_addr).max(load + load_len)
+    };
+    check_range(load, end - load, low_end)?;
+    if u64::from(mb.entry_addr) >= end {
+        return Err("its Multiboot entry address lies outside the loaded image".into());
     }
-    mem.write_slice(&data, GuestAddress(load))
-        .map_err(BootError::Memory)?;
-    if mb.bss_end_addr > mb.load_addr + load_len as u32 {
-        let bss = vec![0u8; (mb.bss_end_addr - mb.load_addr) as usize - load_len as usize];
-        mem.write_slice(&bss, GuestAddress(load + load_len))
-            .map_err(BootError::Memory)?;
-    }
-    Ok(())
+    mem.write_slice(
+        &image[start as usize..(start + load_len) as usize],
+        GuestAddress(load),
+    )
+    .map_err(|e| format!("writing the image at {load:#x}: {e}"))?;
+    // The .bss up to bss_end_addr is fresh guest memory, so already zero.
+    Ok(end)
 }
 
 fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(BootError::Memory)
-}
-
-/// Put the initrd at the top of low RAM (below 3 GiB / the end of low memory), page
-/// aligned. Returns (address, size).
-fn load_initrd(mem: &GuestMemory, path: &Path, mem_bytes: u64) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|source| BootError::ReadInitrd {
-        path: path.into(),
-        source,
-    })?;
-    let size = data.len() as u64;
-    let low_end = mem_bytes.min(MMIO_GAP_START);
-    let addr = low_end
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|&a| a >= HIMEM_START + (16 << 20))
-        .ok_or(BootError::InitrdTooLarge {
-            size,
-            limit: low_end,
-        })?;
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(BootError::Memory)?;
-    Ok((addr, size))
+    write(mem, CMDLINE_START, &bytes)
 }
 
 fn write_pvh_start_info(
     mem: &GuestMemory,
-    initrd: Option<(u64, u64)>,
+    modules: &[PlacedModule],
     mem_bytes: u64,
 ) -> Result<(), BootError> {
     let map = memory_map(mem_bytes);
@@ -345,24 +507,22 @@ fn write_pvh_start_info(
     info.extend_from_slice(&PVH_START_MAGIC.to_le_bytes());
     info.extend_from_slice(&1u32.to_le_bytes()); // version: has memmap fields
     info.extend_from_slice(&0u32.to_le_bytes()); // flags
-    info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
+    info.extend_from_slice(&(modules.len() as u32).to_le_bytes()); // nr_modules
     info.extend_from_slice(&PVH_MODLIST_START.to_le_bytes());
     info.extend_from_slice(&CMDLINE_START.to_le_bytes());
     info.extend_from_slice(&crate::acpi::RSDP_START.to_le_bytes()); // rsdp_paddr
     info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
-    mem.write_slice(&info, GuestAddress(PVH_INFO_START))
-        .map_err(BootError::Memory)?;
-    if let Some((addr, size)) = initrd {
-        let mut m = Vec::with_capacity(32);
-        m.extend_from_slice(&addr.to_le_bytes());
-        m.extend_from_slice(&size.to_le_bytes());
-        m.extend_from_slice(&0u64.to_le_bytes()); // cmdline_paddr
-        m.extend_from_slice(&0u64.to_le_bytes());
-        mem.write_slice(&m, GuestAddress(PVH_MODLIST_START))
-            .map_err(BootError::Memory)?;
+    write(mem, PVH_INFO_START, &info)?;
+    let mut list = Vec::with_capacity(modules.len() * 32);
+    for m in modules {
+        list.extend_from_slice(&m.addr.to_le_bytes());
+        list.extend_from_slice(&m.size.to_le_bytes());
+        list.extend_from_slice(&m.cmdline_addr.to_le_bytes());
+        list.extend_from_slice(&0u64.to_le_bytes());
     }
+    write(mem, PVH_MODLIST_START, &list)?;
     let mut entries = Vec::with_capacity(map.len() * 24);
     for (addr, size, ty) in map {
         entries.extend_from_slice(&addr.to_le_bytes());
@@ -370,11 +530,16 @@ fn write_pvh_start_info(
         entries.extend_from_slice(&ty.to_le_bytes());
         entries.extend_from_slice(&0u32.to_le_bytes());
     }
-    mem.write_slice(&entries, GuestAddress(PVH_MEMMAP_START))
-        .map_err(BootError::Memory)
+    write(mem, PVH_MEMMAP_START, &entries)
 }
 
-fn write_multiboot_info(mem: &GuestMemory, mem_bytes: u64) -> Result<(), BootError> {
+/// The Multiboot information structure (spec section 3.3) with its memory map, module list
+/// and the loader's name.
+fn write_multiboot_info(
+    mem: &GuestMemory,
+    modules: &[PlacedModule],
+    mem_bytes: u64,
+) -> Result<(), BootError> {
     let map = memory_map(mem_bytes);
     let mut mmap = Vec::with_capacity(map.len() * 24);
     for (addr, size, ty) in &map {
@@ -383,19 +548,36 @@ fn write_multiboot_info(mem: &GuestMemory, mem_bytes: u64) -> Result<(), BootErr
         mmap.extend_from_slice(&size.to_le_bytes());
         mmap.extend_from_slice(&ty.to_le_bytes());
     }
+    let mut mods = Vec::with_capacity(modules.len() * 16);
+    for m in modules {
+        mods.extend_from_slice(&(m.addr as u32).to_le_bytes());
+        mods.extend_from_slice(&((m.addr + m.size) as u32).to_le_bytes());
+        mods.extend_from_slice(&(m.cmdline_addr as u32).to_le_bytes());
+        mods.extend_from_slice(&0u32.to_le_bytes());
+    }
     let low_end = mem_bytes.min(MMIO_GAP_START);
-    let mut info = [0u8; 52];
+    let mut info = [0u8; 72];
     let mut put = |off: usize, v: u32| info[off..off + 4].copy_from_slice(&v.to_le_bytes());
-    put(0, 1 | (1 << 2) | (1 << 6)); // mem_lower/upper, cmdline, mmap
-    put(4, (EBDA_START / 1024) as u32);
-    put(8, ((low_end - HIMEM_START) / 1024) as u32);
+    put(
+        0,
+        MBI_MEMORY | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME,
+    );
+    put(4, (EBDA_START / 1024) as u32); // mem_lower: KiB from 0
+    put(8, ((low_end - HIMEM_START) / 1024) as u32); // mem_upper: KiB from 1 MiB to the first hole
     put(16, CMDLINE_START as u32);
+    put(20, modules.len() as u32);
+    put(24, MB_MODS_START as u32);
     put(44, mmap.len() as u32);
     put(48, MB_MMAP_START as u32);
-    mem.write_slice(&info, GuestAddress(MB_INFO_START))
-        .map_err(BootError::Memory)?;
-    mem.write_slice(&mmap, GuestAddress(MB_MMAP_START))
-        .map_err(BootError::Memory)
+    put(64, MB_LOADER_NAME_START as u32);
+    write(mem, MB_INFO_START, &info)?;
+    write(mem, MB_MMAP_START, &mmap)?;
+    write(mem, MB_MODS_START, &mods)?;
+    write(
+        mem,
+        MB_LOADER_NAME_START,
+        concat!("ferry ", env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
+    )
 }
 
 fn write_zero_page(
@@ -480,12 +662,12 @@ mod tests {
         let k = dir.join("garbage");
         std::fs::write(&k, vec![0x5au8; 10000]).unwrap();
         let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
-        let e = load_kernel(&mem, &k, "", "", None).unwrap_err();
+        let e = load_kernel(&mem, &k, "", "", &[]).unwrap_err();
         assert!(matches!(e, BootError::UnknownFormat { .. }), "{e}");
         std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
-        assert!(load_kernel(&mem, &k, "", "", None).is_err());
+        assert!(load_kernel(&mem, &k, "", "", &[]).is_err());
         assert!(matches!(
-            load_kernel(&mem, &dir.join("missing"), "", "", None),
+            load_kernel(&mem, &dir.join("missing"), "", "", &[]),
             Err(BootError::OpenKernel { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();

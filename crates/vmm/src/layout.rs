@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT for 64-bit Linux boot (bzImage)
-//! 0x0000_5000  Multiboot info, then its memory map at 0x5100
+//! 0x0000_5000  Multiboot info, its memory map at 0x5100, modules at 0x5200, loader name 0x5600
 //! 0x0000_6000  PVH hvm_start_info, module list at 0x6040
 //! 0x0000_7000  PVH memory map / Linux zero page (never both)
 //! 0x0000_9000  identity page tables for 64-bit Linux boot (PML4, PDPT, PD)
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX_SIZE)
 //! 0x0009_fc00  EBDA (reserved)
-//! 0x0010_0000  kernel (1 MiB), initrd at the top of low RAM
+//! 0x0010_0000  kernel (1 MiB); Multiboot modules right after it, PVH modules and a Linux
+//!              initrd at the top of low RAM
 //! 0xc000_0000  MMIO gap (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
@@ -19,6 +20,10 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const MB_INFO_START: u64 = 0x5000;
 /// Multiboot memory map.
 pub const MB_MMAP_START: u64 = 0x5100;
+/// Multiboot module list (16 bytes a module, up to `boot::MAX_MODULES`).
+pub const MB_MODS_START: u64 = 0x5200;
+/// The boot loader's name, for Multiboot.
+pub const MB_LOADER_NAME_START: u64 = 0x5600;
 /// PVH start info.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// PVH module list (initrd).

@@ -14,6 +14,7 @@ pub mod bus;
 pub mod cpu_features;
 pub mod cpuid;
 pub mod devices;
+pub mod elf;
 pub mod event;
 pub mod fail;
 pub mod host_io;

@@ -311,7 +311,7 @@ impl Vm {
             &config.kernel,
             &config.cmdline,
             &tokens,
-            config.initrd.as_deref(),
+            &config.initrd,
         )?;
         acpi::write(&memory, config.vcpus, &devices.mmio_info())?;
         tracing::info!(
