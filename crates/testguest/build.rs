@@ -144,6 +144,71 @@ fn main() {
     run(&mut l);
 
     check(&elf);
+    multiboot_copies(&elf, &out);
+}
+
+/// The same guest as the images a Multiboot user boots with GRUB or QEMU's `-kernel`:
+/// - `ferry-testguest32.elf`: ELF32 i386 (`objcopy -O elf32-i386`), its Multiboot header
+///   without the a.out kludge, so a loader places it by its program headers ("linked the
+///   usual way");
+/// - `ferry-testguest32-kludge.elf`: the same ELF32 with the kludge addresses kept;
+/// - `ferry-testguest.bin`: a flat binary (`objcopy -O binary`) that only the kludge
+///   addresses describe.
+///
+/// Both ELF32 copies lose the PVH note (its program header becomes PT_NULL), so every loader
+/// boots them by Multiboot.
+fn multiboot_copies(elf: &Path, out: &Path) {
+    let objcopy = env::var_os("FERRY_TESTGUEST_OBJCOPY").unwrap_or_else(|| "objcopy".into());
+    println!("cargo:rerun-if-env-changed=FERRY_TESTGUEST_OBJCOPY");
+    let elf32 = out.join("ferry-testguest32-kludge.elf");
+    run(Command::new(&objcopy)
+        .args(["-O", "elf32-i386"])
+        .arg(elf)
+        .arg(&elf32));
+    let mut img = std::fs::read(&elf32).expect("read ELF32 copy");
+    drop_pvh_note(&mut img);
+    std::fs::write(&elf32, &img).expect("write ELF32 copy");
+    clear_kludge(&mut img);
+    std::fs::write(out.join("ferry-testguest32.elf"), &img).expect("write ELF32 copy");
+    run(Command::new(&objcopy)
+        .args(["-O", "binary"])
+        .arg(elf)
+        .arg(out.join("ferry-testguest.bin")));
+}
+
+fn u16_at(img: &[u8], o: usize) -> usize {
+    u16::from_le_bytes(img[o..o + 2].try_into().unwrap()) as usize
+}
+
+fn u32_at(img: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(img[o..o + 4].try_into().unwrap())
+}
+
+/// Turn an ELF32 image's PT_NOTE program headers into PT_NULL.
+fn drop_pvh_note(img: &mut [u8]) {
+    assert_eq!(img[4], 1, "not an ELF32 image");
+    let (phoff, phentsize, phnum) = (u32_at(img, 28) as usize, u16_at(img, 42), u16_at(img, 44));
+    let mut dropped = 0;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        if u32_at(img, ph) == 4 {
+            img[ph..ph + 4].copy_from_slice(&0u32.to_le_bytes());
+            dropped += 1;
+        }
+    }
+    assert_eq!(dropped, 1, "expected one PT_NOTE in the ELF32 copy");
+}
+
+/// Clear the Multiboot header's a.out kludge flag (bit 16), with its checksum.
+fn clear_kludge(img: &mut [u8]) {
+    let at = (0..8192usize.min(img.len() - 12))
+        .step_by(4)
+        .find(|&i| u32_at(img, i) == 0x1BAD_B002)
+        .expect("Multiboot header");
+    let flags = u32_at(img, at + 4) & !(1 << 16);
+    img[at + 4..at + 8].copy_from_slice(&flags.to_le_bytes());
+    let sum = 0u32.wrapping_sub(0x1BAD_B002u32.wrapping_add(flags));
+    img[at + 8..at + 12].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// Sanity checks on the produced image so a broken link fails the build.

@@ -58,6 +58,13 @@ multiboot_header:
 
         .section .boot.text, "ax"
         .code32
+        /* The ELF entry (e_entry), for loaders that start an ELF by its header: a Multiboot
+           loader says so in EAX; anything else is taken for PVH. */
+        .globl elf_entry
+elf_entry:
+        cmp $0x2BADB002, %eax
+        je mb_entry
+
         .globl pvh_entry
 pvh_entry:
         /* PVH: EBX = hvm_start_info */

@@ -21,6 +21,62 @@ fn rd8(addr: u64) -> u8 {
     unsafe { core::ptr::read_volatile(addr as *const u8) }
 }
 
+/// Modules (Multiboot modules, PVH modules) the guest checksums and reports.
+pub const MAX_MODULES: usize = 8;
+pub const MODULE_CMDLINE_MAX: usize = 128;
+
+/// A module the loader handed over, checksummed while it is still intact.
+#[derive(Clone, Copy)]
+pub struct Module {
+    pub start: u64,
+    pub size: u64,
+    /// FNV-1a (64-bit) of its bytes.
+    pub fnv: u64,
+    pub cmdline: [u8; MODULE_CMDLINE_MAX],
+    pub cmdline_len: usize,
+}
+
+impl Module {
+    const EMPTY: Module = Module {
+        start: 0,
+        size: 0,
+        fnv: 0,
+        cmdline: [0; MODULE_CMDLINE_MAX],
+        cmdline_len: 0,
+    };
+
+    pub fn cmdline(&self) -> &[u8] {
+        &self.cmdline[..self.cmdline_len]
+    }
+}
+
+/// FNV-1a, 64-bit, of `len` bytes at physical `addr`.
+fn fnv1a(addr: u64, len: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..len {
+        h ^= u64::from(rd8(addr + i));
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Copy a NUL-terminated string at `addr` into `out`; returns its length (cut at `out`'s).
+fn copy_str(addr: u64, out: &mut [u8]) -> usize {
+    if addr == 0 || addr >= 0xC000_0000 {
+        return 0;
+    }
+    let mut n = 0;
+    while n < out.len() {
+        let b = rd8(addr + n as u64);
+        if b == 0 {
+            break;
+        }
+        out[n] = b;
+        n += 1;
+    }
+    n
+}
+
 pub struct BootInfo {
     pub proto: u64,
     pub cmdline: [u8; CMDLINE_MAX],
@@ -29,6 +85,9 @@ pub struct BootInfo {
     pub ram: [(u64, u64); MAX_REGIONS],
     pub nram: usize,
     pub rsdp: u64,
+    /// How many modules the loader passed (more than `MAX_MODULES` are counted, not kept).
+    pub nmodules: usize,
+    pub modules: [Module; MAX_MODULES],
 }
 
 impl BootInfo {
@@ -48,19 +107,23 @@ impl BootInfo {
     }
 
     fn copy_cmdline(&mut self, addr: u64) {
-        if addr == 0 || addr >= 0xC000_0000 {
-            return;
+        self.cmdline_len = copy_str(addr, &mut self.cmdline);
+    }
+
+    fn add_module(&mut self, start: u64, size: u64, cmdline: u64) {
+        if self.nmodules < MAX_MODULES && start.saturating_add(size) <= 0xC000_0000 {
+            let m = &mut self.modules[self.nmodules];
+            m.start = start;
+            m.size = size;
+            m.fnv = fnv1a(start, size);
+            m.cmdline_len = copy_str(cmdline, &mut m.cmdline);
         }
-        let mut n = 0;
-        while n < CMDLINE_MAX {
-            let b = rd8(addr + n as u64);
-            if b == 0 {
-                break;
-            }
-            self.cmdline[n] = b;
-            n += 1;
-        }
-        self.cmdline_len = n;
+        self.nmodules += 1;
+    }
+
+    /// The modules kept (at most `MAX_MODULES`).
+    pub fn modules(&self) -> &[Module] {
+        &self.modules[..self.nmodules.min(MAX_MODULES)]
     }
 
     /// Must run before the guest writes anything outside its image (the
@@ -73,6 +136,8 @@ impl BootInfo {
             ram: [(0, 0); MAX_REGIONS],
             nram: 0,
             rsdp: 0,
+            nmodules: 0,
+            modules: [Module::EMPTY; MAX_MODULES],
         };
         if info == 0 {
             return bi;
@@ -84,6 +149,12 @@ impl BootInfo {
             let version = rd32(info + 4);
             bi.copy_cmdline(rd64(info + 24));
             bi.rsdp = rd64(info + 32);
+            let nmods = rd32(info + 12) as u64;
+            let list = rd64(info + 16);
+            for i in 0..nmods.min(64) {
+                let e = list + i * 32;
+                bi.add_module(rd64(e), rd64(e + 8), rd64(e + 16));
+            }
             if version >= 1 {
                 let map = rd64(info + 40);
                 let n = rd32(info + 48) as u64;
@@ -97,6 +168,15 @@ impl BootInfo {
             if flags & (1 << 2) != 0 {
                 bi.copy_cmdline(rd32(info + 16) as u64);
                 bi.strip_image_name();
+            }
+            if flags & (1 << 3) != 0 {
+                let n = rd32(info + 20) as u64;
+                let list = rd32(info + 24) as u64;
+                for i in 0..n.min(64) {
+                    let e = list + i * 16;
+                    let (start, end) = (rd32(e) as u64, rd32(e + 4) as u64);
+                    bi.add_module(start, end.saturating_sub(start), rd32(e + 8) as u64);
+                }
             }
             if flags & (1 << 6) != 0 {
                 let len = rd32(info + 44) as u64;

@@ -749,6 +749,24 @@ fn bsp_main(proto: u64, info: u64) -> ! {
     let _ = out.write_str("\"");
     let cfg = parse_cmdline(bi.cmdline(), &mut out);
     let _ = out.write_str("\n");
+    let _ = out.write_str("MEMMAP ram=");
+    for (i, (a, l)) in bi.ram[..bi.nram].iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(out, "{sep}{a:#x}+{l:#x}");
+    }
+    let _ = out.write_str("\n");
+    if bi.nmodules > 0 {
+        let _ = writeln!(out, "MODULES count={}", bi.nmodules);
+    }
+    for (i, m) in bi.modules().iter().enumerate() {
+        let _ = write!(
+            out,
+            "MODULE {} start={:#x} size={} fnv1a={:016x} cmdline=\"",
+            i, m.start, m.size, m.fnv
+        );
+        put_sanitized(&mut out, m.cmdline());
+        let _ = out.write_str("\"\n");
+    }
 
     if cfg.exit {
         let _ = writeln!(out, "EXIT code={}", cfg.code);

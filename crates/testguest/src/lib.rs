@@ -18,7 +18,13 @@
 //! * a Multiboot v1 header at file offset 0x1000 (flags `0x00010002`, a.out
 //!   kludge) — `EAX` = `0x2BADB002`, `EBX` = multiboot info (cmdline flag 2,
 //!   mmap flag 6, else mem_lower/mem_upper). A leading command-line token
-//!   without `=` (the image path that GRUB/QEMU prepend) is dropped.
+//!   without `=` (the image path that GRUB/QEMU prepend) is dropped;
+//! * an ELF entry (`e_entry`) that goes the Multiboot way when `EAX` holds
+//!   the Multiboot magic, else the PVH way.
+//!
+//! [`elf32`], [`elf32_kludge`] and [`flat`] are the same guest in the forms
+//! a Multiboot kernel takes (ELF32 loaded by its program headers, ELF32 with
+//! kludge addresses, a flat binary).
 //!
 //! Memory used: the image itself (about 1.4 MiB incl. bss), a 4 KiB AP
 //! trampoline at 0x8000 (written only after the boot info and command line
@@ -57,6 +63,9 @@
 //!
 //! ```text
 //! ferry-testguest v1 boot=pvh|multiboot cpus=N tsc_khz=K mem_mib=M cmdline="..."[ unknown=KEY][ bad=KEY]
+//! MEMMAP ram=0xA+0xL[,0xA+0xL...]        (the RAM regions the loader's memory map gives)
+//! MODULES count=N                         (the loader passed N modules; none: no line)
+//! MODULE I start=0xA size=S fnv1a=H cmdline="..."   (each of the first 8; H = FNV-1a 64, 16 hex digits)
 //! READY                                   (after setup; mode=run only)
 //! EXIT code=N                             (mode=exit, then power off)
 //! ERROR dirty working set does not fit    (then power off)
@@ -85,6 +94,10 @@
 //!
 //! * `cmdline` is the effective command line (image path stripped for
 //!   Multiboot); `"` and non-printable bytes are shown as `?`.
+//! * Modules (Multiboot's, or PVH's module list) are checksummed before the
+//!   guest writes anything outside its image, so wherever the loader put
+//!   them; a module's `cmdline` is shown as the loader passed it (up to 128
+//!   bytes), for Multiboot usually `PATH ARGS`.
 //! * `cpus` counts the BSP plus every AP that checked in. APs are started by
 //!   INIT + 2×SIPI (vector 0x08) broadcast to all-excluding-self; the BSP
 //!   waits until as many CPUs as the ACPI MADT lists have checked in, or
@@ -225,6 +238,25 @@
 /// The test guest ELF image (x86-64, PVH note + Multiboot v1 header).
 pub fn elf() -> &'static [u8] {
     include_bytes!(concat!(env!("OUT_DIR"), "/ferry-testguest.elf"))
+}
+
+/// The guest as a 32-bit ELF (i386) whose Multiboot header has no a.out kludge, so a loader
+/// places it by its program headers, as GRUB and QEMU's `-kernel` load a Multiboot kernel
+/// linked the usual way. No PVH note: every loader boots it by Multiboot.
+pub fn elf32() -> &'static [u8] {
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry-testguest32.elf"))
+}
+
+/// [`elf32`] with the Multiboot header's a.out kludge addresses kept (they win over the ELF
+/// program headers).
+pub fn elf32_kludge() -> &'static [u8] {
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry-testguest32-kludge.elf"))
+}
+
+/// The guest as a flat binary (`objcopy -O binary`), which only its Multiboot header's a.out
+/// kludge addresses describe.
+pub fn flat() -> &'static [u8] {
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry-testguest.bin"))
 }
 
 #[cfg(test)]
