@@ -232,6 +232,8 @@ pub struct RunArgs {
     #[command(flatten)]
     vm: VmOptions,
     /// COM1: stdio, null, file:PATH or unix:PATH (ferry listens there) [default: stdio].
+    /// On a terminal, stdio is raw while the VM runs (every key, Ctrl-C too, goes to the
+    /// guest); Ctrl-] detaches and gives the terminal back, the VM running on.
     #[arg(long)]
     serial: Option<SerialBackend>,
     /// COM2: stdio, null, file:PATH or unix:PATH [default: null].
@@ -282,7 +284,10 @@ pub struct RestoreArgs {
 /// Run a VM that was just built (or report why it could not be) until it ends.
 fn run_vm(vm: Result<Vm, ferry_vmm::VmError>) -> Result<()> {
     let chain = |e: ferry_vmm::VmError| anyhow::anyhow!(ferry_vmm::error_chain(&e));
-    let exit: VmExit = vm.map_err(chain)?.run().map_err(chain)?;
+    let exit = vm.and_then(|vm| vm.run());
+    // The terminal, if the console had it, is the user's again before anything is printed.
+    ferry_vmm::serial_backend::terminal::restore();
+    let exit: VmExit = exit.map_err(chain)?;
     tracing::info!("VM ended: {exit:?}");
     // The host daemon reads why a VMM ended from its last log line.
     eprintln!("ferry: VM ended: {exit:?}");
@@ -296,6 +301,7 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
             let opts = RunOptions {
                 api: a.api,
                 paused: a.paused,
+                ports: None,
             };
             run_vm(Vm::create(config, opts))
         }
@@ -308,6 +314,7 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
             let opts = RunOptions {
                 api: a.api,
                 paused: a.paused,
+                ports: None,
             };
             run_vm(Vm::restore(&a.dir, overrides, opts))
         }
@@ -355,6 +362,7 @@ pub fn run(cmd: VmmCmd) -> Result<()> {
             let opts = RunOptions {
                 api: a.api,
                 paused: false,
+                ports: None,
             };
             run_vm(ferry_vmm::migration::receive::receive(
                 &listen,
