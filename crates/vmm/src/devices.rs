@@ -211,6 +211,8 @@ pub struct DevicesArgs<'a> {
     pub mem: &'a GuestMemoryMmap,
     /// Lock disk images now (false for a migration's destination until commit).
     pub lock_disks: bool,
+    /// Serial ports opened before the VM (taken where the config names them).
+    pub ports: Option<&'a serial_backend::Ports>,
 }
 
 /// Where a disk's bytes are, as the VMM (not the device) holds them.
@@ -772,7 +774,10 @@ impl Devices {
     ) -> Result<Devices, DevicesError> {
         let mut sockets = vec![];
         let mut port = |backend: &SerialBackend, irq_no: u32, s: &SerialDeviceState, name: &str| {
-            let mut opened: OpenedBackend = serial_backend::open(backend)?;
+            let mut opened: OpenedBackend = match args.ports.and_then(|p| p.take(backend)) {
+                Some(o) => o,
+                None => serial_backend::open(backend)?,
+            };
             if let Some(p) = opened.socket.take() {
                 sockets.push(p);
             }

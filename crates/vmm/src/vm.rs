@@ -119,6 +119,8 @@ pub struct RunOptions {
     pub api: Option<PathBuf>,
     /// Create the VM with its vCPUs paused.
     pub paused: bool,
+    /// Serial sockets opened before the VM exists (a migration's destination).
+    pub ports: Option<Arc<crate::serial_backend::Ports>>,
 }
 
 /// Host-side overrides when restoring a snapshot or receiving a VM (host ends of the serial
@@ -304,6 +306,7 @@ impl Vm {
             config: &config,
             mem: &memory,
             lock_disks: true,
+            ports: opts.ports.as_deref(),
         })?;
         let tokens = devices::virtio_cmdline(devices.virtio.len());
         let entry = boot::load_kernel(
@@ -437,6 +440,7 @@ impl Vm {
             config: &config,
             mem: &memory,
             lock_disks,
+            ports: opts.ports.as_deref(),
         };
         let devices = Devices::restore(args, &dev_state)?;
         tracing::debug!("restore: devices at {:?}", t0.elapsed());

@@ -154,10 +154,18 @@ pub fn receive(
     listen: &Listen,
     ropts: &ReceiveOptions,
     overrides: &RestoreOverrides,
-    opts: RunOptions,
+    mut opts: RunOptions,
     mut log: impl FnMut(&str),
 ) -> Result<Vm, VmError> {
     let listener = bind(listen)?;
+    // The serial sockets this host gives the VM exist from now on, not from the switch-over:
+    // a console attached early sees every byte the guest writes here.
+    if opts.ports.is_none() {
+        let here = [&overrides.serial, &overrides.serial2];
+        let ports = crate::serial_backend::Ports::open(here.into_iter().flatten())
+            .map_err(|e| VmError::Devices(e.into()))?;
+        opts.ports = Some(std::sync::Arc::new(ports));
+    }
     let record = match &ropts.record {
         Some(p) => OutcomeRecord::File(p.clone()),
         None => OutcomeRecord::in_memory(),
