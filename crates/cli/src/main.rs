@@ -93,9 +93,14 @@ enum Cmd {
     /// or `mode=exit code=0`. On COM1 it prints a banner and `READY`, and answers `v`
     /// (verify), `s` (status), `p` (power off), `r` (reset).
     Testguest {
-        /// Where to write the ELF.
+        /// Where to write the image.
         #[arg(long)]
         out: PathBuf,
+        /// Which form: elf64 (PVH note + Multiboot header), elf32 (a Multiboot ELF32 loaded by
+        /// its program headers), elf32-kludge (ELF32 with a.out kludge addresses) or flat (a
+        /// flat Multiboot binary). Every form boots under ferry and QEMU's -kernel.
+        #[arg(long, default_value = "elf64", value_parser = ["elf64", "elf32", "elf32-kludge", "flat"])]
+        form: String,
     },
     /// The quickest proof that ferry works here: a lab of two hosts with a ferry host daemon
     /// each (network namespaces; needs root), a VM on hv1 running the test guest with memory,
@@ -158,8 +163,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Disk { cmd, server } => share_cmd::disk(cmd, server, &targets()?, cli.json),
         Cmd::Grant(a) => cluster_cmd::grant(a, cli.json),
         Cmd::Vmm(cmd) => vmm_cmd::run(cmd),
-        Cmd::Testguest { out } => std::fs::write(&out, ferry_testguest::elf())
-            .with_context(|| format!("writing {}", out.display())),
+        Cmd::Testguest { out, form } => {
+            let image = match form.as_str() {
+                "elf32" => ferry_testguest::elf32(),
+                "elf32-kludge" => ferry_testguest::elf32_kludge(),
+                "flat" => ferry_testguest::flat(),
+                _ => ferry_testguest::elf(),
+            };
+            std::fs::write(&out, image).with_context(|| format!("writing {}", out.display()))
+        }
         Cmd::Bench(cmd) => bench::run(cmd),
         Cmd::Demo(a) => demo::run(a),
     }
