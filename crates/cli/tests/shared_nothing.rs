@@ -107,6 +107,8 @@ fn a_vm_and_its_disks_move_into_the_other_host_s_folder_in_one_move() {
     assert_eq!(r["result"], "done", "{}\n{}", text(&out), h.logs());
     assert_eq!(r["runs_on"], "hv2");
     assert_eq!(r["encrypted"], true, "{r}");
+    // Nothing else moved: it never waited, and its disk copy is not counted as waiting.
+    assert_eq!(r["queued_ms"], 0, "{r}");
     g.follow_on(&h, "hv2");
     assert!(h.vm("hv1", "web01").is_none(), "hv1 has no VM web01 now");
     assert_eq!(

@@ -443,6 +443,9 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         .client_for(&to, &to_addr)
         .with_timeout(Duration::from_secs(15));
     let queued_at = Instant::now();
+    // Time spent waiting for a slot (here or on the destination), for the report: not the
+    // checks, nor a shared-nothing move's disk copy.
+    let mut queued = Duration::ZERO;
     // The check that let the move start is fresh unless the move had to wait.
     let mut waited = false;
     // A shared-nothing move's copies on the destination, once made (and in step).
@@ -461,7 +464,9 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
                 i.state = MoveState::Queued;
                 i.waiting_for = Some(why);
             });
+            let t = Instant::now();
             wait_a_little(d, id).await;
+            queued += t.elapsed();
             continue;
         }
         if waited && copies.is_none() {
@@ -537,7 +542,9 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
                     i.state = MoveState::Queued;
                     i.waiting_for = Some(format!("waiting for a free migration slot on {to}: {e}"));
                 });
+                let t = Instant::now();
                 wait_a_little(d, id).await;
+                queued += t.elapsed();
             }
             Err(e) => {
                 set_slot(d, id, false);
@@ -546,7 +553,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         }
     };
     if let Some(m) = d.lock().outgoing.get_mut(id) {
-        m.queued_ms = queued_at.elapsed().as_millis() as u64;
+        m.queued_ms = queued.as_millis() as u64;
         if copies.is_none() {
             m.started = Instant::now();
         }
