@@ -8,6 +8,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMemoryMmap, Interrupt, LogLimit, VirtioDevice, Wake, VIRTIO_F_VERSION_1};
 
+/// How long a polling device's transport keeps looking for new buffers after the device ran
+/// dry (QEMU's default poll-max-ns is 32 µs).
+const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(32);
+
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
 /// Offset of QueueNotify (where KVM ioeventfds are registered).
@@ -149,9 +153,43 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !self.active() || self.paused {
             return;
         }
-        if self.device.process(wake, &mut self.queues, &self.mem) {
-            self.interrupt.signal_used();
+        let mut wake = wake;
+        loop {
+            if self.device.process(wake, &mut self.queues, &self.mem) {
+                self.interrupt.signal_used();
+            }
+            if !self.device.polls() || !self.poll_for_more() {
+                return;
+            }
+            wake = Wake::All;
         }
+    }
+
+    /// After a polling device ran dry: look for new buffers for up to [`POLL_WINDOW`] with the
+    /// driver's notifications still off (a driver that just took its completions usually
+    /// queues the next requests within microseconds, as QEMU's poll-max-ns counts on: that
+    /// saves the driver an exit and the worker a wake-up), then turn them back on. True if
+    /// there is more to process.
+    fn poll_for_more(&mut self) -> bool {
+        let mem = &self.mem;
+        let has_new = |q: &Queue| {
+            q.ready()
+                && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|i| i.0 != q.next_avail())
+        };
+        let start = std::time::Instant::now();
+        while start.elapsed() < POLL_WINDOW {
+            if self.queues.iter().any(has_new) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        let mut more = false;
+        for q in self.queues.iter_mut().filter(|q| q.ready()) {
+            // True if buffers came in while notifications were off.
+            more |= q.enable_notification(mem).unwrap_or(false);
+        }
+        more
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -299,6 +337,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.status |= STATUS_NEEDS_RESET;
                 tracing::warn!("virtio-mmio: driver enabled a queue with invalid addresses");
                 return;
+            }
+            let event_idx = self.acked_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
             }
             self.device.activate(self.acked_features);
             let _ = self.kick.write(1);

@@ -30,6 +30,9 @@ use vmm_sys_util::eventfd::EventFd;
 /// Guest memory as devices see it: mmap regions with the VMM's dirty bitmap.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
+/// Feature bit: the driver and device tell each other, by ring index, when to notify and
+/// interrupt (used_event / avail_event), instead of by flags.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Feature bit: a modern (VIRTIO 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Device type: network card.
@@ -107,6 +110,32 @@ pub trait VirtioDevice: Send + 'static {
     fn reset(&mut self);
     /// Do the work `wake` asks for. Returns whether the driver should be interrupted.
     fn process(&mut self, wake: Wake, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// Whether the transport should poll the queues for a while after `process` (which then
+    /// leaves the driver's notifications off), before it turns notifications back on.
+    fn polls(&self) -> bool {
+        false
+    }
+}
+
+/// Whether the driver wants an interrupt for the used buffers just added to `q`. With
+/// EVENT_IDX that is its used_event; without, its VIRTQ_AVAIL_F_NO_INTERRUPT flag, which
+/// virtio-queue does not look at (a polling driver sets it, and an interrupt it never takes
+/// still costs a vCPU exit to inject).
+pub(crate) fn wants_interrupt(q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    // Always asked, so its count of entries added since the last time starts afresh.
+    let wanted = q.needs_notification(mem).unwrap_or(true);
+    if !q.event_idx_enabled() {
+        let flags: u16 = mem
+            .read_obj(GuestAddress(q.avail_ring()))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        if flags & 1 != 0 {
+            return false;
+        }
+    }
+    wanted
 }
 
 /// Read `data.len()` bytes at `offset` of a config-space image, zero beyond its end.

@@ -18,7 +18,10 @@ use std::os::fd::RawFd;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
-use super::{read_config_bytes, GuestMemoryMmap, LogLimit, VirtioDevice, Wake, TYPE_BLOCK};
+use super::{
+    read_config_bytes, wants_interrupt, GuestMemoryMmap, LogLimit, VirtioDevice, Wake, TYPE_BLOCK,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 #[cfg(test)]
 use ferry_migration::Persist;
 
@@ -399,7 +402,7 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        let mut f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | VIRTIO_RING_F_EVENT_IDX;
         if self.read_only {
             f |= F_RO;
         } else {
@@ -420,6 +423,10 @@ impl VirtioDevice for Block {
         None
     }
 
+    fn polls(&self) -> bool {
+        true
+    }
+
     fn activate(&mut self, acked_features: u64) {
         self.acked_features = acked_features;
     }
@@ -433,6 +440,8 @@ impl VirtioDevice for Block {
             return false;
         };
         let mut used = false;
+        // The driver need not notify while the device works through the queue.
+        let _ = q.disable_notification(mem);
         loop {
             // A batch: every queued request, up to MAX_BATCH requests and MAX_BATCH_BYTES of data.
             let mut ops = Vec::new();
@@ -466,6 +475,8 @@ impl VirtioDevice for Block {
                 }
             }
             if pending.is_empty() {
+                // Notifications stay off: the transport looks for more requests a little
+                // longer, then turns them back on (`VirtioDevice::polls`).
                 break;
             }
             self.disk.run(&mut ops);
@@ -494,7 +505,7 @@ impl VirtioDevice for Block {
             );
             self.spare.truncate(MAX_BATCH);
         }
-        used && q.needs_notification(mem).unwrap_or(true)
+        used && wants_interrupt(q, mem)
     }
 }
 

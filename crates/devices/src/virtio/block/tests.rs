@@ -389,3 +389,56 @@ fn queued_requests_reach_the_backend_as_one_batch() {
             .all(|&x| x == i as u8 + 1));
     }
 }
+
+/// Complete one 512-byte write through `q`, returning whether an interrupt is wanted.
+fn one_write(b: &mut Block, h: &mut QueueHarness, q: &mut Queue) -> bool {
+    header(h, 0x10000, T_OUT, 0);
+    h.add_chain(&[(0x10000, 16, 0), (0x11000, 512, 0), (0x12000, 1, WRITE)]);
+    let irq = b.process(Wake::Queue(0), std::slice::from_mut(q), &h.mem);
+    assert_eq!(status(h, 0x12000), S_OK);
+    irq
+}
+
+#[test]
+fn a_polling_driver_is_not_interrupted_and_need_not_notify() {
+    let (_t, file) = disk(64);
+    let mut b = active(file);
+    let mut h = QueueHarness::new(16);
+    let mut q: Queue = h.queue();
+    let (avail, used) = (GuestAddress(0x3000), GuestAddress(0x5000));
+    // Without EVENT_IDX: the driver's NO_INTERRUPT flag is honoured.
+    assert!(
+        one_write(&mut b, &mut h, &mut q),
+        "interrupt wanted by default"
+    );
+    h.mem.write_obj(1u16, avail).unwrap();
+    assert!(!one_write(&mut b, &mut h, &mut q), "NO_INTERRUPT ignored");
+    // The device leaves notifications off for its transport, which polls a while and then
+    // turns them back on.
+    assert_eq!(
+        h.mem.read_obj::<u16>(used).unwrap(),
+        1,
+        "NO_NOTIFY while busy"
+    );
+    assert!(!q.enable_notification(&h.mem).unwrap());
+    assert_eq!(h.mem.read_obj::<u16>(used).unwrap(), 0);
+    // With EVENT_IDX (a fresh queue, as the transport sets it at DRIVER_OK): used_event
+    // decides; the flags no longer count.
+    let mut h = QueueHarness::new(16);
+    let mut q: Queue = h.queue();
+    q.set_event_idx(true);
+    h.mem.write_obj(1u16, avail).unwrap();
+    let used_event = GuestAddress(0x3000 + 4 + 2 * 16);
+    h.mem.write_obj(0u16, used_event).unwrap();
+    assert!(
+        one_write(&mut b, &mut h, &mut q),
+        "used_event reached: interrupt"
+    );
+    let behind = h.used_idx().wrapping_sub(1);
+    h.mem.write_obj(behind, used_event).unwrap();
+    assert!(
+        !one_write(&mut b, &mut h, &mut q),
+        "used_event behind: no interrupt"
+    );
+    assert!(b.avail_features() & crate::virtio::VIRTIO_RING_F_EVENT_IDX != 0);
+}
