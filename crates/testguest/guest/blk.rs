@@ -11,7 +11,7 @@
 //! | 4088..4096 | FNV-1a 64 over bytes 0..4088 |
 
 use crate::io::Uart;
-use crate::virtio::{Arena, Mmio, Virtq, DESC_F_NEXT, DESC_F_WRITE, F_VERSION_1};
+use crate::virtio::{Arena, Mmio, Virtq, DESC_F_NEXT, DESC_F_WRITE, F_EVENT_IDX, F_VERSION_1};
 use core::fmt::Write;
 
 const F_FLUSH: u64 = 1 << 9;
@@ -190,12 +190,15 @@ impl Blk {
         qd: usize,
         flush_every: u64,
     ) -> Result<Blk, &'static str> {
-        let (_, acc) = dev.negotiate(F_VERSION_1 | F_FLUSH)?;
+        let (_, acc) = dev.negotiate(F_VERSION_1 | F_FLUSH | F_EVENT_IDX)?;
         let want = (3 * (qd as u16 + 1)).next_power_of_two();
-        let Some(q) = Virtq::new(dev, 0, want, arena) else {
+        let Some(mut q) = Virtq::new(dev, 0, want, arena) else {
             dev.fail();
             return Err("queue");
         };
+        if acc & F_EVENT_IDX != 0 {
+            q.use_event_idx();
+        }
         if q.size < 8 {
             dev.fail();
             return Err("queue-too-small");

@@ -41,6 +41,8 @@ pub const S_FAILED: u32 = 0x80;
 
 pub const F_VERSION_1: u64 = 1 << 32;
 pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+/// used_event / avail_event in the rings instead of the flags (VIRTIO 1.1 §2.6.7.1, §2.6.10).
+pub const F_EVENT_IDX: u64 = 1 << 29;
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
@@ -267,6 +269,10 @@ pub struct Virtq {
     last_used: u16,
     /// Buffers were added since the last notify.
     pub dirty: bool,
+    /// EVENT_IDX negotiated: notify by avail_event, and keep used_event behind.
+    event_idx: bool,
+    /// avail_idx at the last notify decision.
+    kicked_idx: u16,
 }
 
 impl Virtq {
@@ -303,12 +309,30 @@ impl Virtq {
             avail_idx: 0,
             last_used: 0,
             dirty: false,
+            event_idx: false,
+            kicked_idx: 0,
         };
         // We poll: ask the device not to interrupt.
         // SAFETY: avail ring header, ours.
         unsafe { q.avail.write_volatile(AVAIL_F_NO_INTERRUPT) };
         dev.w32(R_QUEUE_READY, 1);
         Some(q)
+    }
+
+    /// Use EVENT_IDX (the device offered it and FEATURES_OK accepted it): this driver polls,
+    /// so used_event is kept just behind what it has consumed, which no new entry reaches.
+    pub fn use_event_idx(&mut self) {
+        self.event_idx = true;
+        self.set_used_event();
+    }
+
+    fn set_used_event(&self) {
+        // SAFETY: used_event is the u16 after the avail ring's `size` entries, ours.
+        unsafe {
+            self.avail
+                .add(2 + self.size as usize)
+                .write_volatile(self.last_used.wrapping_sub(1))
+        };
     }
 
     /// Writes descriptor `i`.
@@ -345,11 +369,24 @@ impl Virtq {
     pub fn kick(&mut self) {
         if self.dirty {
             self.dirty = false;
-            // Avail index store before the used-flags load (§2.6.10.1).
+            // Avail index store before the used-flags / avail_event load (§2.6.10.1).
             fence(Ordering::SeqCst);
-            // SAFETY: used ring header, ours.
-            let flags = unsafe { (self.used as *const u16).read_volatile() };
-            if flags & USED_F_NO_NOTIFY == 0 {
+            let notify = if self.event_idx {
+                // SAFETY: avail_event is the u16 after the used ring's `size` 8-byte entries.
+                let event = unsafe {
+                    ((self.used as *const u8).add(4 + 8 * self.size as usize) as *const u16)
+                        .read_volatile()
+                };
+                let (new, old) = (self.avail_idx, self.kicked_idx);
+                // vring_need_event: the device asked to hear of entry `event`, added now.
+                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+            } else {
+                // SAFETY: used ring header, ours.
+                let flags = unsafe { (self.used as *const u16).read_volatile() };
+                flags & USED_F_NO_NOTIFY == 0
+            };
+            self.kicked_idx = self.avail_idx;
+            if notify {
                 self.dev.notify(self.index);
             }
         }
@@ -370,6 +407,9 @@ impl Virtq {
             let id = self.used.add(1 + 2 * slot).read_volatile();
             let len = self.used.add(2 + 2 * slot).read_volatile();
             self.last_used = self.last_used.wrapping_add(1);
+            if self.event_idx {
+                self.set_used_event();
+            }
             Some((id as u16, len))
         }
     }
