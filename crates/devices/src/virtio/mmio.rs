@@ -9,8 +9,17 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{GuestMemoryMmap, Interrupt, LogLimit, VirtioDevice, Wake, VIRTIO_F_VERSION_1};
 
 /// How long a polling device's transport keeps looking for new buffers after the device ran
-/// dry (QEMU's default poll-max-ns is 32 µs).
-const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(32);
+/// dry: 32 µs (QEMU's default poll-max-ns), or `FERRY_VIRTIO_POLL_US` (0 turns polling off).
+fn poll_window() -> std::time::Duration {
+    static WINDOW: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        let us = std::env::var("FERRY_VIRTIO_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32);
+        std::time::Duration::from_micros(us)
+    })
+}
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -165,7 +174,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    /// After a polling device ran dry: look for new buffers for up to [`POLL_WINDOW`] with the
+    /// After a polling device ran dry: look for new buffers for up to [`poll_window`] with the
     /// driver's notifications still off (a driver that just took its completions usually
     /// queues the next requests within microseconds, as QEMU's poll-max-ns counts on: that
     /// saves the driver an exit and the worker a wake-up), then turn them back on. True if
@@ -178,7 +187,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     .is_ok_and(|i| i.0 != q.next_avail())
         };
         let start = std::time::Instant::now();
-        while start.elapsed() < POLL_WINDOW {
+        let window = poll_window();
+        while start.elapsed() < window {
             if self.queues.iter().any(has_new) {
                 return true;
             }
