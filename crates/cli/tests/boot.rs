@@ -315,6 +315,27 @@ fn broken_kernels_and_modules_are_refused_with_the_reason() {
         .set_len(70 << 20)
         .unwrap();
     refused(d, &good, &[huge.to_str().unwrap()], "64", "does not fit");
+    // A command line that, with the kernel's path in front (Multiboot), passes the limit.
+    let long = format!("x={}", "y".repeat(4090));
+    let out = ferry_output(
+        &[
+            "vmm",
+            "run",
+            "--kernel",
+            good.to_str().unwrap(),
+            "--memory",
+            "64",
+        ]
+        .into_iter()
+        .chain(["--serial", "null", "--cmdline", &long])
+        .collect::<Vec<_>>(),
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the limit is 4095"),
+        "{err}"
+    );
     // Good again with the same files: nothing above changed anything.
     let out = ferry_boot(&good, None);
     assert!(

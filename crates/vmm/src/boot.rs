@@ -166,12 +166,6 @@ pub fn load_kernel(
     let head = &image[..image.len().min(MULTIBOOT_SEARCH)];
     let with_tokens = format!("{cmdline}{device_tokens}");
     let with_tokens = with_tokens.trim_start();
-    if with_tokens.len() + 1 > CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong {
-            len: with_tokens.len(),
-            max: CMDLINE_MAX_SIZE - 1,
-        });
-    }
     if modules.len() > MAX_MODULES {
         return Err(BootError::TooManyModules(modules.len()));
     }
@@ -225,10 +219,12 @@ pub fn load_kernel(
         }
     }
     let (entry, image_end) = match (&elf, &mb) {
-        (Some(e), _) if e.pvh_entry.is_some() => {
+        (Some(e @ crate::elf::ElfImage {
+            pvh_entry: Some(entry),
+            ..
+        }), _) => {
             load_segments(mem, &image, e, low_end).map_err(bad)?;
-            let entry = e.pvh_entry.unwrap_or_default();
-            (BootEntry::Pvh { entry }, e.end())
+            (BootEntry::Pvh { entry: *entry }, e.end())
         }
         // The a.out kludge addresses, where the header has them, win over the ELF headers
         // (Multiboot spec 3.1.3; GRUB and QEMU do the same).
@@ -269,14 +265,7 @@ pub fn load_kernel(
         }
         BootEntry::Multiboot { .. } => {
             // GRUB and QEMU start a Multiboot command line with the kernel's path.
-            let line = format!("{} {with_tokens}", kernel.display());
-            if line.len() + 1 > CMDLINE_MAX_SIZE {
-                return Err(BootError::CmdlineTooLong {
-                    len: line.len(),
-                    max: CMDLINE_MAX_SIZE - 1,
-                });
-            }
-            write_cmdline(mem, &line)?;
+            write_cmdline(mem, &format!("{} {with_tokens}", kernel.display()))?;
             let mods = place_multiboot_modules(mem, modules, image_end, low_end)?;
             write_multiboot_info(mem, &mods, mem_bytes)?;
         }
@@ -491,7 +480,14 @@ fn load_multiboot_kludge(
     Ok(end)
 }
 
+/// The command line at CMDLINE_START, NUL-terminated, if it fits.
 fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        });
+    }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     write(mem, CMDLINE_START, &bytes)
