@@ -99,15 +99,8 @@ fn host_io(path: &Path, secs: u64) -> Result<(f64, f64)> {
         .read(true)
         .write(true)
         .open(path)?;
+    let w = host_writes(&f, secs, false)?;
     let records = f.metadata()?.len() / 4096;
-    let buf = [0x5au8; 4096];
-    let t = Instant::now();
-    let mut n = 0u64;
-    while t.elapsed() < Duration::from_secs(secs) {
-        f.write_all_at(&buf, (n % records) * 4096)?;
-        n += 1;
-    }
-    let w = n as f64 / t.elapsed().as_secs_f64();
     let mut rb = [0u8; 4096];
     let t = Instant::now();
     let mut m = 0u64;
@@ -118,16 +111,16 @@ fn host_io(path: &Path, secs: u64) -> Result<(f64, f64)> {
     Ok((w, m as f64 / t.elapsed().as_secs_f64()))
 }
 
-/// Host 4 KiB writes in sequence through a new sparse file, each to a page not written
-/// before (one pass at most): IOPS.
-fn host_first_writes(path: &Path, secs: u64) -> Result<f64> {
-    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+/// Host 4 KiB writes in sequence through `f` for `secs`, one at a time: IOPS. `one_pass`
+/// stops at the end of the file (on a new sparse file: every write to a page not written
+/// before); otherwise it wraps around and rewrites.
+fn host_writes(f: &std::fs::File, secs: u64, one_pass: bool) -> Result<f64> {
     let records = f.metadata()?.len() / 4096;
     let buf = [0x5au8; 4096];
     let t = Instant::now();
     let mut n = 0u64;
-    while n < records && t.elapsed() < Duration::from_secs(secs) {
-        f.write_all_at(&buf, n * 4096)?;
+    while !(one_pass && n >= records) && t.elapsed() < Duration::from_secs(secs) {
+        f.write_all_at(&buf, (n % records) * 4096)?;
         n += 1;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
@@ -183,7 +176,11 @@ fn bench(a: &IoArgs, dir: &Path) -> Result<()> {
     // rows above rewrite pages the guest already made. The same first writes on the host:
     let fresh = dir.join("fresh.img");
     std::fs::File::create(&fresh)?.set_len(1 << 30)?;
-    let host_new = host_first_writes(&fresh, a.seconds)?;
+    let host_new = host_writes(
+        &std::fs::OpenOptions::new().write(true).open(&fresh)?,
+        a.seconds,
+        true,
+    )?;
     let _ = std::fs::remove_file(&fresh);
     let rows = [
         (

@@ -59,19 +59,16 @@ fn modules(dir: &Path) -> (Vec<(PathBuf, Vec<u8>)>, String) {
 }
 
 /// Boot `kernel` under ferry with COM1 on stdout, to its EXIT line.
+/// `ferry vmm run --kernel KERNEL --memory MIB EXTRA...`.
+fn vmm_run<'a>(kernel: &'a Path, mib: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["vmm", "run", "--kernel", kernel.to_str().unwrap()];
+    args.extend(["--memory", mib]);
+    args.extend(extra);
+    args
+}
+
 fn ferry_boot(kernel: &Path, initrd: Option<&str>) -> String {
-    let mut args = vec![
-        "vmm",
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--cmdline",
-        CMDLINE,
-        "--serial",
-        "stdio",
-    ];
+    let mut args = vmm_run(kernel, "64", &["--cmdline", CMDLINE, "--serial", "stdio"]);
     if let Some(m) = initrd {
         args.extend(["--initrd", m]);
     }
@@ -241,18 +238,11 @@ fn every_multiboot_form_boots_with_its_modules_and_reports_what_it_reports_under
 /// `ferry vmm run` must fail with `needle` in its error, leaving no socket behind.
 fn refused(dir: &Path, kernel: &Path, initrd: &[&str], memory: &str, needle: &str) {
     let api = dir.join("refused.api");
-    let mut args = vec![
-        "vmm",
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
+    let mut args = vmm_run(
+        kernel,
         memory,
-        "--serial",
-        "null",
-        "--api",
-        api.to_str().unwrap(),
-    ];
+        &["--serial", "null", "--api", api.to_str().unwrap()],
+    );
     for m in initrd {
         args.extend(["--initrd", m]);
     }
@@ -318,17 +308,7 @@ fn broken_kernels_and_modules_are_refused_with_the_reason() {
     // A command line that, with the kernel's path in front (Multiboot), passes the limit.
     let long = format!("x={}", "y".repeat(4090));
     let out = ferry_output(
-        &[
-            "vmm",
-            "run",
-            "--kernel",
-            good.to_str().unwrap(),
-            "--memory",
-            "64",
-        ]
-        .into_iter()
-        .chain(["--serial", "null", "--cmdline", &long])
-        .collect::<Vec<_>>(),
+        &vmm_run(&good, "64", &["--serial", "null", "--cmdline", &long]),
         T,
     );
     let err = String::from_utf8_lossy(&out.stderr);
