@@ -68,7 +68,8 @@ fn now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn random_hex(n: usize) -> Result<String, AuthError> {
+/// `n` random bytes from the system, as hex (tokens, session ids).
+pub fn random_hex(n: usize) -> Result<String, AuthError> {
     let mut b = vec![0u8; n];
     ring::rand::SystemRandom::new()
         .fill(&mut b)

@@ -42,6 +42,23 @@ pub fn new_ca(cluster: &str, days: i64) -> Result<(KeyPair, String), AuthError> 
     Ok((key, cert.pem()))
 }
 
+/// A self-signed server certificate for `names` (DNS names or IP addresses), valid for
+/// `days`: its key and certificate, both PEM. For a web console no cluster issued a
+/// certificate for; browsers ask the user to accept it once (its fingerprint is printed).
+pub fn new_self_signed(names: &[String], days: i64) -> Result<(String, String), AuthError> {
+    let key = new_key()?;
+    let mut p = CertificateParams::new(names.to_vec()).map_err(rc)?;
+    p.distinguished_name
+        .push(DnType::CommonName, "ferry web console");
+    p.distinguished_name.push(DnType::OrganizationName, "ferry");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(days);
+    let cert = p.self_signed(&key).map_err(rc)?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
 /// A key and a certificate request for `id`, made where the key will live.
 pub fn new_request(id: &Identity) -> Result<(KeyPair, String), AuthError> {
     let key = new_key()?;

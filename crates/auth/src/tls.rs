@@ -222,6 +222,32 @@ pub fn server_config(c: &Credentials, trust: Arc<Trust>) -> Result<Arc<ServerCon
     Ok(Arc::new(cfg))
 }
 
+/// A server for browsers (the web console): a certificate chain and key from PEM, no client
+/// certificate asked, HTTP/1.1 offered by ALPN.
+pub fn web_server_config(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, AuthError> {
+    let chain: Vec<CertificateDer<'static>> = pki::pem_blocks(chain_pem, "CERTIFICATE")
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    if chain.is_empty() {
+        return Err(AuthError::Tls(
+            "no CERTIFICATE in the certificate file".into(),
+        ));
+    }
+    let key = pki::pem_blocks(key_pem, "PRIVATE KEY")
+        .into_iter()
+        .next()
+        .ok_or_else(|| AuthError::Tls("no PRIVATE KEY (PKCS#8 PEM) in the key file".into()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls)?
+        .with_no_client_auth()
+        .with_single_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// A server that asks no client certificate (enrolment only: the join token authenticates).
 pub fn enrolment_server_config(c: &Credentials) -> Result<Arc<ServerConfig>, AuthError> {
     let (chain, key) = chain_and_key(c)?;

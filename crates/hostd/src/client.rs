@@ -252,6 +252,23 @@ impl Client {
         Ok(())
     }
 
+    /// `METHOD path` with a raw JSON body, answered as it comes: the status, the headers and a
+    /// body still streaming (an event stream stays open). The web console passes a browser's
+    /// API calls through this; the timeout covers the answer's head only.
+    pub async fn forward(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        tokio::time::timeout(self.timeout, self.send(method, path, body))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                to: self.to.to_string(),
+                timeout: self.timeout,
+            })?
+    }
+
     /// Follow `path` as server-sent events, each one a JSON `R`.
     pub async fn events<R: DeserializeOwned>(&self, path: &str) -> Result<Events<R>, ClientError> {
         let resp = tokio::time::timeout(self.timeout, self.send(Method::GET, path, None))
