@@ -9,6 +9,7 @@ mod move_cmd;
 mod qmp;
 mod share_cmd;
 mod target;
+mod ui;
 mod vm_cmd;
 mod vmm_cmd;
 
@@ -109,6 +110,13 @@ enum Cmd {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// The web console: hosts, VMs, shares and a Move wizard in a browser, over HTTPS.
+    ///
+    /// It reaches the hosts as this CLI does (its config, the admin's credentials, the
+    /// cluster document) and prints a one-time login link. Example, on an admin's machine:
+    /// `ferry ui --listen 0.0.0.0:7780`, then open the printed link. The console's pages and
+    /// script are in this binary; the browser talks only to it.
+    Ui(ui::UiArgs),
 }
 
 #[derive(Subcommand)]
@@ -174,5 +182,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(cmd) => bench::run(cmd),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Ui(a) => ui::run(a, targets()?),
     }
 }

@@ -298,7 +298,11 @@ const GRANT_SECS: i64 = 10 * 60;
 /// With an admin's credentials, a grant for exactly this move (the VM, its host, the
 /// destination, its disks; ten minutes; single use), signed with the admin's key. Hosts in
 /// delegated mode require one; hosts in console mode ignore it.
-fn grant_for(t: &Targets, vm: &ferry_api::host::VmInfo, to: &str) -> Result<Option<String>> {
+pub(crate) fn grant_for(
+    t: &Targets,
+    vm: &ferry_api::host::VmInfo,
+    to: &str,
+) -> Result<Option<String>> {
     let Some(a) = &t.admin else { return Ok(None) };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

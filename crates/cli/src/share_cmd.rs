@@ -118,7 +118,7 @@ pub enum DiskCmd {
     BreakLease { disk: String },
 }
 
-fn share_client(t: &Targets, server: Option<String>) -> Result<(String, Client)> {
+pub(crate) fn share_client(t: &Targets, server: Option<String>) -> Result<(String, Client)> {
     let s = server.or_else(|| std::env::var("FERRY_SHARE_SERVER").ok());
     let Some(s) = s else {
         return Ok((

@@ -36,28 +36,6 @@ fn wait_move(h: &Hosts, host: &str, vm: &str, states: &[&str]) -> serde_json::Va
     }
 }
 
-/// The destination never ran `vm` for move `id`: its outcome record is absent or aborted, and
-/// it keeps no trace of the VM.
-fn assert_never_ran_on(h: &Hosts, host: &str, vm: &str, id: &str) {
-    let rec = h
-        .state_dir(host)
-        .join("moves")
-        .join(format!("{id}.outcome"));
-    if let Ok(b) = std::fs::read(&rec) {
-        let r: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(r["outcome"], "aborted", "{host} recorded {r}");
-    }
-    let deadline = Instant::now() + T;
-    while h.state(host, vm) != "absent" {
-        assert!(
-            Instant::now() < deadline,
-            "{host} still has {vm}: {:?}",
-            h.vm(host, vm)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A guest whose dirtier a capped link outpaces (16 Mbit/s), so a capped move converges.
 const SLOW_DIRTIER: GuestSpec = GuestSpec {
     name: "web01",
@@ -396,7 +374,7 @@ fn stays_on_source(
     running_on(h, "hv1", "web01");
     st.read(1 << 20).unwrap();
     g.verify(w);
-    assert_never_ran_on(h, "hv2", "web01", id);
+    h.assert_never_ran_on("hv2", "web01", id);
     let out = h.ferry(&["move", "web01", "--to", "hv2"]);
     assert!(
         out.status.success(),
@@ -602,7 +580,7 @@ fn a_destination_crash_at_commit_is_settled_as_aborted() {
     g.verify(w);
     let l = h.json(&["--host", "hv1", "move", "list"]);
     let id = l["moves"][0]["id"].as_str().unwrap().to_string();
-    assert_never_ran_on(&h, "hv2", "web01", &id);
+    h.assert_never_ran_on("hv2", "web01", &id);
 }
 
 #[test]

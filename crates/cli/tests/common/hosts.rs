@@ -532,3 +532,27 @@ impl Hosts {
         self.lab.wait_daemon(i, T).unwrap();
     }
 }
+
+impl Hosts {
+    /// The destination never ran `vm` for move `id`: its outcome record is absent or aborted, and
+    /// it keeps no trace of the VM.
+    pub fn assert_never_ran_on(&self, host: &str, vm: &str, id: &str) {
+        let rec = self
+            .state_dir(host)
+            .join("moves")
+            .join(format!("{id}.outcome"));
+        if let Ok(b) = std::fs::read(&rec) {
+            let r: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(r["outcome"], "aborted", "{host} recorded {r}");
+        }
+        let deadline = Instant::now() + T;
+        while self.state(host, vm) != "absent" {
+            assert!(
+                Instant::now() < deadline,
+                "{host} still has {vm}: {:?}",
+                self.vm(host, vm)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

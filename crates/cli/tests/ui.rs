@@ -1,0 +1,276 @@
+//! The web console in a real browser (Debian's chromium through playwright-core) against a
+//! real lab: host daemons in network namespaces, real KVM, the test guest with its memory,
+//! disk and TCP workloads, and `ferry ui` serving HTTPS. The browser does what an admin
+//! does (`tests/ui/console.mjs`); these tests check the outcome on the hosts and in the guest.
+//! Screenshots of every wizard step land in `target/tmp/ui-screenshots/`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::hosts::{GuestSpec, Hosts};
+use common::kvm_available;
+use serde_json::Value;
+
+/// The script, its node_modules (`npm ci --prefix crates/cli/tests/ui`) and the browser.
+fn browser_tests_can_run() -> bool {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    let missing: Vec<String> = [
+        (
+            dir.join("node_modules/playwright-core").exists(),
+            format!("playwright-core (npm ci --prefix {})", dir.display()),
+        ),
+        (
+            Path::new("/usr/bin/chromium").exists(),
+            "chromium (apt-get install chromium)".to_string(),
+        ),
+        (
+            Command::new("node").arg("--version").output().is_ok(),
+            "node (apt-get install nodejs)".to_string(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, what)| what)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "CI=true and the browser tests cannot run: missing {}",
+            missing.join(", ")
+        );
+    }
+    eprintln!("SKIPPED: the browser tests need {}", missing.join(", "));
+    false
+}
+
+/// `ferry ui` on a free loopback port, with the lab's CLI config; hands out the login links
+/// it prints.
+struct Console {
+    child: Child,
+    base: String,
+    links: mpsc::Receiver<String>,
+}
+
+impl Console {
+    fn start(h: &Hosts) -> Console {
+        let mut child = h.spawn(&["ui", "--listen", "127.0.0.1:0"]);
+        let out = child.stdout.take().unwrap();
+        let (tx, links) = mpsc::channel();
+        let (btx, brx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("ferry ui: {line}");
+                if let Some(b) = line.strip_prefix("ferry ui: the web console is at ") {
+                    let _ = btx.send(b.trim_end_matches('/').to_string());
+                }
+                if let Some(i) = line
+                    .find("https://")
+                    .filter(|_| line.contains("/login?token="))
+                {
+                    let _ = tx.send(line[i..].trim().to_string());
+                }
+            }
+        });
+        let base = brx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("ferry ui never said where it listens");
+        Console { child, base, links }
+    }
+
+    fn link(&self) -> String {
+        self.links
+            .recv_timeout(Duration::from_secs(30))
+            .expect("ferry ui printed no login link")
+    }
+
+    /// Run one scenario of console.mjs in the browser; its result.
+    fn run(&self, scenario: &str, env: &[(&str, &str)]) -> Value {
+        // This scenario's screenshots from an earlier run would mislead.
+        if let Ok(d) = std::fs::read_dir(shots()) {
+            for f in d.flatten() {
+                if f.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{scenario}-"))
+                {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
+        let out = Command::new("node")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/console.mjs"))
+            .arg(scenario)
+            .env("FERRY_UI_BASE", &self.base)
+            .env("FERRY_UI_LINK", self.link())
+            .env("FERRY_UI_SHOTS", shots())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the browser scenario {scenario} failed:\n{stdout}\n{}\n(screenshots in {})",
+            String::from_utf8_lossy(&out.stderr),
+            shots().display()
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .unwrap_or_else(|| panic!("{scenario} printed no RESULT: {stdout}"));
+        let v: Value = serde_json::from_str(line).unwrap();
+        eprintln!("{scenario}: {v}");
+        v
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn shots() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots")
+}
+
+/// A guest whose dirtier an 80 Mbit/s move cannot outrun in a second: a move to cancel.
+fn guest() -> GuestSpec<'static> {
+    GuestSpec {
+        cmdline: "dirty=32 rate=500",
+        ..GuestSpec::default()
+    }
+}
+
+#[test]
+fn the_web_console_refuses_everything_before_login_and_cross_site_calls_after() {
+    if !kvm_available() || !browser_tests_can_run() {
+        return;
+    }
+    let h = Hosts::with(2, false);
+    let c = Console::start(&h);
+    let r = c.run("refusals", &[]);
+    assert_eq!(r["api_status"], 401, "{r}");
+    assert_eq!(r["api_code"], "login_required", "{r}");
+    assert_eq!(r["post_status"], 401, "{r}");
+    assert_eq!(
+        r["page_url"].as_str().unwrap(),
+        format!("{}/login", c.base),
+        "{r}"
+    );
+    assert_eq!(r["bad_token_status"], 403, "{r}");
+    assert_eq!(r["no_csrf"]["status"], 403, "{r}");
+    assert_eq!(r["no_csrf"]["code"], "csrf", "{r}");
+    assert_eq!(r["cross_origin_status"], 403, "{r}");
+    assert_eq!(r["reused_link_status"], 403, "a login link works once: {r}");
+    // Nothing those calls asked for happened.
+    let s = h.json(&["--host", "hv1", "host", "show"]);
+    assert_eq!(s["settings"]["live_migration"], false, "{s}");
+    let l = h.json(&["--host", "hv1", "move", "list"]);
+    assert_eq!(l["moves"].as_array().unwrap().len(), 0, "{l}");
+}
+
+#[test]
+fn the_move_wizard_moves_a_live_vm_and_cancel_or_a_failed_check_leave_it_in_place() {
+    if !kvm_available() || !browser_tests_can_run() {
+        return;
+    }
+    // Live migration off on both hosts, as on new hosts.
+    let h = Hosts::with(2, false);
+    let mut g = h.guest(guest());
+    let mut st = g.stream(&h);
+    st.read(256 << 10).unwrap();
+    let w = g.verify(0);
+    let c = Console::start(&h);
+
+    // A failed check shows its reasons and starts nothing.
+    let r = c.run("failed-check", &[]);
+    let problems = r["problems"].as_array().unwrap();
+    assert!(!problems.is_empty(), "{r}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("live migration")),
+        "the check names live migration being off: {r}"
+    );
+    assert!(!r["fixes"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["can_go_on"], 0, "{r}");
+    assert_eq!(r["can_start"], 0, "{r}");
+    let l = h.json(&["--host", "hv1", "move", "list"]);
+    assert_eq!(
+        l["moves"].as_array().unwrap().len(),
+        0,
+        "nothing started: {l}"
+    );
+    assert_eq!(h.state("hv1", "web01"), "running");
+    assert_eq!(h.state("hv2", "web01"), "absent");
+
+    // Turn live migration on for both hosts from the Hosts page (a bad network refused first).
+    let r = c.run("settings", &[]);
+    assert!(
+        r["hv1_bad_networks"]
+            .as_str()
+            .unwrap()
+            .contains("not-a-network"),
+        "{r}"
+    );
+    for host in ["hv1", "hv2"] {
+        let s = h.json(&["--host", host, "host", "show"]);
+        assert_eq!(s["settings"]["live_migration"], true, "{host}: {s}");
+        assert_eq!(
+            s["settings"]["migration_networks"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0,
+            "{host}: the bad value changed nothing: {s}"
+        );
+    }
+
+    // The wizard moves the VM with its TCP stream, memory and disk intact.
+    let r = c.run("move", &[]);
+    assert!(
+        r["console"].as_str().unwrap().starts_with("STATUS"),
+        "the console showed the guest's answer: {r}"
+    );
+    let rep = &r["report"];
+    assert!(rep["Result"].as_str().unwrap().contains("done"), "{r}");
+    assert_eq!(rep["Runs on"], "hv2", "{r}");
+    assert!(rep["Pause"].as_str().unwrap().ends_with(" ms"), "{r}");
+    assert_eq!(r["host_after"], "hv2", "{r}");
+    let id = r["id"].as_str().unwrap();
+    let m = h.json(&["--host", "hv1", "move", "list"]);
+    let m = m["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("move {id} not on hv1: {m}"));
+    assert_eq!(m["state"], "done", "{m}");
+    assert_eq!(h.state("hv1", "web01"), "absent", "gone from the source");
+    assert_eq!(h.state("hv2", "web01"), "running");
+    g.follow_on(&h, "hv2");
+    st.read(4 << 20).unwrap();
+    let w = g.verify(w);
+
+    // Cancel mid-move (back to hv1, capped so it takes a while): the VM stays on hv2.
+    let r = c.run("cancel", &[("FERRY_UI_TO", "hv1")]);
+    assert_eq!(r["from"], "hv2", "{r}");
+    let rep = &r["report"];
+    assert!(rep["Result"].as_str().unwrap().contains("cancelled"), "{r}");
+    assert_eq!(rep["Runs on"], "hv2", "{r}");
+    let id = r["id"].as_str().unwrap();
+    assert_eq!(h.state("hv2", "web01"), "running");
+    st.read(1 << 20).unwrap();
+    g.verify(w);
+    h.assert_never_ran_on("hv1", "web01", id);
+    eprintln!("screenshots: {}", shots().display());
+}
