@@ -34,7 +34,7 @@ use ferry_api::host::{
     CheckReport, DiskMove, ErrorBody, HostInfo, MoveInfo, MoveList, MoveRequest, MoveSettings,
     VmInfo, VmList,
 };
-use ferry_api::share::ShareList;
+use ferry_api::share::{ShareList, ShareServerInfo};
 use ferry_hostd::{Client, ClientError};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -221,11 +221,11 @@ async fn serve(a: UiArgs, t: Targets) -> Result<()> {
             format!("{} (given)", c.display()),
         ),
         _ => {
-            let mut names = vec!["localhost".to_string(), host_part.clone()];
-            if !addr.ip().is_unspecified() {
-                names.push(addr.ip().to_string());
+            // host_part is the address itself unless it is unspecified (then the hostname).
+            let mut names = vec!["localhost".to_string()];
+            if !names.contains(&host_part) {
+                names.push(host_part.clone());
             }
-            names.dedup();
             let (key, cert) = ferry_auth::pki::new_self_signed(&names, 365)?;
             let fp = ferry_auth::pki::fingerprint(&ferry_auth::pki::cert_der(&cert)?);
             (
@@ -544,7 +544,11 @@ struct HostView {
 /// One file server as the console shows it.
 #[derive(Serialize, PartialEq)]
 struct ServerView {
+    /// How the console reaches it (`/api/shares/NAME/...`): a cluster name or an address.
     name: String,
+    /// Its own name, when `name` is an address (`fs1` for `unix:/run/...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    title: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shares: Option<ShareList>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -597,16 +601,26 @@ async fn build_overview(ui: &Ui) -> Overview {
         futures_util::future::join_all(ui.hosts().into_iter().map(|h| host_view(ui, h))).await;
     let mut file_servers = Vec::new();
     for s in ui.share_servers() {
-        let r = match ui.share_client(&s) {
-            Ok(c) => c
-                .with_timeout(HOST_TIMEOUT)
-                .get::<ShareList>("/v1/shares")
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(format!("{e:#}")),
+        let (title, r) = match ui.share_client(&s) {
+            Ok(c) => {
+                let c = c.with_timeout(HOST_TIMEOUT);
+                let title = c
+                    .get::<ShareServerInfo>("/v1/share-server")
+                    .await
+                    .ok()
+                    .map(|i| i.name)
+                    .filter(|n| *n != s);
+                let r = c
+                    .get::<ShareList>("/v1/shares")
+                    .await
+                    .map_err(|e| e.to_string());
+                (title, r)
+            }
+            Err(e) => (None, Err(format!("{e:#}"))),
         };
         file_servers.push(ServerView {
             name: s,
+            title,
             error: r.as_ref().err().cloned(),
             shares: r.ok(),
         });

@@ -60,7 +60,14 @@ struct Console {
 
 impl Console {
     fn start(h: &Hosts) -> Console {
-        let mut child = h.spawn(&["ui", "--listen", "127.0.0.1:0"]);
+        Console::start_with(h, &[])
+    }
+
+    /// With more `ferry ui` options.
+    fn start_with(h: &Hosts, extra: &[&str]) -> Console {
+        let mut args = vec!["ui", "--listen", "127.0.0.1:0"];
+        args.extend(extra);
+        let mut child = h.spawn(&args);
         let out = child.stdout.take().unwrap();
         let (tx, links) = mpsc::channel();
         let (btx, brx) = mpsc::channel();
@@ -273,4 +280,130 @@ fn the_move_wizard_moves_a_live_vm_and_cancel_or_a_failed_check_leave_it_in_plac
     g.verify(w);
     h.assert_never_ran_on("hv1", "web01", id);
     eprintln!("screenshots: {}", shots().display());
+}
+
+#[test]
+fn shares_a_storage_move_and_an_evacuation_from_the_console_then_logout_ends_the_session() {
+    if !kvm_available() || !browser_tests_can_run() {
+        return;
+    }
+    let mut h = Hosts::new(2);
+    let fs = h
+        .lab
+        .add_file_server(Path::new(common::ferry_bin()))
+        .expect("adding a file server to the lab");
+    let server = format!("unix:{}", fs.socket().display());
+    let share = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--server", server.as_str()]);
+        h.ok(&a)
+    };
+    let share_json = |args: &[&str]| -> Value {
+        let mut a = vec!["--json"];
+        a.extend(args);
+        serde_json::from_str(&share(&a)).unwrap()
+    };
+    share(&["share", "create", "vms"]);
+    share(&["share", "grant", "vms", "hv1", "write"]);
+    share(&["share", "create", "scratch"]);
+    share(&["share", "grant", "scratch", "hv1", "read"]);
+    let mut g = h.guest(GuestSpec {
+        memory: 128,
+        cmdline: "dirty=16 rate=2000",
+        ..GuestSpec::default()
+    });
+    let mut g2 = h.guest(GuestSpec {
+        name: "web02",
+        k: 1,
+        memory: 128,
+        disk: false,
+        cmdline: "dirty=8 rate=1000",
+        ..GuestSpec::default()
+    });
+    let local = g.disk.clone().unwrap();
+    let before = g.wait_durable(50);
+    // The lab's CLI is the hosts' local admin: it names the file server by its socket.
+    let c = Console::start_with(&h, &["--share-server", &server]);
+
+    // The Shares page: grant hv2 write access to vms, revoke hv1's read access to scratch.
+    let r = c.run("shares", &[]);
+    let vms = share_json(&["share", "show", "vms"]);
+    assert_eq!(vms["access"]["hv2"], "write", "{vms}\n{r}");
+    assert_eq!(vms["access"]["hv1"], "write", "unchanged: {vms}");
+    let scratch = share_json(&["share", "show", "scratch"]);
+    assert!(
+        scratch["access"].as_object().unwrap().is_empty(),
+        "hv1's access to scratch is gone: {scratch}\n{r}"
+    );
+
+    // The wizard moves web01's disk onto the share while its writer runs; it stays on hv1.
+    let r = c.run("storage", &[("FERRY_UI_DEST", "fs1:vms")]);
+    let rep = &r["report"];
+    assert!(rep["Result"].as_str().unwrap().contains("done"), "{r}");
+    assert_eq!(rep["Runs on"], "hv1", "{r}");
+    let uri = format!("nbds://{}/vms/web01.img", fs.nbd_addr());
+    let disk = &rep["disks"][0];
+    assert_eq!(
+        disk[1],
+        local.to_str().unwrap(),
+        "the report's disk row: {r}"
+    );
+    assert_eq!(disk[2], uri.as_str(), "the report's disk row: {r}");
+    assert_eq!(disk[3], "yes", "switched: {r}");
+    assert_eq!(disk[7], "removed", "the old copy: {r}");
+    let path = h.vm("hv1", "web01").unwrap()["config"]["disks"][0]["path"].clone();
+    assert_eq!(path, uri.as_str(), "the VM's disk is on the share");
+    assert!(!local.exists(), "the old copy was removed");
+    assert_eq!(r["disk_row"][1], uri.as_str(), "{r}");
+    assert_eq!(r["disk_row"][2], "share fs1:vms", "{r}");
+    assert!(
+        r["disk_row"][3]
+            .as_str()
+            .unwrap()
+            .starts_with("hv1 (fence "),
+        "the VM page names the lease holder: {r}"
+    );
+    let d = share_json(&["disk", "show", "vms/web01.img"]);
+    assert_eq!(d["lease"]["holder"], "hv1", "{d}");
+    let mid = g.wait_durable(before + 100);
+    let w = g.verify(0);
+
+    // Evacuate hv1 from the Hosts page: one progress row and one report per VM.
+    let r = c.run("evacuate", &[]);
+    let bars: Vec<&str> = r["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    assert!(
+        bars.contains(&"Move of web01") && bars.contains(&"Move of web02"),
+        "{r}"
+    );
+    for vm in ["web01", "web02"] {
+        let rep = &r["reports"][format!("{vm} → hv2")];
+        assert!(
+            rep["Result"].as_str().unwrap().contains("done"),
+            "{vm}: {r}"
+        );
+        assert_eq!(rep["Runs on"], "hv2", "{vm}: {r}");
+        assert_eq!(h.state("hv1", vm), "absent", "{vm} left hv1");
+        assert_eq!(h.state("hv2", vm), "running", "{vm} runs on hv2");
+    }
+    let d = share_json(&["disk", "show", "vms/web01.img"]);
+    assert_eq!(d["lease"]["holder"], "hv2", "the lease followed web01: {d}");
+    g.follow_on(&h, "hv2");
+    g2.follow_on(&h, "hv2");
+    g.wait_durable(mid + 100);
+    g.verify(w);
+    g2.verify(0);
+
+    // Log out: the page goes to the login form, and the old cookie no longer works anywhere.
+    let r = c.run("logout", &[]);
+    assert_eq!(
+        r["after_url"].as_str().unwrap(),
+        format!("{}/login", c.base),
+        "{r}"
+    );
+    assert_eq!(r["old_cookie_status"], 401, "{r}");
 }

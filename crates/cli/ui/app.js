@@ -150,8 +150,9 @@ function reportView(r) {
     ['Runs on', r.runs_on],
     ['Total time', secs(r.total_ms)],
     ['Pause', r.downtime_ms == null ? '–' : `${r.downtime_ms.toFixed(1)} ms`],
-    ['Memory sent', `${mib(r.bytes)} in ${r.rounds} rounds`],
   ];
+  // A storage move leaves memory where it is; its disks have their own table below.
+  if (r.from !== r.to) rows.push(['Memory sent', `${mib(r.bytes)} in ${r.rounds} rounds`]);
   if (r.queued_ms >= 100) rows.push(['Queued first', secs(r.queued_ms)]);
   if (r.from !== r.to) rows.push(['Stream', r.encrypted ? 'encrypted (mutual TLS between the hosts)' : 'not encrypted (a network both hosts trust)']);
   if (r.auth) rows.push(['Authorised by', r.auth]);
@@ -315,7 +316,7 @@ function evacuatePanel(x) {
     const others = overview.hosts.filter((o) => o.name !== x.name && o.info);
     const boxes = others.map((o) => h('label', { class: 'choice' }, h('input', { type: 'checkbox', value: o.name, checked: true }), ` ${o.name}`));
     const go = h('button', { type: 'submit' }, 'Start evacuation');
-    const rows = h('div', { 'aria-label': `Evacuation of ${x.name}` });
+    const rows = h('section', { 'aria-label': `Evacuation of ${x.name}` });
     const form = h('form', {},
       h('fieldset', {}, h('legend', {}, `Move every running VM off ${x.name} to`), boxes),
       h('div', { class: 'actions' }, go, h('button', { type: 'button', class: 'quiet', onclick: () => { form.remove(); open.hidden = false; } }, 'Close')),
@@ -379,7 +380,7 @@ function diskWhere(d) {
   for (const s of (overview ? overview.file_servers : [])) {
     for (const sh of ((s.shares && s.shares.shares) || [])) {
       const disk = sh.disks.find((x) => x.export === exp);
-      if (disk) return { where: `share ${s.name}:${sh.name}`, lease: disk.lease.holder ? `${disk.lease.holder} (fence ${disk.lease.fence})` : 'nobody' };
+      if (disk) return { where: `share ${s.title || s.name}:${sh.name}`, lease: disk.lease.holder ? `${disk.lease.holder} (fence ${disk.lease.fence})` : 'nobody' };
     }
   }
   return { where: `network disk ${exp}`, lease: 'unknown' };
@@ -479,7 +480,7 @@ function wizard(vm, onClose) {
   box.append(h('h2', { id: 'wiz-h' }, `Move ${vm.name}`), steps, body);
   const close = () => { box.remove(); onClose(); };
   const others = () => overview.hosts.filter((o) => o.name !== vm.host && o.info).map((o) => o.name);
-  const shares = () => (overview.file_servers || []).flatMap((s) => ((s.shares && s.shares.shares) || []).map((sh) => `${s.name}:${sh.name}`));
+  const shares = () => (overview.file_servers || []).flatMap((s) => ((s.shares && s.shares.shares) || []).map((sh) => `${s.title || s.name}:${sh.name}`));
   const movesVm = () => st.what !== 'storage';
   const movesDisks = () => st.what !== 'vm';
   const diskDests = () => Object.entries(st.disk_to).filter(([, d]) => d.trim()).map(([disk, to]) => ({ disk, to: to.trim() }));
@@ -623,7 +624,8 @@ function sharesView() {
   main.replaceChildren(h('h1', {}, 'Shares'));
   const holder = h('div', {});
   main.append(holder);
-  const forms = new Map();
+  // Each share's last message, kept across redraws.
+  const notes = new Map();
   const update = () => {
     if (!overview) return;
     const servers = overview.file_servers || [];
@@ -632,28 +634,35 @@ function sharesView() {
         ', enrol it in the cluster, or give ', h('code', {}, 'ferry ui --share-server ADDRESS'), '.'));
       return;
     }
-    // Keep forms being typed into; redraw the rest.
-    if (document.activeElement && holder.contains(document.activeElement) && document.activeElement.closest('form')) return;
+    // Not while a host or an access level is being chosen; a redraw would undo the choice.
+    const a = document.activeElement;
+    if (a && holder.contains(a) && a.matches('input, select, textarea')) return;
+    const focused = a && holder.contains(a) ? a.getAttribute('aria-label') || a.id : null;
     holder.replaceChildren(...servers.map((s) => {
-      if (!s.shares) return h('section', { class: 'card' }, h('h2', {}, s.name), alertBox(`cannot reach ${s.name}: ${s.error}`));
-      if (!s.shares.shares.length) return h('section', { class: 'card' }, h('h2', {}, s.name), h('p', {}, 'No shares.'));
-      return s.shares.shares.map((sh) => shareCard(s.name, sh, forms));
+      const title = s.title || s.name;
+      if (!s.shares) return h('section', { class: 'card' }, h('h2', {}, title), alertBox(`cannot reach ${s.name}: ${s.error}`));
+      if (!s.shares.shares.length) return h('section', { class: 'card' }, h('h2', {}, title), h('p', {}, 'No shares.'));
+      return s.shares.shares.map((sh) => shareCard(s, sh, notes));
     }).flat());
+    // Keep the keyboard where it was (a Grant button, say) when it is still there.
+    if (focused) [...holder.querySelectorAll('button')].find((b) => (b.getAttribute('aria-label') || b.id) === focused)?.focus();
   };
   update();
   return { update };
 }
 
-function shareCard(server, sh, forms) {
-  const id = `share-${slug(server)}-${slug(sh.name)}`;
-  const base = `/shares/${encodeURIComponent(server)}/shares/${encodeURIComponent(sh.name)}`;
-  const status = h('div', { role: 'status' });
+function shareCard(s, sh, notes) {
+  const server = s.title || s.name;
+  const id = `share-${slug(s.name)}-${slug(sh.name)}`;
+  const base = `/shares/${encodeURIComponent(s.name)}/shares/${encodeURIComponent(sh.name)}`;
+  const status = notes.get(id) || h('div', { role: 'status' });
+  notes.set(id, status);
   const access = Object.entries(sh.access);
   const hostSel = h('select', {}, overview.hosts.map((x) => h('option', { value: x.name }, x.name)));
   const accSel = h('select', {}, h('option', { value: 'read' }, 'read'), h('option', { value: 'write' }, 'read and write'));
   const grant = h('form', { 'aria-label': `Grant access to ${sh.name}` },
     field(`${id}-host`, 'Host', hostSel), field(`${id}-access`, 'Access', accSel),
-    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Grant')), status);
+    h('div', { class: 'actions' }, h('button', { type: 'submit', id: `${id}-grant` }, 'Grant')), status);
   grant.addEventListener('submit', async (ev) => {
     ev.preventDefault();
     try {
@@ -661,7 +670,6 @@ function shareCard(server, sh, forms) {
       status.replaceChildren(h('span', { class: 'ok' }, `${hostSel.value} may ${accSel.value === 'write' ? 'read and write' : 'read'} ${sh.name}.`));
     } catch (e) { status.replaceChildren(alertBox(e.message)); }
   });
-  forms.set(id, grant);
   return h('section', { class: 'card', 'aria-labelledby': id },
     h('h2', { id }, `${server}: ${sh.name}`),
     h('dl', { class: 'facts' }, h('dt', {}, 'Folder'), h('dd', {}, sh.path), h('dt', {}, 'Free'), h('dd', {}, human(sh.free_bytes))),

@@ -3,7 +3,8 @@
 // daemons and `ferry ui`, runs a scenario, and checks the real outcome on the hosts.
 //
 // Environment: FERRY_UI_BASE (https://ADDR:PORT), FERRY_UI_LINK (a one-time login link),
-// FERRY_UI_SHOTS (a folder for screenshots), FERRY_UI_VM (the VM's name).
+// FERRY_UI_SHOTS (a folder for screenshots), FERRY_UI_VM (the VM's name), FERRY_UI_TO (the
+// cancel scenario's destination host), FERRY_UI_DEST (the storage scenario's destination).
 // Prints one JSON line (`RESULT {...}`) with what it saw; exits non-zero on any failed
 // expectation or page error, saying which.
 
@@ -75,6 +76,32 @@ async function wizardTo(to, bandwidth) {
   return w;
 }
 
+/** Steps 1 and 2 for the VM's storage: its disks to `dest` (a folder or SERVER:SHARE). */
+async function wizardStorage(dest) {
+  await page.getByRole('button', { name: 'Move…' }).click();
+  const w = wizard();
+  await w.getByRole('radio', { name: 'The virtual machine\'s storage' }).check();
+  await snap('step1-what');
+  await w.getByRole('button', { name: 'Next' }).click();
+  await w.getByLabel('Destination for the disks').fill(dest);
+  await snap('step2-destination');
+  await w.getByRole('button', { name: 'Next' }).click();
+  await w.getByRole('list', { name: 'Check results' }).waitFor({ timeout: T });
+  return w;
+}
+
+/** A report's facts (dt: dd) and its disk rows, read from the page. */
+async function factsOf(r) {
+  const facts = {};
+  const dts = await r.locator('dl dt').allTextContents();
+  const dds = await r.locator('dl dd').allTextContents();
+  dts.forEach((k, i) => { facts[k] = dds[i]; });
+  const disks = [];
+  for (const row of await r.locator('tbody tr').all()) disks.push(await row.locator('td').allTextContents());
+  if (disks.length) facts.disks = disks;
+  return facts;
+}
+
 /** Steps 3 and 4, then Start: returns the move's id once it runs. */
 async function checkAndStart(w) {
   await w.getByText(/can move from/).waitFor({ timeout: T });
@@ -91,11 +118,7 @@ async function checkAndStart(w) {
 async function reportOf() {
   const r = page.getByRole('region', { name: 'Move report' });
   await r.waitFor({ timeout: 3 * T });
-  const facts = {};
-  const dts = await r.locator('dt').allTextContents();
-  const dds = await r.locator('dd').allTextContents();
-  dts.forEach((k, i) => { facts[k] = dds[i]; });
-  return facts;
+  return factsOf(r);
 }
 
 const result = {};
@@ -191,6 +214,73 @@ try {
     await wizard().getByRole('button', { name: 'Cancel move' }).click();
     result.report = await reportOf();
     await snap('cancelled');
+  } else if (scenario === 'shares') {
+    await login();
+    await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Shares' }).click();
+    await page.getByRole('heading', { name: 'Shares', level: 1 }).waitFor({ timeout: T });
+    const vms = page.getByRole('region', { name: 'fs1: vms', exact: true });
+    await vms.waitFor({ timeout: T });
+    // Give hv2 "Full Control" of vms: the access list follows live.
+    const grant = vms.getByRole('form', { name: 'Grant access to vms' });
+    await grant.getByLabel('Host', { exact: true }).selectOption('hv2');
+    await grant.getByLabel('Access', { exact: true }).selectOption('write');
+    await grant.getByRole('button', { name: 'Grant' }).click();
+    await vms.getByText('hv2 may read and write vms.').waitFor({ timeout: T });
+    await vms.getByRole('row').filter({ hasText: 'hv2' }).filter({ hasText: 'read and write' }).waitFor({ timeout: T });
+    result.vms_access = await vms.locator('table').first().locator('tbody tr').allTextContents();
+    // Take hv1's read access to scratch away.
+    const scratch = page.getByRole('region', { name: 'fs1: scratch', exact: true });
+    await scratch.getByRole('button', { name: 'Revoke hv1\'s access to scratch' }).click();
+    await scratch.getByText('No host may open its disks.').waitFor({ timeout: T });
+    result.scratch_status = await scratch.getByRole('status').first().textContent();
+    await snap('shares');
+  } else if (scenario === 'storage') {
+    await login();
+    await openVm();
+    const w = await wizardStorage(process.env.FERRY_UI_DEST);
+    result.id = await checkAndStart(w);
+    await snap('copying');
+    result.report = await reportOf();
+    await snap('report');
+    // The VM page says where its disk lives now, and who holds the write lease.
+    const disks = page.getByRole('region', { name: 'Disks' });
+    await disks.getByRole('cell', { name: /^share / }).waitFor({ timeout: T });
+    result.disk_row = await disks.locator('tbody tr').first().locator('td').allTextContents();
+  } else if (scenario === 'evacuate') {
+    await login();
+    const host = page.getByRole('region', { name: 'hv1', exact: true });
+    await host.getByRole('button', { name: 'Evacuate hv1…' }).click();
+    await host.getByRole('checkbox', { name: 'hv2', exact: true }).check();
+    await snap('evacuate-form');
+    await host.getByRole('button', { name: 'Start evacuation' }).click();
+    const rows = page.getByRole('region', { name: 'Evacuation of hv1' });
+    // One progress row per VM, each with its own report.
+    await rows.getByRole('progressbar').first().waitFor({ timeout: T });
+    result.bars = await rows.getByRole('progressbar').evaluateAll((bs) => bs.map((b) => b.getAttribute('aria-label')));
+    await snap('evacuating');
+    result.reports = {};
+    for (const card of await rows.locator('.card').all()) {
+      const title = await card.locator('h4').textContent();
+      const r = card.getByRole('region', { name: 'Move report' });
+      await r.waitFor({ timeout: 3 * T });
+      result.reports[title] = await factsOf(r);
+    }
+    await snap('evacuated');
+    // The Hosts page follows: hv1 has no VM left.
+    await host.getByText('No VMs.').waitFor({ timeout: T });
+  } else if (scenario === 'logout') {
+    await login();
+    const [cookie] = (await ctx.cookies()).filter((c) => c.name === 'ferry_session');
+    expect(cookie && cookie.httpOnly && cookie.secure && cookie.sameSite === 'Strict', `a HttpOnly, Secure, SameSite=Strict session cookie (${JSON.stringify(cookie)})`);
+    await page.getByRole('button', { name: 'Log out' }).click();
+    await page.waitForURL(`${base}/login`, { timeout: T });
+    result.after_url = page.url();
+    // The session is gone on the server too, not only from this browser.
+    const fresh = await browser.newContext({ ignoreHTTPSErrors: true });
+    const old = await fresh.request.get(`${base}/api/overview`, { headers: { cookie: `ferry_session=${cookie.value}` } });
+    result.old_cookie_status = old.status();
+    await fresh.close();
+    errors.length = 0;
   } else {
     throw new Error(`no scenario ${scenario}`);
   }
