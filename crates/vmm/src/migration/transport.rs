@@ -238,6 +238,32 @@ impl Transport<Stream> {
         let _ = self.inner.tcp().set_write_timeout(Some(t));
     }
 
+    /// Bytes the kernel holds for this connection that the peer has not acknowledged yet
+    /// (TIOCOUTQ: unsent plus in flight); `None` if the kernel does not say.
+    pub fn unacked(&self) -> Option<u64> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n`.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(self.inner.tcp()),
+                libc::TIOCOUTQ,
+                &mut n,
+            )
+        };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+
+    /// Flush, then wait (at most `max`) until at most `below` bytes are still on their way to
+    /// the peer. Returns how long it waited.
+    pub fn wait_delivered(&mut self, below: u64, max: Duration) -> io::Result<Duration> {
+        let start = Instant::now();
+        self.inner.flush()?;
+        while self.unacked().is_some_and(|n| n > below) && start.elapsed() < max {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(start.elapsed())
+    }
+
     /// Close both directions now (a cancel: the peer sees the end at once).
     pub fn shutdown(&self) {
         let _ = self.inner.tcp().shutdown(std::net::Shutdown::Both);
