@@ -92,6 +92,8 @@ struct Ui {
     /// The one-time login token in force.
     login: Mutex<String>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// File servers' own names, by how the console reaches them.
+    titles: Mutex<HashMap<String, String>>,
     idle: Duration,
     /// `https://ADDR` as printed, for new login links.
     base: String,
@@ -179,6 +181,28 @@ impl Ui {
         Ok(crate::share_cmd::share_client(&self.t, Some(name.into()))?.1)
     }
 
+    /// A file server's own name, asked once (`/v1/share-server`), then remembered.
+    async fn server_title(&self, name: &str, c: &Client) -> String {
+        if let Some(t) = self
+            .titles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return t.clone();
+        }
+        match c.get::<ShareServerInfo>("/v1/share-server").await {
+            Ok(i) => {
+                self.titles
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.into(), i.name.clone());
+                i.name
+            }
+            Err(_) => name.into(),
+        }
+    }
+
     /// A new one-time login link (the old one stops working).
     fn new_login(&self) -> Result<String> {
         let token = ferry_auth::authority::random_hex(24)?;
@@ -250,6 +274,7 @@ async fn serve(a: UiArgs, t: Targets) -> Result<()> {
         },
         login: Mutex::new(String::new()),
         sessions: Mutex::new(HashMap::new()),
+        titles: Mutex::new(HashMap::new()),
         idle: Duration::from_secs(a.idle_min.max(1) * 60),
         base: base.clone(),
     });
@@ -546,9 +571,9 @@ struct HostView {
 struct ServerView {
     /// How the console reaches it (`/api/shares/NAME/...`): a cluster name or an address.
     name: String,
-    /// Its own name, when `name` is an address (`fs1` for `unix:/run/...`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    title: Option<String>,
+    /// What the page calls it: its own name (`fs1` where `name` is `unix:/run/...`), or
+    /// `name` until it has answered.
+    title: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     shares: Option<ShareList>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -604,19 +629,14 @@ async fn build_overview(ui: &Ui) -> Overview {
         let (title, r) = match ui.share_client(&s) {
             Ok(c) => {
                 let c = c.with_timeout(HOST_TIMEOUT);
-                let title = c
-                    .get::<ShareServerInfo>("/v1/share-server")
-                    .await
-                    .ok()
-                    .map(|i| i.name)
-                    .filter(|n| *n != s);
-                let r = c
-                    .get::<ShareList>("/v1/shares")
-                    .await
-                    .map_err(|e| e.to_string());
-                (title, r)
+                (
+                    ui.server_title(&s, &c).await,
+                    c.get::<ShareList>("/v1/shares")
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
             }
-            Err(e) => (None, Err(format!("{e:#}"))),
+            Err(e) => (s.clone(), Err(format!("{e:#}"))),
         };
         file_servers.push(ServerView {
             name: s,

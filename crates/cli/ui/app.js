@@ -380,7 +380,7 @@ function diskWhere(d) {
   for (const s of (overview ? overview.file_servers : [])) {
     for (const sh of ((s.shares && s.shares.shares) || [])) {
       const disk = sh.disks.find((x) => x.export === exp);
-      if (disk) return { where: `share ${s.title || s.name}:${sh.name}`, lease: disk.lease.holder ? `${disk.lease.holder} (fence ${disk.lease.fence})` : 'nobody' };
+      if (disk) return { where: `share ${s.title}:${sh.name}`, lease: disk.lease.holder ? `${disk.lease.holder} (fence ${disk.lease.fence})` : 'nobody' };
     }
   }
   return { where: `network disk ${exp}`, lease: 'unknown' };
@@ -480,7 +480,7 @@ function wizard(vm, onClose) {
   box.append(h('h2', { id: 'wiz-h' }, `Move ${vm.name}`), steps, body);
   const close = () => { box.remove(); onClose(); };
   const others = () => overview.hosts.filter((o) => o.name !== vm.host && o.info).map((o) => o.name);
-  const shares = () => (overview.file_servers || []).flatMap((s) => ((s.shares && s.shares.shares) || []).map((sh) => `${s.title || s.name}:${sh.name}`));
+  const shares = () => (overview.file_servers || []).flatMap((s) => ((s.shares && s.shares.shares) || []).map((sh) => `${s.title}:${sh.name}`));
   const movesVm = () => st.what !== 'storage';
   const movesDisks = () => st.what !== 'vm';
   const diskDests = () => Object.entries(st.disk_to).filter(([, d]) => d.trim()).map(([disk, to]) => ({ disk, to: to.trim() }));
@@ -639,9 +639,8 @@ function sharesView() {
     if (a && holder.contains(a) && a.matches('input, select, textarea')) return;
     const focused = a && holder.contains(a) ? a.getAttribute('aria-label') || a.id : null;
     holder.replaceChildren(...servers.map((s) => {
-      const title = s.title || s.name;
-      if (!s.shares) return h('section', { class: 'card' }, h('h2', {}, title), alertBox(`cannot reach ${s.name}: ${s.error}`));
-      if (!s.shares.shares.length) return h('section', { class: 'card' }, h('h2', {}, title), h('p', {}, 'No shares.'));
+      if (!s.shares) return h('section', { class: 'card' }, h('h2', {}, s.title), alertBox(`cannot reach ${s.name}: ${s.error}`));
+      if (!s.shares.shares.length) return h('section', { class: 'card' }, h('h2', {}, s.title), h('p', {}, 'No shares.'));
       return s.shares.shares.map((sh) => shareCard(s, sh, notes));
     }).flat());
     // Keep the keyboard where it was (a Grant button, say) when it is still there.
@@ -652,7 +651,6 @@ function sharesView() {
 }
 
 function shareCard(s, sh, notes) {
-  const server = s.title || s.name;
   const id = `share-${slug(s.name)}-${slug(sh.name)}`;
   const base = `/shares/${encodeURIComponent(s.name)}/shares/${encodeURIComponent(sh.name)}`;
   const status = notes.get(id) || h('div', { role: 'status' });
@@ -671,7 +669,7 @@ function shareCard(s, sh, notes) {
     } catch (e) { status.replaceChildren(alertBox(e.message)); }
   });
   return h('section', { class: 'card', 'aria-labelledby': id },
-    h('h2', { id }, `${server}: ${sh.name}`),
+    h('h2', { id }, `${s.title}: ${sh.name}`),
     h('dl', { class: 'facts' }, h('dt', {}, 'Folder'), h('dd', {}, sh.path), h('dt', {}, 'Free'), h('dd', {}, human(sh.free_bytes))),
     h('h3', {}, 'Access list'),
     access.length ? h('table', {},

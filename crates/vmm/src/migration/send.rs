@@ -271,15 +271,7 @@ impl Outgoing<'_> {
                     || (!shrinking && !can_throttle)
                     || round + 2 >= MAX_ROUNDS)
             {
-                // What is left goes during the pause. First let what is already written reach
-                // the destination while the guest still runs: under a slow link the socket
-                // and the link's queue hold megabytes, which would otherwise go out during the
-                // pause (tens of ms at 1 Gbit/s). Pages dirtied meanwhile join the last set.
-                let waited = self
-                    .t
-                    .wait_delivered(DRAINED_BYTES, MAX_DRAIN)
-                    .map_err(ProtocolError::from)?;
-                tracing::debug!("round {round}: send queue drained in {waited:?}");
+                // What is left goes during the pause.
                 self.resend_later(dirty);
                 break;
             }
@@ -319,7 +311,15 @@ impl Outgoing<'_> {
             self.send_pages(dirty.pages())?;
         }
 
-        // Switch-over.
+        // Switch-over. First let what is already written reach the destination while the
+        // guest still runs: under a slow link the socket and the link's queue hold megabytes,
+        // which would otherwise go out during the pause (tens of ms at 1 Gbit/s). Pages
+        // dirtied meanwhile join the last set.
+        let waited = self
+            .t
+            .wait_delivered(DRAINED_BYTES, MAX_DRAIN)
+            .map_err(ProtocolError::from)?;
+        tracing::debug!("switch-over: send queue drained in {waited:?}");
         self.check()?;
         self.ctx.update(|p| {
             p.phase = MigrationPhase::Switchover;

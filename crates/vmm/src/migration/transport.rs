@@ -240,7 +240,7 @@ impl Transport<Stream> {
 
     /// Bytes the kernel holds for this connection that the peer has not acknowledged yet
     /// (TIOCOUTQ: unsent plus in flight); `None` if the kernel does not say.
-    pub fn unacked(&self) -> Option<u64> {
+    fn unacked(&self) -> Option<u64> {
         let mut n: libc::c_int = 0;
         // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n`.
         let r = unsafe {
