@@ -109,11 +109,29 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
                     .contains(&version));
                 got.state = Some(v);
             }
+            Command::Commit if before == ReceiverState::AwaitPostcopyCommit => {
+                assert_eq!(state, ReceiverState::Postcopy);
+                assert!(got.state.is_some());
+            }
             Command::Commit => {
                 assert_eq!(before, ReceiverState::AwaitCommit);
                 assert_eq!(state, ReceiverState::Done);
                 assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
                 return Ok(got);
+            }
+            Command::PostcopyStart => {
+                assert_eq!(before, ReceiverState::Memory);
+                let words = protocol::decode_bitmap(&frame.payload, GUEST_MEMORY)?;
+                let pages: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+                assert!(pages <= GUEST_MEMORY / PAGE_SIZE as u64);
+            }
+            Command::PostcopyDone => {
+                assert_eq!(before, ReceiverState::Postcopy);
+                assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
+                return Ok(got);
+            }
+            Command::PostcopyChannel | Command::PageRequest => {
+                panic!("the state machine accepted a page-connection message on the main one")
             }
             Command::Cancel => {
                 assert_eq!(state, ReceiverState::Done);
@@ -255,7 +273,52 @@ pub fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
     frame(&mut c, Command::Start, &v[offs[0] + 16..offs[1]]);
     frame(&mut c, Command::Cancel, b"{}");
     seeds.push(("start-cancel", c));
+    let p = postcopy_stream();
+    seeds.push(("postcopy", p.clone()));
+    seeds.push((
+        "postcopy-truncated",
+        p[..p.len() - protocol::HEADER_LEN].to_vec(),
+    ));
+    let mut c = v[..state_at].to_vec();
+    let mut words = vec![0u64; (GUEST_MEMORY / PAGE_SIZE as u64 / 64) as usize + 1];
+    words[(GUEST_MEMORY / PAGE_SIZE as u64 / 64) as usize] = 1; // the page just past the end
+    frame(
+        &mut c,
+        Command::PostcopyStart,
+        &protocol::encode_bitmap(&words),
+    );
+    seeds.push(("postcopy-bitmap-out-of-range", c));
     seeds
+}
+
+/// A well-formed post-copy stream: pre-copy as in [`valid_stream`], then PostcopyStart (two
+/// pages still missing), State, Commit, the two pages, PostcopyDone.
+pub fn postcopy_stream() -> Vec<u8> {
+    let v = valid_stream();
+    // Everything up to State.
+    let mut o = 0;
+    let mut offs = Vec::new();
+    while o < v.len() {
+        offs.push(o);
+        let len = u64::from_le_bytes(v[o + 8..o + 16].try_into().expect("8 bytes"));
+        o += protocol::HEADER_LEN + len as usize;
+    }
+    let mut s = v[..offs[4]].to_vec();
+    let mut words = vec![0u64; (GUEST_MEMORY / PAGE_SIZE as u64 / 64) as usize];
+    words[0] = 0b110; // pages 0x1000 and 0x2000
+    frame(
+        &mut s,
+        Command::PostcopyStart,
+        &protocol::encode_bitmap(&words),
+    );
+    s.extend_from_slice(&v[offs[4]..offs[5]]); // State
+    frame(&mut s, Command::Commit, &[]);
+    let data: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 13) as u8).collect();
+    let mut pages = Vec::new();
+    protocol::encode_pages(&[(0x1000, &data), (0x2000, &data)], &mut pages);
+    frame(&mut s, Command::Pages, &pages);
+    frame(&mut s, Command::PostcopyDone, b"{}");
+    s
 }
 
 /// Seed inputs for the `envelope` target (name, bytes).

@@ -51,9 +51,37 @@
 //!     D-->>S: Ack {message: "committed" | "aborted" | "unknown"}
 //! ```
 //!
+//! Post-copy (version 3): the source pauses after pre-copy, says which pages the destination
+//! still lacks, and lets the guest run there at once; the destination fetches each missing
+//! page the guest touches over a second connection while the source pushes the rest.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source VMM
+//!     participant D as destination VMM
+//!     S->>D: (second connection) PostcopyChannel {migration id}
+//!     Note over S: pause guest, save vCPU+device state
+//!     S->>D: PostcopyStart {bitmap of pages still to come}, State
+//!     D-->>S: Ack (restored, paused; missing pages now fault)
+//!     S->>D: Commit
+//!     D-->>S: Ack (running)
+//!     par on demand, second connection
+//!         D->>S: PageRequest {pages the guest waits for}
+//!         S->>D: Pages
+//!     and background push, first connection
+//!         S->>D: Pages (the rest, near the last faults first)
+//!     end
+//!     S->>D: PostcopyDone
+//!     D-->>S: Ack (every page here)
+//! ```
+//!
+//! From Commit on, the guest runs on the destination and only the source has the rest of its
+//! memory: the source never resumes it, and the move ends only when every page has arrived.
+//!
 //! Versioning: `Start` carries the protocol version; a receiver accepts its own and the one
 //! before it ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`]). Version 2 added the migration id
-//! and `Query`; a version-1 source sends no id (the receiver then makes one up).
+//! and `Query`; a version-1 source sends no id (the receiver then makes one up). Version 3
+//! added post-copy; a version-2 source never uses it.
 
 use std::io::{self, Read, Write};
 
@@ -64,15 +92,19 @@ pub const MAGIC: u32 = 0x4749_4d46;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version it accepts.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
+/// The first version with post-copy.
+pub const POSTCOPY_VERSION: u32 = 3;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` message.
 pub const MAX_PAGES_PER_MESSAGE: usize = 1024;
 /// Flag in a page entry: the page is all zero, no data follows for it.
 pub const PAGE_ZERO: u64 = 1;
+/// The largest `PostcopyStart` bitmap: 1 TiB of guest-physical space.
+pub const MAX_BITMAP_BYTES: usize = 32 << 20;
 
 /// A message type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +119,14 @@ pub enum Command {
     Cancel = 7,
     /// The first and only message of a connection that asks for a move's outcome.
     Query = 8,
+    /// Post-copy: the bitmap of pages the destination must still get (then `State`).
+    PostcopyStart = 9,
+    /// Post-copy: the first message of the on-demand page connection.
+    PostcopyChannel = 10,
+    /// Post-copy: pages the destination's guest waits for (on the page connection).
+    PageRequest = 11,
+    /// Post-copy: every page has been sent.
+    PostcopyDone = 12,
     Ack = 64,
 }
 
@@ -101,6 +141,10 @@ impl Command {
             6 => Command::Commit,
             7 => Command::Cancel,
             8 => Command::Query,
+            9 => Command::PostcopyStart,
+            10 => Command::PostcopyChannel,
+            11 => Command::PageRequest,
+            12 => Command::PostcopyDone,
             64 => Command::Ack,
             _ => return None,
         })
@@ -113,7 +157,12 @@ impl Command {
             | Command::RoundEnd
             | Command::Cancel
             | Command::Query
+            | Command::PostcopyChannel
+            | Command::PostcopyDone
             | Command::Ack => 64 << 10,
+            // One bit per page of up to 1 TiB of guest-physical space.
+            Command::PostcopyStart => MAX_BITMAP_BYTES as u64,
+            Command::PageRequest => (4 + MAX_PAGES_PER_MESSAGE * 8) as u64,
             Command::Config => 1 << 20,
             Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
             Command::State => crate::envelope::MAX_PAYLOAD + crate::envelope::HEADER_LEN as u64,
@@ -250,6 +299,10 @@ pub struct AckInfo {
     pub ok: bool,
     #[serde(default)]
     pub message: String,
+    /// In the answer to Start (version 3 on): the version the receiver speaks, so the source
+    /// knows whether it may use post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
 }
 
 /// Serialise a small control payload.
@@ -365,6 +418,12 @@ pub enum ReceiverState {
     AwaitConfig,
     Memory,
     AwaitCommit,
+    /// Post-copy announced: the state comes next.
+    AwaitPostcopyState,
+    /// Post-copy: restored, waiting for Commit.
+    AwaitPostcopyCommit,
+    /// Post-copy: the guest runs here, the rest of its memory arrives.
+    Postcopy,
     Done,
 }
 
@@ -375,6 +434,9 @@ impl ReceiverState {
             ReceiverState::AwaitConfig => "waiting for Config",
             ReceiverState::Memory => "receiving memory",
             ReceiverState::AwaitCommit => "waiting for Commit",
+            ReceiverState::AwaitPostcopyState => "waiting for the post-copy State",
+            ReceiverState::AwaitPostcopyCommit => "waiting for the post-copy Commit",
+            ReceiverState::Postcopy => "in post-copy",
             ReceiverState::Done => "done",
         }
     }
@@ -391,6 +453,11 @@ impl ReceiverState {
             (S::Memory, C::Pages | C::RoundEnd) => S::Memory,
             (S::Memory, C::State) => S::AwaitCommit,
             (S::AwaitCommit, C::Commit) => S::Done,
+            (S::Memory, C::PostcopyStart) => S::AwaitPostcopyState,
+            (S::AwaitPostcopyState, C::State) => S::AwaitPostcopyCommit,
+            (S::AwaitPostcopyCommit, C::Commit) => S::Postcopy,
+            (S::Postcopy, C::Pages) => S::Postcopy,
+            (S::Postcopy, C::PostcopyDone) => S::Done,
             (state, got) => {
                 return Err(ProtocolError::OutOfOrder {
                     got,
@@ -399,6 +466,83 @@ impl ReceiverState {
             }
         })
     }
+}
+
+/// `PostcopyChannel`: which move this page connection belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub migration_id: String,
+}
+
+/// Encode a page bitmap (bit `n` = the page at `n * PAGE_SIZE`) as little-endian words.
+pub fn encode_bitmap(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Decode a `PostcopyStart` bitmap for a guest whose pages all lie below `limit` (bytes of
+/// guest-physical space): any bit at or past it is an error.
+pub fn decode_bitmap(payload: &[u8], limit: u64) -> Result<Vec<u64>, ProtocolError> {
+    let bad = |m: &str| ProtocolError::Malformed(Command::PostcopyStart, m.to_string());
+    if !payload.len().is_multiple_of(8) {
+        return Err(bad("bitmap is not a whole number of words"));
+    }
+    let words: Vec<u64> = payload
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    let pages = limit / PAGE_SIZE as u64;
+    for (i, w) in words.iter().enumerate() {
+        let first = i as u64 * 64;
+        if *w != 0 && first + 64 > pages {
+            let keep = pages.saturating_sub(first);
+            let mask = if keep >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << keep) - 1
+            };
+            if w & !mask != 0 {
+                return Err(bad("bitmap names pages outside guest memory"));
+            }
+        }
+    }
+    Ok(words)
+}
+
+/// Encode a `PageRequest`: `count: u32`, then `count` page addresses (u64).
+pub fn encode_request(gpas: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + gpas.len() * 8);
+    out.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
+    for g in gpas {
+        out.extend_from_slice(&g.to_le_bytes());
+    }
+    out
+}
+
+/// Decode a `PageRequest`, checking every address with `valid`.
+pub fn decode_request(
+    payload: &[u8],
+    valid: impl Fn(u64) -> bool,
+) -> Result<Vec<u64>, ProtocolError> {
+    let bad = |m: &str| ProtocolError::Malformed(Command::PageRequest, m.to_string());
+    let count = payload.get(0..4).ok_or_else(|| bad("no page count"))?;
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    if count > MAX_PAGES_PER_MESSAGE {
+        return Err(bad("too many pages"));
+    }
+    if payload.len() != 4 + count * 8 {
+        return Err(bad("length does not match the page count"));
+    }
+    payload[4..]
+        .chunks_exact(8)
+        .map(|c| {
+            let g = u64::from_le_bytes(c.try_into().unwrap_or([0xff; 8]));
+            if valid(g) {
+                Ok(g)
+            } else {
+                Err(ProtocolError::BadPage { gpa: g })
+            }
+        })
+        .collect()
 }
 
 /// Check a `Start` message.
@@ -565,5 +709,64 @@ mod tests {
             Err(ProtocolError::Version(_))
         ));
         assert!(matches!(check_start(&f(0)), Err(ProtocolError::Version(0))));
+    }
+
+    #[test]
+    fn bitmaps_round_trip_and_stay_inside_guest_memory() {
+        let words = vec![0b1011u64, 0, u64::MAX, 1 << 63];
+        let limit = 4 * 64 * PAGE_SIZE as u64;
+        assert_eq!(decode_bitmap(&encode_bitmap(&words), limit).unwrap(), words);
+        // One page less of guest memory: the last bit now lies outside.
+        assert!(decode_bitmap(&encode_bitmap(&words), limit - PAGE_SIZE as u64).is_err());
+        // A word past the end that is zero is harmless; a set bit there is not.
+        assert!(decode_bitmap(&encode_bitmap(&[0, 0]), 64 * PAGE_SIZE as u64).is_ok());
+        assert!(decode_bitmap(&encode_bitmap(&[0, 1]), 64 * PAGE_SIZE as u64).is_err());
+        assert!(decode_bitmap(&[1, 2, 3], limit).is_err());
+        assert!(decode_bitmap(&[], limit).unwrap().is_empty());
+    }
+
+    #[test]
+    fn page_requests_round_trip_and_refuse_bad_pages() {
+        let ok = |g: u64| g.is_multiple_of(PAGE_SIZE as u64) && g < 1 << 30;
+        let r = encode_request(&[0, 0x1000, 0x3fff_f000]);
+        assert_eq!(
+            decode_request(&r, ok).unwrap(),
+            vec![0, 0x1000, 0x3fff_f000]
+        );
+        assert!(matches!(
+            decode_request(&encode_request(&[0x1001]), ok),
+            Err(ProtocolError::BadPage { gpa: 0x1001 })
+        ));
+        assert!(decode_request(&r[..r.len() - 1], ok).is_err());
+        let mut many = encode_request(&[]);
+        many[0..4].copy_from_slice(&(MAX_PAGES_PER_MESSAGE as u32 + 1).to_le_bytes());
+        assert!(decode_request(&many, ok).is_err());
+    }
+
+    #[test]
+    fn postcopy_follows_its_order() {
+        use Command as C;
+        let mut s = ReceiverState::AwaitStart;
+        for c in [
+            C::Start,
+            C::Config,
+            C::Pages,
+            C::RoundEnd,
+            C::PostcopyStart,
+            C::State,
+            C::Commit,
+            C::Pages,
+            C::Pages,
+            C::PostcopyDone,
+        ] {
+            s = s.next(c).unwrap();
+        }
+        assert_eq!(s, ReceiverState::Done);
+        // No pages between PostcopyStart and State, no second State, no RoundEnd in post-copy.
+        assert!(ReceiverState::AwaitPostcopyState.next(C::Pages).is_err());
+        assert!(ReceiverState::Postcopy.next(C::State).is_err());
+        assert!(ReceiverState::Postcopy.next(C::RoundEnd).is_err());
+        assert!(ReceiverState::Memory.next(C::PostcopyDone).is_err());
+        assert!(ReceiverState::Memory.next(C::PageRequest).is_err());
     }
 }

@@ -62,6 +62,9 @@ fn generated_seeds_behave() {
         if *name == "valid" {
             let r = r.expect("the valid stream is accepted");
             assert_eq!((r.pages, r.zero_pages, r.rounds), (2, 1, 1));
+        } else if *name == "postcopy" {
+            let r = r.expect("the post-copy stream is accepted");
+            assert_eq!((r.pages, r.zero_pages, r.rounds), (4, 1, 1));
         } else {
             assert!(r.is_err(), "{name} accepted");
         }
