@@ -184,6 +184,23 @@ pub enum OnTimeout {
     Force,
 }
 
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationMode {
+    /// Pre-copy, switching to post-copy only when pre-copy stalls (the guest dirties memory
+    /// about as fast as the link sends it) and the destination can.
+    #[default]
+    Auto,
+    /// Copy memory while the guest runs here, then pause briefly for the rest (throttling the
+    /// guest if it dirties memory too fast).
+    Precopy,
+    /// After one pass over memory, run the guest on the destination at once; pages it still
+    /// lacks are fetched when it touches them while the rest follows. Once the guest runs
+    /// there, losing the source or the link loses the guest (see docs/migration.md).
+    Postcopy,
+}
+
 /// How to migrate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MigrateSettings {
@@ -206,6 +223,8 @@ pub struct MigrateSettings {
     /// Encrypt the stream (mutual TLS with the destination VMM); unset: plain TCP.
     #[serde(default)]
     pub tls: Option<MigrationTls>,
+    #[serde(default)]
+    pub mode: MigrationMode,
 }
 
 /// How a VMM secures a migration stream.
@@ -236,6 +255,7 @@ impl MigrateSettings {
             on_timeout: OnTimeout::Cancel,
             migration_id: String::new(),
             tls: None,
+            mode: MigrationMode::Auto,
         }
     }
 }
@@ -249,6 +269,9 @@ pub enum MigrationPhase {
     Memory,
     Switchover,
     Committing,
+    /// The guest runs on the destination, which still fetches the pages it lacks from here;
+    /// this VMM keeps serving them until every page is there.
+    Postcopy,
     /// Commit was sent and no answer came: the guest stays paused here until the
     /// destination's outcome record is known (queried every second, or `MigrateResolve`).
     InDoubt,
@@ -284,4 +307,16 @@ pub struct MigrationProgress {
     pub converged: bool,
     #[serde(default)]
     pub error: Option<String>,
+    /// How memory moved: `precopy` or `postcopy` (`auto` until it is decided).
+    #[serde(default)]
+    pub mode: MigrationMode,
+    /// Why that mode (for `auto`).
+    #[serde(default)]
+    pub mode_reason: Option<String>,
+    /// Post-copy: pages the destination still lacks.
+    #[serde(default)]
+    pub postcopy_pages_left: u64,
+    /// Post-copy: pages the destination's guest asked for on demand.
+    #[serde(default)]
+    pub postcopy_pages_requested: u64,
 }
