@@ -574,6 +574,9 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             dir: crate::security::tls_dir(&d.state.root),
             peer: to.clone(),
         }),
+        // Daemon-driven moves stay pre-copy until `ferry move --mode` and the daemons' side
+        // of post-copy (ownership while pages still flow, disk mirrors) are built and tested.
+        mode: ferry_api::MigrationMode::Precopy,
     };
     let stream = vmm::open(
         &api,

@@ -16,4 +16,6 @@ pub enum Event {
     Api(Request, Sender<Response>),
     /// The migration thread needs the VM.
     Migration(MigrationCall, Sender<Result<CallReply, String>>),
+    /// Something the VM cannot run without failed (post-copy lost its source): stop it.
+    Fatal(String),
 }

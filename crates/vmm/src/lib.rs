@@ -26,6 +26,7 @@ pub mod mirror;
 pub mod nbd_disk;
 pub mod serial_backend;
 pub mod snapshot;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 

@@ -215,6 +215,8 @@ pub struct Vm {
     /// A migration's destination keeps answering queries about the move for as long as the VM
     /// runs (see `migration::receive`).
     _query_server: Option<JoinHandle<()>>,
+    /// False while a post-copy still brings in pages: the VM may not be saved or moved on.
+    memory_complete: Arc<AtomicBool>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -544,7 +546,21 @@ impl Vm {
             throttle,
             cpu_features: Vec::new(),
             _query_server: None,
+            memory_complete: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// The flag a post-copy clears while pages are still arriving.
+    pub(crate) fn memory_complete_flag(&self) -> Arc<AtomicBool> {
+        self.memory_complete.clone()
+    }
+
+    /// A way for another thread to stop this VM with an error (post-copy lost its source).
+    pub(crate) fn failure_sender(&self) -> impl Fn(String) + Send + 'static {
+        let tx = self.events_tx.clone();
+        move |msg| {
+            let _ = tx.send(Event::Fatal(msg));
+        }
     }
 
     /// Keep answering a finished migration's queries while this VM runs.
@@ -693,8 +709,13 @@ impl Vm {
                 "a migration is in progress; cancel it or wait for it to end",
             ))
         };
+        let incomplete = !self.memory_complete.load(Ordering::SeqCst);
         let r = match req {
             Request::Status => Ok(ResponseBody::Status(self.status())),
+            Request::Save { .. } | Request::Migrate { .. } if incomplete => Err(VmError::Busy(
+                "the VM arrived by post-copy and part of its memory is still on its way here; \
+                 try again once the move is complete",
+            )),
             Request::Pause | Request::Resume | Request::Save { .. } if self.migrating() => busy(),
             Request::Pause => self.pause().map(|_| ResponseBody::Status(self.status())),
             Request::Resume => self.resume().map(|_| ResponseBody::Status(self.status())),
@@ -813,7 +834,12 @@ impl Vm {
             Request::MigrateCancel => match &self.migration {
                 Some(m) if !m.thread.is_finished() => {
                     let phase = m.progress.lock().unwrap_or_else(|e| e.into_inner()).phase;
-                    if phase == ferry_api::MigrationPhase::InDoubt {
+                    if phase == ferry_api::MigrationPhase::Postcopy {
+                        Err(VmError::Busy(
+                            "the migration is in post-copy: the guest runs on the destination \
+                             and needs the pages still here; it can no longer be cancelled",
+                        ))
+                    } else if phase == ferry_api::MigrationPhase::InDoubt {
                         Err(VmError::Busy(
                             "the migration is in doubt (Commit was sent): it can no longer be \
                              cancelled; read the destination's outcome and resolve it",
@@ -923,6 +949,15 @@ impl Vm {
                 }
                 Ok(Event::Vcpu(VcpuEvent::Failed(id, msg))) => {
                     break Err(VmError::VcpuFailed { id, msg })
+                }
+                Ok(Event::Fatal(msg)) => {
+                    // vCPUs and device threads may be waiting on guest pages that will never
+                    // arrive, so they cannot be stopped one by one: end the process (the
+                    // userfaultfd still holds them; nothing runs on with missing memory).
+                    crate::serial_backend::terminal::restore();
+                    tracing::error!("{msg}");
+                    eprintln!("ferry: error: {msg}");
+                    std::process::exit(1);
                 }
                 Ok(Event::Api(req, reply)) => {
                     if self.handle(req, reply) {

@@ -11,18 +11,22 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ferry_api::{Outcome, VmConfig};
 use ferry_migration::outcome::{outcome_str, OutcomeRecord};
 use ferry_migration::protocol::{
-    self, AckInfo, Command, Frame, ProtocolError, QueryInfo, ReceiverState, RoundInfo, PAGE_SIZE,
+    self, AckInfo, ChannelInfo, Command, Frame, ProtocolError, QueryInfo, ReceiverState, RoundInfo,
+    PAGE_SIZE,
 };
 use ferry_migration::Envelope;
 
 use crate::fail::crash_point;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::postcopy::{self, Incoming};
 use super::transport::{MigrationTls, Transport};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot::Snapshot;
@@ -55,6 +59,10 @@ pub enum ReceiveError {
     AlreadyAborted(String),
     #[error("refused Commit (failure injected by FERRY_FAIL_AT=refuse-commit)")]
     InjectedRefusal,
+    #[error("cannot start post-copy here")]
+    Postcopy(#[source] std::io::Error),
+    #[error("the source's post-copy page connection did not arrive within {0:?}")]
+    NoPageChannel(Duration),
 }
 
 /// Where the receiver listens.
@@ -83,7 +91,71 @@ pub struct ReceiveOptions {
 const LINGER: Duration = Duration::from_secs(30);
 
 fn ack(t: &mut Transport, ok: bool, message: String) -> Result<(), ProtocolError> {
-    protocol::write_frame(t, Command::Ack, &protocol::json(&AckInfo { ok, message }))
+    let a = AckInfo {
+        ok,
+        message,
+        protocol_version: None,
+    };
+    protocol::write_frame(t, Command::Ack, &protocol::json(&a))
+}
+
+/// How long the destination waits for the source's page connection once post-copy begins.
+const CHANNEL_WAIT: Duration = Duration::from_secs(10);
+
+/// Accept the source's post-copy page connection on `listener` (answering queries meanwhile)
+/// until `stop`; the connection goes to `found`.
+fn accept_page_channel(
+    listener: TcpListener,
+    tls: Option<MigrationTls>,
+    record: OutcomeRecord,
+    id: String,
+    stop: Arc<AtomicBool>,
+    found: mpsc::Sender<Transport>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let s = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let _ = s.set_nonblocking(false);
+        let Ok(mut t) = Transport::server(s, tls.as_ref()) else {
+            continue;
+        };
+        t.set_io_timeout(Duration::from_secs(3));
+        let Ok(Some(f)) = protocol::read_frame(&mut t) else {
+            continue;
+        };
+        match f.command {
+            Command::Query => {
+                answer_query(&mut t, &f, &record);
+            }
+            Command::PostcopyChannel => match protocol::parse::<ChannelInfo>(&f) {
+                Ok(c) if c.migration_id == id => {
+                    t.set_io_timeout(super::transport::IO_TIMEOUT);
+                    let _ = found.send(t);
+                    return;
+                }
+                _ => tracing::warn!("refused a page connection for another move"),
+            },
+            _ => {}
+        }
+    }
+}
+
+/// A post-copy under way on this side.
+struct PostcopyRx {
+    incoming: Arc<Incoming>,
+    faults: Option<std::thread::JoinHandle<Result<(), ProtocolError>>>,
+}
+
+impl Drop for PostcopyRx {
+    /// A receive that fails before the guest runs here stops the fault thread too.
+    fn drop(&mut self) {
+        self.incoming.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 fn valid_page(mem: &GuestMemory, gpa: u64) -> bool {
@@ -233,10 +305,40 @@ pub fn receive(
         record,
         id: None,
         restored: false,
+        channel: None,
     };
-    let result = receive_on(&mut t, first, ropts, &mut rx, overrides, opts, &mut log);
+    let result = receive_on(
+        &mut t, first, &listener, ropts, &mut rx, overrides, opts, &mut log,
+    );
+    if let Some((stop, h, _)) = rx.channel.take() {
+        stop.store(true, Ordering::SeqCst);
+        let _ = h.join();
+    }
     match result {
-        Ok(mut vm) => {
+        Ok((mut vm, pc)) => {
+            if let Some(pc) = pc {
+                let fail = vm.failure_sender();
+                let mem = vm.memory().clone();
+                let done = vm.memory_complete_flag();
+                done.store(false, Ordering::SeqCst);
+                let spawned = std::thread::Builder::new()
+                    .name("postcopy-rx".into())
+                    .spawn(move || match finish_postcopy(t, pc, &mem) {
+                        Ok(()) => done.store(true, Ordering::SeqCst),
+                        Err(e) => {
+                            let msg = format!(
+                                "post-copy lost its source ({}): the guest cannot go on without \
+                                 the pages still there; stopping it",
+                                crate::vm::error_chain(&e)
+                            );
+                            tracing::error!("{msg}");
+                            fail(msg);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    return Err(ReceiveError::Postcopy(e).into());
+                }
+            }
             let record = rx.record.clone();
             if let Ok(t) = std::thread::Builder::new()
                 .name("migrate-query".into())
@@ -299,17 +401,93 @@ struct Receiving {
     id: Option<String>,
     /// Whether the VM's state was restored here (Commit could follow any moment).
     restored: bool,
+    /// The thread waiting for a post-copy page connection: its stop flag, handle, and where
+    /// the connection arrives.
+    channel: Option<(
+        Arc<AtomicBool>,
+        std::thread::JoinHandle<()>,
+        mpsc::Receiver<Transport>,
+    )>,
 }
 
+/// The rest of a post-copy, after the guest started here: place what the source pushes until
+/// it says everything was sent and every page is here.
+fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> Result<(), VmError> {
+    let started = Instant::now();
+    let mut state = ReceiverState::Postcopy;
+    let result = (|| -> Result<(), VmError> {
+        loop {
+            let f = protocol::read_frame(&mut t)
+                .and_then(|f| f.ok_or(ProtocolError::Truncated))
+                .map_err(ReceiveError::from)?;
+            state = state.next(f.command).map_err(ReceiveError::from)?;
+            match f.command {
+                Command::Pages => {
+                    let n = pc
+                        .incoming
+                        .place_all(&f.payload, mem)
+                        .map_err(ReceiveError::from)?;
+                    pc.incoming.pushed.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Command::PostcopyDone => break,
+                Command::Cancel => {
+                    return Err(
+                        ReceiveError::Protocol(ProtocolError::Cancelled(String::new())).into(),
+                    )
+                }
+                _ => {}
+            }
+        }
+        // A page fetched on demand may still be on its way.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pc.incoming.left.count() > 0 {
+            if Instant::now() > deadline || pc.faults.as_ref().is_none_or(|f| f.is_finished()) {
+                return Err(ReceiveError::Protocol(ProtocolError::Malformed(
+                    Command::PostcopyDone,
+                    format!("{} pages never arrived", pc.incoming.left.count()),
+                ))
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // Never close the userfaultfd of a guest whose pages are missing: closing it would let
+        // its waiting accesses go on with zero-filled pages. The VM is stopped instead.
+        std::mem::forget(pc.incoming.clone());
+    }
+    pc.incoming.stop.store(true, Ordering::SeqCst);
+    let faults = pc.faults.take().map(|f| f.join());
+    result?;
+    if let Some(Ok(Err(e))) = faults {
+        return Err(ReceiveError::from(e).into());
+    }
+    pc.incoming.finish();
+    ack(&mut t, true, String::new()).map_err(ReceiveError::from)?;
+    let i = &pc.incoming;
+    // Said where the receiver's other progress lines go (its `log` stays with the caller).
+    eprintln!(
+        "ferry: post-copy complete after {:.2?}: {} pages fetched on demand (longest wait {:.1} ms), {} pushed",
+        started.elapsed(),
+        i.fetched.load(Ordering::Relaxed),
+        i.longest_wait_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        i.pushed.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn receive_on(
     t: &mut Transport,
     first: Frame,
+    listener: &TcpListener,
     ropts: &ReceiveOptions,
     rx: &mut Receiving,
     overrides: &RestoreOverrides,
     opts: RunOptions,
     log: &mut impl FnMut(&str),
-) -> Result<Vm, VmError> {
+) -> Result<(Vm, Option<PostcopyRx>), VmError> {
     let mut state = ReceiverState::AwaitStart;
     let mut memory_bytes = 0;
     let mut config: Option<VmConfig> = None;
@@ -317,6 +495,7 @@ fn receive_on(
     let mut prepared = None;
     let mut vm: Option<Vm> = None;
     let mut pages = 0u64;
+    let mut post: Option<PostcopyRx> = None;
     let zero = [0u8; PAGE_SIZE];
     // Pages that hold data from the stream (one bit per guest-physical page).
     let mut written: Vec<u64> = Vec::new();
@@ -349,9 +528,35 @@ fn receive_on(
                 if rx.record.get(&id).map_err(ReceiveError::from)? == Some(Outcome::Aborted) {
                     return Err(ReceiveError::AlreadyAborted(id).into());
                 }
-                rx.id = Some(id);
+                rx.id = Some(id.clone());
                 memory_bytes = info.memory_bytes;
-                ack(t, true, String::new()).map_err(ReceiveError::from)?;
+                if info.protocol_version >= protocol::POSTCOPY_VERSION {
+                    // The source may go post-copy: take its page connection whenever it comes.
+                    let l = listener
+                        .try_clone()
+                        .map_err(|source| ReceiveError::Listen {
+                            addr: "the migration listener".into(),
+                            source,
+                        })?;
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let (tx, rx_ch) = mpsc::channel();
+                    let h = std::thread::Builder::new()
+                        .name("migrate-pages-accept".into())
+                        .spawn({
+                            let (tls, record, stop) =
+                                (ropts.tls.clone(), rx.record.clone(), stop.clone());
+                            move || accept_page_channel(l, tls, record, id, stop, tx)
+                        })
+                        .map_err(ReceiveError::Postcopy)?;
+                    rx.channel = Some((stop, h, rx_ch));
+                }
+                let a = AckInfo {
+                    ok: true,
+                    message: String::new(),
+                    protocol_version: Some(protocol::PROTOCOL_VERSION),
+                };
+                protocol::write_frame(t, Command::Ack, &protocol::json(&a))
+                    .map_err(ReceiveError::from)?;
             }
             Command::Config => {
                 let c: VmConfig = protocol::parse(&frame).map_err(ReceiveError::from)?;
@@ -413,6 +618,46 @@ fn receive_on(
                     return Err(memory::MemoryError::Access(e).into());
                 }
                 pages += n as u64;
+            }
+            Command::PostcopyStart => {
+                let m = mem
+                    .as_ref()
+                    .ok_or(ProtocolError::Truncated)
+                    .map_err(ReceiveError::from)?;
+                let words = protocol::decode_bitmap(&frame.payload, postcopy::memory_end(m))
+                    .map_err(ReceiveError::from)?;
+                let channel = rx
+                    .channel
+                    .as_ref()
+                    .ok_or(ProtocolError::Truncated)
+                    .map_err(ReceiveError::from)?;
+                let pc = channel
+                    .2
+                    .recv_timeout(CHANNEL_WAIT)
+                    .map_err(|_| ReceiveError::NoPageChannel(CHANNEL_WAIT))?;
+                let incoming =
+                    Arc::new(Incoming::prepare(m, &words).map_err(ReceiveError::Postcopy)?);
+                log(&format!(
+                    "post-copy: {} pages follow after the guest starts here",
+                    incoming.left.count()
+                ));
+                let faults = std::thread::Builder::new()
+                    .name("postcopy-faults".into())
+                    .spawn({
+                        let (i, m) = (incoming.clone(), m.clone());
+                        move || {
+                            let r = i.serve_faults(pc, &m);
+                            if let Err(e) = &r {
+                                tracing::error!("post-copy: fetching pages failed: {e}");
+                            }
+                            r
+                        }
+                    })
+                    .map_err(ReceiveError::Postcopy)?;
+                post = Some(PostcopyRx {
+                    incoming,
+                    faults: Some(faults),
+                });
             }
             Command::RoundEnd => {
                 let r: RoundInfo = protocol::parse(&frame).map_err(ReceiveError::from)?;
@@ -489,12 +734,16 @@ fn receive_on(
                     tracing::warn!("move {id}: the final acknowledgement did not go out ({e}); the guest runs here, the source will ask");
                 }
                 log("the guest runs here now");
-                return Ok(v);
+                return Ok((v, post));
             }
             Command::Cancel => {
                 return Err(ReceiveError::Protocol(ProtocolError::Cancelled(String::new())).into())
             }
-            Command::Ack | Command::Query => {
+            Command::Ack
+            | Command::Query
+            | Command::PostcopyChannel
+            | Command::PageRequest
+            | Command::PostcopyDone => {
                 let e = ProtocolError::OutOfOrder {
                     got: frame.command,
                     state: "receiving",

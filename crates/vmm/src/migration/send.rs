@@ -32,10 +32,11 @@ use std::time::{Duration, Instant};
 
 use ferry_api::Outcome;
 use ferry_api::{
-    MigrateSettings, MigrationPhase, MigrationProgress, OnTimeout, Response, ResponseBody, VmConfig,
+    MigrateSettings, MigrationMode, MigrationPhase, MigrationProgress, OnTimeout, Response,
+    ResponseBody, VmConfig,
 };
 use ferry_migration::protocol::{
-    self, AckInfo, Command, ProtocolError, QueryInfo, RoundInfo, StartInfo, PAGE_SIZE,
+    self, AckInfo, ChannelInfo, Command, ProtocolError, QueryInfo, RoundInfo, StartInfo, PAGE_SIZE,
 };
 use ferry_migration::Envelope;
 use vm_memory::{Bytes, GuestAddress};
@@ -56,6 +57,11 @@ const SMALL_PAUSE_MS: f64 = 2.0;
 const DRAINED_BYTES: u64 = 128 << 10;
 /// ... but no longer than this.
 const MAX_DRAIN: Duration = Duration::from_secs(1);
+/// Post-copy's background push keeps at most this much on its way, so a page the guest waits
+/// for (on the other connection, through the same link) is not queued behind megabytes.
+const PUSH_IN_FLIGHT: u64 = 1 << 20;
+/// Pages per background `Pages` message in post-copy.
+const PUSH_BATCH: usize = 128;
 
 /// Everything the sending thread needs.
 pub struct SendCtx {
@@ -92,6 +98,15 @@ pub enum SendError {
     Vm(String),
     #[error("cannot encode the VM state")]
     Encode(#[source] ferry_migration::EnvelopeError),
+    #[error("the destination speaks migration protocol {0}, which has no post-copy (it needs {need}); use --mode precopy, or update ferry there", need = protocol::POSTCOPY_VERSION)]
+    NoPostcopy(u32),
+    /// Post-copy broke after the guest began to run on the destination.
+    #[error("post-copy broke after the guest started on the destination, with {left} of its pages still here: {source}")]
+    PostcopyBroken {
+        left: u64,
+        #[source]
+        source: Box<SendError>,
+    },
 }
 
 struct Outgoing<'a> {
@@ -104,6 +119,9 @@ struct Outgoing<'a> {
     last_push: Instant,
     /// Pages found dirty in the last round, sent during the pause.
     pending: Option<memory::DirtyBitmap>,
+    tls: Option<MigrationTls>,
+    /// The protocol version the destination speaks (from its answer to Start).
+    peer_version: u32,
 }
 
 impl SendCtx {
@@ -161,12 +179,12 @@ impl Outgoing<'_> {
         Ok(())
     }
 
-    fn expect_ack(&mut self) -> Result<(), SendError> {
+    fn expect_ack(&mut self) -> Result<AckInfo, SendError> {
         match protocol::read_frame(&mut self.t)? {
             Some(f) if f.command == Command::Ack => {
                 let a: AckInfo = protocol::parse(&f)?;
                 if a.ok {
-                    Ok(())
+                    Ok(a)
                 } else {
                     Err(ProtocolError::Refused(a.message).into())
                 }
@@ -180,6 +198,17 @@ impl Outgoing<'_> {
         }
     }
 
+    /// One `Pages` message with `batch` (at most 1024 pages) read from guest memory.
+    fn write_pages(&mut self, batch: &[u64]) -> Result<(), SendError> {
+        let mem = &self.ctx.memory;
+        protocol::encode_pages_with(batch, &mut self.payload, |gpa, slot| {
+            mem.read_slice(slot, GuestAddress(gpa))
+                .map_err(|e| SendError::Memory(memory::MemoryError::Access(e)))
+        })?;
+        protocol::write_frame(&mut self.t, Command::Pages, &self.payload)?;
+        Ok(())
+    }
+
     /// Send `pages` (guest-physical addresses), in messages of up to 1024 pages.
     fn send_pages(&mut self, pages: impl Iterator<Item = u64>) -> Result<u64, SendError> {
         let mut batch: Vec<u64> = Vec::with_capacity(protocol::MAX_PAGES_PER_MESSAGE);
@@ -188,12 +217,7 @@ impl Outgoing<'_> {
         while pages.peek().is_some() {
             batch.clear();
             batch.extend(pages.by_ref().take(protocol::MAX_PAGES_PER_MESSAGE));
-            let mem = &self.ctx.memory;
-            protocol::encode_pages_with(&batch, &mut self.payload, |gpa, slot| {
-                mem.read_slice(slot, GuestAddress(gpa))
-                    .map_err(|e| SendError::Memory(memory::MemoryError::Access(e)))
-            })?;
-            protocol::write_frame(&mut self.t, Command::Pages, &self.payload)?;
+            self.write_pages(&batch)?;
             count += batch.len() as u64;
             let n = batch.len() as u64;
             self.ctx.update(|p| p.pages_sent += n);
@@ -214,7 +238,14 @@ impl Outgoing<'_> {
             migration_id: self.ctx.settings.migration_id.clone(),
         };
         protocol::write_frame(&mut self.t, Command::Start, &protocol::json(&info))?;
-        self.expect_ack()?;
+        self.peer_version = self
+            .expect_ack()?
+            .protocol_version
+            .unwrap_or(protocol::MIN_PROTOCOL_VERSION);
+        let can_postcopy = self.peer_version >= protocol::POSTCOPY_VERSION;
+        if s.mode == MigrationMode::Postcopy && !can_postcopy {
+            return Err(SendError::NoPostcopy(self.peer_version));
+        }
         protocol::write_frame(
             &mut self.t,
             Command::Config,
@@ -235,6 +266,7 @@ impl Outgoing<'_> {
         let mut converged = true;
         let mut prev_dirty: Option<u64> = None;
         let mut throttle = 0u32;
+        let mut postcopy: Option<String> = None;
         loop {
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
             let bw = (self.t.bytes_sent() - round_bytes_start) as f64 / secs; // bytes/s
@@ -254,6 +286,13 @@ impl Outgoing<'_> {
                 Command::RoundEnd,
                 &protocol::json(&RoundInfo { round, pages: n }),
             )?;
+            if s.mode == MigrationMode::Postcopy {
+                postcopy = Some(format!(
+                    "asked for: after the first pass, {n} pages went on demand"
+                ));
+                self.resend_later(dirty);
+                break;
+            }
             // The rest fits the budget. Switch over now unless more rounds still shrink it:
             // the budget is a ceiling, not a target. A link only a little faster than the
             // guest's dirtying shrinks the rest by a few percent a round, and the rounds get
@@ -275,6 +314,19 @@ impl Outgoing<'_> {
                 self.resend_later(dirty);
                 break;
             }
+            if s.mode == MigrationMode::Auto && can_postcopy && stalled && throttle == 0 {
+                // Pre-copy would now have to slow the guest down to finish: post-copy moves it
+                // at full speed instead, fetching what it touches.
+                postcopy = Some(format!(
+                    "pre-copy stalled: {n} pages still dirty after round {round} (was {}), \
+                     {expected_ms:.0} ms to send at {:.0} Mbit/s, over the {} ms budget",
+                    prev_dirty.unwrap_or_default(),
+                    bw * 8.0 / 1e6,
+                    s.downtime_ms
+                ));
+                self.resend_later(dirty);
+                break;
+            }
             prev_dirty = Some(n);
             if stalled && can_throttle {
                 throttle = if throttle == 0 {
@@ -289,6 +341,13 @@ impl Outgoing<'_> {
             }
             let out_of_time =
                 deadline.is_some_and(|d| Instant::now() > d) || round + 1 >= MAX_ROUNDS;
+            if out_of_time && s.mode == MigrationMode::Auto && can_postcopy {
+                postcopy = Some(format!(
+                    "pre-copy ran out of time after round {round}: {n} pages still dirty"
+                ));
+                self.resend_later(dirty);
+                break;
+            }
             if out_of_time {
                 match s.on_timeout {
                     OnTimeout::Cancel => {
@@ -310,6 +369,24 @@ impl Outgoing<'_> {
             round_bytes_start = self.t.bytes_sent();
             self.send_pages(dirty.pages())?;
         }
+
+        if let Some(why) = postcopy {
+            tracing::info!("post-copy: {why}");
+            return self.postcopy(why);
+        }
+        self.ctx.update(|p| {
+            p.mode = MigrationMode::Precopy;
+            if s.mode == MigrationMode::Auto {
+                p.mode_reason = Some(if can_postcopy {
+                    "pre-copy converged".into()
+                } else {
+                    format!(
+                        "the destination speaks protocol {}, without post-copy",
+                        self.peer_version
+                    )
+                });
+            }
+        });
 
         // Switch-over. First let what is already written reach the destination while the
         // guest still runs: under a slow link the socket and the link's queue hold megabytes,
@@ -378,6 +455,188 @@ impl Outgoing<'_> {
 
     fn resend_later(&mut self, dirty: memory::DirtyBitmap) {
         self.pending = Some(dirty);
+    }
+
+    /// Switch over to post-copy: pause, name the pages still to go, let the guest run on the
+    /// destination, then serve its faults and push the rest.
+    fn postcopy(&mut self, why: String) -> Result<f64, SendError> {
+        let to = self.ctx.settings.to.clone();
+        self.ctx.update(|p| {
+            p.mode = MigrationMode::Postcopy;
+            p.mode_reason = Some(why.clone());
+            p.converged = true;
+        });
+        // The page connection, while the guest still runs: its handshake costs no pause.
+        let mut pc = Transport::connect(&to, Duration::from_secs(10), self.tls.as_ref()).map_err(
+            |source| SendError::Connect {
+                addr: to.clone(),
+                source,
+            },
+        )?;
+        let hello = ChannelInfo {
+            migration_id: self.ctx.settings.migration_id.clone(),
+        };
+        protocol::write_frame(&mut pc, Command::PostcopyChannel, &protocol::json(&hello))?;
+        std::io::Write::flush(&mut pc).map_err(ProtocolError::from)?;
+        let pc_socket = pc.socket().map_err(ProtocolError::from)?;
+
+        let waited = self
+            .t
+            .wait_delivered(DRAINED_BYTES, MAX_DRAIN)
+            .map_err(ProtocolError::from)?;
+        tracing::debug!("post-copy switch-over: send queue drained in {waited:?}");
+        self.check()?;
+        self.ctx.update(|p| p.phase = MigrationPhase::Switchover);
+        self.ctx.call(MigrationCall::SyncDisks)?;
+        let pause_at = Instant::now();
+        self.ctx.call(MigrationCall::Pause)?;
+        self.paused = true;
+        let CallReply::State(state) = self.ctx.call(MigrationCall::SaveState)? else {
+            return Err(SendError::Vm("save its state".into()));
+        };
+        let mut left: Vec<u64> = self
+            .pending
+            .take()
+            .map(|d| d.pages().collect())
+            .unwrap_or_default();
+        left.extend(memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?.pages());
+        let set = super::postcopy::PageSet::of(
+            left.into_iter(),
+            super::postcopy::memory_end(&self.ctx.memory),
+        );
+        let n_left = set.count();
+        // Serve page requests from now on: restoring and resuming the guest there may already
+        // touch pages that are still here.
+        let out = Arc::new(super::postcopy::Outgoing {
+            left: set,
+            hint: std::sync::atomic::AtomicU64::new(0),
+            requested: std::sync::atomic::AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let words = out.left.words();
+        let server = std::thread::Builder::new()
+            .name("postcopy-pages".into())
+            .spawn({
+                let (mem, out) = (self.ctx.memory.clone(), out.clone());
+                move || super::postcopy::serve_requests(pc, mem, out)
+            })
+            .map_err(|e| SendError::Vm(format!("start the post-copy page server: {e}")))?;
+        let stop_server = || {
+            out.stop.store(true, Ordering::SeqCst);
+            let _ = pc_socket.shutdown(std::net::Shutdown::Both);
+        };
+        let downtime = match self.postcopy_hand_over(&out, &words, state, pause_at, n_left) {
+            Ok(d) => d,
+            Err(e) => {
+                stop_server();
+                let _ = server.join();
+                return Err(e);
+            }
+        };
+        // From here the guest runs there: nothing may resume it here.
+        self.ctx.update(|p| {
+            p.phase = MigrationPhase::Postcopy;
+            p.downtime_ms = Some(downtime);
+            p.postcopy_pages_left = n_left;
+        });
+        self.push_progress(true);
+        let r = self.push(&out);
+        stop_server();
+        let _ = server.join();
+        r.map_err(|e| SendError::PostcopyBroken {
+            left: out.left.count(),
+            source: Box::new(e),
+        })?;
+        tracing::info!(
+            "post-copy done: {} pages on demand, {n_left} in all",
+            out.requested.load(Ordering::Relaxed)
+        );
+        Ok(downtime)
+    }
+
+    /// Post-copy's hand-over: the bitmap and the state, then Commit. Returns the pause.
+    fn postcopy_hand_over(
+        &mut self,
+        out: &super::postcopy::Outgoing,
+        words: &[u64],
+        state: Box<crate::snapshot::Snapshot>,
+        pause_at: Instant,
+        n_left: u64,
+    ) -> Result<f64, SendError> {
+        let bytes = Envelope::MigrationState
+            .encode(&*state)
+            .map_err(SendError::Encode)?;
+        protocol::write_frame(
+            &mut self.t,
+            Command::PostcopyStart,
+            &protocol::encode_bitmap(words),
+        )?;
+        protocol::write_frame(&mut self.t, Command::State, &bytes)?;
+        self.expect_ack()?;
+        tracing::debug!(
+            "post-copy switch-over: {n_left} pages to follow, destination restored at {:?}",
+            pause_at.elapsed()
+        );
+        self.ctx.call(MigrationCall::ReleaseDisks)?;
+        self.ctx.update(|p| p.phase = MigrationPhase::Committing);
+        self.commit_sent = true;
+        let committed = protocol::write_frame(&mut self.t, Command::Commit, &[])
+            .map_err(SendError::from)
+            .and_then(|_| self.expect_ack());
+        match committed {
+            Ok(_) => {}
+            // It will not run the guest: it goes on here.
+            Err(e @ SendError::Protocol(ProtocolError::Refused(_))) => return Err(e),
+            // It may run the guest, which then needs the pages only this side has.
+            Err(e) => {
+                return Err(SendError::PostcopyBroken {
+                    left: n_left,
+                    source: Box::new(e),
+                })
+            }
+        }
+        let downtime = pause_at.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(
+            "post-copy: the destination runs the guest at {downtime:.1} ms ({} pages asked for so far)",
+            out.requested.load(Ordering::Relaxed)
+        );
+        Ok(downtime)
+    }
+
+    /// Post-copy's background push: every page still to go, from next to the last fault on.
+    fn push(&mut self, out: &super::postcopy::Outgoing) -> Result<(), SendError> {
+        let mut batch = Vec::with_capacity(PUSH_BATCH);
+        let (mut cursor, mut last_hint) = (0u64, 0u64);
+        loop {
+            let h = out.hint.load(Ordering::Relaxed);
+            if h != last_hint {
+                (cursor, last_hint) = (h, h);
+            }
+            cursor = out.left.take_from(cursor, PUSH_BATCH, &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            while self.t.unacked().is_some_and(|n| n > PUSH_IN_FLIGHT) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            self.write_pages(&batch)?;
+            let (left, asked) = (out.left.count(), out.requested.load(Ordering::Relaxed));
+            let n = batch.len() as u64;
+            self.ctx.update(|p| {
+                p.pages_sent += n;
+                p.postcopy_pages_left = left;
+                p.postcopy_pages_requested = asked;
+            });
+            self.push_progress(false);
+        }
+        protocol::write_frame(&mut self.t, Command::PostcopyDone, b"{}")?;
+        self.expect_ack()?;
+        let asked = out.requested.load(Ordering::Relaxed);
+        self.ctx.update(|p| {
+            p.postcopy_pages_left = 0;
+            p.postcopy_pages_requested = asked;
+        });
+        Ok(())
     }
 }
 
@@ -513,6 +772,8 @@ pub fn run(mut ctx: SendCtx) {
                 commit_sent: false,
                 last_push: Instant::now(),
                 pending: None,
+                tls: tls.clone(),
+                peer_version: protocol::MIN_PROTOCOL_VERSION,
             };
             let r = s.run();
             if r.is_err() && !s.commit_sent {
@@ -543,6 +804,25 @@ pub fn run(mut ctx: SendCtx) {
             });
             send_final(&ctx, p);
             let _ = ctx.call(MigrationCall::Finished);
+            return;
+        }
+        Err(e @ SendError::PostcopyBroken { .. }) => {
+            // The guest ran on the destination: resuming it here would run a stale copy
+            // beside (or after) a newer one. Say plainly where things stand, and keep this
+            // copy of its memory in case the destination can still be reached by hand.
+            let p = ctx.update(|p| {
+                p.phase = MigrationPhase::Failed;
+                p.elapsed_ms = elapsed();
+                p.bytes_sent = bytes;
+                p.error = Some(format!(
+                    "{}; the guest cannot go on there without those pages and must not resume \
+                     here (it ran there since): it is lost. This VMM keeps its paused copy as of \
+                     the switch-over; stop it with `ferry vmm stop` once you have what you need",
+                    crate::vm::error_chain(&e)
+                ));
+            });
+            tracing::error!("{}", p.error.as_deref().unwrap_or_default());
+            send_final(&ctx, p);
             return;
         }
         Err(e) => {

@@ -240,7 +240,7 @@ impl Transport<Stream> {
 
     /// Bytes the kernel holds for this connection that the peer has not acknowledged yet
     /// (TIOCOUTQ: unsent plus in flight); `None` if the kernel does not say.
-    fn unacked(&self) -> Option<u64> {
+    pub fn unacked(&self) -> Option<u64> {
         let mut n: libc::c_int = 0;
         // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n`.
         let r = unsafe {
@@ -262,6 +262,11 @@ impl Transport<Stream> {
             std::thread::sleep(Duration::from_micros(500));
         }
         Ok(start.elapsed())
+    }
+
+    /// Another handle on the socket, to shut it down from another thread.
+    pub fn socket(&self) -> io::Result<TcpStream> {
+        self.inner.tcp().try_clone()
     }
 
     /// Close both directions now (a cancel: the peer sees the end at once).
