@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_api::{
-    DiskConfig, MigrateSettings, MigrationPhase, MigrationProgress, NetConfig, OnTimeout, Outcome,
-    Request, Response, ResponseBody, SerialBackend, VmConfig,
+    DiskConfig, MigrateSettings, MigrationMode, MigrationPhase, MigrationProgress, NetConfig,
+    OnTimeout, Outcome, Request, Response, ResponseBody, SerialBackend, VmConfig,
 };
 use ferry_vmm::migration::receive::{Listen, ReceiveOptions};
 use ferry_vmm::{api_server, RestoreOverrides, RunOptions, Vm, VmExit};
@@ -118,6 +118,13 @@ pub struct MigrateArgs {
     /// What to do when the memory copy does not converge in time: cancel (stay here) or force.
     #[arg(long, default_value = "cancel", value_parser = ["cancel", "force"])]
     on_timeout: String,
+    /// How memory moves. auto: pre-copy, switching to post-copy only if pre-copy stalls (the
+    /// guest dirties memory about as fast as the link carries it). precopy: copy while the
+    /// guest runs here, throttling it if it must. postcopy: one pass, then the guest runs on
+    /// the destination at once and fetches what it still lacks; from then on losing the link
+    /// or this host loses the guest.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "precopy", "postcopy"])]
+    mode: String,
     /// Name the move (default: a random id); the destination's outcome record uses it.
     #[arg(long)]
     id: Option<String>,
@@ -405,6 +412,11 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             (Some(dir), Some(peer)) => Some(ferry_api::MigrationTls { dir, peer }),
             _ => None,
         },
+        mode: match a.mode.as_str() {
+            "precopy" => MigrationMode::Precopy,
+            "postcopy" => MigrationMode::Postcopy,
+            _ => MigrationMode::Auto,
+        },
     };
     let mut last: Option<MigrationProgress> = None;
     let mut error = None;
@@ -426,6 +438,14 @@ fn migrate(a: MigrateArgs) -> Result<()> {
                 }
                 if a.json {
                     println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                } else if p.phase == MigrationPhase::Postcopy {
+                    eprintln!(
+                        "{:>7.1}s Postcopy: the guest runs on the destination; {} pages still to go ({} fetched on demand), sent {:.1} MiB",
+                        p.elapsed_ms as f64 / 1000.0,
+                        p.postcopy_pages_left,
+                        p.postcopy_pages_requested,
+                        p.bytes_sent as f64 / (1 << 20) as f64,
+                    );
                 } else if !end && !in_doubt {
                     eprintln!(
                         "{:>7.1}s {:?} round {} sent {:.1} MiB, dirty {} pages ({} pages/s), link {:.0} Mbit/s, expected pause {:.1} ms",
@@ -472,6 +492,19 @@ fn migrate(a: MigrateArgs) -> Result<()> {
                 " (forced: did not converge)"
             }
         );
+        if p.phase == MigrationPhase::Done {
+            let how = match p.mode {
+                MigrationMode::Postcopy => format!(
+                    "post-copy ({} pages fetched on demand)",
+                    p.postcopy_pages_requested
+                ),
+                _ => "pre-copy".into(),
+            };
+            match &p.mode_reason {
+                Some(why) => println!("mode: {how}: {why}"),
+                None => println!("mode: {how}"),
+            }
+        }
     }
     match p.phase {
         MigrationPhase::Done => {

@@ -138,6 +138,9 @@ fn open_stream(lab: &Lab) -> Stream {
     Stream::new(s)
 }
 
+/// Migrate with `vmm migrate`: pre-copy unless `extra` names a `--mode` (these tests pin down
+/// pre-copy's failure handling; post-copy has its own below, and `auto` is pre-copy until it
+/// switches).
 fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "vmm",
@@ -147,6 +150,9 @@ fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> std::process::Output {
         "--to",
         to,
     ];
+    if !extra.contains(&"--mode") {
+        args.extend(["--mode", "precopy"]);
+    }
     args.extend_from_slice(extra);
     ferry_output(&args, T)
 }
@@ -374,6 +380,8 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
                 api.to_str().unwrap(),
                 "--to",
                 &to,
+                "--mode",
+                "precopy",
                 "--bandwidth-mbit",
                 &cap,
             ],
@@ -765,9 +773,17 @@ fn bad_streams_are_refused_and_nothing_runs() {
         return;
     }
     receiver_refuses(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic");
+    // Version 2 (the one before this ferry's) is still accepted; 1 no longer.
     let start = frame(
         1,
-        br#"{"protocol_version":1,"ferry_version":"t","memory_bytes":134217728}"#,
+        br#"{"protocol_version":2,"ferry_version":"t","memory_bytes":134217728}"#,
+    );
+    receiver_refuses(
+        &frame(
+            1,
+            br#"{"protocol_version":1,"ferry_version":"t","memory_bytes":1}"#,
+        ),
+        "version 1 is not supported",
     );
     receiver_refuses(&start[..start.len() - 5], "truncated");
     receiver_refuses(
@@ -930,4 +946,189 @@ fn a_migration_that_cannot_converge_times_out_and_stays() {
     assert!(!st.success(), "the destination gives up too");
     g.con.send(b'p');
     assert!(g.vmm.wait(T).success());
+}
+
+/// Post-copy with the guest rewriting its working set flat out: after one pass the guest runs
+/// on the destination, fetching what it touches, and arrives whole (memory, disk, TCP stream).
+#[test]
+fn postcopy_moves_a_busy_guest_with_memory_disk_and_tcp_intact() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start_guest(&lab, dir.path(), &disk, "");
+    let mut stream = open_stream(&lab);
+    stream.read(1 << 20).unwrap();
+    let (writes, durable) = verify(&mut g.con, 1);
+    let to = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &to, &[]);
+    let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
+    // Under 200 Mbit/s the 32 MiB working set is still mostly dirty when the guest moves.
+    let out = migrate(
+        &g.vmm,
+        &to,
+        &["--mode", "postcopy", "--bandwidth-mbit", "200"],
+    );
+    let t = text(&out);
+    assert!(
+        out.status.success(),
+        "migrate: {t}\ndestination:\n{}",
+        dst.log()
+    );
+    assert!(t.contains("mode: post-copy"), "{t}");
+    let fetched: u64 = t
+        .split("post-copy (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no on-demand count: {t}"));
+    assert!(
+        fetched > 0,
+        "the busy guest faulted on pages still at the source: {t}"
+    );
+    assert!(
+        g.vmm.wait(T).success(),
+        "the source exits once every page is there"
+    );
+    assert!(dst.running());
+    let log = dst.log();
+    assert!(log.contains("post-copy complete"), "{log}");
+    let mut con = Console::connect(&dst.com1);
+    dst_hb.wait_more(200, T);
+    stream.read(4 << 20).unwrap();
+    let (w2, d2) = verify(&mut con, writes);
+    assert!(d2 >= durable && w2 > writes);
+    con.send(b'p');
+    assert!(dst.wait(T).success());
+}
+
+/// `auto` moves a guest that out-dirties the link by post-copy, and says why; one that does
+/// not stays pre-copy.
+#[test]
+fn auto_switches_to_postcopy_only_when_precopy_stalls() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start_guest(&lab, dir.path(), &disk, "");
+    let (writes, _) = verify(&mut g.con, 1);
+    let to = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &to, &[]);
+    let out = migrate(&g.vmm, &to, &["--mode", "auto", "--bandwidth-mbit", "200"]);
+    let t = text(&out);
+    assert!(out.status.success(), "migrate: {t}");
+    assert!(
+        t.contains("mode: post-copy") && t.contains("pre-copy stalled"),
+        "{t}"
+    );
+    assert!(g.vmm.wait(T).success());
+    let mut con = Console::connect(&dst.com1);
+    verify(&mut con, writes);
+    con.send(b'p');
+    let mut dst = dst;
+    assert!(dst.wait(T).success());
+
+    // A guest with nothing to dirty: pre-copy converges at once and auto keeps it.
+    let dir2 = tmp();
+    let disk2 = disk_named(dir2.path(), "idle");
+    let mut idle = start(
+        &lab,
+        dir2.path(),
+        GuestSpec {
+            disks: vec![(&disk2, false)],
+            extra_cmdline: "dirty=0",
+            ..Default::default()
+        },
+    );
+    verify(&mut idle.con, 0);
+    let to2 = format!("{}:7791", Lab::HOST_B_IP);
+    let mut dst2 = Vmm::receive_in(&lab.in_host_b(), dir2.path(), "i1", &to2, &[]);
+    let out = migrate(&idle.vmm, &to2, &["--mode", "auto"]);
+    let t = text(&out);
+    assert!(out.status.success(), "migrate: {t}");
+    assert!(t.contains("mode: pre-copy: pre-copy converged"), "{t}");
+    assert!(idle.vmm.wait(T).success());
+    let mut con = Console::connect(&dst2.com1);
+    verify(&mut con, 0);
+    con.send(b'p');
+    assert!(dst2.wait(T).success());
+}
+
+/// Start a post-copy move over a slow link and break it once the guest runs on the
+/// destination: `breaker` gets the source and the destination.
+fn postcopy_broken(
+    breaker: impl FnOnce(&mut Vmm, &mut Vmm),
+) -> (Lab, tempfile::TempDir, Guest, Vmm, String) {
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut g = start_guest(&lab, dir.path(), &disk, "");
+    verify(&mut g.con, 1);
+    let to = format!("{}:{PORT}", Lab::HOST_B_IP);
+    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &to, &[]);
+    let api = g.vmm.api.clone();
+    let mig = std::thread::spawn(move || {
+        ferry_output(
+            &[
+                "vmm",
+                "migrate",
+                "--api",
+                api.to_str().unwrap(),
+                "--to",
+                &to,
+                "--mode",
+                "postcopy",
+                "--bandwidth-mbit",
+                "30",
+            ],
+            T,
+        )
+    });
+    let deadline = std::time::Instant::now() + T;
+    while !dst.log().contains("the guest runs here now") {
+        assert!(std::time::Instant::now() < deadline, "{}", dst.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    breaker(&mut g.vmm, &mut dst);
+    let out = text(&mig.join().unwrap());
+    (lab, dir, g, dst, out)
+}
+
+/// The source dies while the guest runs on the destination with pages still missing: the
+/// destination stops the guest (it cannot go on with holes in its memory) and says why; it
+/// never goes on with zero-filled pages.
+#[test]
+fn postcopy_without_its_source_stops_the_guest_and_says_so() {
+    if !kvm_available() {
+        return;
+    }
+    let (_lab, _dir, _g, mut dst, _) = postcopy_broken(|src, _| src.kill());
+    let st = dst.wait(T);
+    assert!(!st.success(), "the destination must not go on");
+    let log = dst.log();
+    assert!(log.contains("post-copy lost its source"), "{log}");
+}
+
+/// The destination dies in post-copy: the source reports the guest lost and keeps its paused
+/// copy; it never resumes it (the guest ran on the destination since).
+#[test]
+fn postcopy_without_its_destination_never_resumes_the_source() {
+    if !kvm_available() {
+        return;
+    }
+    let (_lab, _dir, mut g, _dst, out) = postcopy_broken(|_, dst| dst.kill());
+    assert!(
+        out.contains("post-copy broke") && out.contains("it is lost"),
+        "{out}"
+    );
+    assert!(g.vmm.running(), "the source keeps its copy");
+    assert_eq!(state(&g.vmm), "paused");
+    let beats = g.hb.count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(g.hb.count(), beats, "the source's guest must not run");
+    g.vmm.kill();
 }
