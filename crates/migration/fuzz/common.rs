@@ -119,8 +119,15 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
                 assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
                 return Ok(got);
             }
-            Command::PostcopyStart => {
+            Command::PostcopyPrepare => {
                 assert_eq!(before, ReceiverState::Memory);
+                protocol::decode_bitmap(&frame.payload, GUEST_MEMORY)?;
+            }
+            Command::PostcopyStart => {
+                assert!(matches!(
+                    before,
+                    ReceiverState::Memory | ReceiverState::PostcopyPrepared
+                ));
                 let words = protocol::decode_bitmap(&frame.payload, GUEST_MEMORY)?;
                 let pages: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
                 assert!(pages <= GUEST_MEMORY / PAGE_SIZE as u64);
@@ -291,8 +298,8 @@ pub fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds
 }
 
-/// A well-formed post-copy stream: pre-copy as in [`valid_stream`], then PostcopyStart (two
-/// pages still missing), State, Commit, the two pages, PostcopyDone.
+/// A well-formed post-copy stream: pre-copy as in [`valid_stream`], then PostcopyPrepare,
+/// PostcopyStart (two pages still missing), State, Commit, the two pages, PostcopyDone.
 pub fn postcopy_stream() -> Vec<u8> {
     let v = valid_stream();
     // Everything up to State.
@@ -305,7 +312,13 @@ pub fn postcopy_stream() -> Vec<u8> {
     }
     let mut s = v[..offs[4]].to_vec();
     let mut words = vec![0u64; (GUEST_MEMORY / PAGE_SIZE as u64 / 64) as usize];
-    words[0] = 0b110; // pages 0x1000 and 0x2000
+    words[0] = 0b010; // page 0x1000 known dirty before the pause
+    frame(
+        &mut s,
+        Command::PostcopyPrepare,
+        &protocol::encode_bitmap(&words),
+    );
+    words[0] = 0b110; // and 0x2000 dirtied since
     frame(
         &mut s,
         Command::PostcopyStart,

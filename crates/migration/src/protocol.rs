@@ -60,6 +60,8 @@
 //!     participant S as source VMM
 //!     participant D as destination VMM
 //!     S->>D: (second connection) PostcopyChannel {migration id}
+//!     S->>D: PostcopyPrepare {bitmap of pages that will come again}
+//!     D-->>S: Ack (stale copies dropped, memory registered)
 //!     Note over S: pause guest, save vCPU+device state
 //!     S->>D: PostcopyStart {bitmap of pages still to come}, State
 //!     D-->>S: Ack (restored, paused; missing pages now fault)
@@ -127,6 +129,9 @@ pub enum Command {
     PageRequest = 11,
     /// Post-copy: every page has been sent.
     PostcopyDone = 12,
+    /// Post-copy, before the pause: pages that will come again (dirtied since sent), so the
+    /// destination can drop its stale copies while the guest still runs here. Acked.
+    PostcopyPrepare = 13,
     Ack = 64,
 }
 
@@ -145,6 +150,7 @@ impl Command {
             10 => Command::PostcopyChannel,
             11 => Command::PageRequest,
             12 => Command::PostcopyDone,
+            13 => Command::PostcopyPrepare,
             64 => Command::Ack,
             _ => return None,
         })
@@ -161,7 +167,7 @@ impl Command {
             | Command::PostcopyDone
             | Command::Ack => 64 << 10,
             // One bit per page of up to 1 TiB of guest-physical space.
-            Command::PostcopyStart => MAX_BITMAP_BYTES as u64,
+            Command::PostcopyStart | Command::PostcopyPrepare => MAX_BITMAP_BYTES as u64,
             Command::PageRequest => (4 + MAX_PAGES_PER_MESSAGE * 8) as u64,
             Command::Config => 1 << 20,
             Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
@@ -418,6 +424,8 @@ pub enum ReceiverState {
     AwaitConfig,
     Memory,
     AwaitCommit,
+    /// Post-copy prepared: the pause and `PostcopyStart` come next.
+    PostcopyPrepared,
     /// Post-copy announced: the state comes next.
     AwaitPostcopyState,
     /// Post-copy: restored, waiting for Commit.
@@ -434,6 +442,7 @@ impl ReceiverState {
             ReceiverState::AwaitConfig => "waiting for Config",
             ReceiverState::Memory => "receiving memory",
             ReceiverState::AwaitCommit => "waiting for Commit",
+            ReceiverState::PostcopyPrepared => "waiting for PostcopyStart",
             ReceiverState::AwaitPostcopyState => "waiting for the post-copy State",
             ReceiverState::AwaitPostcopyCommit => "waiting for the post-copy Commit",
             ReceiverState::Postcopy => "in post-copy",
@@ -453,7 +462,8 @@ impl ReceiverState {
             (S::Memory, C::Pages | C::RoundEnd) => S::Memory,
             (S::Memory, C::State) => S::AwaitCommit,
             (S::AwaitCommit, C::Commit) => S::Done,
-            (S::Memory, C::PostcopyStart) => S::AwaitPostcopyState,
+            (S::Memory, C::PostcopyPrepare) => S::PostcopyPrepared,
+            (S::Memory | S::PostcopyPrepared, C::PostcopyStart) => S::AwaitPostcopyState,
             (S::AwaitPostcopyState, C::State) => S::AwaitPostcopyCommit,
             (S::AwaitPostcopyCommit, C::Commit) => S::Postcopy,
             (S::Postcopy, C::Pages) => S::Postcopy,
@@ -752,6 +762,7 @@ mod tests {
             C::Config,
             C::Pages,
             C::RoundEnd,
+            C::PostcopyPrepare,
             C::PostcopyStart,
             C::State,
             C::Commit,
@@ -768,5 +779,11 @@ mod tests {
         assert!(ReceiverState::Postcopy.next(C::RoundEnd).is_err());
         assert!(ReceiverState::Memory.next(C::PostcopyDone).is_err());
         assert!(ReceiverState::Memory.next(C::PageRequest).is_err());
+        // Prepare is optional, once, and only before the pause.
+        assert!(ReceiverState::PostcopyPrepared.next(C::Pages).is_err());
+        assert!(ReceiverState::PostcopyPrepared
+            .next(C::PostcopyPrepare)
+            .is_err());
+        assert!(ReceiverState::Postcopy.next(C::PostcopyPrepare).is_err());
     }
 }

@@ -122,6 +122,15 @@ impl DirtyBitmap {
         })
     }
 
+    /// Add `other`'s dirty pages (a bitmap of the same memory).
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for ((_, mine), (_, theirs)) in self.regions.iter_mut().zip(&other.regions) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m |= t;
+            }
+        }
+    }
+
     /// Whether the page holding `gpa` is dirty.
     pub fn is_dirty(&self, gpa: u64) -> bool {
         self.regions.iter().any(|(start, words)| {
@@ -391,5 +400,11 @@ mod tests {
         assert_eq!(pages, vec![0, 2 * 4096, (1 << 32) + 63 * 4096]);
         assert!(b.is_dirty(2 * 4096 + 5));
         assert!(!b.is_dirty(4096));
+        let mut m = DirtyBitmap {
+            regions: vec![(0, vec![0b010, 0]), (1 << 32, vec![0])],
+        };
+        m.merge(&b);
+        assert_eq!(m.count(), 4);
+        assert!(m.is_dirty(4096) && m.is_dirty((1 << 32) + 63 * 4096));
     }
 }

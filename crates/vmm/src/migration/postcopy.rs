@@ -70,6 +70,14 @@ impl PageSet {
             .is_some_and(|w| w.load(Ordering::Acquire) & m != 0)
     }
 
+    /// Put `gpa`'s page in.
+    pub fn add(&self, gpa: u64) {
+        let (i, m) = Self::at(gpa);
+        if let Some(w) = self.words.get(i) {
+            w.fetch_or(m, Ordering::AcqRel);
+        }
+    }
+
     /// Take `gpa`'s page out; true if it was in.
     pub fn take(&self, gpa: u64) -> bool {
         let (i, m) = Self::at(gpa);
@@ -222,13 +230,33 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Get `mem` ready: forget the stale copies of the pages in `words` and have every access
-    /// to a missing page reported.
-    pub fn prepare(mem: &GuestMemory, words: &[u64]) -> Result<Incoming, std::io::Error> {
+    /// Post-copy state for `mem`: nothing missing yet, nothing registered.
+    pub fn new(mem: &GuestMemory) -> Result<Incoming, std::io::Error> {
         let uffd = Uffd::new()?;
         let regions = Regions::of(mem).map_err(std::io::Error::other)?;
-        let left = PageSet::from_words(words);
-        // Drop the stale pages in runs, so they fault on their next touch.
+        let words = (memory_end(mem) / PAGE_SIZE as u64).div_ceil(64) as usize;
+        Ok(Incoming {
+            uffd,
+            regions,
+            left: PageSet::from_words(&vec![0; words]),
+            stop: AtomicBool::new(false),
+            fetched: AtomicU64::new(0),
+            longest_wait_us: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+        })
+    }
+
+    /// Have every access to a missing page of guest memory reported.
+    pub fn register(&self) -> std::io::Result<()> {
+        for (_, len, host) in &self.regions.0 {
+            self.uffd.register(*host, *len)?;
+        }
+        Ok(())
+    }
+
+    /// The pages in `words` will come again: forget their stale copies (so they fault on
+    /// their next touch) and count them as missing. Returns how many were new.
+    pub fn discard(&self, words: &[u64]) -> std::io::Result<u64> {
         let mut run: Option<(u64, u64)> = None;
         let flush = |run: (u64, u64)| -> std::io::Result<()> {
             // SAFETY: the range lies inside guest memory this VMM mapped; its old contents
@@ -245,13 +273,21 @@ impl Incoming {
             }
             Ok(())
         };
+        let mut new = 0;
         for (i, w) in words.iter().enumerate() {
             let mut w = *w;
             while w != 0 {
                 let b = w.trailing_zeros() as u64;
                 w &= w - 1;
                 let gpa = (i as u64 * 64 + b) * PAGE_SIZE as u64;
-                let Some(h) = regions.host(gpa) else { continue };
+                let Some(h) = self.regions.host(gpa) else {
+                    continue;
+                };
+                if self.left.contains(gpa) {
+                    continue;
+                }
+                self.left.add(gpa);
+                new += 1;
                 run = match run {
                     Some((s, l)) if s + l == h => Some((s, l + PAGE_SIZE as u64)),
                     Some(r) => {
@@ -265,18 +301,7 @@ impl Incoming {
         if let Some(r) = run {
             flush(r)?;
         }
-        for (_, len, host) in &regions.0 {
-            uffd.register(*host, *len)?;
-        }
-        Ok(Incoming {
-            uffd,
-            regions,
-            left,
-            stop: AtomicBool::new(false),
-            fetched: AtomicU64::new(0),
-            longest_wait_us: AtomicU64::new(0),
-            pushed: AtomicU64::new(0),
-        })
+        Ok(new)
     }
 
     /// Put a page from the stream in place (`None`: a zero page), then mark it arrived.

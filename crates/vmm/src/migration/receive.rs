@@ -496,6 +496,8 @@ fn receive_on(
     let mut vm: Option<Vm> = None;
     let mut pages = 0u64;
     let mut post: Option<PostcopyRx> = None;
+    // Post-copy prepared before the pause: stale pages dropped, memory registered.
+    let mut prepared_pc: Option<Arc<Incoming>> = None;
     let zero = [0u8; PAGE_SIZE];
     // Pages that hold data from the stream (one bit per guest-physical page).
     let mut written: Vec<u64> = Vec::new();
@@ -619,6 +621,24 @@ fn receive_on(
                 }
                 pages += n as u64;
             }
+            Command::PostcopyPrepare => {
+                let m = mem
+                    .as_ref()
+                    .ok_or(ProtocolError::Truncated)
+                    .map_err(ReceiveError::from)?;
+                let words = protocol::decode_bitmap(&frame.payload, postcopy::memory_end(m))
+                    .map_err(ReceiveError::from)?;
+                let t_prep = Instant::now();
+                let i = Incoming::new(m).map_err(ReceiveError::Postcopy)?;
+                let n = i.discard(&words).map_err(ReceiveError::Postcopy)?;
+                i.register().map_err(ReceiveError::Postcopy)?;
+                tracing::debug!(
+                    "post-copy prepared: {n} stale pages dropped, memory registered in {:?}",
+                    t_prep.elapsed()
+                );
+                prepared_pc = Some(Arc::new(i));
+                ack(t, true, String::new()).map_err(ReceiveError::from)?;
+            }
             Command::PostcopyStart => {
                 let m = mem
                     .as_ref()
@@ -635,8 +655,20 @@ fn receive_on(
                     .2
                     .recv_timeout(CHANNEL_WAIT)
                     .map_err(|_| ReceiveError::NoPageChannel(CHANNEL_WAIT))?;
-                let incoming =
-                    Arc::new(Incoming::prepare(m, &words).map_err(ReceiveError::Postcopy)?);
+                let t_prep = Instant::now();
+                let incoming = match prepared_pc.take() {
+                    Some(i) => i,
+                    None => {
+                        let i = Incoming::new(m).map_err(ReceiveError::Postcopy)?;
+                        i.register().map_err(ReceiveError::Postcopy)?;
+                        Arc::new(i)
+                    }
+                };
+                let late = incoming.discard(&words).map_err(ReceiveError::Postcopy)?;
+                tracing::debug!(
+                    "post-copy: {late} more stale pages dropped in {:?}",
+                    t_prep.elapsed()
+                );
                 log(&format!(
                     "post-copy: {} pages follow after the guest starts here",
                     incoming.left.count()

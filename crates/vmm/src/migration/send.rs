@@ -51,6 +51,9 @@ use crate::memory::{self, GuestMemory};
 const MAX_ROUNDS: u32 = 40;
 /// The most of a vCPU's time auto-converge takes away, in percent.
 const MAX_THROTTLE: u32 = 95;
+/// `auto` goes post-copy when the guest dirties memory at this share of the link's speed or
+/// more: pre-copy would then take over three times as long as post-copy.
+const POSTCOPY_RATIO: f64 = 2.0 / 3.0;
 /// A pause this short is not worth another round.
 const SMALL_PAUSE_MS: f64 = 2.0;
 /// Before the pause, wait until at most this much of what was sent is still on its way.
@@ -62,6 +65,9 @@ const MAX_DRAIN: Duration = Duration::from_secs(1);
 const PUSH_IN_FLIGHT: u64 = 1 << 20;
 /// Pages per background `Pages` message in post-copy.
 const PUSH_BATCH: usize = 128;
+/// While a round is under way, look at the dirty log this often, to skip pages that will have
+/// to go again anyway (about 1.6 ms per GiB when all is dirty).
+const RESYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// Everything the sending thread needs.
 pub struct SendCtx {
@@ -119,6 +125,10 @@ struct Outgoing<'a> {
     last_push: Instant,
     /// Pages found dirty in the last round, sent during the pause.
     pending: Option<memory::DirtyBitmap>,
+    /// Pages found dirty again while a round is under way: they go next round, so the round
+    /// skips them (no point sending a page twice in a row).
+    redirtied: Option<memory::DirtyBitmap>,
+    last_sync: Instant,
     tls: Option<MigrationTls>,
     /// The protocol version the destination speaks (from its answer to Start).
     peer_version: u32,
@@ -215,8 +225,25 @@ impl Outgoing<'_> {
         let mut count = 0u64;
         let mut pages = pages.peekable();
         while pages.peek().is_some() {
+            if !self.paused && self.last_sync.elapsed() >= RESYNC_EVERY {
+                self.last_sync = Instant::now();
+                let d = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
+                match &mut self.redirtied {
+                    Some(r) => r.merge(&d),
+                    None => self.redirtied = Some(d),
+                }
+            }
             batch.clear();
-            batch.extend(pages.by_ref().take(protocol::MAX_PAGES_PER_MESSAGE));
+            let skip = self.redirtied.as_ref().filter(|_| !self.paused);
+            batch.extend(
+                pages
+                    .by_ref()
+                    .filter(|g| !skip.is_some_and(|r| r.is_dirty(*g)))
+                    .take(protocol::MAX_PAGES_PER_MESSAGE),
+            );
+            if batch.is_empty() {
+                break;
+            }
             self.write_pages(&batch)?;
             count += batch.len() as u64;
             let n = batch.len() as u64;
@@ -270,7 +297,11 @@ impl Outgoing<'_> {
         loop {
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
             let bw = (self.t.bytes_sent() - round_bytes_start) as f64 / secs; // bytes/s
-            let dirty = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
+            let mut dirty = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
+            if let Some(r) = self.redirtied.take() {
+                dirty.merge(&r);
+            }
+            self.last_sync = Instant::now();
             let n = dirty.count();
             let expected_ms = n as f64 * (PAGE_SIZE as f64 + 8.0) / bw.max(1.0) * 1000.0;
             self.ctx.update(|p| {
@@ -314,16 +345,37 @@ impl Outgoing<'_> {
                 self.resend_later(dirty);
                 break;
             }
-            if s.mode == MigrationMode::Auto && can_postcopy && stalled && throttle == 0 {
-                // Pre-copy would now have to slow the guest down to finish: post-copy moves it
-                // at full speed instead, fetching what it touches.
-                postcopy = Some(format!(
-                    "pre-copy stalled: {n} pages still dirty after round {round} (was {}), \
-                     {expected_ms:.0} ms to send at {:.0} Mbit/s, over the {} ms budget",
-                    prev_dirty.unwrap_or_default(),
-                    bw * 8.0 / 1e6,
-                    s.downtime_ms
-                ));
+            // Forecast: the rest shrinks by the ratio of the dirty rate to the link's each
+            // round, so pre-copy needs about expected / (1 - ratio) more; post-copy sends the
+            // rest once.
+            let ratio = n as f64 * (PAGE_SIZE as f64 + 8.0) / secs / bw.max(1.0);
+            let slow = ratio >= POSTCOPY_RATIO;
+            if s.mode == MigrationMode::Auto && can_postcopy && (stalled || slow) && throttle == 0 {
+                // Pre-copy would take several times as long as post-copy, or have to slow the
+                // guest down to finish at all: post-copy moves it at full speed instead,
+                // fetching what it touches.
+                postcopy = Some(if stalled {
+                    format!(
+                        "pre-copy stalled: {n} pages still dirty after round {round} (was {}), \
+                         {expected_ms:.0} ms to send at {:.0} Mbit/s, over the {} ms budget",
+                        prev_dirty.unwrap_or_default(),
+                        bw * 8.0 / 1e6,
+                        s.downtime_ms
+                    )
+                } else {
+                    format!(
+                        "pre-copy would be slow: the guest dirties memory at {:.0}% of the link's \
+                         {:.0} Mbit/s, so the {n} pages left after round {round} would take {} \
+                         more rounds, post-copy {expected_ms:.0} ms",
+                        ratio * 100.0,
+                        bw * 8.0 / 1e6,
+                        if ratio < 1.0 {
+                            format!("~{:.0} ms in", expected_ms / (1.0 - ratio))
+                        } else {
+                            "ever".into()
+                        }
+                    )
+                });
                 self.resend_later(dirty);
                 break;
             }
@@ -479,6 +531,20 @@ impl Outgoing<'_> {
         protocol::write_frame(&mut pc, Command::PostcopyChannel, &protocol::json(&hello))?;
         std::io::Write::flush(&mut pc).map_err(ProtocolError::from)?;
         let pc_socket = pc.socket().map_err(ProtocolError::from)?;
+        // The pages known to come again: the destination drops its stale copies now, while
+        // the guest still runs here, not during the pause.
+        if let Some(d) = &self.pending {
+            let known = super::postcopy::PageSet::of(
+                d.pages(),
+                super::postcopy::memory_end(&self.ctx.memory),
+            );
+            protocol::write_frame(
+                &mut self.t,
+                Command::PostcopyPrepare,
+                &protocol::encode_bitmap(&known.words()),
+            )?;
+            self.expect_ack()?;
+        }
 
         let waited = self
             .t
@@ -494,6 +560,10 @@ impl Outgoing<'_> {
         let CallReply::State(state) = self.ctx.call(MigrationCall::SaveState)? else {
             return Err(SendError::Vm("save its state".into()));
         };
+        tracing::debug!(
+            "post-copy switch-over: paused and saved at {:?}",
+            pause_at.elapsed()
+        );
         let mut left: Vec<u64> = self
             .pending
             .take()
@@ -772,6 +842,8 @@ pub fn run(mut ctx: SendCtx) {
                 commit_sent: false,
                 last_push: Instant::now(),
                 pending: None,
+                redirtied: None,
+                last_sync: Instant::now(),
                 tls: tls.clone(),
                 peer_version: protocol::MIN_PROTOCOL_VERSION,
             };
