@@ -238,7 +238,11 @@ pub fn valid_stream() -> Vec<u8> {
     frame(
         &mut s,
         Command::RoundEnd,
-        &protocol::json(&RoundInfo { round: 0, pages: 2 }),
+        &protocol::json(&RoundInfo {
+            round: 0,
+            pages: 2,
+            ack: false,
+        }),
     );
     let state = serde_json::json!({"vcpus": [{"regs": [1, 2, 3]}], "devices": {"serial": "x"}});
     let env = Envelope::MigrationState.encode(&state).expect("encode");

@@ -297,6 +297,11 @@ pub const ANSWER_UNKNOWN: &str = "unknown";
 pub struct RoundInfo {
     pub round: u32,
     pub pages: u64,
+    /// Version 3: answer with an Ack once everything before this message is in guest memory
+    /// (the source waits for that before it pauses, so the pause does not wait behind the
+    /// destination's receive backlog).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ack: bool,
 }
 
 /// `Ack`: the answer to Start, Config, State and Commit.

@@ -693,10 +693,14 @@ fn receive_on(
             }
             Command::RoundEnd => {
                 let r: RoundInfo = protocol::parse(&frame).map_err(ReceiveError::from)?;
-                log(&format!(
-                    "round {}: {} pages received so far, {} dirty",
-                    r.round, pages, r.pages
-                ));
+                if r.ack {
+                    ack(t, true, String::new()).map_err(ReceiveError::from)?;
+                } else {
+                    log(&format!(
+                        "round {}: {} pages received so far, {} dirty",
+                        r.round, pages, r.pages
+                    ));
+                }
             }
             Command::State => {
                 let (snap, _): (Snapshot, u32) = Envelope::MigrationState

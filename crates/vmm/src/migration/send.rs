@@ -315,7 +315,11 @@ impl Outgoing<'_> {
             protocol::write_frame(
                 &mut self.t,
                 Command::RoundEnd,
-                &protocol::json(&RoundInfo { round, pages: n }),
+                &protocol::json(&RoundInfo {
+                    round,
+                    pages: n,
+                    ack: false,
+                }),
             )?;
             if s.mode == MigrationMode::Postcopy {
                 postcopy = Some(format!(
@@ -448,7 +452,22 @@ impl Outgoing<'_> {
             .t
             .wait_delivered(DRAINED_BYTES, MAX_DRAIN)
             .map_err(ProtocolError::from)?;
-        tracing::debug!("switch-over: send queue drained in {waited:?}");
+        let caught_up = Instant::now();
+        if self.peer_version >= protocol::POSTCOPY_VERSION {
+            // Wait until the destination has taken in all of it, not only its kernel: on a
+            // fast link it may still be copying megabytes into guest memory.
+            let r = RoundInfo {
+                round: u32::MAX,
+                pages: 0,
+                ack: true,
+            };
+            protocol::write_frame(&mut self.t, Command::RoundEnd, &protocol::json(&r))?;
+            self.expect_ack()?;
+        }
+        tracing::debug!(
+            "switch-over: send queue drained in {waited:?}, the destination caught up {:?} later",
+            caught_up.elapsed()
+        );
         self.check()?;
         self.ctx.update(|p| {
             p.phase = MigrationPhase::Switchover;
