@@ -477,6 +477,18 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
     Ok(())
 }
 
+/// Guest memory and the page bitmap of a `PostcopyPrepare` or `PostcopyStart`.
+fn postcopy_bitmap<'a>(
+    mem: Option<&'a GuestMemory>,
+    frame: &Frame,
+) -> Result<(&'a GuestMemory, Vec<u64>), ReceiveError> {
+    let m = mem.ok_or(ProtocolError::Truncated)?;
+    Ok((
+        m,
+        protocol::decode_bitmap(&frame.payload, postcopy::memory_end(m))?,
+    ))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn receive_on(
     t: &mut Transport,
@@ -622,12 +634,7 @@ fn receive_on(
                 pages += n as u64;
             }
             Command::PostcopyPrepare => {
-                let m = mem
-                    .as_ref()
-                    .ok_or(ProtocolError::Truncated)
-                    .map_err(ReceiveError::from)?;
-                let words = protocol::decode_bitmap(&frame.payload, postcopy::memory_end(m))
-                    .map_err(ReceiveError::from)?;
+                let (m, words) = postcopy_bitmap(mem.as_ref(), &frame)?;
                 let t_prep = Instant::now();
                 let i = Incoming::new(m).map_err(ReceiveError::Postcopy)?;
                 let n = i.discard(&words).map_err(ReceiveError::Postcopy)?;
@@ -640,12 +647,7 @@ fn receive_on(
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }
             Command::PostcopyStart => {
-                let m = mem
-                    .as_ref()
-                    .ok_or(ProtocolError::Truncated)
-                    .map_err(ReceiveError::from)?;
-                let words = protocol::decode_bitmap(&frame.payload, postcopy::memory_end(m))
-                    .map_err(ReceiveError::from)?;
+                let (m, words) = postcopy_bitmap(mem.as_ref(), &frame)?;
                 let channel = rx
                     .channel
                     .as_ref()
