@@ -137,8 +137,11 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
                 assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
                 return Ok(got);
             }
-            Command::PostcopyChannel | Command::PageRequest => {
-                panic!("the state machine accepted a page-connection message on the main one")
+            Command::PostcopyChannel
+            | Command::PageRequest
+            | Command::PostcopyResume
+            | Command::PostcopyMissing => {
+                panic!("the state machine accepted a connection-opening or page-connection message mid-stream")
             }
             Command::Cancel => {
                 assert_eq!(state, ReceiverState::Done);

@@ -83,7 +83,22 @@
 //! Versioning: `Start` carries the protocol version; a receiver accepts its own and the one
 //! before it ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`]). Version 2 added the migration id
 //! and `Query`; a version-1 source sends no id (the receiver then makes one up). Version 3
-//! added post-copy; a version-2 source never uses it.
+//! added post-copy; a version-2 source never uses it. Version 4 added post-copy recovery: a
+//! connection that breaks during post-copy is made again by the source (`PostcopyResume` on a
+//! new connection, answered with `PostcopyMissing`, the bitmap of pages the destination still
+//! lacks, then a new page connection), within the time `ChannelInfo::recovery_ms` names.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source VMM
+//!     participant D as destination VMM
+//!     Note over S,D: post-copy under way; both connections break
+//!     Note over D: guest waits on its missing pages
+//!     S->>D: (new connection) PostcopyResume {migration id}
+//!     D-->>S: PostcopyMissing {bitmap of pages still to come}
+//!     S->>D: (new second connection) PostcopyChannel {migration id}
+//!     Note over S,D: page requests and the push go on
+//! ```
 
 use std::io::{self, Read, Write};
 
@@ -94,11 +109,13 @@ pub const MAGIC: u32 = 0x4749_4d46;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The oldest version it accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// The first version with post-copy.
 pub const POSTCOPY_VERSION: u32 = 3;
+/// The first version whose post-copy survives a broken connection.
+pub const RECOVERY_VERSION: u32 = 4;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` message.
@@ -132,6 +149,11 @@ pub enum Command {
     /// Post-copy, before the pause: pages that will come again (dirtied since sent), so the
     /// destination can drop its stale copies while the guest still runs here. Acked.
     PostcopyPrepare = 13,
+    /// Post-copy recovery: the first message of a connection that replaces a broken one.
+    PostcopyResume = 14,
+    /// Post-copy recovery, the destination's answer to `PostcopyResume`: the bitmap of pages
+    /// it still lacks.
+    PostcopyMissing = 15,
     Ack = 64,
 }
 
@@ -151,6 +173,8 @@ impl Command {
             11 => Command::PageRequest,
             12 => Command::PostcopyDone,
             13 => Command::PostcopyPrepare,
+            14 => Command::PostcopyResume,
+            15 => Command::PostcopyMissing,
             64 => Command::Ack,
             _ => return None,
         })
@@ -165,9 +189,12 @@ impl Command {
             | Command::Query
             | Command::PostcopyChannel
             | Command::PostcopyDone
+            | Command::PostcopyResume
             | Command::Ack => 64 << 10,
             // One bit per page of up to 1 TiB of guest-physical space.
-            Command::PostcopyStart | Command::PostcopyPrepare => MAX_BITMAP_BYTES as u64,
+            Command::PostcopyStart | Command::PostcopyPrepare | Command::PostcopyMissing => {
+                MAX_BITMAP_BYTES as u64
+            }
             Command::PageRequest => (4 + MAX_PAGES_PER_MESSAGE * 8) as u64,
             Command::Config => 1 << 20,
             Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
@@ -487,6 +514,10 @@ impl ReceiverState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelInfo {
     pub migration_id: String,
+    /// Version 4: how long (ms) both sides wait for a broken post-copy connection to be made
+    /// again before they give up; unset or 0: no recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_ms: Option<u64>,
 }
 
 /// Encode a page bitmap (bit `n` = the page at `n * PAGE_SIZE`) as little-endian words.
@@ -790,5 +821,24 @@ mod tests {
             .next(C::PostcopyPrepare)
             .is_err());
         assert!(ReceiverState::Postcopy.next(C::PostcopyPrepare).is_err());
+        // Recovery messages open a connection; they never come in the middle of one.
+        for st in [ReceiverState::Memory, ReceiverState::Postcopy] {
+            assert!(st.next(C::PostcopyResume).is_err());
+            assert!(st.next(C::PostcopyMissing).is_err());
+        }
+    }
+
+    #[test]
+    fn recovery_messages_round_trip_and_older_channels_mean_no_recovery() {
+        let mut b = Vec::new();
+        write_frame(&mut b, Command::PostcopyMissing, &encode_bitmap(&[5, 0])).unwrap();
+        let f = read_frame(&mut &b[..]).unwrap().unwrap();
+        assert_eq!(f.command, Command::PostcopyMissing);
+        assert_eq!(
+            decode_bitmap(&f.payload, 128 * PAGE_SIZE as u64).unwrap(),
+            [5, 0]
+        );
+        let old: ChannelInfo = serde_json::from_str(r#"{"migration_id":"m"}"#).unwrap();
+        assert_eq!(old.recovery_ms, None);
     }
 }
