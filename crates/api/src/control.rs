@@ -225,6 +225,10 @@ pub struct MigrateSettings {
     pub tls: Option<MigrationTls>,
     #[serde(default)]
     pub mode: MigrationMode,
+    /// Post-copy: how long (s) both sides wait for a broken connection to come back before
+    /// they give up (the guest waits meanwhile); 0 = give up at once.
+    #[serde(default = "default_recovery")]
+    pub postcopy_recovery_s: u64,
 }
 
 /// How a VMM secures a migration stream.
@@ -244,6 +248,10 @@ fn default_timeout() -> u64 {
     600
 }
 
+fn default_recovery() -> u64 {
+    60
+}
+
 impl MigrateSettings {
     /// Settings with the defaults (300 ms downtime budget, no cap, 10 min, cancel on timeout).
     pub fn to(addr: impl Into<String>) -> Self {
@@ -256,6 +264,7 @@ impl MigrateSettings {
             migration_id: String::new(),
             tls: None,
             mode: MigrationMode::Auto,
+            postcopy_recovery_s: default_recovery(),
         }
     }
 }
@@ -319,4 +328,11 @@ pub struct MigrationProgress {
     /// Post-copy: pages the destination's guest asked for on demand.
     #[serde(default)]
     pub postcopy_pages_requested: u64,
+    /// Post-copy: how many times a broken connection was made again.
+    #[serde(default)]
+    pub postcopy_recoveries: u32,
+    /// Post-copy: the connection is broken and the source is making it again (the guest on
+    /// the destination waits for its missing pages meanwhile).
+    #[serde(default)]
+    pub postcopy_reconnecting: bool,
 }

@@ -577,6 +577,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         // Daemon-driven moves stay pre-copy until `ferry move --mode` and the daemons' side
         // of post-copy (ownership while pages still flow, disk mirrors) are built and tested.
         mode: ferry_api::MigrationMode::Precopy,
+        postcopy_recovery_s: 0,
     };
     let stream = vmm::open(
         &api,
