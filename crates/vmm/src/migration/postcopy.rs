@@ -49,6 +49,13 @@ impl PageSet {
         PageSet::from_words(&w)
     }
 
+    /// Make the set exactly `words` (the destination's own list, after a recovery).
+    pub fn replace(&self, words: &[u64]) {
+        for (i, w) in self.words.iter().enumerate() {
+            w.store(words.get(i).copied().unwrap_or(0), Ordering::Release);
+        }
+    }
+
     /// The words, for the wire.
     pub fn words(&self) -> Vec<u64> {
         self.words
@@ -227,6 +234,8 @@ pub struct Incoming {
     pub fetched: AtomicU64,
     pub longest_wait_us: AtomicU64,
     pub pushed: AtomicU64,
+    /// Broken connections made again.
+    pub recoveries: AtomicU64,
 }
 
 impl Incoming {
@@ -243,6 +252,7 @@ impl Incoming {
             fetched: AtomicU64::new(0),
             longest_wait_us: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
         })
     }
 
@@ -336,51 +346,76 @@ impl Incoming {
     }
 
     /// Serve faults until every page has arrived and `stop` is set, fetching what the guest
-    /// waits for over `t`. Returns an error if the page connection fails.
-    pub fn serve_faults(&self, mut t: Transport, mem: &GuestMemory) -> Result<(), ProtocolError> {
+    /// waits for over `t`. When the page connection breaks, `relink` gives its replacement
+    /// (or `None`: give up), and the pages still waited for are asked for again.
+    pub fn serve_faults(
+        &self,
+        mut t: Transport,
+        mem: &GuestMemory,
+        mut relink: impl FnMut(&ProtocolError) -> Option<Transport>,
+    ) -> Result<(), ProtocolError> {
         let mut faults = Vec::new();
-        let mut want = Vec::new();
+        // Asked for and not yet here.
+        let mut want: Vec<u64> = Vec::new();
+        let mut t0 = Instant::now();
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            self.uffd.faults(50, &mut faults)?;
-            want.clear();
-            let t0 = Instant::now();
-            for h in &faults {
-                let Some(gpa) = self.regions.gpa(*h) else {
-                    continue;
-                };
-                if self.left.contains(gpa) {
-                    if !want.contains(&gpa) && want.len() < protocol::MAX_PAGES_PER_MESSAGE {
-                        want.push(gpa);
+            if want.is_empty() {
+                self.uffd.faults(50, &mut faults)?;
+                t0 = Instant::now();
+                for h in &faults {
+                    let Some(gpa) = self.regions.gpa(*h) else {
+                        continue;
+                    };
+                    if self.left.contains(gpa) {
+                        if !want.contains(&gpa) && want.len() < protocol::MAX_PAGES_PER_MESSAGE {
+                            want.push(gpa);
+                        }
+                    } else {
+                        // Never sent (zero on the source), or it arrived meanwhile.
+                        self.uffd.zero(*h, PAGE_SIZE as u64)?;
                     }
-                } else {
-                    // Never sent (zero on the source), or it arrived meanwhile.
-                    self.uffd.zero(*h, PAGE_SIZE as u64)?;
+                }
+                if want.is_empty() {
+                    continue;
                 }
             }
-            if want.is_empty() {
-                continue;
+            match self.fetch(&mut t, &want, mem) {
+                Ok(n) => {
+                    let us = t0.elapsed().as_micros() as u64;
+                    self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+                    self.longest_wait_us.fetch_max(us, Ordering::Relaxed);
+                    want.clear();
+                }
+                Err(e @ (ProtocolError::Io(_) | ProtocolError::Truncated)) => {
+                    t = relink(&e).ok_or(e)?;
+                    // What arrived meanwhile (pushed) is in place and its waiters woken.
+                    want.retain(|g| self.left.contains(*g));
+                }
+                Err(e) => return Err(e),
             }
-            protocol::write_frame(
-                &mut t,
-                Command::PageRequest,
-                &protocol::encode_request(&want),
-            )?;
-            t.flush()?;
-            let f = protocol::read_frame(&mut t)?.ok_or(ProtocolError::Truncated)?;
-            if f.command != Command::Pages {
-                return Err(ProtocolError::OutOfOrder {
-                    got: f.command,
-                    state: "waiting for requested pages",
-                });
-            }
-            let n = self.place_all(&f.payload, mem)?;
-            let us = t0.elapsed().as_micros() as u64;
-            self.fetched.fetch_add(n as u64, Ordering::Relaxed);
-            self.longest_wait_us.fetch_max(us, Ordering::Relaxed);
         }
+    }
+
+    /// Ask for `want` on `t` and place the answer.
+    fn fetch(
+        &self,
+        t: &mut Transport,
+        want: &[u64],
+        mem: &GuestMemory,
+    ) -> Result<usize, ProtocolError> {
+        protocol::write_frame(t, Command::PageRequest, &protocol::encode_request(want))?;
+        t.flush()?;
+        let f = protocol::read_frame(t)?.ok_or(ProtocolError::Truncated)?;
+        if f.command != Command::Pages {
+            return Err(ProtocolError::OutOfOrder {
+                got: f.command,
+                state: "waiting for requested pages",
+            });
+        }
+        self.place_all(&f.payload, mem)
     }
 
     /// Stop reporting faults (every page is here).

@@ -9,10 +9,11 @@
 //! had restored the state when its source went away keeps answering "aborted" for a while before
 //! it exits, so a source in doubt learns it at once.
 
-use std::net::TcpListener;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api::{Outcome, VmConfig};
@@ -63,6 +64,8 @@ pub enum ReceiveError {
     Postcopy(#[source] std::io::Error),
     #[error("the source's post-copy page connection did not arrive within {0:?}")]
     NoPageChannel(Duration),
+    #[error("the connection broke ({first}) and the source did not come back within {limit:?}")]
+    NotRecovered { limit: Duration, first: String },
 }
 
 /// Where the receiver listens.
@@ -110,7 +113,7 @@ fn accept_page_channel(
     record: OutcomeRecord,
     id: String,
     stop: Arc<AtomicBool>,
-    found: mpsc::Sender<Transport>,
+    found: mpsc::Sender<(Transport, ChannelInfo)>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         let s = match listener.accept() {
@@ -135,7 +138,7 @@ fn accept_page_channel(
             Command::PostcopyChannel => match protocol::parse::<ChannelInfo>(&f) {
                 Ok(c) if c.migration_id == id => {
                     t.set_io_timeout(super::transport::IO_TIMEOUT);
-                    let _ = found.send(t);
+                    let _ = found.send((t, c));
                     return;
                 }
                 _ => tracing::warn!("refused a page connection for another move"),
@@ -149,6 +152,85 @@ fn accept_page_channel(
 struct PostcopyRx {
     incoming: Arc<Incoming>,
     faults: Option<std::thread::JoinHandle<Result<(), ProtocolError>>>,
+    relinks: Arc<Relinks>,
+}
+
+/// Post-copy recovery on the destination: where the replacements of broken connections
+/// arrive (the listener's thread hands them over), and the sockets they replace.
+struct Relinks {
+    id: String,
+    /// How long a broken connection is waited for; zero: not at all.
+    limit: Duration,
+    main: Mutex<Option<TcpStream>>,
+    pages: Mutex<Option<TcpStream>>,
+    main_tx: Mutex<mpsc::Sender<Transport>>,
+    main_rx: Mutex<mpsc::Receiver<Transport>>,
+    pages_tx: Mutex<mpsc::Sender<Transport>>,
+    pages_rx: Mutex<mpsc::Receiver<Transport>>,
+    /// Every page is here and the source was told.
+    done: AtomicBool,
+}
+
+impl Relinks {
+    fn new(id: String, limit: Duration) -> Relinks {
+        let (main_tx, main_rx) = mpsc::channel();
+        let (pages_tx, pages_rx) = mpsc::channel();
+        Relinks {
+            id,
+            limit,
+            main: Mutex::new(None),
+            pages: Mutex::new(None),
+            main_tx: Mutex::new(main_tx),
+            main_rx: Mutex::new(main_rx),
+            pages_tx: Mutex::new(pages_tx),
+            pages_rx: Mutex::new(pages_rx),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// Remember `t` as the current connection of its kind.
+    fn track(slot: &Mutex<Option<TcpStream>>, t: &Transport) {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = t.socket().ok();
+    }
+
+    /// A replacement arrived: close the connection it replaces (which may hang on a silent
+    /// link) and hand it over.
+    fn arrived(slot: &Mutex<Option<TcpStream>>, tx: &Mutex<mpsc::Sender<Transport>>, t: Transport) {
+        if let Some(old) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(t);
+    }
+
+    /// Wait for the replacement of a broken connection, up to the limit; `None` past it, or
+    /// when `give_up` says so.
+    fn wait(
+        &self,
+        what: &str,
+        e: &ProtocolError,
+        rx: &Mutex<mpsc::Receiver<Transport>>,
+        slot: &Mutex<Option<TcpStream>>,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Transport> {
+        if self.limit.is_zero() {
+            return None;
+        }
+        eprintln!(
+            "ferry: post-copy: the {what} connection to the source broke ({e}); the guest waits \
+             for its missing pages; waiting up to {} s for the source to reconnect",
+            self.limit.as_secs()
+        );
+        let deadline = Instant::now() + self.limit;
+        let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        while Instant::now() < deadline && !give_up() {
+            if let Ok(t) = rx.recv_timeout(Duration::from_millis(100)) {
+                Relinks::track(slot, &t);
+                eprintln!("ferry: post-copy: the source reconnected ({what} connection)");
+                return Some(t);
+            }
+        }
+        None
+    }
 }
 
 impl Drop for PostcopyRx {
@@ -194,12 +276,13 @@ fn answer_query(t: &mut Transport, f: &Frame, record: &OutcomeRecord) -> Option<
     Some(q.migration_id)
 }
 
-/// Serve queries about a move on `listener` (blocking) until `until` says stop.
-fn serve_queries(
+/// After the commit: answer queries about the move on `listener`, and in post-copy take the
+/// source's replacements of broken connections.
+fn serve_after_commit(
     listener: &TcpListener,
     record: &OutcomeRecord,
     tls: Option<&MigrationTls>,
-    mut until: impl FnMut(&str) -> bool,
+    relinks: Option<Arc<Relinks>>,
 ) {
     let _ = listener.set_nonblocking(false);
     for s in listener.incoming() {
@@ -209,14 +292,48 @@ fn serve_queries(
             continue;
         };
         t.set_io_timeout(Duration::from_secs(3));
-        if let Ok(Some(f)) = protocol::read_frame(&mut t) {
-            if f.command == Command::Query {
-                if let Some(id) = answer_query(&mut t, &f, record) {
-                    if until(&id) {
-                        return;
-                    }
+        let Ok(Some(f)) = protocol::read_frame(&mut t) else {
+            continue;
+        };
+        match (f.command, &relinks) {
+            (Command::Query, _) => {
+                answer_query(&mut t, &f, record);
+            }
+            (Command::PostcopyResume | Command::PostcopyChannel, Some(r))
+                if protocol::parse::<ChannelInfo>(&f).is_ok_and(|c| c.migration_id == r.id) =>
+            {
+                t.set_io_timeout(super::transport::IO_TIMEOUT);
+                let done = r.done.load(Ordering::SeqCst);
+                match f.command {
+                    Command::PostcopyResume if done => finish_again(t),
+                    Command::PostcopyResume => Relinks::arrived(&r.main, &r.main_tx, t),
+                    _ if done => {}
+                    _ => Relinks::arrived(&r.pages, &r.pages_tx, t),
                 }
             }
+            (Command::PostcopyResume, _) => {
+                let _ = ack(
+                    &mut t,
+                    false,
+                    "no post-copy of that move is under way here".into(),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A source that missed the last acknowledgement of a finished post-copy resumes it: nothing
+/// is missing; acknowledge its `PostcopyDone` again.
+fn finish_again(mut t: Transport) {
+    let none = protocol::encode_bitmap(&[]);
+    if protocol::write_frame(&mut t, Command::PostcopyMissing, &none).is_err() || t.flush().is_err()
+    {
+        return;
+    }
+    if let Ok(Some(f)) = protocol::read_frame(&mut t) {
+        if f.command == Command::PostcopyDone {
+            let _ = ack(&mut t, true, String::new());
         }
     }
 }
@@ -271,6 +388,14 @@ pub fn receive(
                         answer_query(&mut t, &f, &record);
                         continue;
                     }
+                    Ok(f) if f.command == Command::PostcopyResume => {
+                        let _ = ack(
+                            &mut t,
+                            false,
+                            "this receiver has no post-copy under way".into(),
+                        );
+                        continue;
+                    }
                     Ok(f) => {
                         log(&format!("source {peer} connected"));
                         break (t, f);
@@ -316,6 +441,7 @@ pub fn receive(
     }
     match result {
         Ok((mut vm, pc)) => {
+            let relinks = pc.as_ref().map(|p| p.relinks.clone());
             if let Some(pc) = pc {
                 let fail = vm.failure_sender();
                 let mem = vm.memory().clone();
@@ -344,7 +470,7 @@ pub fn receive(
                 .name("migrate-query".into())
                 .spawn({
                     let tls = ropts.tls.clone();
-                    move || serve_queries(&listener, &record, tls.as_ref(), |_| false)
+                    move || serve_after_commit(&listener, &record, tls.as_ref(), relinks)
                 })
             {
                 vm.keep_query_server(t);
@@ -394,6 +520,9 @@ pub fn receive(
     }
 }
 
+/// Where the source's post-copy page connection arrives, with its hello.
+type PageChannels = mpsc::Receiver<(Transport, ChannelInfo)>;
+
 /// What the receive loop learned that matters after it ends.
 struct Receiving {
     record: OutcomeRecord,
@@ -403,11 +532,7 @@ struct Receiving {
     restored: bool,
     /// The thread waiting for a post-copy page connection: its stop flag, handle, and where
     /// the connection arrives.
-    channel: Option<(
-        Arc<AtomicBool>,
-        std::thread::JoinHandle<()>,
-        mpsc::Receiver<Transport>,
-    )>,
+    channel: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>, PageChannels)>,
 }
 
 /// The rest of a post-copy, after the guest started here: place what the source pushes until
@@ -415,11 +540,58 @@ struct Receiving {
 fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> Result<(), VmError> {
     let started = Instant::now();
     let mut state = ReceiverState::Postcopy;
+    let relinks = pc.relinks.clone();
+    Relinks::track(&relinks.main, &t);
+    // The source pushes without a break until it is done: a silent link shows within this.
+    t.set_io_timeout(Duration::from_secs(10));
     let result = (|| -> Result<(), VmError> {
         loop {
-            let f = protocol::read_frame(&mut t)
+            let f = match protocol::read_frame(&mut t)
                 .and_then(|f| f.ok_or(ProtocolError::Truncated))
-                .map_err(ReceiveError::from)?;
+            {
+                Ok(f) => f,
+                Err(e @ (ProtocolError::Io(_) | ProtocolError::Truncated)) => {
+                    let e = match e {
+                        ProtocolError::Io(io)
+                            if matches!(
+                                io.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            ProtocolError::Io(std::io::Error::other("nothing arrived for 10 s"))
+                        }
+                        e => e,
+                    };
+                    let faults_gone = || pc.faults.as_ref().is_none_or(|f| f.is_finished());
+                    let Some(nt) =
+                        relinks.wait("main", &e, &relinks.main_rx, &relinks.main, faults_gone)
+                    else {
+                        return Err(if relinks.limit.is_zero() {
+                            ReceiveError::from(e).into()
+                        } else {
+                            ReceiveError::NotRecovered {
+                                limit: relinks.limit,
+                                first: crate::vm::error_chain(&e),
+                            }
+                            .into()
+                        });
+                    };
+                    t = nt;
+                    t.set_io_timeout(Duration::from_secs(10));
+                    // What is still missing here, so the source sends it (again).
+                    protocol::write_frame(
+                        &mut t,
+                        Command::PostcopyMissing,
+                        &protocol::encode_bitmap(&pc.incoming.left.words()),
+                    )
+                    .and_then(|_| t.flush().map_err(ProtocolError::from))
+                    .map_err(ReceiveError::from)?;
+                    pc.incoming.recoveries.fetch_add(1, Ordering::Relaxed);
+                    state = ReceiverState::Postcopy;
+                    continue;
+                }
+                Err(e) => return Err(ReceiveError::from(e).into()),
+            };
             state = state.next(f.command).map_err(ReceiveError::from)?;
             match f.command {
                 Command::Pages => {
@@ -458,17 +630,38 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
         std::mem::forget(pc.incoming.clone());
     }
     pc.incoming.stop.store(true, Ordering::SeqCst);
+    if result.is_err() {
+        // The fault thread may hang on a silent page connection: end it now.
+        if let Some(s) = relinks
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
     let faults = pc.faults.take().map(|f| f.join());
     result?;
     if let Some(Ok(Err(e))) = faults {
         return Err(ReceiveError::from(e).into());
     }
     pc.incoming.finish();
-    ack(&mut t, true, String::new()).map_err(ReceiveError::from)?;
+    relinks.done.store(true, Ordering::SeqCst);
+    // A lost acknowledgement is not an error: the source resumes, and learns it is done.
+    if let Err(e) = ack(&mut t, true, String::new()) {
+        tracing::warn!(
+            "post-copy: the last acknowledgement did not go out ({e}); every page is here"
+        );
+    }
     let i = &pc.incoming;
+    let recovered = match i.recoveries.load(Ordering::Relaxed) {
+        0 => String::new(),
+        n => format!(", recovered from {n} broken connection(s)"),
+    };
     // Said where the receiver's other progress lines go (its `log` stays with the caller).
     eprintln!(
-        "ferry: post-copy complete after {:.2?}: {} pages fetched on demand (longest wait {:.1} ms), {} pushed",
+        "ferry: post-copy complete after {:.2?}: {} pages fetched on demand (longest wait {:.1} ms), {} pushed{recovered}",
         started.elapsed(),
         i.fetched.load(Ordering::Relaxed),
         i.longest_wait_us.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -653,10 +846,15 @@ fn receive_on(
                     .as_ref()
                     .ok_or(ProtocolError::Truncated)
                     .map_err(ReceiveError::from)?;
-                let pc = channel
+                let (pc, hello) = channel
                     .2
                     .recv_timeout(CHANNEL_WAIT)
                     .map_err(|_| ReceiveError::NoPageChannel(CHANNEL_WAIT))?;
+                let relinks = Arc::new(Relinks::new(
+                    hello.migration_id.clone(),
+                    Duration::from_millis(hello.recovery_ms.unwrap_or(0)),
+                ));
+                Relinks::track(&relinks.pages, &pc);
                 let t_prep = Instant::now();
                 let incoming = match prepared_pc.take() {
                     Some(i) => i,
@@ -678,9 +876,12 @@ fn receive_on(
                 let faults = std::thread::Builder::new()
                     .name("postcopy-faults".into())
                     .spawn({
-                        let (i, m) = (incoming.clone(), m.clone());
+                        let (i, m, r) = (incoming.clone(), m.clone(), relinks.clone());
                         move || {
-                            let r = i.serve_faults(pc, &m);
+                            let stop = || i.stop.load(Ordering::SeqCst);
+                            let relink =
+                                |e: &ProtocolError| r.wait("page", e, &r.pages_rx, &r.pages, stop);
+                            let r = i.serve_faults(pc, &m, relink);
                             if let Err(e) = &r {
                                 tracing::error!("post-copy: fetching pages failed: {e}");
                             }
@@ -691,6 +892,7 @@ fn receive_on(
                 post = Some(PostcopyRx {
                     incoming,
                     faults: Some(faults),
+                    relinks,
                 });
             }
             Command::RoundEnd => {
@@ -781,6 +983,8 @@ fn receive_on(
             | Command::Query
             | Command::PostcopyChannel
             | Command::PageRequest
+            | Command::PostcopyResume
+            | Command::PostcopyMissing
             | Command::PostcopyDone => {
                 let e = ProtocolError::OutOfOrder {
                     got: frame.command,

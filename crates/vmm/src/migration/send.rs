@@ -65,6 +65,10 @@ const MAX_DRAIN: Duration = Duration::from_secs(1);
 const PUSH_IN_FLIGHT: u64 = 1 << 20;
 /// Pages per background `Pages` message in post-copy.
 const PUSH_BATCH: usize = 128;
+/// Post-copy: a link that takes nothing for this long counts as broken (and is made again).
+const POSTCOPY_SILENCE: Duration = Duration::from_secs(10);
+/// Post-copy recovery: how long one attempt to reach the destination again may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// While a round is under way, look at the dirty log this often, to skip pages that will have
 /// to go again anyway (about 1.6 ms per GiB when all is dirty).
 const RESYNC_EVERY: Duration = Duration::from_millis(100);
@@ -107,12 +111,22 @@ pub enum SendError {
     #[error("the destination speaks migration protocol {0}, which has no post-copy (it needs {need}); use --mode precopy, or update ferry there", need = protocol::POSTCOPY_VERSION)]
     NoPostcopy(u32),
     /// Post-copy broke after the guest began to run on the destination.
-    #[error("post-copy broke after the guest started on the destination, with {left} of its pages still here: {source}")]
+    #[error("post-copy broke after the guest started on the destination, with {left} of its pages still here")]
     PostcopyBroken {
         left: u64,
         #[source]
         source: Box<SendError>,
     },
+    #[error("the connection broke ({first}) and could not be made again within {limit:?} (last try: {last})")]
+    NotRecovered {
+        limit: Duration,
+        first: String,
+        last: String,
+    },
+    #[error("the page connection to the destination broke")]
+    PageChannelBroken,
+    #[error("the link took nothing for {0:?}")]
+    Silent(Duration),
 }
 
 struct Outgoing<'a> {
@@ -132,6 +146,8 @@ struct Outgoing<'a> {
     tls: Option<MigrationTls>,
     /// The protocol version the destination speaks (from its answer to Start).
     peer_version: u32,
+    /// Bytes sent on main connections that broke and were replaced (post-copy recovery).
+    sent_before: u64,
 }
 
 impl SendCtx {
@@ -159,7 +175,7 @@ impl Outgoing<'_> {
             return;
         }
         self.last_push = Instant::now();
-        let (elapsed, sent) = (self.start.elapsed().as_millis() as u64, self.t.bytes_sent());
+        let (elapsed, sent) = (self.start.elapsed().as_millis() as u64, self.sent());
         let p = self.ctx.update(|p| {
             p.elapsed_ms = elapsed;
             p.bytes_sent = sent;
@@ -167,6 +183,11 @@ impl Outgoing<'_> {
         if let Some(f) = &self.ctx.follow {
             let _ = f.send(Response::Ok(ResponseBody::Migration(p)));
         }
+    }
+
+    /// Bytes sent so far, on every main connection.
+    fn sent(&self) -> u64 {
+        self.sent_before + self.t.bytes_sent()
     }
 
     fn check(&self) -> Result<(), SendError> {
@@ -544,12 +565,7 @@ impl Outgoing<'_> {
                 source,
             },
         )?;
-        let hello = ChannelInfo {
-            migration_id: self.ctx.settings.migration_id.clone(),
-        };
-        protocol::write_frame(&mut pc, Command::PostcopyChannel, &protocol::json(&hello))?;
-        std::io::Write::flush(&mut pc).map_err(ProtocolError::from)?;
-        let pc_socket = pc.socket().map_err(ProtocolError::from)?;
+        self.say_hello(&mut pc)?;
         // The pages known to come again: the destination drops its stale copies now, while
         // the guest still runs here, not during the pause.
         if let Some(d) = &self.pending {
@@ -603,22 +619,11 @@ impl Outgoing<'_> {
             stop: AtomicBool::new(false),
         });
         let words = out.left.words();
-        let server = std::thread::Builder::new()
-            .name("postcopy-pages".into())
-            .spawn({
-                let (mem, out) = (self.ctx.memory.clone(), out.clone());
-                move || super::postcopy::serve_requests(pc, mem, out)
-            })
-            .map_err(|e| SendError::Vm(format!("start the post-copy page server: {e}")))?;
-        let stop_server = || {
-            out.stop.store(true, Ordering::SeqCst);
-            let _ = pc_socket.shutdown(std::net::Shutdown::Both);
-        };
+        let mut server = self.serve_pages(pc, &out)?;
         let downtime = match self.postcopy_hand_over(&out, &words, state, pause_at, n_left) {
             Ok(d) => d,
             Err(e) => {
-                stop_server();
-                let _ = server.join();
+                server.stop(&out);
                 return Err(e);
             }
         };
@@ -629,13 +634,30 @@ impl Outgoing<'_> {
             p.postcopy_pages_left = n_left;
         });
         self.push_progress(true);
-        let r = self.push(&out);
-        stop_server();
-        let _ = server.join();
-        r.map_err(|e| SendError::PostcopyBroken {
-            left: out.left.count(),
-            source: Box::new(e),
-        })?;
+        let recovery = if self.peer_version >= protocol::RECOVERY_VERSION {
+            Duration::from_secs(self.ctx.settings.postcopy_recovery_s)
+        } else {
+            Duration::ZERO
+        };
+        loop {
+            let r = self.push(&out, &server);
+            server.stop(&out);
+            let broken = |e| SendError::PostcopyBroken {
+                left: out.left.count(),
+                source: Box::new(e),
+            };
+            match r {
+                Ok(()) => break,
+                // A refusal is the destination's word, not a broken link.
+                Err(e @ SendError::Protocol(ProtocolError::Refused(_))) => return Err(broken(e)),
+                Err(e) if recovery.is_zero() => return Err(broken(e)),
+                Err(e) => {
+                    let pc = self.reconnect(&out, recovery, &e).map_err(broken)?;
+                    out.stop.store(false, Ordering::SeqCst);
+                    server = self.serve_pages(pc, &out)?;
+                }
+            }
+        }
         tracing::info!(
             "post-copy done: {} pages on demand, {n_left} in all",
             out.requested.load(Ordering::Relaxed)
@@ -693,7 +715,12 @@ impl Outgoing<'_> {
     }
 
     /// Post-copy's background push: every page still to go, from next to the last fault on.
-    fn push(&mut self, out: &super::postcopy::Outgoing) -> Result<(), SendError> {
+    /// Ends with an error if either connection breaks (`server` is the page server).
+    fn push(
+        &mut self,
+        out: &super::postcopy::Outgoing,
+        server: &PageServer,
+    ) -> Result<(), SendError> {
         let mut batch = Vec::with_capacity(PUSH_BATCH);
         let (mut cursor, mut last_hint) = (0u64, 0u64);
         loop {
@@ -705,10 +732,31 @@ impl Outgoing<'_> {
             if batch.is_empty() {
                 break;
             }
+            let since = Instant::now();
             while self.t.unacked().is_some_and(|n| n > PUSH_IN_FLIGHT) {
+                if server.broken() || since.elapsed() > POSTCOPY_SILENCE {
+                    // Not sent after all: the pages are still to go (the destination's own
+                    // list says so too, after a recovery).
+                    for g in &batch {
+                        out.left.add(*g);
+                    }
+                    return Err(if server.broken() {
+                        SendError::PageChannelBroken
+                    } else {
+                        SendError::Silent(POSTCOPY_SILENCE)
+                    });
+                }
                 std::thread::sleep(Duration::from_micros(100));
             }
-            self.write_pages(&batch)?;
+            if let Err(e) = self.write_pages(&batch) {
+                for g in &batch {
+                    out.left.add(*g);
+                }
+                return Err(e);
+            }
+            if server.broken() {
+                return Err(SendError::PageChannelBroken);
+            }
             let (left, asked) = (out.left.count(), out.requested.load(Ordering::Relaxed));
             let n = batch.len() as u64;
             self.ctx.update(|p| {
@@ -726,6 +774,169 @@ impl Outgoing<'_> {
             p.postcopy_pages_requested = asked;
         });
         Ok(())
+    }
+}
+
+/// The source's post-copy page server: a thread answering the destination's page requests on
+/// the page connection.
+struct PageServer {
+    socket: std::net::TcpStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PageServer {
+    /// Whether the page connection ended (the destination hung up, or it broke).
+    fn broken(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stop serving and close the page connection.
+    fn stop(&mut self, out: &super::postcopy::Outgoing) {
+        out.stop.store(true, Ordering::SeqCst);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Outgoing<'_> {
+    /// The first message of a page connection: which move, and how long a broken post-copy
+    /// connection is waited for.
+    fn say_hello(&self, pc: &mut Transport) -> Result<(), SendError> {
+        let recovery_ms = (self.peer_version >= protocol::RECOVERY_VERSION)
+            .then(|| self.ctx.settings.postcopy_recovery_s * 1000);
+        let hello = ChannelInfo {
+            migration_id: self.ctx.settings.migration_id.clone(),
+            recovery_ms,
+        };
+        protocol::write_frame(pc, Command::PostcopyChannel, &protocol::json(&hello))?;
+        std::io::Write::flush(pc).map_err(ProtocolError::from)?;
+        Ok(())
+    }
+
+    /// Answer page requests on `pc` from now on.
+    fn serve_pages(
+        &self,
+        pc: Transport,
+        out: &Arc<super::postcopy::Outgoing>,
+    ) -> Result<PageServer, SendError> {
+        let socket = pc.socket().map_err(ProtocolError::from)?;
+        let thread = std::thread::Builder::new()
+            .name("postcopy-pages".into())
+            .spawn({
+                let (mem, out) = (self.ctx.memory.clone(), out.clone());
+                move || super::postcopy::serve_requests(pc, mem, out)
+            })
+            .map_err(|e| SendError::Vm(format!("start the post-copy page server: {e}")))?;
+        Ok(PageServer {
+            socket,
+            thread: Some(thread),
+        })
+    }
+
+    /// Post-copy recovery: make both connections again within `limit`, learning from the
+    /// destination which pages it still lacks. Returns the new page connection.
+    fn reconnect(
+        &mut self,
+        out: &super::postcopy::Outgoing,
+        limit: Duration,
+        why: &SendError,
+    ) -> Result<Transport, SendError> {
+        let first = crate::vm::error_chain(why);
+        tracing::warn!("post-copy: {first}; reconnecting for up to {limit:?}");
+        self.sent_before += self.t.bytes_sent();
+        self.t.shutdown();
+        self.ctx.update(|p| {
+            p.postcopy_reconnecting = true;
+            p.postcopy_pages_left = out.left.count();
+            p.error = Some(format!(
+                "post-copy: {first}; trying again for up to {} s",
+                limit.as_secs()
+            ));
+        });
+        self.push_progress(true);
+        let deadline = Instant::now() + limit;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match self.resume(out) {
+                Ok(pc) => {
+                    let p = self.ctx.update(|p| {
+                        p.postcopy_reconnecting = false;
+                        p.postcopy_recoveries += 1;
+                        p.postcopy_pages_left = out.left.count();
+                        p.error = None;
+                    });
+                    tracing::info!(
+                        "post-copy: connection made again after {tries} tries; {} pages still to go",
+                        p.postcopy_pages_left
+                    );
+                    self.push_progress(true);
+                    return Ok(pc);
+                }
+                // The destination answered and will not go on (it stopped the guest).
+                Err(e @ SendError::Protocol(ProtocolError::Refused(_))) => return Err(e),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(SendError::NotRecovered {
+                        limit,
+                        first,
+                        last: crate::vm::error_chain(&e),
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!("post-copy: reconnect try {tries}: {e}");
+                    self.push_progress(false);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// One try at resuming post-copy: a new main connection (`PostcopyResume`, answered with
+    /// the pages the destination lacks), then a new page connection.
+    fn resume(&mut self, out: &super::postcopy::Outgoing) -> Result<Transport, SendError> {
+        let to = self.ctx.settings.to.clone();
+        let connect = || {
+            Transport::connect(&to, RECONNECT_TIMEOUT, self.tls.as_ref()).map_err(|source| {
+                SendError::Connect {
+                    addr: to.clone(),
+                    source,
+                }
+            })
+        };
+        let mut t = connect()?;
+        t.set_io_timeout(Duration::from_secs(5));
+        let hello = ChannelInfo {
+            migration_id: self.ctx.settings.migration_id.clone(),
+            recovery_ms: None,
+        };
+        protocol::write_frame(&mut t, Command::PostcopyResume, &protocol::json(&hello))?;
+        std::io::Write::flush(&mut t).map_err(ProtocolError::from)?;
+        let f = protocol::read_frame(&mut t)?.ok_or(ProtocolError::Truncated)?;
+        let words = match f.command {
+            Command::PostcopyMissing => {
+                protocol::decode_bitmap(&f.payload, super::postcopy::memory_end(&self.ctx.memory))?
+            }
+            Command::Ack => {
+                let a: AckInfo = protocol::parse(&f)?;
+                return Err(ProtocolError::Refused(a.message).into());
+            }
+            got => {
+                return Err(ProtocolError::OutOfOrder {
+                    got,
+                    state: "resuming post-copy",
+                }
+                .into())
+            }
+        };
+        let mut pc = connect()?;
+        self.say_hello(&mut pc)?;
+        t.set_io_timeout(super::transport::IO_TIMEOUT);
+        t.set_cap_mbit(self.ctx.settings.bandwidth_mbit);
+        out.left.replace(&words);
+        self.t = t;
+        Ok(pc)
     }
 }
 
@@ -865,6 +1076,7 @@ pub fn run(mut ctx: SendCtx) {
                 last_sync: Instant::now(),
                 tls: tls.clone(),
                 peer_version: protocol::MIN_PROTOCOL_VERSION,
+                sent_before: 0,
             };
             let r = s.run();
             if r.is_err() && !s.commit_sent {
@@ -874,7 +1086,7 @@ pub fn run(mut ctx: SendCtx) {
             if r.is_err() {
                 s.t.shutdown();
             }
-            let bytes = s.t.bytes_sent();
+            let bytes = s.sent();
             (r, Some((s.paused, s.commit_sent, bytes)))
         }
     };
