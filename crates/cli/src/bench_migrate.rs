@@ -723,6 +723,7 @@ fn ferry_row(
             peer: "hv2".into(),
         }),
         mode,
+        postcopy_recovery_s: 60,
     };
     let mut last = None;
     let mut error = None;

@@ -121,10 +121,16 @@ pub struct MigrateArgs {
     /// How memory moves. auto: pre-copy, switching to post-copy only if pre-copy stalls (the
     /// guest dirties memory about as fast as the link carries it). precopy: copy while the
     /// guest runs here, throttling it if it must. postcopy: one pass, then the guest runs on
-    /// the destination at once and fetches what it still lacks; from then on losing the link
-    /// or this host loses the guest.
+    /// the destination at once and fetches what it still lacks; from then on a broken link
+    /// stalls the guest until it comes back (see --postcopy-recovery), and losing this host
+    /// loses the guest.
     #[arg(long, default_value = "auto", value_parser = ["auto", "precopy", "postcopy"])]
     mode: String,
+    /// Post-copy: if the connection breaks, both hosts wait this many seconds for it to come
+    /// back (this side reconnects and the destination asks again for what it still lacks;
+    /// the guest waits meanwhile). Past that the guest is lost. 0: give up at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    postcopy_recovery: u64,
     /// Name the move (default: a random id); the destination's outcome record uses it.
     #[arg(long)]
     id: Option<String>,
@@ -417,6 +423,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             "postcopy" => MigrationMode::Postcopy,
             _ => MigrationMode::Auto,
         },
+        postcopy_recovery_s: a.postcopy_recovery,
     };
     let mut last: Option<MigrationProgress> = None;
     let mut error = None;
@@ -438,6 +445,13 @@ fn migrate(a: MigrateArgs) -> Result<()> {
                 }
                 if a.json {
                     println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                } else if p.phase == MigrationPhase::Postcopy && p.postcopy_reconnecting {
+                    eprintln!(
+                        "{:>7.1}s Postcopy: the connection to the destination broke; reconnecting (the guest there waits for {} pages). {}",
+                        p.elapsed_ms as f64 / 1000.0,
+                        p.postcopy_pages_left,
+                        p.error.as_deref().unwrap_or_default(),
+                    );
                 } else if p.phase == MigrationPhase::Postcopy {
                     eprintln!(
                         "{:>7.1}s Postcopy: the guest runs on the destination; {} pages still to go ({} fetched on demand), sent {:.1} MiB",
@@ -495,8 +509,13 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         if p.phase == MigrationPhase::Done {
             let how = match p.mode {
                 MigrationMode::Postcopy => format!(
-                    "post-copy ({} pages fetched on demand)",
-                    p.postcopy_pages_requested
+                    "post-copy ({} pages fetched on demand{})",
+                    p.postcopy_pages_requested,
+                    match p.postcopy_recoveries {
+                        0 => String::new(),
+                        1 => ", recovered from 1 broken connection".into(),
+                        n => format!(", recovered from {n} broken connections"),
+                    }
                 ),
                 _ => "pre-copy".into(),
             };

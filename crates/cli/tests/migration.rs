@@ -157,6 +157,24 @@ fn migrate(src: &Vmm, to: &str, extra: &[&str]) -> std::process::Output {
     ferry_output(&args, T)
 }
 
+/// `ferry vmm migrate` from `src` to `to` with `args`, on a thread.
+fn migrate_in_background(
+    src: &Vmm,
+    to: &str,
+    args: &[&str],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let api = src.api.to_str().unwrap().to_string();
+    let mut a: Vec<String> = ["vmm", "migrate", "--api", &api, "--to", to]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(args.iter().map(|s| s.to_string()));
+    std::thread::spawn(move || {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        ferry_output(&a, T)
+    })
+}
+
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -369,25 +387,7 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
     );
     let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
     let to = format!("{}:{PORT}", Lab::HOST_B_IP);
-    let api = g.vmm.api.clone();
-    let cap = cap.to_string();
-    let mig = std::thread::spawn(move || {
-        ferry_output(
-            &[
-                "vmm",
-                "migrate",
-                "--api",
-                api.to_str().unwrap(),
-                "--to",
-                &to,
-                "--mode",
-                "precopy",
-                "--bandwidth-mbit",
-                &cap,
-            ],
-            T,
-        )
-    });
+    let mig = migrate_in_background(&g.vmm, &to, &["--mode", "precopy", "--bandwidth-mbit", cap]);
     breaker(&lab, &mut dst, &g.vmm);
     let out = mig.join().unwrap();
     let text = text(&out);
@@ -1058,10 +1058,12 @@ fn auto_switches_to_postcopy_only_when_precopy_cannot_keep_up() {
     assert!(dst2.wait(T).success());
 }
 
-/// Start a post-copy move over a slow link and break it once the guest runs on the
-/// destination: `breaker` gets the source and the destination.
+/// Start a post-copy move over a slow link (`extra`: more `vmm migrate` flags) and break it
+/// once the guest runs on the destination: `breaker` gets the lab, the source and the
+/// destination.
 fn postcopy_broken(
-    breaker: impl FnOnce(&mut Vmm, &mut Vmm),
+    extra: &[&str],
+    breaker: impl FnOnce(&Lab, &mut Vmm, &mut Vmm),
 ) -> (Lab, tempfile::TempDir, Guest, Vmm, String) {
     let lab = Lab::two_hosts();
     let dir = tmp();
@@ -1070,43 +1072,139 @@ fn postcopy_broken(
     verify(&mut g.con, 1);
     let to = format!("{}:{PORT}", Lab::HOST_B_IP);
     let mut dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &to, &[]);
-    let api = g.vmm.api.clone();
-    let mig = std::thread::spawn(move || {
-        ferry_output(
-            &[
-                "vmm",
-                "migrate",
-                "--api",
-                api.to_str().unwrap(),
-                "--to",
-                &to,
-                "--mode",
-                "postcopy",
-                "--bandwidth-mbit",
-                "30",
-            ],
-            T,
-        )
-    });
+    let mut args = vec!["--mode", "postcopy", "--bandwidth-mbit", "30"];
+    args.extend(extra);
+    let mig = migrate_in_background(&g.vmm, &to, &args);
     let deadline = std::time::Instant::now() + T;
     while !dst.log().contains("the guest runs here now") {
         assert!(std::time::Instant::now() < deadline, "{}", dst.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    breaker(&mut g.vmm, &mut dst);
+    breaker(&lab, &mut g.vmm, &mut dst);
     let out = text(&mig.join().unwrap());
     (lab, dir, g, dst, out)
 }
 
-/// The source dies while the guest runs on the destination with pages still missing: the
-/// destination stops the guest (it cannot go on with holes in its memory) and says why; it
-/// never goes on with zero-filled pages.
+/// Cut host A off host B: its link down (nothing gets through, reconnects time out) and its
+/// connections to B aborted.
+fn cut_link(lab: &Lab) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.host])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["ip", "link", "set", "eth0", "down"]);
+    run(&["ss", "-K", "dst", Lab::HOST_B_IP]);
+}
+
+fn restore_link(lab: &Lab) {
+    let st = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &lab.host, "ip", "link", "set", "eth0", "up",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// After a lost post-copy the source keeps its paused copy and never runs it.
+fn assert_source_keeps_a_paused_copy(g: &mut Guest) {
+    assert!(g.vmm.running(), "the source keeps its copy");
+    assert_eq!(state(&g.vmm), "paused");
+    let beats = g.hb.count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(g.hb.count(), beats, "the source's guest must not run");
+    g.vmm.kill();
+}
+
+/// Post-copy survives a cut: both connections aborted and the link down for two seconds. The
+/// guest waits on the destination meanwhile; the source reconnects, the destination names
+/// what it still lacks, and the move ends with memory, disk and TCP intact.
+#[test]
+fn postcopy_recovers_from_a_connection_cut_mid_way() {
+    if !kvm_available() {
+        return;
+    }
+    let (lab, _dir, mut g, mut dst, out) = postcopy_broken(&[], |lab, _, dst| {
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !dst.log().contains("post-copy complete"),
+            "the move ended before the cut; it must still be under way"
+        );
+        cut_link(lab);
+        std::thread::sleep(Duration::from_secs(2));
+        restore_link(lab);
+    });
+    assert!(
+        out.contains("mode: post-copy") && out.contains("recovered from"),
+        "{out}\ndestination:\n{}",
+        dst.log()
+    );
+    assert!(
+        g.vmm.wait(T).success(),
+        "the source exits once every page is there"
+    );
+    let log = dst.log();
+    assert!(
+        log.contains("connection to the source broke") && log.contains("the source reconnected"),
+        "{log}"
+    );
+    assert!(
+        log.contains("post-copy complete") && log.contains("recovered from"),
+        "{log}"
+    );
+    assert!(dst.running());
+    let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
+    dst_hb.wait_more(100, T);
+    let mut con = Console::connect(&dst.com1);
+    let mut stream = open_stream(&lab);
+    stream.read(1 << 20).unwrap();
+    verify(&mut con, 1);
+    con.send(b'p');
+    assert!(dst.wait(T).success());
+}
+
+/// A link that stays down past the recovery limit ends as documented: the destination stops
+/// the guest and says the source did not come back; the source says the guest is lost and
+/// keeps its paused copy, never resuming it.
+#[test]
+fn postcopy_past_its_recovery_limit_ends_as_documented() {
+    if !kvm_available() {
+        return;
+    }
+    let (_lab, _dir, mut g, mut dst, out) =
+        postcopy_broken(&["--postcopy-recovery", "3"], |lab, _, _| cut_link(lab));
+    assert!(
+        out.contains("could not be made again within 3s") && out.contains("it is lost"),
+        "{out}"
+    );
+    let st = dst.wait(T);
+    assert!(!st.success(), "the destination must not go on");
+    let log = dst.log();
+    assert!(
+        log.contains("post-copy lost its source") && log.contains("did not come back within 3s"),
+        "{log}"
+    );
+    assert_source_keeps_a_paused_copy(&mut g);
+}
+
+/// The source dies while the guest runs on the destination with pages still missing: once the
+/// recovery limit passes, the destination stops the guest (it cannot go on with holes in its
+/// memory) and says why; it never goes on with zero-filled pages.
 #[test]
 fn postcopy_without_its_source_stops_the_guest_and_says_so() {
     if !kvm_available() {
         return;
     }
-    let (_lab, _dir, _g, mut dst, _) = postcopy_broken(|src, _| src.kill());
+    let (_lab, _dir, _g, mut dst, _) =
+        postcopy_broken(&["--postcopy-recovery", "2"], |_, src, _| src.kill());
     let st = dst.wait(T);
     assert!(!st.success(), "the destination must not go on");
     let log = dst.log();
@@ -1120,15 +1218,11 @@ fn postcopy_without_its_destination_never_resumes_the_source() {
     if !kvm_available() {
         return;
     }
-    let (_lab, _dir, mut g, _dst, out) = postcopy_broken(|_, dst| dst.kill());
+    let (_lab, _dir, mut g, _dst, out) =
+        postcopy_broken(&["--postcopy-recovery", "2"], |_, _, dst| dst.kill());
     assert!(
         out.contains("post-copy broke") && out.contains("it is lost"),
         "{out}"
     );
-    assert!(g.vmm.running(), "the source keeps its copy");
-    assert_eq!(state(&g.vmm), "paused");
-    let beats = g.hb.count();
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(g.hb.count(), beats, "the source's guest must not run");
-    g.vmm.kill();
+    assert_source_keeps_a_paused_copy(&mut g);
 }
