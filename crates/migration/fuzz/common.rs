@@ -140,7 +140,8 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
             Command::PostcopyChannel
             | Command::PageRequest
             | Command::PostcopyResume
-            | Command::PostcopyMissing => {
+            | Command::PostcopyMissing
+            | Command::Probe => {
                 panic!("the state machine accepted a connection-opening or page-connection message mid-stream")
             }
             Command::Cancel => {

@@ -86,7 +86,8 @@
 //! added post-copy; a version-2 source never uses it. Version 4 added post-copy recovery: a
 //! connection that breaks during post-copy is made again by the source (`PostcopyResume` on a
 //! new connection, answered with `PostcopyMissing`, the bitmap of pages the destination still
-//! lacks, then a new page connection), within the time `ChannelInfo::recovery_ms` names.
+//! lacks, then a new page connection), within the time `ChannelInfo::recovery_ms` names; and
+//! `Probe`, with which a forecast measures the link without moving anything.
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -114,7 +115,9 @@ pub const PROTOCOL_VERSION: u32 = 4;
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// The first version with post-copy.
 pub const POSTCOPY_VERSION: u32 = 3;
-/// The first version whose post-copy survives a broken connection.
+/// The largest payload of one `Probe`.
+pub const PROBE_CHUNK: usize = 1 << 20;
+/// The first version whose post-copy survives a broken connection (and that answers `Probe`).
 pub const RECOVERY_VERSION: u32 = 4;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
@@ -154,6 +157,10 @@ pub enum Command {
     /// Post-copy recovery, the destination's answer to `PostcopyResume`: the bitmap of pages
     /// it still lacks.
     PostcopyMissing = 15,
+    /// Version 4, a forecast measuring the link: the first message of a connection that moves
+    /// nothing. Each empty `Probe` is answered with an Ack whose message is the payload bytes
+    /// received on the connection so far; the receiver throws the payloads away.
+    Probe = 16,
     Ack = 64,
 }
 
@@ -175,6 +182,7 @@ impl Command {
             13 => Command::PostcopyPrepare,
             14 => Command::PostcopyResume,
             15 => Command::PostcopyMissing,
+            16 => Command::Probe,
             64 => Command::Ack,
             _ => return None,
         })
@@ -196,7 +204,7 @@ impl Command {
                 MAX_BITMAP_BYTES as u64
             }
             Command::PageRequest => (4 + MAX_PAGES_PER_MESSAGE * 8) as u64,
-            Command::Config => 1 << 20,
+            Command::Config | Command::Probe => 1 << 20,
             Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
             Command::State => crate::envelope::MAX_PAYLOAD + crate::envelope::HEADER_LEN as u64,
             Command::Commit => 0,
@@ -822,6 +830,13 @@ mod tests {
             .is_err());
         assert!(ReceiverState::Postcopy.next(C::PostcopyPrepare).is_err());
         // Recovery messages open a connection; they never come in the middle of one.
+        for st in [
+            ReceiverState::AwaitStart,
+            ReceiverState::Memory,
+            ReceiverState::Postcopy,
+        ] {
+            assert!(st.next(C::Probe).is_err());
+        }
         for st in [ReceiverState::Memory, ReceiverState::Postcopy] {
             assert!(st.next(C::PostcopyResume).is_err());
             assert!(st.next(C::PostcopyMissing).is_err());
