@@ -38,6 +38,15 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+    /// Predict a migration to `settings.to` without moving anything: sample the guest's dirty
+    /// rate for `sample_ms` and measure the link to the destination VMM (which must be
+    /// waiting, as for a real move), then model what `settings.mode` would do.
+    MigrateForecast {
+        #[serde(flatten)]
+        settings: MigrateSettings,
+        #[serde(default = "default_sample")]
+        sample_ms: u64,
+    },
     /// The current (or last) migration's progress.
     MigrationStatus,
     /// Cancel a migration that has not committed yet; the VM keeps running here.
@@ -168,6 +177,7 @@ pub enum ResponseBody {
         ms: u64,
     },
     Migration(MigrationProgress),
+    Forecast(MigrationForecast),
     Mirrors(Vec<MirrorProgress>),
     MirrorSwitched(MirrorSwitched),
     Done,
@@ -250,6 +260,40 @@ fn default_timeout() -> u64 {
 
 fn default_recovery() -> u64 {
     60
+}
+
+fn default_sample() -> u64 {
+    3000
+}
+
+/// What a migration would do, predicted from what was measured (`Request::MigrateForecast`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+pub struct MigrationForecast {
+    /// The link to the destination as measured (Mbit/s, with the bandwidth cap applied), and
+    /// its round-trip time (ms).
+    pub link_mbit: f64,
+    pub rtt_ms: f64,
+    /// How long the guest's memory was watched (ms).
+    pub sample_ms: u64,
+    /// Pages the guest dirtied per second (distinct pages per 250 ms window, scaled).
+    pub dirty_rate_pps: u64,
+    /// Distinct pages dirtied over the whole sample: the working set the rounds chase.
+    pub working_set_pages: u64,
+    /// Bytes the first pass would send (pages that hold data in full, zero pages as a mark).
+    pub first_pass_bytes: u64,
+    /// The mode the move would use, and why.
+    pub mode: MigrationMode,
+    pub reason: String,
+    /// Pre-copy rounds after the first pass.
+    pub rounds: u32,
+    /// Predicted total time (ms), pause (ms) and bytes sent.
+    pub total_ms: f64,
+    pub pause_ms: f64,
+    pub bytes: u64,
+    /// Post-copy: pages still to go once the guest runs on the destination.
+    pub postcopy_pages: u64,
+    /// False if the move would not finish (pre-copy only, the guest out-dirties the link).
+    pub converges: bool,
 }
 
 impl MigrateSettings {
