@@ -787,6 +787,40 @@ impl Vm {
                     Err(e) => Err(VmError::Thread(e)),
                 }
             }
+            Request::MigrateForecast { .. } if self.migrating() => busy(),
+            Request::MigrateForecast {
+                settings,
+                sample_ms,
+            } => {
+                let cancel = Arc::new(AtomicBool::new(false));
+                let (mem, vm) = (self.memory.clone(), self.kvm_vm.clone());
+                let stop = cancel.clone();
+                let reply = reply.clone();
+                let sample = Duration::from_millis(sample_ms.clamp(250, 60_000));
+                // It holds the dirty log meanwhile: counted as a migration, so none starts.
+                match std::thread::Builder::new()
+                    .name("migrate-forecast".into())
+                    .spawn(move || {
+                        let r = crate::migration::forecast::forecast(
+                            &settings, &mem, &vm, sample, &stop,
+                        );
+                        let _ = reply.send(match r {
+                            Ok(f) => Response::Ok(ResponseBody::Forecast(f)),
+                            Err(e) => Response::Error(error_chain(&e)),
+                        });
+                    }) {
+                    Ok(thread) => {
+                        self.migration = Some(Migration {
+                            thread,
+                            progress: Arc::new(Mutex::new(MigrationProgress::default())),
+                            cancel,
+                            resolve: Arc::new(Mutex::new(None)),
+                        });
+                        return false; // the forecast thread answers
+                    }
+                    Err(e) => Err(VmError::Thread(e)),
+                }
+            }
             Request::MirrorStart { .. } if self.migrating() => busy(),
             Request::MirrorStart {
                 disk,

@@ -272,7 +272,13 @@ fn answer_query(t: &mut Transport, f: &Frame, record: &OutcomeRecord) -> Option<
         Ok(Some(o)) => outcome_str(o),
         _ => protocol::ANSWER_UNKNOWN,
     };
-    let _ = ack(t, true, answer.into());
+    // The version too: a forecast asks before it probes.
+    let a = AckInfo {
+        ok: true,
+        message: answer.into(),
+        protocol_version: Some(protocol::PROTOCOL_VERSION),
+    };
+    let _ = protocol::write_frame(t, Command::Ack, &protocol::json(&a));
     Some(q.migration_id)
 }
 
@@ -338,6 +344,27 @@ fn finish_again(mut t: Transport) {
     }
 }
 
+/// A forecast measures the link: count what arrives, answer each empty `Probe` with the
+/// count so far, until the source hangs up.
+fn answer_probe(t: &mut Transport, first: Frame) {
+    t.set_io_timeout(Duration::from_secs(5));
+    let mut got = first.payload.len() as u64;
+    let mut f = first;
+    loop {
+        if f.command != Command::Probe {
+            return;
+        }
+        if f.payload.is_empty() && (ack(t, true, got.to_string()).is_err() || t.flush().is_err()) {
+            return;
+        }
+        f = match protocol::read_frame(t) {
+            Ok(Some(f)) => f,
+            _ => return,
+        };
+        got += f.payload.len() as u64;
+    }
+}
+
 /// Wait on `listen` for one incoming VM and return it running.
 pub fn receive(
     listen: &Listen,
@@ -386,6 +413,10 @@ pub fn receive(
                     // A source in doubt about an earlier move asks; this receiver knows none.
                     Ok(f) if f.command == Command::Query => {
                         answer_query(&mut t, &f, &record);
+                        continue;
+                    }
+                    Ok(f) if f.command == Command::Probe => {
+                        answer_probe(&mut t, f);
                         continue;
                     }
                     Ok(f) if f.command == Command::PostcopyResume => {
@@ -985,6 +1016,7 @@ fn receive_on(
             | Command::PageRequest
             | Command::PostcopyResume
             | Command::PostcopyMissing
+            | Command::Probe
             | Command::PostcopyDone => {
                 let e = ProtocolError::OutOfOrder {
                     got: frame.command,

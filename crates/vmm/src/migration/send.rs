@@ -41,6 +41,7 @@ use ferry_migration::protocol::{
 use ferry_migration::Envelope;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::forecast::Next;
 use super::transport::{MigrationTls, Transport};
 use super::{CallReply, MigrationCall};
 use crate::event::Event;
@@ -48,14 +49,14 @@ use crate::kvm_vm::KvmVm;
 use crate::memory::{self, GuestMemory};
 
 /// Pre-copy gives up (or forces, per settings) after this many rounds.
-const MAX_ROUNDS: u32 = 40;
+pub(super) const MAX_ROUNDS: u32 = 40;
 /// The most of a vCPU's time auto-converge takes away, in percent.
-const MAX_THROTTLE: u32 = 95;
+pub(super) const MAX_THROTTLE: u32 = 95;
 /// `auto` goes post-copy when the guest dirties memory at this share of the link's speed or
 /// more: pre-copy would then take over three times as long as post-copy.
-const POSTCOPY_RATIO: f64 = 2.0 / 3.0;
+pub(super) const POSTCOPY_RATIO: f64 = 2.0 / 3.0;
 /// A pause this short is not worth another round.
-const SMALL_PAUSE_MS: f64 = 2.0;
+pub(super) const SMALL_PAUSE_MS: f64 = 2.0;
 /// Before the pause, wait until at most this much of what was sent is still on its way.
 const DRAINED_BYTES: u64 = 128 << 10;
 /// ... but no longer than this.
@@ -71,7 +72,7 @@ const POSTCOPY_SILENCE: Duration = Duration::from_secs(10);
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// While a round is under way, look at the dirty log this often, to skip pages that will have
 /// to go again anyway (about 1.6 ms per GiB when all is dirty).
-const RESYNC_EVERY: Duration = Duration::from_millis(100);
+pub(super) const RESYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// Everything the sending thread needs.
 pub struct SendCtx {
@@ -342,105 +343,46 @@ impl Outgoing<'_> {
                     ack: false,
                 }),
             )?;
-            if s.mode == MigrationMode::Postcopy {
-                postcopy = Some(format!(
-                    "asked for: after the first pass, {n} pages went on demand"
-                ));
-                self.resend_later(dirty);
-                break;
-            }
-            // The rest fits the budget. Switch over now unless more rounds still shrink it:
-            // the budget is a ceiling, not a target. A link only a little faster than the
-            // guest's dirtying shrinks the rest by a few percent a round, and the rounds get
-            // shorter as it does, so following that costs little time and halves the pause.
-            // Unknown after the first pass: try one more round.
-            let shrinking = prev_dirty.is_none_or(|p| n * 100 < p * 95);
-            // Auto-converge: a guest that dirties memory about as fast as the link carries it
-            // (the rest barely shrinks) gets a growing share of its vCPU time taken away, so
-            // the rest can shrink; rounds stop when even that does not help any more.
-            let stalled =
-                prev_dirty.is_some_and(|p| n * 100 >= p * 90) && expected_ms > SMALL_PAUSE_MS;
-            let can_throttle = throttle < MAX_THROTTLE;
-            if expected_ms <= s.downtime_ms as f64
-                && (expected_ms <= SMALL_PAUSE_MS
-                    || (!shrinking && !can_throttle)
-                    || round + 2 >= MAX_ROUNDS)
-            {
-                // What is left goes during the pause.
-                self.resend_later(dirty);
-                break;
-            }
-            // Forecast: the rest shrinks by the ratio of the dirty rate to the link's each
-            // round, so pre-copy needs about expected / (1 - ratio) more; post-copy sends the
-            // rest once.
-            let ratio = n as f64 * (PAGE_SIZE as f64 + 8.0) / secs / bw.max(1.0);
-            let slow = ratio >= POSTCOPY_RATIO;
-            if s.mode == MigrationMode::Auto && can_postcopy && (stalled || slow) && throttle == 0 {
-                // Pre-copy would take several times as long as post-copy, or have to slow the
-                // guest down to finish at all: post-copy moves it at full speed instead,
-                // fetching what it touches.
-                postcopy = Some(if stalled {
-                    format!(
-                        "pre-copy stalled: {n} pages still dirty after round {round} (was {}), \
-                         {expected_ms:.0} ms to send at {:.0} Mbit/s, over the {} ms budget",
-                        prev_dirty.unwrap_or_default(),
-                        bw * 8.0 / 1e6,
-                        s.downtime_ms
-                    )
-                } else {
-                    format!(
-                        "pre-copy would be slow: the guest dirties memory at {:.0}% of the link's \
-                         {:.0} Mbit/s, so the {n} pages left after round {round} would take {} \
-                         more rounds, post-copy {expected_ms:.0} ms",
-                        ratio * 100.0,
-                        bw * 8.0 / 1e6,
-                        if ratio < 1.0 {
-                            format!("~{:.0} ms in", expected_ms / (1.0 - ratio))
-                        } else {
-                            "ever".into()
-                        }
-                    )
-                });
-                self.resend_later(dirty);
-                break;
-            }
-            prev_dirty = Some(n);
-            if stalled && can_throttle {
-                throttle = if throttle == 0 {
-                    30
-                } else {
-                    (throttle + 20).min(MAX_THROTTLE)
-                };
-                self.ctx.call(MigrationCall::Throttle(throttle))?;
-                tracing::debug!(
-                    "round {round}: {n} pages still dirty, throttling the guest by {throttle}%"
-                );
-            }
-            let out_of_time =
-                deadline.is_some_and(|d| Instant::now() > d) || round + 1 >= MAX_ROUNDS;
-            if out_of_time && s.mode == MigrationMode::Auto && can_postcopy {
-                postcopy = Some(format!(
-                    "pre-copy ran out of time after round {round}: {n} pages still dirty"
-                ));
-                self.resend_later(dirty);
-                break;
-            }
-            if out_of_time {
-                match s.on_timeout {
-                    OnTimeout::Cancel => {
-                        return Err(SendError::NotConverged(format!(
-                            "after {} rounds, {n} pages still dirty, {:.0} ms to send",
-                            round + 1,
-                            expected_ms
-                        )))
-                    }
+            let facts = super::forecast::RoundFacts {
+                round,
+                n,
+                prev: prev_dirty,
+                expected_ms,
+                ratio: n as f64 * (PAGE_SIZE as f64 + 8.0) / secs / bw.max(1.0),
+                bw,
+                throttle,
+                out_of_time: deadline.is_some_and(|d| Instant::now() > d),
+            };
+            match super::forecast::decide(s, can_postcopy, &facts) {
+                Next::SwitchOver => {
+                    // What is left goes during the pause.
+                    self.resend_later(dirty);
+                    break;
+                }
+                Next::Postcopy(why) => {
+                    postcopy = Some(why);
+                    self.resend_later(dirty);
+                    break;
+                }
+                Next::OutOfTime(why) => match s.on_timeout {
+                    OnTimeout::Cancel => return Err(SendError::NotConverged(why)),
                     OnTimeout::Force => {
                         converged = false;
                         self.resend_later(dirty);
                         break;
                     }
+                },
+                Next::Continue { throttle: t } => {
+                    if t != throttle {
+                        throttle = t;
+                        self.ctx.call(MigrationCall::Throttle(throttle))?;
+                        tracing::debug!(
+                            "round {round}: {n} pages still dirty, throttling the guest by {throttle}%"
+                        );
+                    }
                 }
             }
+            prev_dirty = Some(n);
             round += 1;
             round_start = Instant::now();
             round_bytes_start = self.t.bytes_sent();
