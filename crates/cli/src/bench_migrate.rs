@@ -237,6 +237,8 @@ struct Row {
     error: Option<String>,
     /// Why a migration did not complete, as the VMM said.
     note: Option<String>,
+    /// ferry auto: the forecast made just before the move (total ms, mode).
+    forecast: Option<(f64, &'static str)>,
 }
 
 impl Row {
@@ -262,6 +264,8 @@ impl Row {
             "converged": self.converged, "verified": self.verified, "verdict": self.verdict,
             "efficiency": r2(self.efficiency()), "runs": runs, "error": self.error,
             "note": self.note,
+            "forecast_total_ms": self.forecast.map(|f| r2(f.0)),
+            "forecast_mode": self.forecast.map(|f| f.1),
         })
     }
 }
@@ -725,6 +729,26 @@ fn ferry_row(
         mode,
         postcopy_recovery_s: 60,
     };
+    // Auto: forecast first (it moves nothing), to set the prediction beside the outcome.
+    let forecast = if mode == ferry_api::MigrationMode::Auto {
+        match ferry_vmm::api_server::call(
+            &src_api,
+            &ferry_api::Request::MigrateForecast {
+                settings: settings.clone(),
+                sample_ms: 2000,
+            },
+        )? {
+            ferry_api::Response::Ok(ferry_api::ResponseBody::Forecast(f)) => {
+                Some((f.total_ms, ferry_mode_name(f.mode)))
+            }
+            other => {
+                eprintln!("   (forecast failed: {other:?})");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut last = None;
     let mut error = None;
     let start = Instant::now();
@@ -776,6 +800,7 @@ fn ferry_row(
     };
     let mut row = Row {
         note,
+        forecast,
         chose: done.then(|| {
             let m = ferry_mode_name(p.mode);
             match &p.mode_reason {
@@ -1065,6 +1090,17 @@ fn print_report(rows: &[Row], links: &[(u64, f64)], runs: usize) {
             println!(
                 "  {} {} MiB {} cap {} chose {c}",
                 r.vmm, r.mem_mib, r.scenario, r.cap_mbit
+            );
+        }
+        if let Some((ms, mode)) = r.forecast {
+            println!(
+                "  forecast {} MiB {} cap {}: {:.2} s {mode}, took {:.2} s ({:.2}x)",
+                r.mem_mib,
+                r.scenario,
+                r.cap_mbit,
+                ms / 1000.0,
+                r.total_ms / 1000.0,
+                ms / r.total_ms.max(1.0)
             );
         }
     }

@@ -131,6 +131,14 @@ pub struct MigrateArgs {
     /// the guest waits meanwhile). Past that the guest is lost. 0: give up at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     postcopy_recovery: u64,
+    /// Move nothing: measure the link to the destination (which must be waiting, as for a
+    /// move) and the guest's dirty rate, and predict the total time, pause, bytes and mode
+    /// of a move with these settings.
+    #[arg(long)]
+    forecast: bool,
+    /// With --forecast: how long to watch the guest's memory, ms.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    sample_ms: u64,
     /// Name the move (default: a random id); the destination's outcome record uses it.
     #[arg(long)]
     id: Option<String>,
@@ -404,7 +412,7 @@ fn parse_disk_path(s: &str) -> Result<(usize, PathBuf), String> {
 
 fn migrate(a: MigrateArgs) -> Result<()> {
     let settings = MigrateSettings {
-        to: a.to,
+        to: a.to.clone(),
         downtime_ms: a.downtime_ms,
         bandwidth_mbit: a.bandwidth_mbit,
         timeout_s: a.timeout,
@@ -413,8 +421,8 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         } else {
             OnTimeout::Cancel
         },
-        migration_id: a.id.unwrap_or_default(),
-        tls: match (a.tls_dir, a.tls_peer) {
+        migration_id: a.id.clone().unwrap_or_default(),
+        tls: match (a.tls_dir.clone(), a.tls_peer.clone()) {
             (Some(dir), Some(peer)) => Some(ferry_api::MigrationTls { dir, peer }),
             _ => None,
         },
@@ -425,6 +433,9 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         },
         postcopy_recovery_s: a.postcopy_recovery,
     };
+    if a.forecast {
+        return forecast(&a, settings);
+    }
     let mut last: Option<MigrationProgress> = None;
     let mut error = None;
     let mut doubt_since: Option<std::time::Instant> = None;
@@ -536,6 +547,72 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     }
 }
 
+/// `vmm migrate --forecast`.
+fn forecast(a: &MigrateArgs, settings: MigrateSettings) -> Result<()> {
+    if !a.json {
+        eprintln!(
+            "ferry: measuring the link to {} and watching the guest's memory for {:.1} s; nothing moves",
+            settings.to,
+            a.sample_ms as f64 / 1000.0
+        );
+    }
+    let to = settings.to.clone();
+    let req = Request::MigrateForecast {
+        settings,
+        sample_ms: a.sample_ms,
+    };
+    let resp = api_server::call(&a.api.api, &req).with_context(|| {
+        format!(
+            "cannot reach the VMM at {} (is it running with --api?)",
+            a.api.api.display()
+        )
+    })?;
+    let f = match resp {
+        Response::Ok(ResponseBody::Forecast(f)) => f,
+        Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&f)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!("forecast for a move to {to}:");
+    println!(
+        "  measured: link {:.0} Mbit/s (round trip {:.2} ms); the guest dirties {} pages/s, {} pages ({:.1} MiB) over {:.1} s; first pass {:.1} MiB",
+        f.link_mbit,
+        f.rtt_ms,
+        f.dirty_rate_pps,
+        f.working_set_pages,
+        mib(f.working_set_pages * 4096),
+        f.sample_ms as f64 / 1000.0,
+        mib(f.first_pass_bytes)
+    );
+    let mode = match f.mode {
+        MigrationMode::Postcopy => format!(
+            "post-copy ({} pages after the switch-over)",
+            f.postcopy_pages
+        ),
+        _ => "pre-copy".into(),
+    };
+    println!("  mode: {mode}: {}", f.reason);
+    if f.converges {
+        println!(
+            "  predicted: {:.2} s total, pause {:.1} ms, {:.1} MiB sent, {} rounds after the first pass",
+            f.total_ms / 1000.0,
+            f.pause_ms,
+            mib(f.bytes),
+            f.rounds
+        );
+    } else {
+        println!(
+            "  predicted: does not converge within the time limit; try --mode auto or postcopy, a faster link, or --on-timeout force (pause {:.0} ms)",
+            f.pause_ms
+        );
+    }
+    Ok(())
+}
+
 fn call(api: &std::path::Path, req: Request) -> Result<()> {
     let resp = api_server::call(api, &req).with_context(|| {
         format!(
@@ -562,6 +639,10 @@ fn call(api: &std::path::Path, req: Request) -> Result<()> {
         }
         Response::Ok(ResponseBody::Migration(p)) => {
             println!("{}", serde_json::to_string(&p)?);
+            Ok(())
+        }
+        Response::Ok(ResponseBody::Forecast(f)) => {
+            println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }
         Response::Ok(ResponseBody::Mirrors(m)) => {

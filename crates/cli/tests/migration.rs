@@ -1226,3 +1226,84 @@ fn postcopy_without_its_destination_never_resumes_the_source() {
     );
     assert_source_keeps_a_paused_copy(&mut g);
 }
+
+/// `vmm migrate --forecast --json` with `extra`: the forecast as JSON.
+fn forecast(src: &Vmm, to: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--forecast", "--json", "--sample-ms", "2000"];
+    args.extend_from_slice(extra);
+    let out = migrate(src, to, &args);
+    assert!(out.status.success(), "forecast: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+fn total_s(out: &std::process::Output) -> f64 {
+    let t = String::from_utf8_lossy(&out.stdout);
+    t.split(" s total")
+        .next()
+        .and_then(|r| r.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no total in {t}"))
+}
+
+/// Forecast a move, check that it moved nothing, then move for real: the prediction names the
+/// mode the move used and its total time is within a factor of 2.
+fn forecast_then_move(lab: &Lab, g: &mut Guest, dir: &Path, port: u16, extra: &[&str]) {
+    let to = format!("{}:{port}", Lab::HOST_B_IP);
+    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir, &format!("f{port}"), &to, &[]);
+    let f = forecast(&g.vmm, &to, extra);
+    // Nothing moved: the destination still waits, the guest still runs here.
+    assert!(!dst.log().contains("receiving a"), "{}", dst.log());
+    assert_eq!(state(&g.vmm), "running");
+    g.hb.wait_more(20, T);
+    let out = migrate(&g.vmm, &to, extra);
+    let t = text(&out);
+    assert!(out.status.success(), "migrate: {t}");
+    let (predicted, real) = (f["total_ms"].as_f64().unwrap() / 1000.0, total_s(&out));
+    eprintln!("forecast {f}\nreal: {t}");
+    let mode = if t.contains("mode: post-copy") {
+        "postcopy"
+    } else {
+        "precopy"
+    };
+    assert_eq!(f["mode"], mode, "forecast {f}\nreal: {t}");
+    assert!(
+        (0.5..=2.0).contains(&(predicted / real)),
+        "predicted {predicted:.2} s, took {real:.2} s\nforecast {f}\nreal: {t}"
+    );
+    assert!(g.vmm.wait(T).success());
+    let mut con = Console::connect(&dst.com1);
+    verify(&mut con, 0);
+    con.send(b'p');
+    assert!(dst.wait(T).success());
+}
+
+/// The forecast moves nothing and predicts the move: a guest that out-dirties a 200 Mbit/s
+/// link (post-copy), and one that filled 64 MiB once and then stays idle (pre-copy), as in the
+/// benchmark's rows.
+#[test]
+fn the_forecast_moves_nothing_and_predicts_the_move_within_2x() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    let dir = tmp();
+    let disk = disk(dir.path());
+    let mut busy = start_guest(&lab, dir.path(), &disk, "");
+    verify(&mut busy.con, 1);
+    let capped = ["--mode", "auto", "--bandwidth-mbit", "200"];
+    forecast_then_move(&lab, &mut busy, dir.path(), 7788, &capped);
+
+    let dir2 = tmp();
+    let disk2 = disk_named(dir2.path(), "idle");
+    let mut idle = start(
+        &lab,
+        dir2.path(),
+        GuestSpec {
+            disks: vec![(&disk2, false)],
+            extra_cmdline: "dirty=64 rate=1",
+            ..Default::default()
+        },
+    );
+    verify(&mut idle.con, 0);
+    forecast_then_move(&lab, &mut idle, dir2.path(), 7791, &capped);
+}
