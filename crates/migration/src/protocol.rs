@@ -283,8 +283,15 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
     if len > max {
         return Err(ProtocolError::TooLong { command, len, max });
     }
-    // Grow the buffer as bytes arrive: a header alone must not make us allocate its length.
-    let mut payload = Vec::with_capacity((len as usize).min(1 << 20));
+    // Grow the buffer as bytes arrive: a header alone must not make us allocate its length
+    // beyond a few MiB (a full `Pages` message is allocated at once: regrowing it would copy
+    // every page again on the destination's busiest path).
+    let first = if command == Command::Pages {
+        max
+    } else {
+        1 << 20
+    };
+    let mut payload = Vec::with_capacity((len as usize).min(first as usize));
     r.take(len).read_to_end(&mut payload)?;
     if (payload.len() as u64) < len {
         return Err(ProtocolError::Truncated);

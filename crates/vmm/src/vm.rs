@@ -110,6 +110,9 @@ struct Migration {
     cancel: Arc<AtomicBool>,
     /// An in-doubt migration's outcome, once someone who read the record says it.
     resolve: Arc<Mutex<Option<ferry_api::Outcome>>>,
+    /// A forecast: set once it has let go of the dirty log and answered (its thread may
+    /// still be ending), so a move asked for right after it is not refused.
+    answered: Option<Arc<AtomicBool>>,
 }
 
 /// Host-side options that are not part of the VM's config.
@@ -697,9 +700,13 @@ impl Vm {
     }
 
     fn migrating(&self) -> bool {
-        self.migration
-            .as_ref()
-            .is_some_and(|m| !m.thread.is_finished())
+        self.migration.as_ref().is_some_and(|m| {
+            !m.thread.is_finished()
+                && !m
+                    .answered
+                    .as_ref()
+                    .is_some_and(|a| a.load(Ordering::SeqCst))
+        })
     }
 
     /// Serve one API request; returns whether the VMM should quit.
@@ -776,6 +783,7 @@ impl Vm {
                             progress: progress.clone(),
                             cancel,
                             resolve,
+                            answered: None,
                         });
                         if follow {
                             return false; // the migration thread answers, line by line
@@ -797,6 +805,8 @@ impl Vm {
                 let stop = cancel.clone();
                 let reply = reply.clone();
                 let sample = Duration::from_millis(sample_ms.clamp(250, 60_000));
+                let answered = Arc::new(AtomicBool::new(false));
+                let done = answered.clone();
                 // It holds the dirty log meanwhile: counted as a migration, so none starts.
                 match std::thread::Builder::new()
                     .name("migrate-forecast".into())
@@ -804,6 +814,7 @@ impl Vm {
                         let r = crate::migration::forecast::forecast(
                             &settings, &mem, &vm, sample, &stop,
                         );
+                        done.store(true, Ordering::SeqCst);
                         let _ = reply.send(match r {
                             Ok(f) => Response::Ok(ResponseBody::Forecast(f)),
                             Err(e) => Response::Error(error_chain(&e)),
@@ -815,6 +826,7 @@ impl Vm {
                             progress: Arc::new(Mutex::new(MigrationProgress::default())),
                             cancel,
                             resolve: Arc::new(Mutex::new(None)),
+                            answered: Some(answered),
                         });
                         return false; // the forecast thread answers
                     }

@@ -380,11 +380,15 @@ fn sample_dirty(
     Ok(DirtyCurve { points })
 }
 
-/// Bytes the first pass would send: every page that may hold data, zero ones as a mark.
-fn first_pass_bytes(mem: &GuestMemory) -> Result<u64, SendError> {
+/// Bytes the first pass would send: every page that may hold data, zero ones as a mark; and
+/// how fast this host reads and checks pages (bytes/s), which the sender does for each page it
+/// sends, besides writing it (`None` if too little was read to say).
+fn first_pass_bytes(mem: &GuestMemory) -> Result<(u64, Option<f64>), SendError> {
     let mut page = [0u8; PAGE_SIZE];
     let mut bytes = 0u64;
-    for gpa in memory::populated_pages(mem)? {
+    let pages = memory::populated_pages(mem)?;
+    let t0 = Instant::now();
+    for &gpa in &pages {
         mem.read_slice(&mut page, GuestAddress(gpa))
             .map_err(|e| SendError::Memory(memory::MemoryError::Access(e)))?;
         bytes += if protocol::is_zero(&page) {
@@ -393,7 +397,9 @@ fn first_pass_bytes(mem: &GuestMemory) -> Result<u64, SendError> {
             PAGE_WIRE as u64
         };
     }
-    Ok(bytes)
+    let read = (pages.len() * PAGE_SIZE) as f64;
+    let rate = (read >= f64::from(16 << 20)).then(|| read / t0.elapsed().as_secs_f64().max(1e-6));
+    Ok((bytes, rate))
 }
 
 /// Forecast a move of the guest in `mem` under `s`, sampling for `sample`.
@@ -422,9 +428,21 @@ pub fn forecast(
     }
     let (bw, rtt_ms) = probe(&s.to, s.bandwidth_mbit, tls.as_ref())?;
     let curve = sample_dirty(vm, mem, sample, cancel)?;
-    let first = first_pass_bytes(mem)?;
+    let (first, page_rate) = first_pass_bytes(mem)?;
+    // Sending a page costs reading it as well as the link's time (on a fast link the first
+    // outweighs the second).
+    let send_rate = match page_rate {
+        Some(c) => 1.0 / (1.0 / bw.max(1.0) + 1.0 / c),
+        None => bw,
+    };
+    tracing::debug!(
+        "forecast: link {:.0} Mbit/s, pages read at {:?} MB/s: {:.0} Mbit/s for pages",
+        bw * 8.0 / 1e6,
+        page_rate.map(|c| (c / 1e6) as u64),
+        send_rate * 8.0 / 1e6
+    );
     let m = Measured {
-        bw,
+        bw: send_rate,
         rtt_ms,
         first_pass_bytes: first,
         curve: curve.clone(),

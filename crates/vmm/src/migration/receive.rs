@@ -344,8 +344,8 @@ fn finish_again(mut t: Transport) {
     }
 }
 
-/// A forecast measures the link: count what arrives, answer each empty `Probe` with the
-/// count so far, until the source hangs up.
+/// A forecast measures the link: count what arrives (and put it in fresh memory, as pages
+/// are), answer each empty `Probe` with the count so far, until the source hangs up.
 fn answer_probe(t: &mut Transport, first: Frame) {
     t.set_io_timeout(Duration::from_secs(5));
     let mut got = first.payload.len() as u64;
@@ -361,7 +361,34 @@ fn answer_probe(t: &mut Transport, first: Frame) {
             Ok(Some(f)) => f,
             _ => return,
         };
+        // Do what a move does with pages: copy them into memory never touched before (a
+        // fresh mapping each time; the allocator would hand back the same pages).
+        into_fresh_memory(&f.payload);
         got += f.payload.len() as u64;
+    }
+}
+
+/// Copy `data` into a fresh anonymous mapping, then drop it.
+fn into_fresh_memory(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    // SAFETY: a new private anonymous mapping of `data.len()` bytes, written only within its
+    // length and unmapped before returning; nothing else refers to it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            data.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        std::ptr::copy_nonoverlapping(data.as_ptr(), p.cast::<u8>(), data.len());
+        libc::munmap(p, data.len());
     }
 }
 
