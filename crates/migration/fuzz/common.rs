@@ -303,6 +303,21 @@ pub fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
         &protocol::encode_bitmap(&words),
     );
     seeds.push(("postcopy-bitmap-out-of-range", c));
+    // Connection-opening messages of recovery and the forecast, where a move's stream is
+    // expected, and in the middle of post-copy.
+    let mut c = Vec::new();
+    frame(&mut c, Command::PostcopyResume, br#"{"migration_id":"m"}"#);
+    seeds.push(("resume-first", c));
+    let mut c = Vec::new();
+    frame(&mut c, Command::Probe, &[0u8; 4096]);
+    seeds.push(("probe-first", c));
+    let mut c = p[..p.len() - protocol::HEADER_LEN - 2].to_vec();
+    frame(
+        &mut c,
+        Command::PostcopyMissing,
+        &protocol::encode_bitmap(&[1]),
+    );
+    seeds.push(("postcopy-missing-mid-stream", c));
     seeds
 }
 
