@@ -806,6 +806,10 @@ impl Vm {
                 let reply = reply.clone();
                 let sample = Duration::from_millis(sample_ms.clamp(250, 60_000));
                 let answered = Arc::new(AtomicBool::new(false));
+                let progress = self.migration.as_ref().map_or_else(
+                    || Arc::new(Mutex::new(MigrationProgress::default())),
+                    |m| m.progress.clone(),
+                );
                 let done = answered.clone();
                 // It holds the dirty log meanwhile: counted as a migration, so none starts.
                 match std::thread::Builder::new()
@@ -823,7 +827,8 @@ impl Vm {
                     Ok(thread) => {
                         self.migration = Some(Migration {
                             thread,
-                            progress: Arc::new(Mutex::new(MigrationProgress::default())),
+                            // `MigrationStatus` goes on reporting the last real move.
+                            progress,
                             cancel,
                             resolve: Arc::new(Mutex::new(None)),
                             answered: Some(answered),
