@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_api::{
-    DiskConfig, MigrateSettings, MigrationMode, MigrationPhase, MigrationProgress, NetConfig,
-    OnTimeout, Outcome, Request, Response, ResponseBody, SerialBackend, VmConfig,
+    DiskConfig, MigrateSettings, MigrationForecast, MigrationMode, MigrationPhase,
+    MigrationProgress, NetConfig, OnTimeout, Outcome, Request, Response, ResponseBody,
+    SerialBackend, VmConfig,
 };
 use ferry_vmm::migration::receive::{Listen, ReceiveOptions};
 use ferry_vmm::{api_server, RestoreOverrides, RunOptions, Vm, VmExit};
@@ -136,7 +137,11 @@ pub struct MigrateArgs {
     /// of a move with these settings.
     #[arg(long)]
     forecast: bool,
-    /// With --forecast: how long to watch the guest's memory, ms.
+    /// Forecast first (as --forecast), then move, and set the forecast beside the outcome in
+    /// the report.
+    #[arg(long, conflicts_with = "forecast")]
+    forecast_first: bool,
+    /// With --forecast or --forecast-first: how long to watch the guest's memory, ms.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     sample_ms: u64,
     /// Name the move (default: a random id); the destination's outcome record uses it.
@@ -434,8 +439,24 @@ fn migrate(a: MigrateArgs) -> Result<()> {
         postcopy_recovery_s: a.postcopy_recovery,
     };
     if a.forecast {
-        return forecast(&a, settings);
+        let f = get_forecast(&a, &settings)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&f)?);
+        } else {
+            print_forecast(&settings.to, &f);
+        }
+        return Ok(());
     }
+    let predicted = match a.forecast_first {
+        true => {
+            let f = get_forecast(&a, &settings)?;
+            if !a.json {
+                print_forecast(&settings.to, &f);
+            }
+            Some(f)
+        }
+        false => None,
+    };
     let mut last: Option<MigrationProgress> = None;
     let mut error = None;
     let mut doubt_since: Option<std::time::Instant> = None;
@@ -535,6 +556,17 @@ fn migrate(a: MigrateArgs) -> Result<()> {
                 None => println!("mode: {how}"),
             }
         }
+        if let Some(f) = &predicted {
+            println!(
+                "forecast beforehand: {:.2} s {}, pause {:.1} ms, {:.1} MiB; it took {:.2} s ({:.2}x the forecast)",
+                f.total_ms / 1000.0,
+                mode_name(f.mode),
+                f.pause_ms,
+                f.bytes as f64 / f64::from(1 << 20),
+                p.elapsed_ms as f64 / 1000.0,
+                p.elapsed_ms as f64 / f.total_ms.max(1.0)
+            );
+        }
     }
     match p.phase {
         MigrationPhase::Done => {
@@ -547,8 +579,16 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     }
 }
 
-/// `vmm migrate --forecast`.
-fn forecast(a: &MigrateArgs, settings: MigrateSettings) -> Result<()> {
+fn mode_name(m: MigrationMode) -> &'static str {
+    match m {
+        MigrationMode::Postcopy => "post-copy",
+        MigrationMode::Precopy => "pre-copy",
+        MigrationMode::Auto => "auto",
+    }
+}
+
+/// Ask the VMM for a forecast of a move under `settings` (it moves nothing).
+fn get_forecast(a: &MigrateArgs, settings: &MigrateSettings) -> Result<MigrationForecast> {
     if !a.json {
         eprintln!(
             "ferry: measuring the link to {} and watching the guest's memory for {:.1} s; nothing moves",
@@ -556,9 +596,8 @@ fn forecast(a: &MigrateArgs, settings: MigrateSettings) -> Result<()> {
             a.sample_ms as f64 / 1000.0
         );
     }
-    let to = settings.to.clone();
     let req = Request::MigrateForecast {
-        settings,
+        settings: settings.clone(),
         sample_ms: a.sample_ms,
     };
     let resp = api_server::call(&a.api.api, &req).with_context(|| {
@@ -567,15 +606,14 @@ fn forecast(a: &MigrateArgs, settings: MigrateSettings) -> Result<()> {
             a.api.api.display()
         )
     })?;
-    let f = match resp {
-        Response::Ok(ResponseBody::Forecast(f)) => f,
+    match resp {
+        Response::Ok(ResponseBody::Forecast(f)) => Ok(f),
         Response::Error(e) => bail!("{e}"),
         other => bail!("unexpected answer: {other:?}"),
-    };
-    if a.json {
-        println!("{}", serde_json::to_string(&f)?);
-        return Ok(());
     }
+}
+
+fn print_forecast(to: &str, f: &MigrationForecast) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!("forecast for a move to {to}:");
     println!(
@@ -610,7 +648,6 @@ fn forecast(a: &MigrateArgs, settings: MigrateSettings) -> Result<()> {
             f.pause_ms
         );
     }
-    Ok(())
 }
 
 fn call(api: &std::path::Path, req: Request) -> Result<()> {

@@ -1306,4 +1306,28 @@ fn the_forecast_moves_nothing_and_predicts_the_move_within_2x() {
     );
     verify(&mut idle.con, 0);
     forecast_then_move(&lab, &mut idle, dir2.path(), 7791, &capped);
+
+    // --forecast-first sets the forecast beside the outcome in the move's report.
+    let dir3 = tmp();
+    let disk3 = disk_named(dir3.path(), "third");
+    let mut g = start_guest(&lab, dir3.path(), &disk3, "");
+    verify(&mut g.con, 1);
+    let to = format!("{}:7792", Lab::HOST_B_IP);
+    let mut dst = Vmm::receive_in(&lab.in_host_b(), dir3.path(), "t3", &to, &[]);
+    let out = migrate(
+        &g.vmm,
+        &to,
+        &["--mode", "auto", "--forecast-first", "--sample-ms", "1000"],
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "migrate: {t}");
+    assert!(
+        t.contains("forecast for a move to") && t.contains("forecast beforehand:"),
+        "{t}"
+    );
+    assert!(g.vmm.wait(T).success());
+    let mut con = Console::connect(&dst.com1);
+    verify(&mut con, 0);
+    con.send(b'p');
+    assert!(dst.wait(T).success());
 }
