@@ -118,6 +118,10 @@ fn accept_page_channel(
     while !stop.load(Ordering::SeqCst) {
         let s = match listener.accept() {
             Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait_for_connection(&listener, 10);
+                continue;
+            }
             Err(_) => {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -368,6 +372,18 @@ fn answer_probe(t: &mut Transport, first: Frame) {
     }
 }
 
+/// Wait up to `ms` for a connection on the (non-blocking) `listener`: returns as soon as one
+/// is there, rather than sleeping a fixed time between tries.
+fn wait_for_connection(listener: &TcpListener, ms: i32) {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
+
 /// Copy `data` into a fresh anonymous mapping, then drop it.
 fn into_fresh_memory(data: &[u8]) {
     if data.is_empty() {
@@ -473,7 +489,7 @@ pub fn receive(
                 if crate::vm::stop_requested() {
                     return Err(ReceiveError::NoSource(started.elapsed()).into());
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                wait_for_connection(&listener, 20);
             }
             Err(source) => {
                 return Err(ReceiveError::Listen {
@@ -567,6 +583,9 @@ pub fn receive(
                                         }
                                     }
                                 }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                wait_for_connection(&l, 20)
                             }
                             Err(_) => std::thread::sleep(Duration::from_millis(20)),
                         }
