@@ -24,7 +24,8 @@ use ferry_migration::protocol::{self, AckInfo, Command, ProtocolError, QueryInfo
 use vm_memory::{Bytes, GuestAddress};
 
 use super::send::{
-    SendError, MAX_ROUNDS, MAX_THROTTLE, POSTCOPY_RATIO, RESYNC_EVERY, SMALL_PAUSE_MS,
+    connect, SendError, CONNECT_TIMEOUT, MAX_ROUNDS, MAX_THROTTLE, POSTCOPY_RATIO, RESYNC_EVERY,
+    SMALL_PAUSE_MS,
 };
 use super::transport::{MigrationTls, Transport};
 use crate::kvm_vm::KvmVm;
@@ -274,16 +275,9 @@ pub fn simulate(s: &MigrateSettings, can_postcopy: bool, m: &Measured) -> Migrat
     f
 }
 
-fn connect(to: &str, tls: Option<&MigrationTls>) -> Result<Transport, SendError> {
-    Transport::connect(to, Duration::from_secs(10), tls).map_err(|source| SendError::Connect {
-        addr: to.into(),
-        source,
-    })
-}
-
 /// Ask the destination which protocol it speaks (a `Query` any receiver answers).
 fn peer_version(to: &str, tls: Option<&MigrationTls>) -> Result<u32, SendError> {
-    let mut t = connect(to, tls)?;
+    let mut t = connect(to, CONNECT_TIMEOUT, tls)?;
     t.set_io_timeout(Duration::from_secs(5));
     let q = QueryInfo {
         migration_id: "forecast".into(),
@@ -296,7 +290,7 @@ fn peer_version(to: &str, tls: Option<&MigrationTls>) -> Result<u32, SendError> 
 
 /// Measure the link to `to`: (bytes/s, round trip ms).
 fn probe(to: &str, cap_mbit: u64, tls: Option<&MigrationTls>) -> Result<(f64, f64), SendError> {
-    let mut t = connect(to, tls)?;
+    let mut t = connect(to, CONNECT_TIMEOUT, tls)?;
     t.set_io_timeout(Duration::from_secs(10));
     t.set_cap_mbit(cap_mbit);
     let ask = |t: &mut Transport| -> Result<u64, SendError> {

@@ -36,12 +36,12 @@ use ferry_api::{
     ResponseBody, VmConfig,
 };
 use ferry_migration::protocol::{
-    self, AckInfo, ChannelInfo, Command, ProtocolError, QueryInfo, RoundInfo, StartInfo, PAGE_SIZE,
+    self, AckInfo, ChannelInfo, Command, ProtocolError, QueryInfo, RoundInfo, StartInfo,
 };
 use ferry_migration::Envelope;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::forecast::Next;
+use super::forecast::{Next, PAGE_WIRE};
 use super::transport::{MigrationTls, Transport};
 use super::{CallReply, MigrationCall};
 use crate::event::Event;
@@ -68,6 +68,8 @@ const PUSH_IN_FLIGHT: u64 = 1 << 20;
 const PUSH_BATCH: usize = 128;
 /// Post-copy: a link that takes nothing for this long counts as broken (and is made again).
 const POSTCOPY_SILENCE: Duration = Duration::from_secs(10);
+/// How long connecting to the destination may take.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Post-copy recovery: how long one attempt to reach the destination again may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// While a round is under way, look at the dirty log this often, to skip pages that will have
@@ -325,7 +327,7 @@ impl Outgoing<'_> {
             }
             self.last_sync = Instant::now();
             let n = dirty.count();
-            let expected_ms = n as f64 * (PAGE_SIZE as f64 + 8.0) / bw.max(1.0) * 1000.0;
+            let expected_ms = n as f64 * PAGE_WIRE / bw.max(1.0) * 1000.0;
             self.ctx.update(|p| {
                 p.round = round;
                 p.dirty_pages = n;
@@ -348,7 +350,7 @@ impl Outgoing<'_> {
                 n,
                 prev: prev_dirty,
                 expected_ms,
-                ratio: n as f64 * (PAGE_SIZE as f64 + 8.0) / secs / bw.max(1.0),
+                ratio: n as f64 * PAGE_WIRE / secs / bw.max(1.0),
                 bw,
                 throttle,
                 out_of_time: deadline.is_some_and(|d| Instant::now() > d),
@@ -501,12 +503,7 @@ impl Outgoing<'_> {
             p.converged = true;
         });
         // The page connection, while the guest still runs: its handshake costs no pause.
-        let mut pc = Transport::connect(&to, Duration::from_secs(10), self.tls.as_ref()).map_err(
-            |source| SendError::Connect {
-                addr: to.clone(),
-                source,
-            },
-        )?;
+        let mut pc = connect(&to, CONNECT_TIMEOUT, self.tls.as_ref())?;
         self.say_hello(&mut pc)?;
         // The pages known to come again: the destination drops its stale copies now, while
         // the guest still runs here, not during the pause.
@@ -665,6 +662,8 @@ impl Outgoing<'_> {
     ) -> Result<(), SendError> {
         let mut batch = Vec::with_capacity(PUSH_BATCH);
         let (mut cursor, mut last_hint) = (0u64, 0u64);
+        // On an error, pages taken from `out.left` may not have arrived: a recovery replaces
+        // `out.left` with the destination's own list of what it lacks.
         loop {
             let h = out.hint.load(Ordering::Relaxed);
             if h != last_hint {
@@ -676,26 +675,15 @@ impl Outgoing<'_> {
             }
             let since = Instant::now();
             while self.t.unacked().is_some_and(|n| n > PUSH_IN_FLIGHT) {
-                if server.broken() || since.elapsed() > POSTCOPY_SILENCE {
-                    // Not sent after all: the pages are still to go (the destination's own
-                    // list says so too, after a recovery).
-                    for g in &batch {
-                        out.left.add(*g);
-                    }
-                    return Err(if server.broken() {
-                        SendError::PageChannelBroken
-                    } else {
-                        SendError::Silent(POSTCOPY_SILENCE)
-                    });
+                if server.broken() {
+                    return Err(SendError::PageChannelBroken);
+                }
+                if since.elapsed() > POSTCOPY_SILENCE {
+                    return Err(SendError::Silent(POSTCOPY_SILENCE));
                 }
                 std::thread::sleep(Duration::from_micros(100));
             }
-            if let Err(e) = self.write_pages(&batch) {
-                for g in &batch {
-                    out.left.add(*g);
-                }
-                return Err(e);
-            }
+            self.write_pages(&batch)?;
             if server.broken() {
                 return Err(SendError::PageChannelBroken);
             }
@@ -838,16 +826,8 @@ impl Outgoing<'_> {
     /// One try at resuming post-copy: a new main connection (`PostcopyResume`, answered with
     /// the pages the destination lacks), then a new page connection.
     fn resume(&mut self, out: &super::postcopy::Outgoing) -> Result<Transport, SendError> {
-        let to = self.ctx.settings.to.clone();
-        let connect = || {
-            Transport::connect(&to, RECONNECT_TIMEOUT, self.tls.as_ref()).map_err(|source| {
-                SendError::Connect {
-                    addr: to.clone(),
-                    source,
-                }
-            })
-        };
-        let mut t = connect()?;
+        let to = &self.ctx.settings.to;
+        let mut t = connect(to, RECONNECT_TIMEOUT, self.tls.as_ref())?;
         t.set_io_timeout(Duration::from_secs(5));
         let hello = ChannelInfo {
             migration_id: self.ctx.settings.migration_id.clone(),
@@ -872,7 +852,7 @@ impl Outgoing<'_> {
                 .into())
             }
         };
-        let mut pc = connect()?;
+        let mut pc = connect(to, RECONNECT_TIMEOUT, self.tls.as_ref())?;
         self.say_hello(&mut pc)?;
         t.set_io_timeout(super::transport::IO_TIMEOUT);
         t.set_cap_mbit(self.ctx.settings.bandwidth_mbit);
@@ -880,6 +860,18 @@ impl Outgoing<'_> {
         self.t = t;
         Ok(pc)
     }
+}
+
+/// Connect to the destination VMM at `to`.
+pub(super) fn connect(
+    to: &str,
+    timeout: Duration,
+    tls: Option<&MigrationTls>,
+) -> Result<Transport, SendError> {
+    Transport::connect(to, timeout, tls).map_err(|source| SendError::Connect {
+        addr: to.into(),
+        source,
+    })
 }
 
 /// A fresh migration id: 128 random bits in hex.
@@ -996,12 +988,7 @@ pub fn run(mut ctx: SendCtx) {
         },
         None => None,
     };
-    let connected = Transport::connect(&ctx.settings.to, Duration::from_secs(10), tls.as_ref())
-        .map_err(|source| SendError::Connect {
-            addr: ctx.settings.to.clone(),
-            source,
-        });
-    let (result, state) = match connected {
+    let (result, state) = match connect(&ctx.settings.to, CONNECT_TIMEOUT, tls.as_ref()) {
         Err(e) => (Err(e), None),
         Ok(mut t) => {
             t.set_cap_mbit(ctx.settings.bandwidth_mbit);
