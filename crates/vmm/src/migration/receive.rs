@@ -159,81 +159,102 @@ struct PostcopyRx {
     relinks: Arc<Relinks>,
 }
 
-/// Post-copy recovery on the destination: where the replacements of broken connections
-/// arrive (the listener's thread hands them over), and the sockets they replace.
+/// Post-copy recovery on the destination: the two connections to the source, each of which
+/// the listener's thread replaces when the source makes it again.
 struct Relinks {
     id: String,
     /// How long a broken connection is waited for; zero: not at all.
     limit: Duration,
-    main: Mutex<Option<TcpStream>>,
-    pages: Mutex<Option<TcpStream>>,
-    main_tx: Mutex<mpsc::Sender<Transport>>,
-    main_rx: Mutex<mpsc::Receiver<Transport>>,
-    pages_tx: Mutex<mpsc::Sender<Transport>>,
-    pages_rx: Mutex<mpsc::Receiver<Transport>>,
+    main: Link,
+    pages: Link,
     /// Every page is here and the source was told.
     done: AtomicBool,
 }
 
-impl Relinks {
-    fn new(id: String, limit: Duration) -> Relinks {
-        let (main_tx, main_rx) = mpsc::channel();
-        let (pages_tx, pages_rx) = mpsc::channel();
-        Relinks {
-            id,
-            limit,
-            main: Mutex::new(None),
-            pages: Mutex::new(None),
-            main_tx: Mutex::new(main_tx),
-            main_rx: Mutex::new(main_rx),
-            pages_tx: Mutex::new(pages_tx),
-            pages_rx: Mutex::new(pages_rx),
-            done: AtomicBool::new(false),
+/// One post-copy connection: the socket in use, and where its replacement arrives.
+struct Link {
+    name: &'static str,
+    current: Mutex<Option<TcpStream>>,
+    tx: mpsc::Sender<Transport>,
+    rx: Mutex<mpsc::Receiver<Transport>>,
+}
+
+impl Link {
+    fn new(name: &'static str) -> Link {
+        let (tx, rx) = mpsc::channel();
+        Link {
+            name,
+            current: Mutex::new(None),
+            tx,
+            rx: Mutex::new(rx),
         }
     }
 
-    /// Remember `t` as the current connection of its kind.
-    fn track(slot: &Mutex<Option<TcpStream>>, t: &Transport) {
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = t.socket().ok();
+    /// `t` is the connection in use now.
+    fn track(&self, t: &Transport) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = t.socket().ok();
     }
 
-    /// A replacement arrived: close the connection it replaces (which may hang on a silent
-    /// link) and hand it over.
-    fn arrived(slot: &Mutex<Option<TcpStream>>, tx: &Mutex<mpsc::Sender<Transport>>, t: Transport) {
-        if let Some(old) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    /// Close the connection in use (which may hang on a silent link).
+    fn close(&self) {
+        if let Some(old) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
-        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(t);
     }
 
-    /// Wait for the replacement of a broken connection, up to the limit; `None` past it, or
+    /// A replacement arrived: close the one it replaces and hand it over.
+    fn arrived(&self, t: Transport) {
+        self.close();
+        let _ = self.tx.send(t);
+    }
+
+    /// Wait up to `limit` for the replacement of this broken connection; `None` past it, or
     /// when `give_up` says so.
     fn wait(
         &self,
-        what: &str,
+        limit: Duration,
         e: &ProtocolError,
-        rx: &Mutex<mpsc::Receiver<Transport>>,
-        slot: &Mutex<Option<TcpStream>>,
         give_up: impl Fn() -> bool,
     ) -> Option<Transport> {
-        if self.limit.is_zero() {
+        if limit.is_zero() {
             return None;
         }
         eprintln!(
-            "ferry: post-copy: the {what} connection to the source broke ({e}); the guest waits \
+            "ferry: post-copy: the {} connection to the source broke ({e}); the guest waits \
              for its missing pages; waiting up to {} s for the source to reconnect",
-            self.limit.as_secs()
+            self.name,
+            limit.as_secs()
         );
-        let deadline = Instant::now() + self.limit;
-        let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + limit;
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         while Instant::now() < deadline && !give_up() {
             if let Ok(t) = rx.recv_timeout(Duration::from_millis(100)) {
-                Relinks::track(slot, &t);
-                eprintln!("ferry: post-copy: the source reconnected ({what} connection)");
+                self.track(&t);
+                eprintln!(
+                    "ferry: post-copy: the source reconnected ({} connection)",
+                    self.name
+                );
                 return Some(t);
             }
         }
         None
+    }
+}
+
+impl Relinks {
+    fn new(id: String, limit: Duration) -> Relinks {
+        Relinks {
+            id,
+            limit,
+            main: Link::new("main"),
+            pages: Link::new("page"),
+            done: AtomicBool::new(false),
+        }
     }
 }
 
@@ -316,9 +337,9 @@ fn serve_after_commit(
                 let done = r.done.load(Ordering::SeqCst);
                 match f.command {
                     Command::PostcopyResume if done => finish_again(t),
-                    Command::PostcopyResume => Relinks::arrived(&r.main, &r.main_tx, t),
+                    Command::PostcopyResume => r.main.arrived(t),
                     _ if done => {}
-                    _ => Relinks::arrived(&r.pages, &r.pages_tx, t),
+                    _ => r.pages.arrived(t),
                 }
             }
             (Command::PostcopyResume, _) => {
@@ -618,7 +639,7 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
     let started = Instant::now();
     let mut state = ReceiverState::Postcopy;
     let relinks = pc.relinks.clone();
-    Relinks::track(&relinks.main, &t);
+    relinks.main.track(&t);
     // The source pushes without a break until it is done: a silent link shows within this.
     t.set_io_timeout(Duration::from_secs(10));
     let result = (|| -> Result<(), VmError> {
@@ -640,9 +661,7 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
                         e => e,
                     };
                     let faults_gone = || pc.faults.as_ref().is_none_or(|f| f.is_finished());
-                    let Some(nt) =
-                        relinks.wait("main", &e, &relinks.main_rx, &relinks.main, faults_gone)
-                    else {
+                    let Some(nt) = relinks.main.wait(relinks.limit, &e, faults_gone) else {
                         return Err(if relinks.limit.is_zero() {
                             ReceiveError::from(e).into()
                         } else {
@@ -709,14 +728,7 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
     pc.incoming.stop.store(true, Ordering::SeqCst);
     if result.is_err() {
         // The fault thread may hang on a silent page connection: end it now.
-        if let Some(s) = relinks
-            .pages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        relinks.pages.close();
     }
     let faults = pc.faults.take().map(|f| f.join());
     result?;
@@ -931,7 +943,7 @@ fn receive_on(
                     hello.migration_id.clone(),
                     Duration::from_millis(hello.recovery_ms.unwrap_or(0)),
                 ));
-                Relinks::track(&relinks.pages, &pc);
+                relinks.pages.track(&pc);
                 let t_prep = Instant::now();
                 let incoming = match prepared_pc.take() {
                     Some(i) => i,
@@ -956,8 +968,7 @@ fn receive_on(
                         let (i, m, r) = (incoming.clone(), m.clone(), relinks.clone());
                         move || {
                             let stop = || i.stop.load(Ordering::SeqCst);
-                            let relink =
-                                |e: &ProtocolError| r.wait("page", e, &r.pages_rx, &r.pages, stop);
+                            let relink = |e: &ProtocolError| r.pages.wait(r.limit, e, stop);
                             let r = i.serve_faults(pc, &m, relink);
                             if let Err(e) = &r {
                                 tracing::error!("post-copy: fetching pages failed: {e}");
