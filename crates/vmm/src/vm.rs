@@ -719,10 +719,14 @@ impl Vm {
         let incomplete = !self.memory_complete.load(Ordering::SeqCst);
         let r = match req {
             Request::Status => Ok(ResponseBody::Status(self.status())),
-            Request::Save { .. } | Request::Migrate { .. } if incomplete => Err(VmError::Busy(
-                "the VM arrived by post-copy and part of its memory is still on its way here; \
+            Request::Save { .. } | Request::Migrate { .. } | Request::MigrateForecast { .. }
+                if incomplete =>
+            {
+                Err(VmError::Busy(
+                    "the VM arrived by post-copy and part of its memory is still on its way here; \
                  try again once the move is complete",
-            )),
+                ))
+            }
             Request::Pause | Request::Resume | Request::Save { .. } if self.migrating() => busy(),
             Request::Pause => self.pause().map(|_| ResponseBody::Status(self.status())),
             Request::Resume => self.resume().map(|_| ResponseBody::Status(self.status())),
