@@ -624,24 +624,31 @@ function sharesView() {
   main.replaceChildren(h('h1', {}, 'Shares'));
   const holder = h('div', {});
   main.append(holder);
-  // Each share's last message, kept across redraws.
+  // Each share's last message and the host and access being chosen in its grant form, kept
+  // across redraws: the overview redraws the page whenever anything changes.
   const notes = new Map();
+  const choices = new Map();
+  let drawn = null;
   const update = () => {
     if (!overview) return;
     const servers = overview.file_servers || [];
     if (!servers.length) {
       holder.replaceChildren(h('p', {}, 'No file server. Start one with ', h('code', {}, 'ferry share run'),
         ', enrol it in the cluster, or give ', h('code', {}, 'ferry ui --share-server ADDRESS'), '.'));
+      drawn = null;
       return;
     }
-    // Not while a host or an access level is being chosen; a redraw would undo the choice.
+    // Only when something changed, and not while a host or an access level is being chosen.
+    const seen = JSON.stringify([servers, overview.hosts.map((x) => x.name)]);
+    if (seen === drawn) return;
     const a = document.activeElement;
     if (a && holder.contains(a) && a.matches('input, select, textarea')) return;
+    drawn = seen;
     const focused = a && holder.contains(a) ? a.getAttribute('aria-label') || a.id : null;
     holder.replaceChildren(...servers.map((s) => {
       if (!s.shares) return h('section', { class: 'card' }, h('h2', {}, s.title), alertBox(`cannot reach ${s.name}: ${s.error}`));
       if (!s.shares.shares.length) return h('section', { class: 'card' }, h('h2', {}, s.title), h('p', {}, 'No shares.'));
-      return s.shares.shares.map((sh) => shareCard(s, sh, notes));
+      return s.shares.shares.map((sh) => shareCard(s, sh, notes, choices));
     }).flat());
     // Keep the keyboard where it was (a Grant button, say) when it is still there.
     if (focused) [...holder.querySelectorAll('button')].find((b) => (b.getAttribute('aria-label') || b.id) === focused)?.focus();
@@ -650,7 +657,7 @@ function sharesView() {
   return { update };
 }
 
-function shareCard(s, sh, notes) {
+function shareCard(s, sh, notes, choices) {
   const id = `share-${slug(s.name)}-${slug(sh.name)}`;
   const base = `/shares/${encodeURIComponent(s.name)}/shares/${encodeURIComponent(sh.name)}`;
   const status = notes.get(id) || h('div', { role: 'status' });
@@ -658,6 +665,12 @@ function shareCard(s, sh, notes) {
   const access = Object.entries(sh.access);
   const hostSel = h('select', {}, overview.hosts.map((x) => h('option', { value: x.name }, x.name)));
   const accSel = h('select', {}, h('option', { value: 'read' }, 'read'), h('option', { value: 'write' }, 'read and write'));
+  const chosen = choices.get(id) || {};
+  if (chosen.host && overview.hosts.some((x) => x.name === chosen.host)) hostSel.value = chosen.host;
+  if (chosen.access) accSel.value = chosen.access;
+  const remember = () => choices.set(id, { host: hostSel.value, access: accSel.value });
+  hostSel.addEventListener('change', remember);
+  accSel.addEventListener('change', remember);
   const grant = h('form', { 'aria-label': `Grant access to ${sh.name}` },
     field(`${id}-host`, 'Host', hostSel), field(`${id}-access`, 'Access', accSel),
     h('div', { class: 'actions' }, h('button', { type: 'submit', id: `${id}-grant` }, 'Grant')), status);
