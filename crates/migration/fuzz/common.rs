@@ -4,7 +4,8 @@
 //!
 //! It mirrors `crates/vmm/src/migration/receive.rs::receive_on`: read_frame -> state.next ->
 //! by command: Start -> check_start; Config -> parse (a JSON value stands in for `VmConfig`);
-//! Pages -> decode_pages against a simulated guest memory; RoundEnd -> parse::<RoundInfo>;
+//! Pages -> decode_pages against a simulated guest memory; Packed -> decode_packed, deltas
+//! applied to a scratch page; RoundEnd -> parse::<RoundInfo>;
 //! State -> Envelope::MigrationState.decode (a JSON value stands in for `Snapshot`);
 //! Commit / Cancel end the stream. Acks are not written (there is no peer).
 //!
@@ -16,7 +17,7 @@
 use ferry_migration::protocol::{
     self, Command, ProtocolError, ReceiverState, RoundInfo, StartInfo, PAGE_SIZE,
 };
-use ferry_migration::{Envelope, EnvelopeError};
+use ferry_migration::{pack, Envelope, EnvelopeError};
 
 /// Simulated guest memory: one region `[0, GUEST_MEMORY)`; only bounds are checked.
 pub const GUEST_MEMORY: u64 = 64 << 20;
@@ -59,6 +60,7 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
     let mut state = ReceiverState::AwaitStart;
     let mut got = Received::default();
     let mut have_memory = false;
+    let mut scratch = Vec::new();
     loop {
         let frame = protocol::read_frame(r)?.ok_or(ProtocolError::Truncated)?;
         let before = state;
@@ -94,6 +96,29 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
                 assert!(n <= protocol::MAX_PAGES_PER_MESSAGE);
                 got.pages += n as u64;
                 got.zero_pages += zero_pages;
+            }
+            Command::Packed => {
+                assert!(have_memory, "Packed accepted before Config");
+                let mut page = vec![0u8; PAGE_SIZE];
+                let mut calls = 0u64;
+                let n = pack::decode_packed(&frame.payload, valid_page, &mut scratch, |gpa, p| {
+                    assert!(
+                        valid_page(gpa),
+                        "sink got page {gpa:#x} outside guest memory"
+                    );
+                    calls += 1;
+                    match p {
+                        pack::Page::Zero => got.zero_pages += 1,
+                        pack::Page::Full(d) => assert_eq!(d.len(), PAGE_SIZE),
+                        pack::Page::Delta(d) => {
+                            pack::apply_delta(&mut page, d).map_err(pack::bad_delta)?
+                        }
+                    }
+                    Ok(())
+                })?;
+                assert_eq!(n as u64, calls, "count != sink calls");
+                assert!(n <= protocol::MAX_PAGES_PER_MESSAGE);
+                got.pages += n as u64;
             }
             Command::RoundEnd => {
                 let _: RoundInfo = protocol::parse(&frame)?;
@@ -318,6 +343,36 @@ pub fn receive_seeds() -> Vec<(&'static str, Vec<u8>)> {
         &protocol::encode_bitmap(&[1]),
     );
     seeds.push(("postcopy-missing-mid-stream", c));
+    // Compressed pages (version 5): a full page, a delta and a zero page, through lz4; then a
+    // message whose one delta runs past its page (skip 512 words, copy 1).
+    let with = |payload: &[u8]| {
+        let mut c = v[..state_at].to_vec();
+        frame(&mut c, Command::Packed, payload);
+        c.extend_from_slice(&v[state_at..]);
+        c
+    };
+    let mut p = pack::Packer::default();
+    let data: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 7) as u8).collect();
+    p.slot().copy_from_slice(&data);
+    p.keep_full(0x3000);
+    let mut changed = data.clone();
+    changed[8..24].fill(0xee);
+    p.slot().copy_from_slice(&changed);
+    let mut scratch = Vec::new();
+    assert!(p.keep_delta(0x3000, &data, &mut scratch));
+    p.slot().fill(0);
+    p.keep_zero(0x4000);
+    let (head, body, _) = p.finish(true);
+    let good = [head, body].concat();
+    let delta = [&[0x80u8, 0x04, 0x01][..], &[0xaa; 8]].concat();
+    let mut bad = 1u32.to_le_bytes().to_vec();
+    bad.extend_from_slice(&(0x3000u64 | pack::PAGE_DELTA).to_le_bytes());
+    bad.push(pack::CODEC_RAW);
+    bad.extend_from_slice(&(2 + delta.len() as u32).to_le_bytes());
+    bad.extend_from_slice(&(delta.len() as u16).to_le_bytes());
+    bad.extend_from_slice(&delta);
+    seeds.push(("packed", with(&good)));
+    seeds.push(("packed-delta-past-the-page", with(&bad)));
     seeds
 }
 

@@ -5,12 +5,14 @@
 //!   restored from it.
 //! - [`persist`]: the one save/restore trait every stateful piece of a VM implements;
 //! - [`protocol`]: the live-migration wire protocol (framing, page lists, receiver state machine);
+//! - [`pack`]: pages sent compressed (`Packed`: deltas and lz4);
 //! - [`outcome`]: a move's one durable decision (committed or aborted), written once.
 //!
 //! This crate has no KVM dependency: it is unit-tested (and later fuzzed) on its own.
 
 pub mod envelope;
 pub mod outcome;
+pub mod pack;
 pub mod persist;
 pub mod protocol;
 

@@ -87,7 +87,9 @@
 //! connection that breaks during post-copy is made again by the source (`PostcopyResume` on a
 //! new connection, answered with `PostcopyMissing`, the bitmap of pages the destination still
 //! lacks, then a new page connection), within the time `ChannelInfo::recovery_ms` names; and
-//! `Probe`, with which a forecast measures the link without moving anything.
+//! `Probe`, with which a forecast measures the link without moving anything. Version 5 added
+//! `Packed`, pages sent compressed (deltas against the destination's copy, lz4; see
+//! [`crate::pack`]), which a source sends only to a version-5 destination, in pre-copy.
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -110,7 +112,7 @@ pub const MAGIC: u32 = 0x4749_4d46;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The oldest version it accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// The first version with post-copy.
@@ -119,6 +121,8 @@ pub const POSTCOPY_VERSION: u32 = 3;
 pub const PROBE_CHUNK: usize = 1 << 20;
 /// The first version whose post-copy survives a broken connection (and that answers `Probe`).
 pub const RECOVERY_VERSION: u32 = 4;
+/// The first version that takes `Packed` (compressed pages).
+pub const PACKED_VERSION: u32 = 5;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` message.
@@ -161,6 +165,8 @@ pub enum Command {
     /// nothing. Each empty `Probe` is answered with an Ack whose message is the payload bytes
     /// received on the connection so far; the receiver throws the payloads away.
     Probe = 16,
+    /// Version 5: pages sent compressed (deltas and lz4), see [`crate::pack`].
+    Packed = 17,
     Ack = 64,
 }
 
@@ -183,6 +189,7 @@ impl Command {
             14 => Command::PostcopyResume,
             15 => Command::PostcopyMissing,
             16 => Command::Probe,
+            17 => Command::Packed,
             64 => Command::Ack,
             _ => return None,
         })
@@ -206,6 +213,7 @@ impl Command {
             Command::PageRequest => (4 + MAX_PAGES_PER_MESSAGE * 8) as u64,
             Command::Config | Command::Probe => 1 << 20,
             Command::Pages => (4 + MAX_PAGES_PER_MESSAGE * (8 + PAGE_SIZE)) as u64,
+            Command::Packed => crate::pack::MAX_PAYLOAD as u64,
             Command::State => crate::envelope::MAX_PAYLOAD + crate::envelope::HEADER_LEN as u64,
             Command::Commit => 0,
         }
@@ -286,7 +294,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
     // Grow the buffer as bytes arrive: a header alone must not make us allocate its length
     // beyond a few MiB (a full `Pages` message is allocated at once: regrowing it would copy
     // every page again on the destination's busiest path).
-    let first = if command == Command::Pages {
+    let first = if matches!(command, Command::Pages | Command::Packed) {
         max
     } else {
         1 << 20
@@ -299,19 +307,31 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
     Ok(Some(Frame { command, payload }))
 }
 
+/// Write one frame whose payload is `parts`, one after the other.
+pub fn write_frame_parts(
+    w: &mut impl Write,
+    command: Command,
+    parts: &[&[u8]],
+) -> Result<(), ProtocolError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&(command as u16).to_le_bytes());
+    h[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+    w.write_all(&h)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
+}
+
 /// Write one frame.
 pub fn write_frame(
     w: &mut impl Write,
     command: Command,
     payload: &[u8],
 ) -> Result<(), ProtocolError> {
-    let mut h = [0u8; HEADER_LEN];
-    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    h[4..6].copy_from_slice(&(command as u16).to_le_bytes());
-    h[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    w.write_all(&h)?;
-    w.write_all(payload)?;
-    Ok(())
+    write_frame_parts(w, command, &[payload])
 }
 
 /// `Start`: who is talking and what is coming.
@@ -506,7 +526,7 @@ impl ReceiverState {
             (S::AwaitStart, C::Start) => S::AwaitConfig,
             (S::AwaitStart, C::Query) => S::Done,
             (S::AwaitConfig, C::Config) => S::Memory,
-            (S::Memory, C::Pages | C::RoundEnd) => S::Memory,
+            (S::Memory, C::Pages | C::Packed | C::RoundEnd) => S::Memory,
             (S::Memory, C::State) => S::AwaitCommit,
             (S::AwaitCommit, C::Commit) => S::Done,
             (S::Memory, C::PostcopyPrepare) => S::PostcopyPrepared,

@@ -65,6 +65,9 @@ fn generated_seeds_behave() {
         } else if *name == "postcopy" {
             let r = r.expect("the post-copy stream is accepted");
             assert_eq!((r.pages, r.zero_pages, r.rounds), (4, 1, 1));
+        } else if *name == "packed" {
+            let r = r.expect("the stream with compressed pages is accepted");
+            assert_eq!((r.pages, r.zero_pages, r.rounds), (5, 2, 1));
         } else {
             assert!(r.is_err(), "{name} accepted");
         }
