@@ -281,6 +281,7 @@ struct Config {
     hb: u8,
     dirty_mib: u64,
     rate: u64,
+    touch: u64,
     disk: Option<blk::Mode>,
     flush: u64,
     qd: usize,
@@ -342,6 +343,7 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
         hb: 2,
         dirty_mib: 0,
         rate: 0,
+        touch: 512,
         disk: None,
         flush: 1,
         qd: 4,
@@ -380,6 +382,13 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
             },
             b"dirty" => parse_num(v).map(|n| c.dirty_mib = n).is_some(),
             b"rate" => parse_num(v).map(|n| c.rate = n).is_some(),
+            b"touch" => match parse_num(v) {
+                Some(n @ 1..=512) => {
+                    c.touch = n;
+                    true
+                }
+                _ => false,
+            },
             b"disk" => match v {
                 b"off" => {
                     c.disk = None;
@@ -468,16 +477,27 @@ struct Dirty {
     rate: u64,
     rate_t0: u64,
     rate_done: u64,
+    /// Words a rewrite changes (`touch=`); the rest of the page keeps its first value.
+    touch: u64,
 }
 
 impl Dirty {
+    /// Word `i` of page `p` at generation `gen`.
+    fn expected(&self, p: u64, gen: u32, i: u64) -> u64 {
+        if i < self.touch {
+            word(page_seed(p, gen), i)
+        } else {
+            page_seed(p, 0)
+        }
+    }
+
     #[inline(never)]
     fn write_page(&self, p: u64, gen: u32) {
-        let seed = page_seed(p, gen);
         let ptr = (self.base + p * PAGE) as *mut u64;
-        for i in 0..512u64 {
+        let words = if gen == 0 { 512 } else { self.touch };
+        for i in 0..words {
             // SAFETY: page p lies inside the working set, which we own.
-            unsafe { ptr.add(i as usize).write(word(seed, i)) };
+            unsafe { ptr.add(i as usize).write(self.expected(p, gen, i)) };
         }
     }
 
@@ -503,12 +523,12 @@ impl Dirty {
     /// First mismatch as (word index, expected, got).
     #[inline(never)]
     fn check_page(&self, p: u64) -> Option<(u64, u64, u64)> {
-        let seed = page_seed(p, self.gen(p));
+        let g = self.gen(p);
         let ptr = (self.base + p * PAGE) as *const u64;
         let mut bad = false;
         for i in 0..512u64 {
             // SAFETY: as write_page.
-            bad |= unsafe { ptr.add(i as usize).read() } != word(seed, i);
+            bad |= unsafe { ptr.add(i as usize).read() } != self.expected(p, g, i);
         }
         if !bad {
             return None;
@@ -516,8 +536,8 @@ impl Dirty {
         for i in 0..512u64 {
             // SAFETY: as write_page.
             let got = unsafe { ptr.add(i as usize).read_volatile() };
-            if got != word(seed, i) {
-                return Some((i, word(seed, i), got));
+            if got != self.expected(p, g, i) {
+                return Some((i, self.expected(p, g, i), got));
             }
         }
         None
@@ -800,6 +820,7 @@ fn bsp_main(proto: u64, info: u64) -> ! {
             rate: cfg.rate,
             rate_t0: 0,
             rate_done: 0,
+            touch: cfg.touch,
         };
         for p in 0..d.pages {
             d.set_gen(p, 0);

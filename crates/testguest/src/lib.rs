@@ -49,6 +49,7 @@
 //! | `hb=0\|1\|2` | 2 | heartbeat UART: off, COM1 (0x3f8), COM2 (0x2f8) |
 //! | `dirty=MIB` | 0 | memory-dirtier working set in MiB (0 = none) |
 //! | `rate=PAGES_PER_SEC` | 0 | dirtier pace (0 = flat out) |
+//! | `touch=WORDS` | 512 | 64-bit words of a page each rewrite changes, 1..=512 (fewer: pages that compress and delta well) |
 //! | `virtio_mmio.device=SIZE@BASE:IRQ` | – | a virtio-mmio window, as Linux/Firecracker: SIZE decimal or `0x` hex with optional `K`/`M`/`G`, BASE `0x` hex below 4 GiB, optional `:ID` ignored; may repeat (at most 8 kept) |
 //! | `disk=off\|write\|verify` | `off` | disk writer/verifier on the first virtio-blk device |
 //! | `flush=N` | 1 | `disk=write`: FLUSH after every N acknowledged records (0 = only when the disk is full) |
@@ -138,6 +139,10 @@
 //! order (wrapping): generation += 1, then the page is rewritten so that
 //! 64-bit word `i` = `seed(page, gen) + i * 0x9E3779B97F4A7C15` (wrapping),
 //! `seed` = splitmix64 finaliser of `(page << 32 | gen) ^ 0x5EEDF0E77E570001`.
+//! With `touch=K` below 512 only words `0..K` follow that rule; words `K..512`
+//! hold `seed(page, 0)` from the first fill on and a rewrite leaves them alone
+//! (a page that changes a little at a time, as a real guest's often do: it
+//! compresses well and its change since the last copy is small).
 //! Flat out (`rate=0`) it rewrites one page per main-loop iteration;
 //! otherwise it paces by TSC (resynchronising if more than ~100 ms behind).
 //!
