@@ -157,6 +157,9 @@ pub struct VmStatus {
 }
 
 /// A VMM's answer.
+// One answer per request or progress step, serialised at once: its size in memory does not
+// matter, and boxing the body would only complicate every match on it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
@@ -239,6 +242,28 @@ pub struct MigrateSettings {
     /// they give up (the guest waits meanwhile); 0 = give up at once.
     #[serde(default = "default_recovery")]
     pub postcopy_recovery_s: u64,
+    /// Whether pages go compressed (deltas against the copy sent before, lz4).
+    #[serde(default)]
+    pub compression: Compression,
+    /// The cache of pages sent, for deltas, in MiB; 0 = a quarter of guest memory, at most
+    /// 1 GiB.
+    #[serde(default)]
+    pub delta_cache_mib: u64,
+}
+
+/// Whether a migration compresses the pages it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Where the sender measures that it pays: a page sent before goes as a delta when the
+    /// guest changed little of it; lz4 is used while it moves more pages per second than
+    /// sending them as they are (so a fast link never gets slower).
+    #[default]
+    Auto,
+    /// Never (pages go as they are; zero pages are always skipped).
+    Off,
+    /// Deltas and lz4 on every message, measured or not.
+    On,
 }
 
 /// How a VMM secures a migration stream.
@@ -309,6 +334,8 @@ impl MigrateSettings {
             tls: None,
             mode: MigrationMode::Auto,
             postcopy_recovery_s: default_recovery(),
+            compression: Compression::Auto,
+            delta_cache_mib: 0,
         }
     }
 }
@@ -379,4 +406,18 @@ pub struct MigrationProgress {
     /// the destination waits for its missing pages meanwhile).
     #[serde(default)]
     pub postcopy_reconnecting: bool,
+    /// Pages sent as deltas against the copy the destination had.
+    #[serde(default)]
+    pub delta_pages: u64,
+    /// Bytes those deltas took (a page is 4096).
+    #[serde(default)]
+    pub delta_bytes: u64,
+    /// Bytes of pages and deltas that went through lz4, and what lz4 made of them.
+    #[serde(default)]
+    pub lz4_in_bytes: u64,
+    #[serde(default)]
+    pub lz4_out_bytes: u64,
+    /// What compression did and why (`auto`), for the report.
+    #[serde(default)]
+    pub compression_note: Option<String>,
 }

@@ -15,7 +15,7 @@ pub use config::{
     SerialBackend, VmConfig, DEFAULT_STALL_LIMIT_S, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 pub use control::{
-    MigrateSettings, MigrationForecast, MigrationMode, MigrationPhase, MigrationProgress,
-    MigrationTls, MirrorProgress, MirrorState, MirrorSwitched, OnTimeout, Outcome, Request,
-    Response, ResponseBody, VmRunState, VmStatus,
+    Compression, MigrateSettings, MigrationForecast, MigrationMode, MigrationPhase,
+    MigrationProgress, MigrationTls, MirrorProgress, MirrorState, MirrorSwitched, OnTimeout,
+    Outcome, Request, Response, ResponseBody, VmRunState, VmStatus,
 };

@@ -39,11 +39,16 @@ pub struct MigrateArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [1024u64, 4096])]
     memory: Vec<u64>,
     /// Scenarios: idle (nothing populated), idle-populated (a 256 MiB working set filled once,
-    /// then left alone, as any real VM's RAM is), 100MiB/s, flat-out (ignored with --quick).
+    /// then left alone, as any real VM's RAM is), 100MiB/s, flat-out (rewriting whole pages),
+    /// flat-out-sparse (flat out over the same working set, each rewrite changing 64 bytes of
+    /// its page, as a guest updating records in place does) (ignored with --quick).
     #[arg(long, value_delimiter = ',',
-          default_values = ["idle", "idle-populated", "100MiB/s", "flat-out"],
-          value_parser = ["idle", "idle-populated", "100MiB/s", "flat-out"])]
+          default_values = ["idle", "idle-populated", "100MiB/s", "flat-out", "flat-out-sparse"],
+          value_parser = ["idle", "idle-populated", "100MiB/s", "flat-out", "flat-out-sparse"])]
     scenarios: Vec<String>,
+    /// Compression for ferry's rows (`ferry vmm migrate --compression`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off", "on"])]
+    compression: String,
     /// The migration stream of ferry's rows: plain, tls, or both side by side.
     #[arg(long, default_value = "both", value_parser = ["plain", "tls", "both"])]
     encryption: String,
@@ -81,6 +86,7 @@ enum Scenario {
     IdlePopulated,
     Dirty100,
     FlatOut,
+    FlatOutSparse,
 }
 
 impl Scenario {
@@ -90,6 +96,7 @@ impl Scenario {
             Scenario::IdlePopulated => "idle-populated",
             Scenario::Dirty100 => "100MiB/s",
             Scenario::FlatOut => "flat-out",
+            Scenario::FlatOutSparse => "flat-out-sparse",
         }
     }
 
@@ -102,6 +109,7 @@ impl Scenario {
             // 25600 pages of 4 KiB per second = 100 MiB/s over a 256 MiB working set.
             Scenario::Dirty100 => "mode=run hb=2 dirty=256 rate=25600",
             Scenario::FlatOut => "mode=run hb=2 dirty=256 rate=0",
+            Scenario::FlatOutSparse => "mode=run hb=2 dirty=256 rate=0 touch=8",
         }
     }
 }
@@ -335,6 +343,7 @@ struct Ctx<'a> {
     guest: &'a Path,
     qemu: Option<&'a Path>,
     port: u16,
+    compression: ferry_api::Compression,
 }
 
 pub fn run(a: MigrateArgs) -> Result<()> {
@@ -369,11 +378,12 @@ fn bench(a: &MigrateArgs, dir: &Path, qemu: Option<&Path>) -> Result<()> {
         Scenario::IdlePopulated,
         Scenario::Dirty100,
         Scenario::FlatOut,
+        Scenario::FlatOutSparse,
     ]
     .into_iter()
     .filter(|s| {
         if a.quick {
-            *s != Scenario::FlatOut
+            !matches!(s, Scenario::FlatOut | Scenario::FlatOutSparse)
         } else {
             a.scenarios.iter().any(|n| n == s.name())
         }
@@ -404,6 +414,11 @@ fn bench(a: &MigrateArgs, dir: &Path, qemu: Option<&Path>) -> Result<()> {
         guest: &guest,
         qemu,
         port: 7710,
+        compression: match a.compression.as_str() {
+            "off" => ferry_api::Compression::Off,
+            "on" => ferry_api::Compression::On,
+            _ => ferry_api::Compression::Auto,
+        },
     };
     let mut rows = vec![];
     let mut links = vec![];
@@ -728,6 +743,8 @@ fn ferry_row(
         }),
         mode,
         postcopy_recovery_s: 60,
+        compression: ctx.compression,
+        delta_cache_mib: 0,
     };
     // Auto: forecast first (it moves nothing), to set the prediction beside the outcome.
     let forecast = if mode == ferry_api::MigrationMode::Auto {

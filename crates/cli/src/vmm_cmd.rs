@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_api::{
-    DiskConfig, MigrateSettings, MigrationForecast, MigrationMode, MigrationPhase,
+    Compression, DiskConfig, MigrateSettings, MigrationForecast, MigrationMode, MigrationPhase,
     MigrationProgress, NetConfig, OnTimeout, Outcome, Request, Response, ResponseBody,
     SerialBackend, VmConfig,
 };
@@ -132,6 +132,16 @@ pub struct MigrateArgs {
     /// the guest waits meanwhile). Past that the guest is lost. 0: give up at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     postcopy_recovery: u64,
+    /// Compress what is sent. auto: a page sent again goes as the words that changed since
+    /// (when few did), and lz4 is used while it moves pages faster than sending them as they
+    /// are, as measured during the move (so a fast link never gets slower). off: never. on:
+    /// always, measured or not. Needs a destination of this version or later.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off", "on"])]
+    compression: String,
+    /// Memory for the copies of pages sent that deltas are made against, in MiB (0: a quarter
+    /// of guest memory, at most 1024).
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    delta_cache: u64,
     /// Move nothing: measure the link to the destination (which must be waiting, as for a
     /// move) and the guest's dirty rate, and predict the total time, pause, bytes and mode
     /// of a move with these settings.
@@ -437,6 +447,12 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             _ => MigrationMode::Auto,
         },
         postcopy_recovery_s: a.postcopy_recovery,
+        compression: match a.compression.as_str() {
+            "off" => Compression::Off,
+            "on" => Compression::On,
+            _ => Compression::Auto,
+        },
+        delta_cache_mib: a.delta_cache,
     };
     if a.forecast {
         let f = get_forecast(&a, &settings)?;
@@ -554,6 +570,9 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             match &p.mode_reason {
                 Some(why) => println!("mode: {how}: {why}"),
                 None => println!("mode: {how}"),
+            }
+            if let Some(note) = &p.compression_note {
+                println!("compression: {note}");
             }
         }
         if let Some(f) = &predicted {

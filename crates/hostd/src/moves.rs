@@ -578,6 +578,8 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         // of post-copy (ownership while pages still flow, disk mirrors) are built and tested.
         mode: ferry_api::MigrationMode::Precopy,
         postcopy_recovery_s: 0,
+        compression: ferry_api::Compression::Auto,
+        delta_cache_mib: 0,
     };
     let stream = vmm::open(
         &api,

@@ -93,12 +93,12 @@ pub fn decide(s: &MigrateSettings, can_postcopy: bool, f: &RoundFacts) -> Next {
     // Auto-converge: a guest that dirties memory about as fast as the link carries it (the
     // rest barely shrinks) gets a growing share of its vCPU time taken away, so the rest can
     // shrink; rounds stop when even that does not help any more.
-    let stalled = f.prev.is_some_and(|p| n * 100 >= p * 90) && expected_ms > SMALL_PAUSE_MS;
+    let stalled = f.prev.is_some_and(|p| n * 100 >= p * 90) && expected_ms > s.downtime_ms as f64;
     let can_throttle = f.throttle < MAX_THROTTLE;
+    // The rest fits and no longer shrinks: switching over now costs a pause within the
+    // budget; throttling or post-copy would only buy a shorter one.
     if expected_ms <= s.downtime_ms as f64
-        && (expected_ms <= SMALL_PAUSE_MS
-            || (!shrinking && !can_throttle)
-            || round + 2 >= MAX_ROUNDS)
+        && (expected_ms <= SMALL_PAUSE_MS || !shrinking || round + 2 >= MAX_ROUNDS)
     {
         return Next::SwitchOver;
     }
@@ -521,6 +521,12 @@ mod tests {
         assert_eq!(
             decide(&s, true, &facts(100_000, Some(200_000), 0.3)),
             Next::Continue { throttle: 0 }
+        );
+        // A rest that fits the budget (164 ms) but no longer shrinks: switch over, however
+        // fast the guest dirties (compressed rounds of a busy guest end this way).
+        assert_eq!(
+            decide(&s, true, &facts(5_000, Some(5_000), 0.9)),
+            Next::SwitchOver
         );
     }
 

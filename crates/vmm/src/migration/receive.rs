@@ -25,7 +25,8 @@ use ferry_migration::protocol::{
 use ferry_migration::Envelope;
 
 use crate::fail::crash_point;
-use vm_memory::{Bytes, GuestAddress};
+use ferry_migration::pack::{self, Page};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::postcopy::{self, Incoming};
 use super::transport::{MigrationTls, Transport};
@@ -759,6 +760,60 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
     Ok(())
 }
 
+/// Where pre-copy pages landed: which pages hold data from the stream (one bit per
+/// guest-physical page), so a zero page is written only over data (fresh memory is zero, and
+/// untouched guest memory stays unallocated here) and a delta knows its base.
+#[derive(Default)]
+struct Landed {
+    written: Vec<u64>,
+}
+
+impl Landed {
+    fn bit(&mut self, gpa: u64) -> (&mut u64, u64) {
+        let bit = (gpa / PAGE_SIZE as u64) as usize;
+        let (word, mask) = (bit / 64, 1u64 << (bit % 64));
+        if word >= self.written.len() {
+            self.written.resize(word + 1, 0);
+        }
+        (&mut self.written[word], mask)
+    }
+
+    fn full(&mut self, m: &GuestMemory, gpa: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
+        let (w, mask) = self.bit(gpa);
+        *w |= mask;
+        m.write_slice(data, GuestAddress(gpa))
+    }
+
+    fn zero(&mut self, m: &GuestMemory, gpa: u64) -> Result<(), GuestMemoryError> {
+        let (w, mask) = self.bit(gpa);
+        if *w & mask == 0 {
+            return Ok(());
+        }
+        *w &= !mask;
+        m.write_slice(&[0u8; PAGE_SIZE], GuestAddress(gpa))
+    }
+
+    /// Apply a delta to the page as it is here (zero if nothing landed there yet).
+    fn delta(
+        &mut self,
+        m: &GuestMemory,
+        gpa: u64,
+        delta: &[u8],
+    ) -> Result<Result<(), GuestMemoryError>, &'static str> {
+        let mut page = [0u8; PAGE_SIZE];
+        let (w, mask) = self.bit(gpa);
+        let had = *w & mask != 0;
+        *w |= mask;
+        if had {
+            if let Err(e) = m.read_slice(&mut page, GuestAddress(gpa)) {
+                return Ok(Err(e));
+            }
+        }
+        pack::apply_delta(&mut page, delta)?;
+        Ok(m.write_slice(&page, GuestAddress(gpa)))
+    }
+}
+
 /// Guest memory and the page bitmap of a `PostcopyPrepare` or `PostcopyStart`.
 fn postcopy_bitmap<'a>(
     mem: Option<&'a GuestMemory>,
@@ -792,9 +847,9 @@ fn receive_on(
     let mut post: Option<PostcopyRx> = None;
     // Post-copy prepared before the pause: stale pages dropped, memory registered.
     let mut prepared_pc: Option<Arc<Incoming>> = None;
-    let zero = [0u8; PAGE_SIZE];
-    // Pages that hold data from the stream (one bit per guest-physical page).
-    let mut written: Vec<u64> = Vec::new();
+    let mut landed = Landed::default();
+    // The data area of a `Packed` message, decompressed.
+    let mut unpacked = Vec::new();
     let mut first = Some(first);
     loop {
         let frame = match first.take() {
@@ -885,28 +940,44 @@ fn receive_on(
                     &frame.payload,
                     |gpa| valid_page(m, gpa),
                     |gpa, data| {
-                        // Fresh memory is zero: a zero page needs writing only where data
-                        // landed before. Skipping the rest keeps untouched guest memory
-                        // unallocated here, and the first round fast.
-                        let bit = (gpa / PAGE_SIZE as u64) as usize;
-                        let (word, mask) = (bit / 64, 1u64 << (bit % 64));
-                        if word >= written.len() {
-                            written.resize(word + 1, 0);
-                        }
-                        let page = match data {
-                            Some(d) => {
-                                written[word] |= mask;
-                                d
-                            }
-                            None if written[word] & mask != 0 => {
-                                written[word] &= !mask;
-                                &zero[..]
-                            }
-                            None => return,
+                        let r = match data {
+                            Some(d) => landed.full(m, gpa, d),
+                            None => landed.zero(m, gpa),
                         };
-                        if let Err(e) = m.write_slice(page, GuestAddress(gpa)) {
+                        if let Err(e) = r {
                             err = Some(e);
                         }
+                    },
+                )
+                .map_err(ReceiveError::from)?;
+                if let Some(e) = err {
+                    return Err(memory::MemoryError::Access(e).into());
+                }
+                pages += n as u64;
+            }
+            Command::Packed => {
+                let m = mem
+                    .as_ref()
+                    .ok_or(ProtocolError::Truncated)
+                    .map_err(ReceiveError::from)?;
+                let mut err = None;
+                let n = pack::decode_packed(
+                    &frame.payload,
+                    |gpa| valid_page(m, gpa),
+                    &mut unpacked,
+                    |gpa, page| {
+                        let r = match page {
+                            Page::Full(d) => landed.full(m, gpa, d),
+                            Page::Zero => landed.zero(m, gpa),
+                            Page::Delta(d) => match landed.delta(m, gpa, d) {
+                                Ok(r) => r,
+                                Err(why) => return Err(pack::bad_delta(why)),
+                            },
+                        };
+                        if let Err(e) = r {
+                            err = Some(e);
+                        }
+                        Ok(())
                     },
                 )
                 .map_err(ReceiveError::from)?;

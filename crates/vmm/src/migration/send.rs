@@ -151,6 +151,8 @@ struct Outgoing<'a> {
     peer_version: u32,
     /// Bytes sent on main connections that broke and were replaced (post-copy recovery).
     sent_before: u64,
+    /// Pre-copy with a version-5 destination and compression not off: pages go `Packed`.
+    comp: Option<super::compress::Compressor>,
 }
 
 impl SendCtx {
@@ -235,6 +237,9 @@ impl Outgoing<'_> {
     /// One `Pages` message with `batch` (at most 1024 pages) read from guest memory.
     fn write_pages(&mut self, batch: &[u64]) -> Result<(), SendError> {
         let mem = &self.ctx.memory;
+        if let Some(c) = self.comp.as_mut() {
+            return c.write(batch, mem, &mut self.t);
+        }
         protocol::encode_pages_with(batch, &mut self.payload, |gpa, slot| {
             mem.read_slice(slot, GuestAddress(gpa))
                 .map_err(|e| SendError::Memory(memory::MemoryError::Access(e)))
@@ -271,7 +276,13 @@ impl Outgoing<'_> {
             self.write_pages(&batch)?;
             count += batch.len() as u64;
             let n = batch.len() as u64;
-            self.ctx.update(|p| p.pages_sent += n);
+            let comp = self.comp.as_ref();
+            self.ctx.update(|p| {
+                p.pages_sent += n;
+                if let Some(c) = comp {
+                    c.report(p);
+                }
+            });
             self.push_progress(false);
             if !self.paused {
                 self.check()?;
@@ -294,6 +305,12 @@ impl Outgoing<'_> {
             .protocol_version
             .unwrap_or(protocol::MIN_PROTOCOL_VERSION);
         let can_postcopy = self.peer_version >= protocol::POSTCOPY_VERSION;
+        self.comp = super::compress::Compressor::new(
+            s.compression,
+            s.delta_cache_mib,
+            &self.ctx.memory,
+            self.peer_version,
+        );
         if s.mode == MigrationMode::Postcopy && !can_postcopy {
             return Err(SendError::NoPostcopy(self.peer_version));
         }
@@ -327,7 +344,17 @@ impl Outgoing<'_> {
             }
             self.last_sync = Instant::now();
             let n = dirty.count();
-            let expected_ms = n as f64 * PAGE_WIRE / bw.max(1.0) * 1000.0;
+            // What a dirty page takes to go: a page at the link's speed, or, compressed, what
+            // the pages of this round took (compressing them included).
+            // The first pass's pages are not the dirty ones (those it skipped, or sent before
+            // they changed): after it, a dirty page is reckoned a whole page on the wire.
+            let spp = self
+                .comp
+                .as_ref()
+                .filter(|_| round > 0)
+                .and_then(|c| c.secs_per_page())
+                .unwrap_or(PAGE_WIRE / bw.max(1.0));
+            let expected_ms = n as f64 * spp * 1000.0;
             self.ctx.update(|p| {
                 p.round = round;
                 p.dirty_pages = n;
@@ -350,12 +377,13 @@ impl Outgoing<'_> {
                 n,
                 prev: prev_dirty,
                 expected_ms,
-                ratio: n as f64 * PAGE_WIRE / secs / bw.max(1.0),
+                ratio: n as f64 / secs * spp,
                 bw,
                 throttle,
                 out_of_time: deadline.is_some_and(|d| Instant::now() > d),
             };
-            match super::forecast::decide(s, can_postcopy, &facts) {
+            let next = super::forecast::decide(s, can_postcopy, &facts);
+            match next {
                 Next::SwitchOver => {
                     // What is left goes during the pause.
                     self.resend_later(dirty);
@@ -385,14 +413,30 @@ impl Outgoing<'_> {
                 }
             }
             prev_dirty = Some(n);
+            if let Some(c) = self.comp.as_mut() {
+                c.end_round();
+            }
             round += 1;
             round_start = Instant::now();
             round_bytes_start = self.t.bytes_sent();
             self.send_pages(dirty.pages())?;
         }
 
+        let note = match &self.comp {
+            Some(c) => c.note(),
+            None if s.compression == ferry_api::Compression::Off => "off".into(),
+            None => format!(
+                "none (the destination speaks protocol {}, without it)",
+                self.peer_version
+            ),
+        };
+        tracing::debug!("compression: {note}");
+        self.ctx.update(|p| p.compression_note = Some(note));
         if let Some(why) = postcopy {
             tracing::info!("post-copy: {why}");
+            // Post-copy sends pages as they are: a page fetched on demand must not wait on a
+            // compressor, and the destination's guest changes its copies from now on.
+            self.comp = None;
             return self.postcopy(why);
         }
         self.ctx.update(|p| {
@@ -1006,6 +1050,7 @@ pub fn run(mut ctx: SendCtx) {
                 tls: tls.clone(),
                 peer_version: protocol::MIN_PROTOCOL_VERSION,
                 sent_before: 0,
+                comp: None,
             };
             let r = s.run();
             if r.is_err() && !s.commit_sent {
