@@ -820,9 +820,14 @@ fn ferry_row(
         forecast,
         chose: done.then(|| {
             let m = ferry_mode_name(p.mode);
+            let c = p
+                .compression_note
+                .as_ref()
+                .map(|c| format!("; compression: {c}"))
+                .unwrap_or_default();
             match &p.mode_reason {
-                Some(why) => format!("{m}: {why}"),
-                None => m.to_string(),
+                Some(why) => format!("{m}: {why}{c}"),
+                None => format!("{m}{c}"),
             }
         }),
         ..Row::default()
