@@ -89,7 +89,8 @@
 //! lacks, then a new page connection), within the time `ChannelInfo::recovery_ms` names; and
 //! `Probe`, with which a forecast measures the link without moving anything. Version 5 added
 //! `Packed`, pages sent compressed (deltas against the destination's copy, lz4; see
-//! [`crate::pack`]), which a source sends only to a version-5 destination, in pre-copy.
+//! [`crate::pack`]), which a source sends only to a version-5 destination: in pre-copy, and
+//! (whole pages through lz4, no deltas) in post-copy's background push.
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -533,7 +534,7 @@ impl ReceiverState {
             (S::Memory | S::PostcopyPrepared, C::PostcopyStart) => S::AwaitPostcopyState,
             (S::AwaitPostcopyState, C::State) => S::AwaitPostcopyCommit,
             (S::AwaitPostcopyCommit, C::Commit) => S::Postcopy,
-            (S::Postcopy, C::Pages) => S::Postcopy,
+            (S::Postcopy, C::Pages | C::Packed) => S::Postcopy,
             (S::Postcopy, C::PostcopyDone) => S::Done,
             (state, got) => {
                 return Err(ProtocolError::OutOfOrder {

@@ -13,7 +13,8 @@
 //!   stays off. Otherwise the sender compares what matters: input bytes moved per second, over
 //!   windows of 4 messages with lz4 and 4 without, and uses the faster, trying the other again
 //!   every 64 messages. So lz4 is used on a slow link and where it is faster even on a fast
-//!   one, and a fast link with pages that do not compress never waits on it.
+//!   one, and a fast link with pages that do not compress never waits on it. Post-copy's
+//!   background push goes on with lz4 alone (see [`Compressor::for_postcopy`]).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -192,6 +193,9 @@ pub(super) struct Compressor {
     round_full: u64,
     /// The last round's seconds per page that is not zero.
     last_spp: Option<f64>,
+    /// When the last message was written: a message's time runs from there, so what the
+    /// caller waits for between messages (post-copy's in-flight limit) counts too.
+    last_end: Option<Instant>,
 }
 
 impl Compressor {
@@ -226,7 +230,17 @@ impl Compressor {
             round_secs: 0.0,
             round_full: 0,
             last_spp: None,
+            last_end: None,
         })
+    }
+
+    /// The same for post-copy's background push: lz4 only (the destination's guest changes its
+    /// copies from now on, so no deltas), keeping what was learnt about lz4 and what it did.
+    pub fn for_postcopy(mut self) -> Option<Self> {
+        self.deltas = false;
+        self.cache = DeltaCache::new(PAGE_SIZE as u64);
+        self.last_end = None;
+        Some(self)
     }
 
     /// Seconds a page that holds data took to go (read, compressed, written: what the link
@@ -263,6 +277,7 @@ impl Compressor {
         (self.tried, self.made) = (0, 0);
         self.last_spp = self.secs_per_page();
         (self.round_secs, self.round_full) = (0.0, 0);
+        self.last_end = None;
         self.round += 1;
     }
 
@@ -334,7 +349,8 @@ impl Compressor {
         }
         let (head, data, st) = self.pk.finish(lz4);
         protocol::write_frame_parts(w, Command::Packed, &[head, data])?;
-        let secs = t0.elapsed().as_secs_f64();
+        let secs = self.last_end.unwrap_or(t0).elapsed().as_secs_f64();
+        self.last_end = Some(Instant::now());
         if lz4 && st.data_bytes > 0 {
             let r = (st.wire_bytes - head.len()) as f64 / st.data_bytes as f64;
             self.lz4.ratio = (self.lz4.ratio + r) / 2.0;

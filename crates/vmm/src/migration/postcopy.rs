@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_migration::pack;
 use ferry_migration::protocol::{self, Command, ProtocolError, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -337,6 +338,37 @@ impl Incoming {
                 if let Err(e) = self.place(gpa, data) {
                     err.get_or_insert(e);
                 }
+            },
+        )?;
+        match err {
+            Some(e) => Err(ProtocolError::Io(e)),
+            None => Ok(n),
+        }
+    }
+
+    /// Place every page of a `Packed` payload (post-copy's push: whole pages and zero pages,
+    /// lz4 or not; a delta has no base here and is refused).
+    pub fn place_packed(
+        &self,
+        payload: &[u8],
+        mem: &GuestMemory,
+        scratch: &mut Vec<u8>,
+    ) -> Result<usize, ProtocolError> {
+        let mut err = None;
+        let n = pack::decode_packed(
+            payload,
+            |gpa| self.regions.host(gpa).is_some() && memory::region_of(mem, gpa).is_some(),
+            scratch,
+            |gpa, page| {
+                let r = match page {
+                    pack::Page::Full(d) => self.place(gpa, Some(d)),
+                    pack::Page::Zero => self.place(gpa, None),
+                    pack::Page::Delta(_) => return Err(pack::bad_delta("none in post-copy")),
+                };
+                if let Err(e) = r {
+                    err.get_or_insert(e);
+                }
+                Ok(())
             },
         )?;
         match err {

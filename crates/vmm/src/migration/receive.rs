@@ -637,6 +637,8 @@ struct Receiving {
 /// The rest of a post-copy, after the guest started here: place what the source pushes until
 /// it says everything was sent and every page is here.
 fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> Result<(), VmError> {
+    // The data area of a `Packed` message, decompressed.
+    let mut unpacked = Vec::new();
     let started = Instant::now();
     let mut state = ReceiverState::Postcopy;
     let relinks = pc.relinks.clone();
@@ -695,6 +697,13 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
                     let n = pc
                         .incoming
                         .place_all(&f.payload, mem)
+                        .map_err(ReceiveError::from)?;
+                    pc.incoming.pushed.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Command::Packed => {
+                    let n = pc
+                        .incoming
+                        .place_packed(&f.payload, mem, &mut unpacked)
                         .map_err(ReceiveError::from)?;
                     pc.incoming.pushed.fetch_add(n as u64, Ordering::Relaxed);
                 }

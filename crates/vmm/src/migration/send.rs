@@ -434,9 +434,10 @@ impl Outgoing<'_> {
         self.ctx.update(|p| p.compression_note = Some(note));
         if let Some(why) = postcopy {
             tracing::info!("post-copy: {why}");
-            // Post-copy sends pages as they are: a page fetched on demand must not wait on a
-            // compressor, and the destination's guest changes its copies from now on.
-            self.comp = None;
+            // From here the destination's guest changes its copies: no more deltas. Its
+            // background push may still use lz4 (a page fetched on demand goes on the other
+            // connection, as it is, and never waits on a compressor).
+            self.comp = self.comp.take().and_then(|c| c.for_postcopy());
             return self.postcopy(why);
         }
         self.ctx.update(|p| {
@@ -483,6 +484,9 @@ impl Outgoing<'_> {
             p.converged = converged;
         });
         self.ctx.call(MigrationCall::SyncDisks)?;
+        if let Some(c) = self.comp.as_mut() {
+            c.end_round(); // the wait above is not a message's time
+        }
         let pause_at = Instant::now();
         self.ctx.call(MigrationCall::Pause)?;
         self.paused = true;
@@ -645,6 +649,11 @@ impl Outgoing<'_> {
             "post-copy done: {} pages on demand, {n_left} in all",
             out.requested.load(Ordering::Relaxed)
         );
+        if let Some(c) = &self.comp {
+            // The note as of the switch-over, now with the push's lz4 too.
+            let note = c.note();
+            self.ctx.update(|p| p.compression_note = Some(note));
+        }
         Ok(downtime)
     }
 
@@ -733,10 +742,14 @@ impl Outgoing<'_> {
             }
             let (left, asked) = (out.left.count(), out.requested.load(Ordering::Relaxed));
             let n = batch.len() as u64;
+            let comp = self.comp.as_ref();
             self.ctx.update(|p| {
                 p.pages_sent += n;
                 p.postcopy_pages_left = left;
                 p.postcopy_pages_requested = asked;
+                if let Some(c) = comp {
+                    c.report(p);
+                }
             });
             self.push_progress(false);
         }
