@@ -133,8 +133,6 @@ pub struct Packer {
 /// What went into a message, for the sender's accounting.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Packed {
-    pub pages: usize,
-    pub deltas: usize,
     /// Bytes of the data area before compression.
     pub data_bytes: usize,
     /// Bytes of the whole payload.
@@ -145,14 +143,6 @@ impl Packer {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.data.clear();
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// Room for one full page at the end of the data area, to be filled in by the caller and
@@ -234,8 +224,6 @@ impl Packer {
             &self.data
         };
         let stats = Packed {
-            pages: count,
-            deltas: self.entries.iter().filter(|e| *e & PAGE_DELTA != 0).count(),
             data_bytes: self.data.len(),
             wire_bytes: self.head.len() + data.len(),
         };
@@ -266,21 +254,14 @@ pub fn decode_packed(
     mut sink: impl FnMut(u64, Page<'_>) -> Result<(), ProtocolError>,
 ) -> Result<usize, ProtocolError> {
     let bad = |m: &str| ProtocolError::Malformed(Command::Packed, m.to_string());
-    let count = payload.get(0..4).ok_or_else(|| bad("no page count"))?;
-    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
-    if count > MAX_PAGES_PER_MESSAGE {
-        return Err(bad("too many pages"));
-    }
-    let head = payload
-        .get(..head_len(count))
-        .ok_or_else(|| bad("page list truncated"))?;
-    let codec = head[4 + count * 8];
-    let l = &head[5 + count * 8..];
+    let (count, entries, rest) = crate::protocol::page_list(payload, Command::Packed)?;
+    let (&codec, rest) = rest.split_first().ok_or_else(|| bad("no codec"))?;
+    let l = rest.get(..4).ok_or_else(|| bad("no data length"))?;
     let len = u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize;
     if len > MAX_DATA {
         return Err(bad("data area too long"));
     }
-    let body = &payload[head.len()..];
+    let body = &rest[4..];
     let mut data: &[u8] = match codec {
         CODEC_RAW if body.len() == len => body,
         CODEC_RAW => return Err(bad("data area length does not match")),
@@ -294,7 +275,7 @@ pub fn decode_packed(
         }
         c => return Err(bad(&format!("unknown codec {c}"))),
     };
-    for e in head[4..4 + count * 8].chunks_exact(8) {
+    for e in entries.chunks_exact(8) {
         let mut b = [0u8; 8];
         b.copy_from_slice(e);
         let raw = u64::from_le_bytes(b);

@@ -442,14 +442,13 @@ pub fn encode_pages_with<E>(
     Ok(())
 }
 
-/// Decode a `Pages` payload, checking every address with `valid` (page aligned, inside guest
-/// memory). Calls `sink(gpa, Some(data))` for data pages and `sink(gpa, None)` for zero pages.
-pub fn decode_pages(
+/// The page list that opens a `Pages` or `Packed` payload (`count: u32`, then `count` entries
+/// of 8 bytes): the count, the entries and what follows them.
+pub(crate) fn page_list(
     payload: &[u8],
-    valid: impl Fn(u64) -> bool,
-    mut sink: impl FnMut(u64, Option<&[u8]>),
-) -> Result<usize, ProtocolError> {
-    let bad = |m: &str| ProtocolError::Malformed(Command::Pages, m.to_string());
+    command: Command,
+) -> Result<(usize, &[u8], &[u8]), ProtocolError> {
+    let bad = |m: &str| ProtocolError::Malformed(command, m.to_string());
     let count = payload.get(0..4).ok_or_else(|| bad("no page count"))?;
     let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
     if count > MAX_PAGES_PER_MESSAGE {
@@ -458,7 +457,18 @@ pub fn decode_pages(
     let entries = payload
         .get(4..4 + count * 8)
         .ok_or_else(|| bad("page list truncated"))?;
-    let mut data = &payload[4 + count * 8..];
+    Ok((count, entries, &payload[4 + count * 8..]))
+}
+
+/// Decode a `Pages` payload, checking every address with `valid` (page aligned, inside guest
+/// memory). Calls `sink(gpa, Some(data))` for data pages and `sink(gpa, None)` for zero pages.
+pub fn decode_pages(
+    payload: &[u8],
+    valid: impl Fn(u64) -> bool,
+    mut sink: impl FnMut(u64, Option<&[u8]>),
+) -> Result<usize, ProtocolError> {
+    let bad = |m: &str| ProtocolError::Malformed(Command::Pages, m.to_string());
+    let (count, entries, mut data) = page_list(payload, Command::Pages)?;
     let mut gpas = Vec::with_capacity(count);
     for e in entries.chunks_exact(8) {
         let mut b = [0u8; 8];

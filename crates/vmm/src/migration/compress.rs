@@ -184,9 +184,9 @@ pub(super) struct Compressor {
     tried: u64,
     made: u64,
     /// The round under way (0 = the first pass).
-    pub round: u32,
+    round: u32,
     lz4: Lz4Choice,
-    pub totals: Totals,
+    totals: Totals,
     /// This round: time spent reading, compressing and writing pages that are not zero, and
     /// how many.
     round_secs: f64,
@@ -236,11 +236,11 @@ impl Compressor {
 
     /// The same for post-copy's background push: lz4 only (the destination's guest changes its
     /// copies from now on, so no deltas), keeping what was learnt about lz4 and what it did.
-    pub fn for_postcopy(mut self) -> Option<Self> {
+    pub fn for_postcopy(mut self) -> Self {
         self.deltas = false;
         self.cache = DeltaCache::new(PAGE_SIZE as u64);
         self.last_end = None;
-        Some(self)
+        self
     }
 
     /// Seconds a page that holds data took to go (read, compressed, written: what the link
@@ -293,6 +293,8 @@ impl Compressor {
         // The first pass fills nothing (a page sent once may never change again); `on` caches
         // from the start.
         let cache_new = self.deltas && (self.round > 0 || self.mode == Compression::On);
+        // No lookups while there is nothing to find and nothing to keep (the first pass).
+        let use_cache = cache_new || (self.deltas && !self.cache.slot_of.is_empty());
         let (mut zero, mut deltas, mut delta_bytes) = (0usize, 0u64, 0u64);
         for &gpa in batch {
             mem.read_slice(self.pk.slot(), GuestAddress(gpa))
@@ -303,7 +305,7 @@ impl Compressor {
                 zero += 1;
                 continue;
             }
-            if !self.deltas {
+            if !use_cache {
                 self.pk.keep_full(gpa);
                 continue;
             }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_migration::pack;
-use ferry_migration::protocol::{self, Command, ProtocolError, PAGE_SIZE};
+use ferry_migration::protocol::{self, Command, Frame, ProtocolError, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::transport::Transport;
@@ -328,49 +328,33 @@ impl Incoming {
         Ok(())
     }
 
-    /// Place every page of a `Pages` payload.
-    pub fn place_all(&self, payload: &[u8], mem: &GuestMemory) -> Result<usize, ProtocolError> {
-        let mut err = None;
-        let n = protocol::decode_pages(
-            payload,
-            |gpa| self.regions.host(gpa).is_some() && memory::region_of(mem, gpa).is_some(),
-            |gpa, data| {
-                if let Err(e) = self.place(gpa, data) {
-                    err.get_or_insert(e);
-                }
-            },
-        )?;
-        match err {
-            Some(e) => Err(ProtocolError::Io(e)),
-            None => Ok(n),
-        }
-    }
-
-    /// Place every page of a `Packed` payload (post-copy's push: whole pages and zero pages,
-    /// lz4 or not; a delta has no base here and is refused).
-    pub fn place_packed(
+    /// Place every page of a `Pages` or `Packed` message (post-copy's push: whole pages and
+    /// zero pages, lz4 or not; a delta has no base here and is refused).
+    pub fn place_all(
         &self,
-        payload: &[u8],
+        f: &Frame,
         mem: &GuestMemory,
         scratch: &mut Vec<u8>,
     ) -> Result<usize, ProtocolError> {
         let mut err = None;
-        let n = pack::decode_packed(
-            payload,
-            |gpa| self.regions.host(gpa).is_some() && memory::region_of(mem, gpa).is_some(),
-            scratch,
-            |gpa, page| {
-                let r = match page {
-                    pack::Page::Full(d) => self.place(gpa, Some(d)),
-                    pack::Page::Zero => self.place(gpa, None),
+        let mut place = |gpa: u64, page: Option<&[u8]>| {
+            if let Err(e) = self.place(gpa, page) {
+                err.get_or_insert(e);
+            }
+        };
+        let valid = |gpa| self.regions.host(gpa).is_some() && memory::region_of(mem, gpa).is_some();
+        let n = if f.command == Command::Packed {
+            pack::decode_packed(&f.payload, valid, scratch, |gpa, page| {
+                match page {
+                    pack::Page::Full(d) => place(gpa, Some(d)),
+                    pack::Page::Zero => place(gpa, None),
                     pack::Page::Delta(_) => return Err(pack::bad_delta("none in post-copy")),
-                };
-                if let Err(e) = r {
-                    err.get_or_insert(e);
                 }
                 Ok(())
-            },
-        )?;
+            })?
+        } else {
+            protocol::decode_pages(&f.payload, valid, &mut place)?
+        };
         match err {
             Some(e) => Err(ProtocolError::Io(e)),
             None => Ok(n),
@@ -447,7 +431,7 @@ impl Incoming {
                 state: "waiting for requested pages",
             });
         }
-        self.place_all(&f.payload, mem)
+        self.place_all(&f, mem, &mut Vec::new())
     }
 
     /// Stop reporting faults (every page is here).

@@ -693,17 +693,10 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
             };
             state = state.next(f.command).map_err(ReceiveError::from)?;
             match f.command {
-                Command::Pages => {
+                Command::Pages | Command::Packed => {
                     let n = pc
                         .incoming
-                        .place_all(&f.payload, mem)
-                        .map_err(ReceiveError::from)?;
-                    pc.incoming.pushed.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Command::Packed => {
-                    let n = pc
-                        .incoming
-                        .place_packed(&f.payload, mem, &mut unpacked)
+                        .place_all(&f, mem, &mut unpacked)
                         .map_err(ReceiveError::from)?;
                     pc.incoming.pushed.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -787,39 +780,39 @@ impl Landed {
         (&mut self.written[word], mask)
     }
 
-    fn full(&mut self, m: &GuestMemory, gpa: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
-        let (w, mask) = self.bit(gpa);
-        *w |= mask;
-        m.write_slice(data, GuestAddress(gpa))
-    }
-
-    fn zero(&mut self, m: &GuestMemory, gpa: u64) -> Result<(), GuestMemoryError> {
-        let (w, mask) = self.bit(gpa);
-        if *w & mask == 0 {
-            return Ok(());
-        }
-        *w &= !mask;
-        m.write_slice(&[0u8; PAGE_SIZE], GuestAddress(gpa))
-    }
-
-    /// Apply a delta to the page as it is here (zero if nothing landed there yet).
-    fn delta(
+    /// Put a page from the stream in place. A delta that does not apply is the stream's fault
+    /// (`Err`); a memory error is this host's (`Ok(Err)`).
+    fn land(
         &mut self,
         m: &GuestMemory,
         gpa: u64,
-        delta: &[u8],
-    ) -> Result<Result<(), GuestMemoryError>, &'static str> {
-        let mut page = [0u8; PAGE_SIZE];
+        page: Page<'_>,
+    ) -> Result<Result<(), GuestMemoryError>, ProtocolError> {
         let (w, mask) = self.bit(gpa);
         let had = *w & mask != 0;
-        *w |= mask;
-        if had {
-            if let Err(e) = m.read_slice(&mut page, GuestAddress(gpa)) {
-                return Ok(Err(e));
+        Ok(match page {
+            Page::Full(d) => {
+                *w |= mask;
+                m.write_slice(d, GuestAddress(gpa))
             }
-        }
-        pack::apply_delta(&mut page, delta)?;
-        Ok(m.write_slice(&page, GuestAddress(gpa)))
+            Page::Zero if !had => Ok(()),
+            Page::Zero => {
+                *w &= !mask;
+                m.write_slice(&[0u8; PAGE_SIZE], GuestAddress(gpa))
+            }
+            // Applied to the page as it is here (zero if nothing landed there yet).
+            Page::Delta(d) => {
+                *w |= mask;
+                let mut page = [0u8; PAGE_SIZE];
+                if had {
+                    if let Err(e) = m.read_slice(&mut page, GuestAddress(gpa)) {
+                        return Ok(Err(e));
+                    }
+                }
+                pack::apply_delta(&mut page, d).map_err(pack::bad_delta)?;
+                m.write_slice(&page, GuestAddress(gpa))
+            }
+        })
     }
 }
 
@@ -939,56 +932,27 @@ fn receive_on(
                 config = Some(c);
                 ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }
-            Command::Pages => {
+            Command::Pages | Command::Packed => {
                 let m = mem
                     .as_ref()
                     .ok_or(ProtocolError::Truncated)
                     .map_err(ReceiveError::from)?;
                 let mut err = None;
-                let n = protocol::decode_pages(
-                    &frame.payload,
-                    |gpa| valid_page(m, gpa),
-                    |gpa, data| {
-                        let r = match data {
-                            Some(d) => landed.full(m, gpa, d),
-                            None => landed.zero(m, gpa),
-                        };
-                        if let Err(e) = r {
-                            err = Some(e);
-                        }
-                    },
-                )
-                .map_err(ReceiveError::from)?;
-                if let Some(e) = err {
-                    return Err(memory::MemoryError::Access(e).into());
+                let mut land = |gpa: u64, page: Page<'_>| {
+                    if let Err(e) = landed.land(m, gpa, page)? {
+                        err.get_or_insert(e);
+                    }
+                    Ok(())
+                };
+                let valid = |gpa| valid_page(m, gpa);
+                let n = if frame.command == Command::Pages {
+                    protocol::decode_pages(&frame.payload, valid, |gpa, data| {
+                        // Whole and zero pages: only landing a delta can fail on the stream.
+                        let _ = land(gpa, data.map_or(Page::Zero, Page::Full));
+                    })
+                } else {
+                    pack::decode_packed(&frame.payload, valid, &mut unpacked, &mut land)
                 }
-                pages += n as u64;
-            }
-            Command::Packed => {
-                let m = mem
-                    .as_ref()
-                    .ok_or(ProtocolError::Truncated)
-                    .map_err(ReceiveError::from)?;
-                let mut err = None;
-                let n = pack::decode_packed(
-                    &frame.payload,
-                    |gpa| valid_page(m, gpa),
-                    &mut unpacked,
-                    |gpa, page| {
-                        let r = match page {
-                            Page::Full(d) => landed.full(m, gpa, d),
-                            Page::Zero => landed.zero(m, gpa),
-                            Page::Delta(d) => match landed.delta(m, gpa, d) {
-                                Ok(r) => r,
-                                Err(why) => return Err(pack::bad_delta(why)),
-                            },
-                        };
-                        if let Err(e) = r {
-                            err = Some(e);
-                        }
-                        Ok(())
-                    },
-                )
                 .map_err(ReceiveError::from)?;
                 if let Some(e) = err {
                     return Err(memory::MemoryError::Access(e).into());

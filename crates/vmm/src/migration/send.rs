@@ -437,7 +437,7 @@ impl Outgoing<'_> {
             // From here the destination's guest changes its copies: no more deltas. Its
             // background push may still use lz4 (a page fetched on demand goes on the other
             // connection, as it is, and never waits on a compressor).
-            self.comp = self.comp.take().and_then(|c| c.for_postcopy());
+            self.comp = self.comp.take().map(|c| c.for_postcopy());
             return self.postcopy(why);
         }
         self.ctx.update(|p| {
