@@ -249,6 +249,11 @@ pub struct MigrateSettings {
     /// 1 GiB.
     #[serde(default)]
     pub delta_cache_mib: u64,
+    /// Connections pre-copy's pages go on (like QEMU's multifd), 1..=8; more than one pays
+    /// where one connection cannot fill the link (one core's worth of TLS or compression).
+    /// 0 = one. A destination older than protocol 6 gets one.
+    #[serde(default)]
+    pub channels: u32,
 }
 
 /// Whether a migration compresses the pages it sends.
@@ -336,6 +341,7 @@ impl MigrateSettings {
             postcopy_recovery_s: default_recovery(),
             compression: Compression::Auto,
             delta_cache_mib: 0,
+            channels: 0,
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct MigrateArgs {
     /// Compression for ferry's rows (`ferry vmm migrate --compression`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "off", "on"])]
     compression: String,
+    /// Memory connections for ferry's rows (`ferry vmm migrate --channels`).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    channels: u32,
     /// The migration stream of ferry's rows: plain, tls, or both side by side.
     #[arg(long, default_value = "both", value_parser = ["plain", "tls", "both"])]
     encryption: String,
@@ -344,6 +348,7 @@ struct Ctx<'a> {
     qemu: Option<&'a Path>,
     port: u16,
     compression: ferry_api::Compression,
+    channels: u32,
 }
 
 pub fn run(a: MigrateArgs) -> Result<()> {
@@ -419,6 +424,7 @@ fn bench(a: &MigrateArgs, dir: &Path, qemu: Option<&Path>) -> Result<()> {
             "on" => ferry_api::Compression::On,
             _ => ferry_api::Compression::Auto,
         },
+        channels: a.channels,
     };
     let mut rows = vec![];
     let mut links = vec![];
@@ -745,6 +751,7 @@ fn ferry_row(
         postcopy_recovery_s: 60,
         compression: ctx.compression,
         delta_cache_mib: 0,
+        channels: ctx.channels,
     };
     // Auto: forecast first (it moves nothing), to set the prediction beside the outcome.
     let forecast = if mode == ferry_api::MigrationMode::Auto {

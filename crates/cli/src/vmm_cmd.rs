@@ -142,6 +142,13 @@ pub struct MigrateArgs {
     /// of guest memory, at most 1024).
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     delta_cache: u64,
+    /// Connections for memory during pre-copy (like QEMU's multifd channels): 2 or more pay
+    /// where one connection cannot fill the link, e.g. TLS or compression on a fast link,
+    /// with cores to spare on both hosts. Each page always goes on the same connection; one
+    /// that breaks fails the move and the guest runs on here.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    channels: u32,
     /// Move nothing: measure the link to the destination (which must be waiting, as for a
     /// move) and the guest's dirty rate, and predict the total time, pause, bytes and mode
     /// of a move with these settings.
@@ -453,6 +460,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             _ => Compression::Auto,
         },
         delta_cache_mib: a.delta_cache,
+        channels: a.channels,
     };
     if a.forecast {
         let f = get_forecast(&a, &settings)?;

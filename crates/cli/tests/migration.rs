@@ -365,8 +365,21 @@ fn ping_pong_ten_moves_stays_clean() {
 /// the guest must go on on the source, intact, the destination must never have run it, and
 /// the guest must still move afterwards.
 fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str>, cap: &str) {
+    interrupted_with(
+        breaker,
+        crash_at,
+        &["--mode", "precopy", "--bandwidth-mbit", cap],
+    );
+}
+
+/// As [`interrupted`], the move made with `args`; returns what `vmm migrate` printed.
+fn interrupted_with(
+    breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm),
+    crash_at: Option<&str>,
+    args: &[&str],
+) -> String {
     if !kvm_available() {
-        return;
+        return String::new();
     }
     let lab = Lab::two_hosts();
     let dir = tmp();
@@ -387,7 +400,7 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
     );
     let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
     let to = format!("{}:{PORT}", Lab::HOST_B_IP);
-    let mig = migrate_in_background(&g.vmm, &to, &["--mode", "precopy", "--bandwidth-mbit", cap]);
+    let mig = migrate_in_background(&g.vmm, &to, args);
     breaker(&lab, &mut dst, &g.vmm);
     let out = mig.join().unwrap();
     let text = text(&out);
@@ -400,6 +413,7 @@ fn interrupted(breaker: impl FnOnce(&Lab, &mut Vmm, &Vmm), crash_at: Option<&str
     assert_never_ran(&dst, &dst_hb);
     dst.kill();
     move_to_b_and_verify(&lab, dir.path(), &mut g, &mut stream, 7790);
+    text
 }
 
 #[test]
@@ -814,8 +828,21 @@ fn bad_streams_are_refused_and_nothing_runs() {
     packed.extend_from_slice(&(delta.len() as u16).to_le_bytes());
     packed.extend_from_slice(&delta);
     receiver_refuses(
-        &[start, config, frame(17, &packed)].concat(),
+        &[start, config.clone(), frame(17, &packed)].concat(),
         "delta: run past the page",
+    );
+    // Memory connections (version 6): too many, and their end marker on the main connection.
+    let start6 = frame(
+        1,
+        br#"{"protocol_version":6,"ferry_version":"t","memory_bytes":134217728}"#,
+    );
+    receiver_refuses(
+        &[start6.clone(), config.clone(), frame(19, br#"{"count":9}"#)].concat(),
+        "9 memory connections",
+    );
+    receiver_refuses(
+        &[start6, config, frame(20, b"")].concat(),
+        "unexpected ChannelDone",
     );
     // A receiver the host daemon started for one move takes no other.
     receiver_refuses_with(
@@ -1143,6 +1170,124 @@ fn compression_moves_a_sparse_writer_in_fewer_bytes_than_its_working_set() {
         con.send(b'p');
         let mut dst = dst;
         assert!(dst.wait(T).success());
+    }
+}
+
+/// Pre-copy's pages on two memory connections (`--channels 2`, no cap: where they pay): the
+/// busy guest (memory dirtier, heartbeat, disk writer, TCP stream) moves intact, with
+/// compression as by default and without, and the report counts every connection's bytes.
+#[test]
+fn two_memory_connections_move_a_busy_guest_intact() {
+    if !kvm_available() {
+        return;
+    }
+    let lab = Lab::two_hosts();
+    for (port, compression) in [(PORT, "auto"), ("7794", "off")] {
+        let dir = tmp();
+        let disk = disk(dir.path());
+        let mut g = start_guest(&lab, dir.path(), &disk, "");
+        let mut stream = open_stream(&lab);
+        stream.read(1 << 20).unwrap();
+        let (writes, durable) = verify(&mut g.con, 1);
+        let to = format!("{}:{port}", Lab::HOST_B_IP);
+        let dst = Vmm::receive_in(&lab.in_host_b(), dir.path(), "g1", &to, &[]);
+        let args = [
+            "--channels",
+            "2",
+            "--mode",
+            "precopy",
+            "--compression",
+            compression,
+        ];
+        let out = migrate(&g.vmm, &to, &args);
+        let t = text(&out);
+        eprintln!("--channels 2 --compression {compression}: {t}");
+        assert!(out.status.success(), "migrate: {t}");
+        assert!(dst.log().contains("on 2 connections"), "{}", dst.log());
+        // The guest's memory is 64 MiB and mostly written: the first pass alone is more
+        // than half of it, whichever connections carried it.
+        let mib: f64 = t
+            .split(" MiB in ")
+            .next()
+            .and_then(|h| h.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(f64::NAN);
+        assert!(
+            mib > 4.0,
+            "the report must count the memory connections' bytes: {t}"
+        );
+        assert!(g.vmm.wait(T).success());
+        let mut con = Console::connect(&dst.com1);
+        stream.read(4 << 20).unwrap();
+        let (w2, d2) = verify(&mut con, writes);
+        assert!(d2 >= durable && w2 > writes);
+        con.send(b'p');
+        let mut dst = dst;
+        assert!(dst.wait(T).success());
+    }
+}
+
+/// One of two memory connections cut mid-move: the move fails and says which, the guest runs
+/// on at the source (memory, disk, TCP intact), the destination never ran it, and a move
+/// afterwards works.
+#[test]
+fn a_cut_memory_connection_fails_the_move_cleanly() {
+    let t = interrupted_with(
+        |lab, _, _| {
+            std::thread::sleep(Duration::from_millis(800));
+            // The memory connection: the one to the destination that carried the most.
+            let ns = |args: &[&str]| {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &lab.host])
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            let list = ns(&["ss", "-tni", "state", "established", "dst", Lab::HOST_B_IP]);
+            let mut best: Option<(u64, String)> = None;
+            let mut local = None;
+            for line in list.lines() {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                if w.len() >= 4 && w[3].ends_with(":7788") {
+                    local = w[2].rsplit(':').next().map(String::from);
+                } else if let Some(port) = local.take() {
+                    let acked = line
+                        .split("bytes_acked:")
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    if best.as_ref().is_none_or(|(b, _)| acked > *b) {
+                        best = Some((acked, port));
+                    }
+                }
+            }
+            let (acked, port) = best.expect("the move's connections");
+            eprintln!("cutting the connection from port {port} ({acked} bytes acked)");
+            let sport = format!(":{port}");
+            ns(&["ss", "-K", "dst", Lab::HOST_B_IP, "sport", "=", &sport]);
+        },
+        None,
+        &[
+            "--channels",
+            "2",
+            "--mode",
+            "precopy",
+            "--bandwidth-mbit",
+            "100",
+        ],
+    );
+    if !t.is_empty() {
+        assert!(
+            t.contains("memory connection"),
+            "the report says which: {t}"
+        );
     }
 }
 

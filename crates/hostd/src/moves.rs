@@ -580,6 +580,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
         postcopy_recovery_s: 0,
         compression: ferry_api::Compression::Auto,
         delta_cache_mib: 0,
+        channels: 0,
     };
     let stream = vmm::open(
         &api,

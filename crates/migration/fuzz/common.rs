@@ -162,10 +162,19 @@ pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
                 assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
                 return Ok(got);
             }
+            Command::Channels => {
+                assert_eq!(before, ReceiverState::Memory);
+                let c: protocol::ChannelsInfo = protocol::parse(&frame)?;
+                if !(2..=protocol::MAX_CHANNELS).contains(&c.count) {
+                    return Err(ProtocolError::Malformed(Command::Channels, "count".into()).into());
+                }
+            }
             Command::PostcopyChannel
             | Command::PageRequest
             | Command::PostcopyResume
             | Command::PostcopyMissing
+            | Command::MemoryChannel
+            | Command::ChannelDone
             | Command::Probe => {
                 panic!("the state machine accepted a connection-opening or page-connection message mid-stream")
             }
@@ -270,7 +279,7 @@ pub fn valid_stream() -> Vec<u8> {
         &protocol::json(&RoundInfo {
             round: 0,
             pages: 2,
-            ack: false,
+            ..Default::default()
         }),
     );
     let state = serde_json::json!({"vcpus": [{"regs": [1, 2, 3]}], "devices": {"serial": "x"}});

@@ -90,7 +90,29 @@
 //! `Probe`, with which a forecast measures the link without moving anything. Version 5 added
 //! `Packed`, pages sent compressed (deltas against the destination's copy, lz4; see
 //! [`crate::pack`]), which a source sends only to a version-5 destination: in pre-copy, and
-//! (whole pages through lz4, no deltas) in post-copy's background push.
+//! (whole pages through lz4, no deltas) in post-copy's background push. Version 6 added
+//! memory connections (like QEMU's multifd): pre-copy's pages go on several connections at
+//! once, each page always on the same one (pages are dealt out by 2 MiB chunk), so a page's
+//! versions arrive in order and a delta always finds its base; control stays on the main
+//! connection. A memory connection that breaks fails the move (the guest runs on at the
+//! source), as a broken main connection does in pre-copy.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source VMM
+//!     participant D as destination VMM
+//!     S->>D: (connections 1..n) MemoryChannel {migration id, index}
+//!     S->>D: Channels {count: n}
+//!     D-->>S: Ack (all n here)
+//!     par each memory connection
+//!         S->>D: Pages / Packed (its chunks), ..., ChannelDone
+//!     and main connection
+//!         S->>D: RoundEnd, ...
+//!     end
+//!     S->>D: RoundEnd {ack}
+//!     D-->>S: Ack (every memory connection done and landed)
+//!     Note over S,D: the pause (or post-copy) on the main connection, as before
+//! ```
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -113,7 +135,7 @@ pub const MAGIC: u32 = 0x4749_4d46;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// The oldest version it accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// The first version with post-copy.
@@ -124,6 +146,10 @@ pub const PROBE_CHUNK: usize = 1 << 20;
 pub const RECOVERY_VERSION: u32 = 4;
 /// The first version that takes `Packed` (compressed pages).
 pub const PACKED_VERSION: u32 = 5;
+/// The first version that takes pre-copy's pages on several connections (`Channels`).
+pub const CHANNELS_VERSION: u32 = 6;
+/// Most memory connections of one move.
+pub const MAX_CHANNELS: u32 = 8;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` message.
@@ -168,6 +194,17 @@ pub enum Command {
     Probe = 16,
     /// Version 5: pages sent compressed (deltas and lz4), see [`crate::pack`].
     Packed = 17,
+    /// Version 6: the first message of an extra memory connection (`ChannelInfo` with its
+    /// `index`); pre-copy's `Pages`/`Packed` follow on it, then `ChannelDone`.
+    MemoryChannel = 18,
+    /// Version 6, on the main connection: `ChannelsInfo`, the memory connections opened for
+    /// this move. Acked once all of them are here; from then on pre-copy's pages go on them.
+    Channels = 19,
+    /// Version 6, on a memory connection: no more pages on it. The source sends it on every
+    /// memory connection before the `RoundEnd` (acked) that ends pre-copy, and the destination
+    /// answers that `RoundEnd` only when every memory connection got here: what follows on the
+    /// main connection (the pause's pages, a post-copy) lands after all of pre-copy.
+    ChannelDone = 20,
     Ack = 64,
 }
 
@@ -191,6 +228,9 @@ impl Command {
             15 => Command::PostcopyMissing,
             16 => Command::Probe,
             17 => Command::Packed,
+            18 => Command::MemoryChannel,
+            19 => Command::Channels,
+            20 => Command::ChannelDone,
             64 => Command::Ack,
             _ => return None,
         })
@@ -206,7 +246,10 @@ impl Command {
             | Command::PostcopyChannel
             | Command::PostcopyDone
             | Command::PostcopyResume
+            | Command::MemoryChannel
+            | Command::Channels
             | Command::Ack => 64 << 10,
+            Command::ChannelDone => 0,
             // One bit per page of up to 1 TiB of guest-physical space.
             Command::PostcopyStart | Command::PostcopyPrepare | Command::PostcopyMissing => {
                 MAX_BITMAP_BYTES as u64
@@ -356,7 +399,7 @@ pub struct QueryInfo {
 pub const ANSWER_UNKNOWN: &str = "unknown";
 
 /// `RoundEnd`: a pre-copy round is complete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RoundInfo {
     pub round: u32,
     pub pages: u64,
@@ -365,6 +408,14 @@ pub struct RoundInfo {
     /// destination's receive backlog).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ack: bool,
+    /// Version 6, with `ack` while memory connections are open: answer once this many pages
+    /// (all the source sent on them so far) have landed from them too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_pages: Option<u64>,
+    /// Version 6, with `ack`: every memory connection ends with `ChannelDone` before this;
+    /// answer once all of them did and their pages landed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub channels_done: bool,
 }
 
 /// `Ack`: the answer to Start, Config, State and Commit.
@@ -537,7 +588,7 @@ impl ReceiverState {
             (S::AwaitStart, C::Start) => S::AwaitConfig,
             (S::AwaitStart, C::Query) => S::Done,
             (S::AwaitConfig, C::Config) => S::Memory,
-            (S::Memory, C::Pages | C::Packed | C::RoundEnd) => S::Memory,
+            (S::Memory, C::Pages | C::Packed | C::RoundEnd | C::Channels) => S::Memory,
             (S::Memory, C::State) => S::AwaitCommit,
             (S::AwaitCommit, C::Commit) => S::Done,
             (S::Memory, C::PostcopyPrepare) => S::PostcopyPrepared,
@@ -556,7 +607,7 @@ impl ReceiverState {
     }
 }
 
-/// `PostcopyChannel`: which move this page connection belongs to.
+/// `PostcopyChannel` and `MemoryChannel`: which move this connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelInfo {
     pub migration_id: String,
@@ -564,6 +615,15 @@ pub struct ChannelInfo {
     /// again before they give up; unset or 0: no recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_ms: Option<u64>,
+    /// Version 6, `MemoryChannel`: which of the move's memory connections this is (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+}
+
+/// `Channels`: how many memory connections the source opened (2..=[`MAX_CHANNELS`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelsInfo {
+    pub count: u32,
 }
 
 /// Encode a page bitmap (bit `n` = the page at `n * PAGE_SIZE`) as little-endian words.

@@ -121,6 +121,7 @@ impl Rate {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Lz4Choice {
     on: bool,
     /// Output/input of lz4 on samples and messages (1.0 until measured).
@@ -172,6 +173,15 @@ pub(super) struct Totals {
     pub lz4_out: u64,
 }
 
+impl Totals {
+    pub fn add(&mut self, o: &Totals) {
+        self.delta_pages += o.delta_pages;
+        self.delta_bytes += o.delta_bytes;
+        self.lz4_in += o.lz4_in;
+        self.lz4_out += o.lz4_out;
+    }
+}
+
 /// Builds and sends `Packed` messages.
 pub(super) struct Compressor {
     mode: Compression,
@@ -199,8 +209,15 @@ pub(super) struct Compressor {
 }
 
 impl Compressor {
-    /// `None` when compression is off or the destination does not take `Packed`.
-    pub fn new(mode: Compression, cache_mib: u64, mem: &GuestMemory, peer: u32) -> Option<Self> {
+    /// `None` when compression is off or the destination does not take `Packed`. `parts`:
+    /// how many compressors share the delta cache's memory (one per memory connection).
+    pub fn new(
+        mode: Compression,
+        cache_mib: u64,
+        mem: &GuestMemory,
+        peer: u32,
+        parts: u64,
+    ) -> Option<Self> {
         if mode == Compression::Off || peer < protocol::PACKED_VERSION {
             return None;
         }
@@ -208,7 +225,7 @@ impl Compressor {
             cache_mib << 20
         } else {
             (memory::total_bytes(mem) / 4).min(MAX_DEFAULT_CACHE)
-        };
+        } / parts.max(1);
         Some(Compressor {
             mode,
             pk: Packer::default(),
@@ -371,9 +388,27 @@ impl Compressor {
         Ok(())
     }
 
+    /// What it did so far.
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// Take in what another compressor did (one of the memory connections', once they are
+    /// done): its totals, and what it learnt about lz4 if this one has sent nothing yet.
+    pub fn absorb(&mut self, other: &Compressor) {
+        self.totals.add(&other.totals);
+        if self.lz4.msgs == 0 {
+            self.lz4 = other.lz4;
+        }
+    }
+
     /// Fill a progress report's compression fields.
     pub fn report(&self, p: &mut MigrationProgress) {
-        let t = &self.totals;
+        Self::report_totals(&self.totals, p);
+    }
+
+    /// Fill a progress report's compression fields from `t`.
+    pub fn report_totals(t: &Totals, p: &mut MigrationProgress) {
         p.delta_pages = t.delta_pages;
         p.delta_bytes = t.delta_bytes;
         p.lz4_in_bytes = t.lz4_in;

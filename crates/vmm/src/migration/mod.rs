@@ -3,6 +3,7 @@
 //! side ([`receive`]) builds a VM from the stream. The wire protocol and its state machine
 //! are in `ferry_migration::protocol` (no KVM there, so it is fuzzed on its own).
 
+mod channels;
 mod compress;
 pub mod forecast;
 pub mod postcopy;

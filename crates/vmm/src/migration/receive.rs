@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use ferry_api::{Outcome, VmConfig};
 use ferry_migration::outcome::{outcome_str, OutcomeRecord};
 use ferry_migration::protocol::{
-    self, AckInfo, ChannelInfo, Command, Frame, ProtocolError, QueryInfo, ReceiverState, RoundInfo,
-    PAGE_SIZE,
+    self, AckInfo, ChannelInfo, ChannelsInfo, Command, Frame, ProtocolError, QueryInfo,
+    ReceiverState, RoundInfo, PAGE_SIZE,
 };
 use ferry_migration::Envelope;
 
@@ -65,6 +65,10 @@ pub enum ReceiveError {
     Postcopy(#[source] std::io::Error),
     #[error("the source's post-copy page connection did not arrive within {0:?}")]
     NoPageChannel(Duration),
+    #[error("{0}")]
+    MemoryChannel(String),
+    #[error("{got} of the source's {want} memory connections arrived within {wait:?}")]
+    NoMemoryChannels { want: u32, got: u32, wait: Duration },
     #[error("the connection broke ({first}) and the source did not come back within {limit:?}")]
     NotRecovered { limit: Duration, first: String },
 }
@@ -103,11 +107,14 @@ fn ack(t: &mut Transport, ok: bool, message: String) -> Result<(), ProtocolError
     protocol::write_frame(t, Command::Ack, &protocol::json(&a))
 }
 
+/// How long the destination waits for its memory connections to catch up before the pause.
+const CHANNEL_CATCH_UP: Duration = Duration::from_secs(1);
 /// How long the destination waits for the source's page connection once post-copy begins.
 const CHANNEL_WAIT: Duration = Duration::from_secs(10);
 
-/// Accept the source's post-copy page connection on `listener` (answering queries meanwhile)
-/// until `stop`; the connection goes to `found`.
+/// Accept the source's memory connections and its post-copy page connection on `listener`
+/// (answering queries meanwhile) until `stop` or the page connection came; memory connections
+/// go to `memory`, the page connection to `found`.
 fn accept_page_channel(
     listener: TcpListener,
     tls: Option<MigrationTls>,
@@ -115,6 +122,7 @@ fn accept_page_channel(
     id: String,
     stop: Arc<AtomicBool>,
     found: mpsc::Sender<(Transport, ChannelInfo)>,
+    memory: mpsc::Sender<(Transport, ChannelInfo)>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         let s = match listener.accept() {
@@ -147,6 +155,13 @@ fn accept_page_channel(
                     return;
                 }
                 _ => tracing::warn!("refused a page connection for another move"),
+            },
+            Command::MemoryChannel => match protocol::parse::<ChannelInfo>(&f) {
+                Ok(c) if c.migration_id == id => {
+                    t.set_io_timeout(super::transport::IO_TIMEOUT);
+                    let _ = memory.send((t, c));
+                }
+                _ => tracing::warn!("refused a memory connection for another move"),
             },
             _ => {}
         }
@@ -527,6 +542,7 @@ pub fn receive(
         id: None,
         restored: false,
         channel: None,
+        memory: None,
     };
     let result = receive_on(
         &mut t, first, &listener, ropts, &mut rx, overrides, opts, &mut log,
@@ -632,6 +648,8 @@ struct Receiving {
     /// The thread waiting for a post-copy page connection: its stop flag, handle, and where
     /// the connection arrives.
     channel: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>, PageChannels)>,
+    /// Where the source's memory connections arrive (version 6).
+    memory: Option<PageChannels>,
 }
 
 /// The rest of a post-copy, after the guest started here: place what the source pushes until
@@ -766,11 +784,21 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
 /// guest-physical page), so a zero page is written only over data (fresh memory is zero, and
 /// untouched guest memory stays unallocated here) and a delta knows its base.
 #[derive(Default)]
-struct Landed {
+pub(super) struct Landed {
     written: Vec<u64>,
 }
 
 impl Landed {
+    /// Take in where another receiver's pages landed (a memory connection's, once done).
+    pub(super) fn merge(&mut self, other: &Landed) {
+        if other.written.len() > self.written.len() {
+            self.written.resize(other.written.len(), 0);
+        }
+        for (w, o) in self.written.iter_mut().zip(&other.written) {
+            *w |= o;
+        }
+    }
+
     fn bit(&mut self, gpa: u64) -> (&mut u64, u64) {
         let bit = (gpa / PAGE_SIZE as u64) as usize;
         let (word, mask) = (bit / 64, 1u64 << (bit % 64));
@@ -816,6 +844,37 @@ impl Landed {
     }
 }
 
+/// Put the pages of a pre-copy `Pages` or `Packed` message in place; how many there were.
+/// `unpacked`: room for a `Packed` message's data area, decompressed.
+pub(super) fn land_frame(
+    frame: &Frame,
+    m: &GuestMemory,
+    landed: &mut Landed,
+    unpacked: &mut Vec<u8>,
+) -> Result<u64, VmError> {
+    let mut err = None;
+    let mut land = |gpa: u64, page: Page<'_>| {
+        if let Err(e) = landed.land(m, gpa, page)? {
+            err.get_or_insert(e);
+        }
+        Ok(())
+    };
+    let valid = |gpa| valid_page(m, gpa);
+    let n = if frame.command == Command::Pages {
+        protocol::decode_pages(&frame.payload, valid, |gpa, data| {
+            // Whole and zero pages: only landing a delta can fail on the stream.
+            let _ = land(gpa, data.map_or(Page::Zero, Page::Full));
+        })
+    } else {
+        pack::decode_packed(&frame.payload, valid, unpacked, &mut land)
+    }
+    .map_err(ReceiveError::from)?;
+    if let Some(e) = err {
+        return Err(memory::MemoryError::Access(e).into());
+    }
+    Ok(n as u64)
+}
+
 /// Guest memory and the page bitmap of a `PostcopyPrepare` or `PostcopyStart`.
 fn postcopy_bitmap<'a>(
     mem: Option<&'a GuestMemory>,
@@ -853,12 +912,19 @@ fn receive_on(
     // The data area of a `Packed` message, decompressed.
     let mut unpacked = Vec::new();
     let mut first = Some(first);
+    // Pre-copy's memory connections, while they run.
+    let mut lanes: Option<super::channels::Landing> = None;
     loop {
         let frame = match first.take() {
             Some(f) => f,
-            None => protocol::read_frame(t)
-                .and_then(|f| f.ok_or(ProtocolError::Truncated))
-                .map_err(ReceiveError::from)?,
+            None => match protocol::read_frame(t).and_then(|f| f.ok_or(ProtocolError::Truncated)) {
+                Ok(f) => f,
+                // A memory connection that failed closes this one: say why it did.
+                Err(e) => match lanes.as_ref().and_then(|l| l.failure()) {
+                    Some(why) => return Err(ReceiveError::MemoryChannel(why).into()),
+                    None => return Err(ReceiveError::from(e).into()),
+                },
+            },
         };
         state = state.next(frame.command).map_err(ReceiveError::from)?;
         match frame.command {
@@ -893,15 +959,17 @@ fn receive_on(
                         })?;
                     let stop = Arc::new(AtomicBool::new(false));
                     let (tx, rx_ch) = mpsc::channel();
+                    let (mem_tx, mem_rx) = mpsc::channel();
                     let h = std::thread::Builder::new()
                         .name("migrate-pages-accept".into())
                         .spawn({
                             let (tls, record, stop) =
                                 (ropts.tls.clone(), rx.record.clone(), stop.clone());
-                            move || accept_page_channel(l, tls, record, id, stop, tx)
+                            move || accept_page_channel(l, tls, record, id, stop, tx, mem_tx)
                         })
                         .map_err(ReceiveError::Postcopy)?;
                     rx.channel = Some((stop, h, rx_ch));
+                    rx.memory = Some(mem_rx);
                 }
                 let a = AckInfo {
                     ok: true,
@@ -937,27 +1005,35 @@ fn receive_on(
                     .as_ref()
                     .ok_or(ProtocolError::Truncated)
                     .map_err(ReceiveError::from)?;
-                let mut err = None;
-                let mut land = |gpa: u64, page: Page<'_>| {
-                    if let Err(e) = landed.land(m, gpa, page)? {
-                        err.get_or_insert(e);
-                    }
-                    Ok(())
+                pages += land_frame(&frame, m, &mut landed, &mut unpacked)?;
+            }
+            Command::Channels => {
+                let info: ChannelsInfo = protocol::parse(&frame).map_err(ReceiveError::from)?;
+                let (Some(m), Some(found)) = (mem.as_ref(), rx.memory.as_ref()) else {
+                    return Err(ReceiveError::Protocol(ProtocolError::Truncated).into());
                 };
-                let valid = |gpa| valid_page(m, gpa);
-                let n = if frame.command == Command::Pages {
-                    protocol::decode_pages(&frame.payload, valid, |gpa, data| {
-                        // Whole and zero pages: only landing a delta can fail on the stream.
-                        let _ = land(gpa, data.map_or(Page::Zero, Page::Full));
-                    })
-                } else {
-                    pack::decode_packed(&frame.payload, valid, &mut unpacked, &mut land)
+                if lanes.is_some() || !(2..=protocol::MAX_CHANNELS).contains(&info.count) {
+                    let e = ProtocolError::Malformed(
+                        Command::Channels,
+                        format!(
+                            "{} memory connections (again, or not 2..={})",
+                            info.count,
+                            protocol::MAX_CHANNELS
+                        ),
+                    );
+                    return Err(ReceiveError::Protocol(e).into());
                 }
-                .map_err(ReceiveError::from)?;
-                if let Some(e) = err {
-                    return Err(memory::MemoryError::Access(e).into());
-                }
-                pages += n as u64;
+                let conns = super::channels::gather(found, info.count, CHANNEL_WAIT)?;
+                let main = t
+                    .socket()
+                    .map_err(ProtocolError::from)
+                    .map_err(ReceiveError::from)?;
+                lanes = Some(super::channels::Landing::start(conns, m, main)?);
+                log(&format!(
+                    "pre-copy's pages come on {} connections",
+                    info.count
+                ));
+                ack(t, true, String::new()).map_err(ReceiveError::from)?;
             }
             Command::PostcopyPrepare => {
                 let (m, words) = postcopy_bitmap(mem.as_ref(), &frame)?;
@@ -1030,11 +1106,25 @@ fn receive_on(
             Command::RoundEnd => {
                 let r: RoundInfo = protocol::parse(&frame).map_err(ReceiveError::from)?;
                 if r.ack {
+                    if r.channels_done {
+                        // Pre-copy ends: everything on the memory connections lands first.
+                        if let Some(l) = lanes.take() {
+                            let (their, n) = l.finish()?;
+                            landed.merge(&their);
+                            pages += n;
+                        }
+                    } else if let (Some(l), Some(want)) = (lanes.as_ref(), r.channel_pages) {
+                        // Before the pause: let them catch up too.
+                        l.wait_for(want, CHANNEL_CATCH_UP);
+                    }
                     ack(t, true, String::new()).map_err(ReceiveError::from)?;
                 } else {
+                    let more = lanes.as_ref().map_or(0, |l| l.pages());
                     log(&format!(
                         "round {}: {} pages received so far, {} dirty",
-                        r.round, pages, r.pages
+                        r.round,
+                        pages + more,
+                        r.pages
                     ));
                 }
             }
@@ -1118,6 +1208,8 @@ fn receive_on(
             | Command::PostcopyResume
             | Command::PostcopyMissing
             | Command::Probe
+            | Command::MemoryChannel
+            | Command::ChannelDone
             | Command::PostcopyDone => {
                 let e = ProtocolError::OutOfOrder {
                     got: frame.command,

@@ -126,6 +126,8 @@ pub enum SendError {
         first: String,
         last: String,
     },
+    #[error("memory connection {index} to the destination broke: {why}")]
+    ChannelBroken { index: u32, why: String },
     #[error("the page connection to the destination broke")]
     PageChannelBroken,
     #[error("the link took nothing for {0:?}")]
@@ -153,6 +155,10 @@ struct Outgoing<'a> {
     sent_before: u64,
     /// Pre-copy with a version-5 destination and compression not off: pages go `Packed`.
     comp: Option<super::compress::Compressor>,
+    /// Pre-copy's memory connections (`--channels`), while pre-copy runs.
+    lanes: Option<super::channels::Channels>,
+    /// Bytes the memory connections sent, once they are closed.
+    lanes_sent: u64,
 }
 
 impl SendCtx {
@@ -190,9 +196,73 @@ impl Outgoing<'_> {
         }
     }
 
-    /// Bytes sent so far, on every main connection.
+    /// Bytes sent so far, on every connection.
     fn sent(&self) -> u64 {
-        self.sent_before + self.t.bytes_sent()
+        self.sent_before
+            + self.t.bytes_sent()
+            + self.lanes_sent
+            + self.lanes.as_ref().map_or(0, |l| l.sent())
+    }
+
+    /// Open `--channels` memory connections, if asked for and the destination takes them.
+    fn open_lanes(&mut self) -> Result<(), SendError> {
+        let s = &self.ctx.settings;
+        let n = s.channels.min(protocol::MAX_CHANNELS);
+        if n < 2 {
+            return Ok(());
+        }
+        if self.peer_version < protocol::CHANNELS_VERSION {
+            tracing::info!(
+                "one connection for memory: the destination speaks protocol {}, without memory connections",
+                self.peer_version
+            );
+            return Ok(());
+        }
+        let o = super::channels::Open {
+            to: &s.to,
+            tls: self.tls.as_ref(),
+            migration_id: &s.migration_id,
+            cap: self.t.cap(),
+            compression: s.compression,
+            delta_cache_mib: s.delta_cache_mib,
+            peer_version: self.peer_version,
+        };
+        let lanes = super::channels::Channels::open(n, &o, &self.ctx.memory)?;
+        protocol::write_frame(
+            &mut self.t,
+            Command::Channels,
+            &protocol::json(&protocol::ChannelsInfo { count: n }),
+        )?;
+        self.expect_ack()?;
+        tracing::debug!("pre-copy's pages go on {n} memory connections");
+        self.lanes = Some(lanes);
+        Ok(())
+    }
+
+    /// End pre-copy on the memory connections: what they still hold goes, and the destination
+    /// says when all of it landed (what follows on the main connection lands after it).
+    fn close_lanes(&mut self) -> Result<(), SendError> {
+        let Some(lanes) = self.lanes.take() else {
+            return Ok(());
+        };
+        let n = lanes.count();
+        let (comps, sent) = lanes.finish()?;
+        self.lanes_sent = sent;
+        if let Some(c) = self.comp.as_mut() {
+            for other in &comps {
+                c.absorb(other);
+            }
+        }
+        let r = RoundInfo {
+            round: u32::MAX,
+            ack: true,
+            channels_done: true,
+            ..Default::default()
+        };
+        protocol::write_frame(&mut self.t, Command::RoundEnd, &protocol::json(&r))?;
+        self.expect_ack()?;
+        tracing::debug!("the {n} memory connections are done");
+        Ok(())
     }
 
     fn check(&self) -> Result<(), SendError> {
@@ -209,7 +279,7 @@ impl Outgoing<'_> {
             return Err(SendError::NotConverged(format!(
                 "timed out after {} s, {:.1} MiB sent",
                 s.timeout_s,
-                self.t.bytes_sent() as f64 / f64::from(1 << 20)
+                self.sent() as f64 / f64::from(1 << 20)
             )));
         }
         Ok(())
@@ -273,13 +343,19 @@ impl Outgoing<'_> {
             if batch.is_empty() {
                 break;
             }
-            self.write_pages(&batch)?;
+            match self.lanes.as_mut() {
+                Some(l) => l.put(&batch)?,
+                None => self.write_pages(&batch)?,
+            }
             count += batch.len() as u64;
             let n = batch.len() as u64;
             let comp = self.comp.as_ref();
+            let lanes = self.lanes.as_ref();
             self.ctx.update(|p| {
                 p.pages_sent += n;
-                if let Some(c) = comp {
+                if let Some(l) = lanes {
+                    super::compress::Compressor::report_totals(&l.totals(), p);
+                } else if let Some(c) = comp {
                     c.report(p);
                 }
             });
@@ -287,6 +363,9 @@ impl Outgoing<'_> {
             if !self.paused {
                 self.check()?;
             }
+        }
+        if let Some(l) = self.lanes.as_mut() {
+            l.flush()?;
         }
         Ok(count)
     }
@@ -310,6 +389,7 @@ impl Outgoing<'_> {
             s.delta_cache_mib,
             &self.ctx.memory,
             self.peer_version,
+            1,
         );
         if s.mode == MigrationMode::Postcopy && !can_postcopy {
             return Err(SendError::NoPostcopy(self.peer_version));
@@ -320,6 +400,7 @@ impl Outgoing<'_> {
             &protocol::json(&self.ctx.config),
         )?;
         self.expect_ack()?;
+        self.open_lanes()?;
         self.check()?;
 
         self.ctx.update(|p| p.phase = MigrationPhase::Memory);
@@ -327,7 +408,8 @@ impl Outgoing<'_> {
         // First pass: every page that may hold data; never-written memory is zero there too.
         let all = memory::populated_pages(&self.ctx.memory)?;
         let mut round_start = Instant::now();
-        let mut round_bytes_start = self.t.bytes_sent();
+        let mut round_bytes_start = self.sent();
+        let (first_start, first_bytes) = (round_start, round_bytes_start);
         self.send_pages(all.into_iter())?;
         let mut round = 0u32;
         let deadline = (s.timeout_s > 0).then(|| self.start + Duration::from_secs(s.timeout_s));
@@ -337,7 +419,14 @@ impl Outgoing<'_> {
         let mut postcopy: Option<String> = None;
         loop {
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
-            let bw = (self.t.bytes_sent() - round_bytes_start) as f64 / secs; // bytes/s
+            let bw = if self.lanes.is_some() {
+                // The memory connections count a message once written, a few messages behind
+                // what was dealt to them: over a short round that says little; since the first
+                // pass began, it is the link.
+                (self.sent() - first_bytes) as f64 / first_start.elapsed().as_secs_f64().max(1e-3)
+            } else {
+                (self.sent() - round_bytes_start) as f64 / secs
+            }; // bytes/s
             let mut dirty = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
             if let Some(r) = self.redirtied.take() {
                 dirty.merge(&r);
@@ -348,12 +437,12 @@ impl Outgoing<'_> {
             // the pages of this round took (compressing them included).
             // The first pass's pages are not the dirty ones (those it skipped, or sent before
             // they changed): after it, a dirty page is reckoned a whole page on the wire.
-            let spp = self
-                .comp
-                .as_ref()
-                .filter(|_| round > 0)
-                .and_then(|c| c.secs_per_page())
-                .unwrap_or(PAGE_WIRE / bw.max(1.0));
+            let spp = match &self.lanes {
+                Some(l) => l.secs_per_page(),
+                None => self.comp.as_ref().and_then(|c| c.secs_per_page()),
+            }
+            .filter(|_| round > 0)
+            .unwrap_or(PAGE_WIRE / bw.max(1.0));
             let expected_ms = n as f64 * spp * 1000.0;
             self.ctx.update(|p| {
                 p.round = round;
@@ -369,7 +458,7 @@ impl Outgoing<'_> {
                 &protocol::json(&RoundInfo {
                     round,
                     pages: n,
-                    ack: false,
+                    ..Default::default()
                 }),
             )?;
             let facts = super::forecast::RoundFacts {
@@ -416,23 +505,19 @@ impl Outgoing<'_> {
             if let Some(c) = self.comp.as_mut() {
                 c.end_round();
             }
+            if let Some(l) = self.lanes.as_mut() {
+                l.end_round()?;
+            }
             round += 1;
             round_start = Instant::now();
-            round_bytes_start = self.t.bytes_sent();
+            round_bytes_start = self.sent();
             self.send_pages(dirty.pages())?;
         }
 
-        let note = match &self.comp {
-            Some(c) => c.note(),
-            None if s.compression == ferry_api::Compression::Off => "off".into(),
-            None => format!(
-                "none (the destination speaks protocol {}, without it)",
-                self.peer_version
-            ),
-        };
-        tracing::debug!("compression: {note}");
-        self.ctx.update(|p| p.compression_note = Some(note));
         if let Some(why) = postcopy {
+            // Post-copy goes on the main connection (and its page connection).
+            self.close_lanes()?;
+            self.note_compression();
             tracing::info!("post-copy: {why}");
             // From here the destination's guest changes its copies: no more deltas. Its
             // background push may still use lz4 (a page fetched on demand goes on the other
@@ -462,14 +547,18 @@ impl Outgoing<'_> {
             .t
             .wait_delivered(DRAINED_BYTES, MAX_DRAIN)
             .map_err(ProtocolError::from)?;
+        if let Some(l) = self.lanes.as_mut() {
+            l.drain(DRAINED_BYTES, MAX_DRAIN)?;
+        }
         let caught_up = Instant::now();
         if self.peer_version >= protocol::POSTCOPY_VERSION {
             // Wait until the destination has taken in all of it, not only its kernel: on a
             // fast link it may still be copying megabytes into guest memory.
             let r = RoundInfo {
                 round: u32::MAX,
-                pages: 0,
                 ack: true,
+                channel_pages: self.lanes.as_ref().map(|l| l.dispatched()),
+                ..Default::default()
             };
             protocol::write_frame(&mut self.t, Command::RoundEnd, &protocol::json(&r))?;
             self.expect_ack()?;
@@ -486,6 +575,9 @@ impl Outgoing<'_> {
         self.ctx.call(MigrationCall::SyncDisks)?;
         if let Some(c) = self.comp.as_mut() {
             c.end_round(); // the wait above is not a message's time
+        }
+        if let Some(l) = self.lanes.as_mut() {
+            l.end_round()?;
         }
         let pause_at = Instant::now();
         self.ctx.call(MigrationCall::Pause)?;
@@ -510,6 +602,9 @@ impl Outgoing<'_> {
         // One more pass after saving device state: anything written while saving goes too.
         let after = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
         self.send_pages(after.pages())?;
+        // Every page is in place there before the state that runs on them.
+        self.close_lanes()?;
+        self.note_compression();
         let bytes = Envelope::MigrationState
             .encode(&*state)
             .map_err(SendError::Encode)?;
@@ -535,6 +630,21 @@ impl Outgoing<'_> {
         self.expect_ack()?;
         tracing::debug!("switch-over: destination runs at {:?}", pause_at.elapsed());
         Ok(pause_at.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// Put what compression did in the report.
+    fn note_compression(&self) {
+        let s = &self.ctx.settings;
+        let note = match &self.comp {
+            Some(c) => c.note(),
+            None if s.compression == ferry_api::Compression::Off => "off".into(),
+            None => format!(
+                "none (the destination speaks protocol {}, without it)",
+                self.peer_version
+            ),
+        };
+        tracing::debug!("compression: {note}");
+        self.ctx.update(|p| p.compression_note = Some(note));
     }
 
     fn resend_later(&mut self, dirty: memory::DirtyBitmap) {
@@ -796,6 +906,7 @@ impl Outgoing<'_> {
         let hello = ChannelInfo {
             migration_id: self.ctx.settings.migration_id.clone(),
             recovery_ms,
+            index: None,
         };
         protocol::write_frame(pc, Command::PostcopyChannel, &protocol::json(&hello))?;
         std::io::Write::flush(pc).map_err(ProtocolError::from)?;
@@ -889,6 +1000,7 @@ impl Outgoing<'_> {
         let hello = ChannelInfo {
             migration_id: self.ctx.settings.migration_id.clone(),
             recovery_ms: None,
+            index: None,
         };
         protocol::write_frame(&mut t, Command::PostcopyResume, &protocol::json(&hello))?;
         std::io::Write::flush(&mut t).map_err(ProtocolError::from)?;
@@ -1064,8 +1176,20 @@ pub fn run(mut ctx: SendCtx) {
                 peer_version: protocol::MIN_PROTOCOL_VERSION,
                 sent_before: 0,
                 comp: None,
+                lanes: None,
+                lanes_sent: 0,
             };
-            let r = s.run();
+            let mut r = s.run();
+            if let (Err(e), Some(l)) = (&r, &s.lanes) {
+                if !matches!(e, SendError::ChannelBroken { .. } | SendError::Cancelled) {
+                    // A memory connection that broke closes the main one too (the destination hangs up
+                    // on a move whose memory connection failed): give it a moment, then name it.
+                    std::thread::sleep(Duration::from_millis(50));
+                    if let Some(cause) = l.failure() {
+                        r = Err(cause);
+                    }
+                }
+            }
             if r.is_err() && !s.commit_sent {
                 // Tell the destination, if it still listens, then hang up.
                 let _ = protocol::write_frame(&mut s.t, Command::Cancel, b"{}");

@@ -113,6 +113,15 @@ impl Write for Stream {
     }
 }
 
+/// Bytes the kernel holds for `s` that the peer has not acknowledged yet (TIOCOUTQ: unsent
+/// plus in flight); `None` if the kernel does not say.
+pub fn unacked(s: &TcpStream) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(s), libc::TIOCOUTQ, &mut n) };
+    (r == 0 && n >= 0).then_some(n as u64)
+}
+
 /// A host's TLS for migration streams: its configs, and the host the other side must be.
 #[derive(Clone)]
 pub struct MigrationTls {
@@ -139,13 +148,33 @@ fn tls_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS: {e}"))
 }
 
+/// A bandwidth cap, which several connections of one move may share.
+pub struct Pacer {
+    bytes_per_s: f64,
+    window_start: Instant,
+    window_sent: u64,
+}
+
+impl Pacer {
+    /// How long to wait before `n` more bytes fit the cap (they are counted now).
+    fn take(&mut self, n: usize) -> Duration {
+        // Token bucket over a sliding second.
+        let elapsed = self.window_start.elapsed().as_secs_f64();
+        let ahead = self.window_sent as f64 + n as f64 - self.bytes_per_s * elapsed;
+        if elapsed > 1.0 {
+            self.window_start = Instant::now();
+            self.window_sent = 0;
+        }
+        self.window_sent += n as u64;
+        Duration::from_secs_f64(ahead.max(0.0) / self.bytes_per_s)
+    }
+}
+
 /// A migration connection with byte counting and an optional bandwidth cap.
 pub struct Transport<S = Stream> {
     inner: S,
     sent: u64,
-    cap_bytes_per_s: Option<f64>,
-    window_start: Instant,
-    window_sent: u64,
+    cap: Option<Arc<std::sync::Mutex<Pacer>>>,
 }
 
 fn tune(s: &TcpStream) -> io::Result<()> {
@@ -241,16 +270,7 @@ impl Transport<Stream> {
     /// Bytes the kernel holds for this connection that the peer has not acknowledged yet
     /// (TIOCOUTQ: unsent plus in flight); `None` if the kernel does not say.
     pub fn unacked(&self) -> Option<u64> {
-        let mut n: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n`.
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(self.inner.tcp()),
-                libc::TIOCOUTQ,
-                &mut n,
-            )
-        };
-        (r == 0 && n >= 0).then_some(n as u64)
+        unacked(self.inner.tcp())
     }
 
     /// Flush, then wait (at most `max`) until at most `below` bytes are still on their way to
@@ -281,17 +301,29 @@ impl<S> Transport<S> {
         Transport {
             inner,
             sent: 0,
-            cap_bytes_per_s: None,
-            window_start: Instant::now(),
-            window_sent: 0,
+            cap: None,
         }
     }
 
     /// Cap the send rate (Mbit/s; 0 = no cap).
     pub fn set_cap_mbit(&mut self, mbit: u64) {
-        self.cap_bytes_per_s = (mbit > 0).then(|| mbit as f64 * 1e6 / 8.0);
-        self.window_start = Instant::now();
-        self.window_sent = 0;
+        self.cap = (mbit > 0).then(|| {
+            Arc::new(std::sync::Mutex::new(Pacer {
+                bytes_per_s: mbit as f64 * 1e6 / 8.0,
+                window_start: Instant::now(),
+                window_sent: 0,
+            }))
+        });
+    }
+
+    /// This connection's cap, to share with another connection of the same move.
+    pub fn cap(&self) -> Option<Arc<std::sync::Mutex<Pacer>>> {
+        self.cap.clone()
+    }
+
+    /// Share `cap` (another connection's): the two together stay under it.
+    pub fn share_cap(&mut self, cap: Option<Arc<std::sync::Mutex<Pacer>>>) {
+        self.cap = cap;
     }
 
     /// Bytes written so far.
@@ -308,22 +340,17 @@ impl<S: Read> Read for Transport<S> {
 
 impl<S: Write> Write for Transport<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(rate) = self.cap_bytes_per_s {
-            // Token bucket over a sliding second: sleep until this write fits the cap.
-            let elapsed = self.window_start.elapsed().as_secs_f64();
-            let allowed = rate * elapsed;
-            let ahead = self.window_sent as f64 + buf.len() as f64 - allowed;
-            if ahead > 0.0 {
-                std::thread::sleep(Duration::from_secs_f64(ahead / rate));
-            }
-            if elapsed > 1.0 {
-                self.window_start = Instant::now();
-                self.window_sent = 0;
+        if let Some(cap) = &self.cap {
+            let wait = cap
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(buf.len());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
             }
         }
         let n = self.inner.write(buf)?;
         self.sent += n as u64;
-        self.window_sent += n as u64;
         Ok(n)
     }
 
