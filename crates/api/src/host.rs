@@ -271,6 +271,10 @@ pub struct MoveSettings {
     /// Give up after this many seconds (0: never).
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Connections for the memory copy (1..=8; 0: the daemon's choice, two for an encrypted
+    /// stream, whose encryption one core bounds, and one otherwise).
+    #[serde(default)]
+    pub channels: u32,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -287,6 +291,7 @@ impl Default for MoveSettings {
             downtime_ms: default_downtime_ms(),
             bandwidth_mbit: 0,
             timeout_s: default_timeout_s(),
+            channels: 0,
         }
     }
 }

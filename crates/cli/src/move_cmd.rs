@@ -74,6 +74,11 @@ struct MoveArgs {
     /// Give up after this many seconds (0: never); the VM stays where it is.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Connections for the memory copy (1-8). Several pay where one cannot fill the link:
+    /// encryption or compression bound by one core, with cores to spare on both hosts.
+    /// Default: two for an encrypted stream, one for plaintext.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
+    channels: Option<u32>,
     /// Use this grant (a file from `ferry grant`) instead of signing one.
     #[arg(long)]
     grant: Option<std::path::PathBuf>,
@@ -164,6 +169,7 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                         downtime_ms: a.downtime_ms,
                         bandwidth_mbit: a.bandwidth_mbit,
                         timeout_s: a.timeout,
+                        channels: a.channels.unwrap_or(0),
                     },
                     grant,
                     storage_to: a.storage_to,
@@ -200,6 +206,7 @@ async fn both(t: &Targets, a: MoveArgs, info: ferry_api::host::VmInfo, json: boo
         downtime_ms: a.downtime_ms,
         bandwidth_mbit: a.bandwidth_mbit,
         timeout_s: a.timeout,
+        channels: a.channels.unwrap_or(0),
     };
     let (_, c, _) = t.find_vm(&info.name).await?;
     let disks = MoveRequest {

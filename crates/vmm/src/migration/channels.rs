@@ -40,8 +40,10 @@ enum Job {
 #[derive(Default)]
 struct Shared {
     sent: AtomicU64,
-    /// Its compressor's totals and seconds per page.
-    comp: Mutex<(Totals, Option<f64>)>,
+    /// Pages written.
+    pages: AtomicU64,
+    /// Its compressor's totals.
+    comp: Mutex<Totals>,
     /// Why it failed, if it did.
     error: Mutex<Option<String>>,
     /// Batches given to it and not yet written.
@@ -201,6 +203,23 @@ impl Channels {
         self.dispatched
     }
 
+    /// Send what is dealt and wait until every connection wrote all it was given: the end of
+    /// a round, so that the round's time and bytes are those of its pages, as on one connection.
+    pub fn settle(&mut self) -> Result<(), SendError> {
+        self.flush()?;
+        let busy = |l: &Lane| {
+            l.thread.as_ref().is_some_and(|t| !t.is_finished())
+                && l.shared.queued.load(Ordering::SeqCst) > 0
+        };
+        while self.lanes.iter().any(busy) {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Send what is dealt, then wait (at most `max`) until every connection wrote all it was
     /// given and at most `below` bytes of each are still on their way: what the pause would
     /// otherwise wait behind.
@@ -233,20 +252,19 @@ impl Channels {
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
         for l in &self.lanes {
-            t.add(&l.shared.comp.lock().unwrap_or_else(|e| e.into_inner()).0);
+            t.add(&l.shared.comp.lock().unwrap_or_else(|e| e.into_inner()));
         }
         t
     }
 
-    /// Seconds a page that holds data takes to go, with the connections working side by side.
-    pub fn secs_per_page(&self) -> Option<f64> {
-        let spp: Vec<f64> = self
-            .lanes
+    /// Pages written on all memory connections so far: over a round, with its length, what a
+    /// page takes to go with the connections side by side (sharing this host's cores with the
+    /// guest, as they do).
+    pub fn pages_written(&self) -> u64 {
+        self.lanes
             .iter()
-            .filter_map(|l| l.shared.comp.lock().unwrap_or_else(|e| e.into_inner()).1)
-            .collect();
-        (!spp.is_empty())
-            .then(|| spp.iter().sum::<f64>() / spp.len() as f64 / self.lanes.len() as f64)
+            .map(|l| l.shared.pages.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn join(&mut self, i: usize) -> Result<Option<Compressor>, SendError> {
@@ -323,10 +341,12 @@ fn lane(
                     }
                 }
                 shared.sent.store(t.bytes_sent(), Ordering::Relaxed);
+                shared
+                    .pages
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
                 if let Some(c) = &comp {
-                    *shared.comp.lock().unwrap_or_else(|e| e.into_inner()) =
-                        (c.totals(), c.secs_per_page());
+                    *shared.comp.lock().unwrap_or_else(|e| e.into_inner()) = c.totals();
                 }
             }
             Job::EndRound => {

@@ -159,6 +159,9 @@ struct Outgoing<'a> {
     lanes: Option<super::channels::Channels>,
     /// Bytes the memory connections sent, once they are closed.
     lanes_sent: u64,
+    /// Their compressors, once they are closed: dropped after the move, since freeing their
+    /// delta caches (hundreds of MiB) would take milliseconds of the pause.
+    retired: Vec<super::compress::Compressor>,
 }
 
 impl SendCtx {
@@ -253,6 +256,7 @@ impl Outgoing<'_> {
                 c.absorb(other);
             }
         }
+        self.retired = comps;
         let r = RoundInfo {
             round: u32::MAX,
             ack: true,
@@ -409,7 +413,7 @@ impl Outgoing<'_> {
         let all = memory::populated_pages(&self.ctx.memory)?;
         let mut round_start = Instant::now();
         let mut round_bytes_start = self.sent();
-        let (first_start, first_bytes) = (round_start, round_bytes_start);
+        let mut round_pages_start = 0;
         self.send_pages(all.into_iter())?;
         let mut round = 0u32;
         let deadline = (s.timeout_s > 0).then(|| self.start + Duration::from_secs(s.timeout_s));
@@ -418,15 +422,12 @@ impl Outgoing<'_> {
         let mut throttle = 0u32;
         let mut postcopy: Option<String> = None;
         loop {
+            if let Some(l) = self.lanes.as_mut() {
+                // The round ends when its pages are written, not when they are dealt out.
+                l.settle()?;
+            }
             let secs = round_start.elapsed().as_secs_f64().max(1e-3);
-            let bw = if self.lanes.is_some() {
-                // The memory connections count a message once written, a few messages behind
-                // what was dealt to them: over a short round that says little; since the first
-                // pass began, it is the link.
-                (self.sent() - first_bytes) as f64 / first_start.elapsed().as_secs_f64().max(1e-3)
-            } else {
-                (self.sent() - round_bytes_start) as f64 / secs
-            }; // bytes/s
+            let bw = (self.sent() - round_bytes_start) as f64 / secs; // bytes/s
             let mut dirty = memory::take_dirty(&self.ctx.vm.fd, &self.ctx.memory)?;
             if let Some(r) = self.redirtied.take() {
                 dirty.merge(&r);
@@ -438,7 +439,10 @@ impl Outgoing<'_> {
             // The first pass's pages are not the dirty ones (those it skipped, or sent before
             // they changed): after it, a dirty page is reckoned a whole page on the wire.
             let spp = match &self.lanes {
-                Some(l) => l.secs_per_page(),
+                Some(l) => {
+                    let pages = l.pages_written() - round_pages_start;
+                    (pages >= 256).then(|| secs / pages as f64)
+                }
                 None => self.comp.as_ref().and_then(|c| c.secs_per_page()),
             }
             .filter(|_| round > 0)
@@ -511,6 +515,7 @@ impl Outgoing<'_> {
             round += 1;
             round_start = Instant::now();
             round_bytes_start = self.sent();
+            round_pages_start = self.lanes.as_ref().map_or(0, |l| l.pages_written());
             self.send_pages(dirty.pages())?;
         }
 
@@ -1178,6 +1183,7 @@ pub fn run(mut ctx: SendCtx) {
                 comp: None,
                 lanes: None,
                 lanes_sent: 0,
+                retired: Vec::new(),
             };
             let mut r = s.run();
             if let (Err(e), Some(l)) = (&r, &s.lanes) {
