@@ -526,6 +526,16 @@ fn cleanup(d: &Daemon, id: &str) {
         .is_some_and(|v| v.record.incoming.as_deref() == Some(id))
     {
         g.vms.remove(&vm);
+        // The receiving VMM's log goes with its directory: keep why it ended in ours.
+        if let Ok(log) = std::fs::read_to_string(d.run_dir(&vm).log()) {
+            for l in log
+                .lines()
+                .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+                .take(5)
+            {
+                tracing::warn!("{vm} (move {id}), the receiving VMM: {}", l.trim());
+            }
+        }
         let _ = std::fs::remove_dir_all(d.state.vm_dir(&vm));
     }
     let _ = state::write_json(

@@ -30,6 +30,12 @@ const CHUNK_SHIFT: u32 = 21;
 /// Messages queued for a connection's thread beyond the one it is writing.
 const QUEUE: usize = 1;
 
+/// What a connection's thread hands back once done: its compressor, and the connection itself.
+/// The connection stays open until the move ends: closing it now, with the destination's TLS
+/// session tickets unread in its receive queue, would reset it, and a reset can throw away
+/// what the destination has not read yet.
+type Done = (Option<Compressor>, Transport);
+
 enum Job {
     Pages(Vec<u64>),
     /// A pre-copy round ended (the compressor decides whether deltas go on).
@@ -52,7 +58,7 @@ struct Shared {
 
 struct Lane {
     jobs: Option<SyncSender<Job>>,
-    thread: Option<JoinHandle<Result<Option<Compressor>, SendError>>>,
+    thread: Option<JoinHandle<Result<Done, SendError>>>,
     shared: Arc<Shared>,
     socket: std::net::TcpStream,
     batch: Vec<u64>,
@@ -267,7 +273,7 @@ impl Channels {
             .sum()
     }
 
-    fn join(&mut self, i: usize) -> Result<Option<Compressor>, SendError> {
+    fn join(&mut self, i: usize) -> Result<Done, SendError> {
         let lane = &mut self.lanes[i];
         lane.jobs = None;
         match lane.thread.take().map(|t| t.join()) {
@@ -287,15 +293,17 @@ impl Channels {
     }
 
     /// End pre-copy on every connection: send what is left, then `ChannelDone`; wait for the
-    /// threads. Returns the compressors (to fold their totals into the report) and the bytes
-    /// the connections sent.
-    pub fn finish(mut self) -> Result<(Vec<Compressor>, u64), SendError> {
+    /// threads. Returns the compressors (to fold their totals into the report), the
+    /// connections (to close once the move is over) and the bytes they sent.
+    pub fn finish(mut self) -> Result<(Vec<Compressor>, Vec<Transport>, u64), SendError> {
         self.flush()?;
-        let mut comps = Vec::new();
+        let (mut comps, mut links) = (Vec::new(), Vec::new());
         for i in 0..self.lanes.len() {
-            comps.extend(self.join(i)?);
+            let (c, t) = self.join(i)?;
+            comps.extend(c);
+            links.push(t);
         }
-        Ok((comps, self.sent()))
+        Ok((comps, links, self.sent()))
     }
 }
 
@@ -325,7 +333,7 @@ fn lane(
     mut comp: Option<Compressor>,
     jobs: Receiver<Job>,
     shared: &Shared,
-) -> Result<Option<Compressor>, SendError> {
+) -> Result<Done, SendError> {
     let mut payload = Vec::new();
     for job in jobs {
         match job {
@@ -360,7 +368,7 @@ fn lane(
     protocol::write_frame(&mut t, Command::ChannelDone, &[])?;
     std::io::Write::flush(&mut t).map_err(ProtocolError::from)?;
     shared.sent.store(t.bytes_sent(), Ordering::Relaxed);
-    Ok(comp)
+    Ok((comp, t))
 }
 
 // The destination's side.

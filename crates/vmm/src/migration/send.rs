@@ -161,7 +161,8 @@ struct Outgoing<'a> {
     lanes_sent: u64,
     /// Their compressors, once they are closed: dropped after the move, since freeing their
     /// delta caches (hundreds of MiB) would take milliseconds of the pause.
-    retired: Vec<super::compress::Compressor>,
+    /// Their connections too: closed once the move is over (see `channels::Done`).
+    retired: (Vec<super::compress::Compressor>, Vec<Transport>),
 }
 
 impl SendCtx {
@@ -249,14 +250,14 @@ impl Outgoing<'_> {
             return Ok(());
         };
         let n = lanes.count();
-        let (comps, sent) = lanes.finish()?;
+        let (comps, links, sent) = lanes.finish()?;
         self.lanes_sent = sent;
         if let Some(c) = self.comp.as_mut() {
             for other in &comps {
                 c.absorb(other);
             }
         }
-        self.retired = comps;
+        self.retired = (comps, links);
         let r = RoundInfo {
             round: u32::MAX,
             ack: true,
@@ -1183,7 +1184,7 @@ pub fn run(mut ctx: SendCtx) {
                 comp: None,
                 lanes: None,
                 lanes_sent: 0,
-                retired: Vec::new(),
+                retired: (Vec::new(), Vec::new()),
             };
             let mut r = s.run();
             if let (Err(e), Some(l)) = (&r, &s.lanes) {
