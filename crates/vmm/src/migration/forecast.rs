@@ -288,8 +288,14 @@ fn peer_version(to: &str, tls: Option<&MigrationTls>) -> Result<u32, SendError> 
     Ok(a.protocol_version.unwrap_or(protocol::MIN_PROTOCOL_VERSION))
 }
 
-/// Measure the link to `to`: (bytes/s, round trip ms).
-fn probe(to: &str, cap_mbit: u64, tls: Option<&MigrationTls>) -> Result<(f64, f64), SendError> {
+/// Measure the link to `to` over `n` connections at once (a move's memory connections), all
+/// under one cap: (bytes/s, round trip ms).
+fn probe(
+    to: &str,
+    cap_mbit: u64,
+    tls: Option<&MigrationTls>,
+    n: u32,
+) -> Result<(f64, f64), SendError> {
     let mut t = connect(to, CONNECT_TIMEOUT, tls)?;
     t.set_io_timeout(Duration::from_secs(10));
     t.set_cap_mbit(cap_mbit);
@@ -309,12 +315,32 @@ fn probe(to: &str, cap_mbit: u64, tls: Option<&MigrationTls>) -> Result<(f64, f6
         ask(&mut t)?;
         rtt_ms = rtt_ms.min(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    let mut others = Vec::new();
+    for _ in 1..n {
+        let mut o = connect(to, CONNECT_TIMEOUT, tls)?;
+        o.set_io_timeout(Duration::from_secs(10));
+        o.share_cap(t.cap());
+        ask(&mut o)?;
+        others.push(o);
+    }
     let chunk = vec![0u8; protocol::PROBE_CHUNK];
     let start = Instant::now();
-    while start.elapsed() < PROBE_TIME {
-        protocol::write_frame(&mut t, Command::Probe, &chunk)?;
-    }
-    let got = ask(&mut t)?;
+    let bulk = |t: &mut Transport| -> Result<u64, SendError> {
+        while start.elapsed() < PROBE_TIME {
+            protocol::write_frame(t, Command::Probe, &chunk)?;
+        }
+        ask(t)
+    };
+    let got = std::thread::scope(|sc| {
+        let hs: Vec<_> = others.iter_mut().map(|o| sc.spawn(|| bulk(o))).collect();
+        let mut got = bulk(&mut t)?;
+        for h in hs {
+            got += h
+                .join()
+                .map_err(|_| SendError::Vm("probe the link: a thread panicked".into()))??;
+        }
+        Ok::<u64, SendError>(got)
+    })?;
     Ok((got as f64 / start.elapsed().as_secs_f64(), rtt_ms))
 }
 
@@ -420,9 +446,16 @@ pub fn forecast(
             protocol::RECOVERY_VERSION
         )));
     }
-    let (bw, rtt_ms) = probe(&s.to, s.bandwidth_mbit, tls.as_ref())?;
+    // A move on several memory connections sends (and reads pages) on all of them at once.
+    let n = if version >= protocol::CHANNELS_VERSION {
+        s.channels.clamp(1, protocol::MAX_CHANNELS)
+    } else {
+        1
+    };
+    let (bw, rtt_ms) = probe(&s.to, s.bandwidth_mbit, tls.as_ref(), n)?;
     let curve = sample_dirty(vm, mem, sample, cancel)?;
     let (first, page_rate) = first_pass_bytes(mem)?;
+    let page_rate = page_rate.map(|c| c * f64::from(n));
     // Sending a page costs reading it as well as the link's time (on a fast link the first
     // outweighs the second).
     let send_rate = match page_rate {

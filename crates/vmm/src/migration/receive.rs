@@ -474,6 +474,7 @@ pub fn receive(
             .unwrap_or_default()
     ));
     let started = Instant::now();
+    let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (mut t, first) = loop {
         match listener.accept() {
             Ok((s, peer)) => {
@@ -496,7 +497,26 @@ pub fn receive(
                         continue;
                     }
                     Ok(f) if f.command == Command::Probe => {
-                        answer_probe(&mut t, f);
+                        // A forecast for several memory connections probes on as many at
+                        // once: answer each in its own thread, a few at a time.
+                        if probes.load(Ordering::SeqCst) < protocol::MAX_CHANNELS as usize {
+                            probes.fetch_add(1, Ordering::SeqCst);
+                            let count = probes.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("migrate-probe".into())
+                                .spawn(move || {
+                                    answer_probe(&mut t, f);
+                                    count.fetch_sub(1, Ordering::SeqCst);
+                                });
+                            if spawned.is_err() {
+                                // The thread never ran (the probe's connection closed with
+                                // it): the forecast fails and says so; nothing else moves.
+                                probes.fetch_sub(1, Ordering::SeqCst);
+                                tracing::warn!("could not start a thread to answer a probe");
+                            }
+                        } else {
+                            answer_probe(&mut t, f);
+                        }
                         continue;
                     }
                     Ok(f) if f.command == Command::PostcopyResume => {
