@@ -415,13 +415,12 @@ pub(super) fn gather(
 }
 
 type Landed = (super::receive::Landed, u64);
+type LandingThread = JoinHandle<Result<Landed, String>>;
 
 /// Pre-copy's memory connections on the destination: one thread each lands its pages.
 pub(super) struct Landing {
-    threads: Vec<(
-        Option<JoinHandle<Result<Landed, String>>>,
-        std::net::TcpStream,
-    )>,
+    /// Each connection's thread, and its socket (to close it on failure).
+    threads: Vec<(Option<LandingThread>, std::net::TcpStream)>,
     failed: Arc<Mutex<Option<String>>>,
     /// Pages landed so far, on all of them.
     pages: Arc<AtomicU64>,
