@@ -36,7 +36,7 @@ const EXPLORE_EVERY: u32 = 64;
 const SAMPLE: usize = 64 << 10;
 const SAMPLE_EVERY: u64 = 16;
 /// lz4 that shrinks a sample to more than this share is not worth trying.
-const WORTH_TRYING: f64 = 0.9;
+pub(super) const WORTH_TRYING: f64 = 0.9;
 
 /// Copies of pages as last sent, bounded. Full, it takes no more: a guest cycling through a
 /// working set larger than the cache would make any eviction order miss every page (each
