@@ -426,4 +426,7 @@ pub struct MigrationProgress {
     /// What compression did and why (`auto`), for the report.
     #[serde(default)]
     pub compression_note: Option<String>,
+    /// Connections pre-copy's pages went on (0 or 1: the main one alone).
+    #[serde(default)]
+    pub channels: u32,
 }

@@ -826,7 +826,10 @@ fn ferry_row(
         note,
         forecast,
         chose: done.then(|| {
-            let m = ferry_mode_name(p.mode);
+            let m = match p.channels {
+                n if n >= 2 => format!("{} on {n} connections", ferry_mode_name(p.mode)),
+                _ => ferry_mode_name(p.mode).to_string(),
+            };
             let c = p
                 .compression_note
                 .as_ref()

@@ -575,6 +575,10 @@ fn migrate(a: MigrateArgs) -> Result<()> {
                 ),
                 _ => "pre-copy".into(),
             };
+            let how = match p.channels {
+                n if n >= 2 => format!("{how}, memory on {n} connections"),
+                _ => how,
+            };
             match &p.mode_reason {
                 Some(why) => println!("mode: {how}: {why}"),
                 None => println!("mode: {how}"),

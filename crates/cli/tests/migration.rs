@@ -1204,6 +1204,10 @@ fn two_memory_connections_move_a_busy_guest_intact() {
         eprintln!("--channels 2 --compression {compression}: {t}");
         assert!(out.status.success(), "migrate: {t}");
         assert!(dst.log().contains("on 2 connections"), "{}", dst.log());
+        assert!(
+            t.contains("memory on 2 connections"),
+            "the report says so: {t}"
+        );
         // The guest's memory is 64 MiB and mostly written: the first pass alone is more
         // than half of it, whichever connections carried it.
         let mib: f64 = t

@@ -239,6 +239,7 @@ impl Outgoing<'_> {
         )?;
         self.expect_ack()?;
         tracing::debug!("pre-copy's pages go on {n} memory connections");
+        self.ctx.update(|p| p.channels = n);
         self.lanes = Some(lanes);
         Ok(())
     }
