@@ -16,13 +16,13 @@ use common::hosts::{GuestSpec, Hosts};
 use common::kvm_available;
 use serde_json::Value;
 
-/// The script, its node_modules (`npm ci --prefix crates/cli/tests/ui`) and the browser.
+/// The script, its node_modules (`cd crates/cli/tests/ui && npm ci`) and the browser.
 fn browser_tests_can_run() -> bool {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
     let missing: Vec<String> = [
         (
             dir.join("node_modules/playwright-core").exists(),
-            format!("playwright-core (npm ci --prefix {})", dir.display()),
+            format!("playwright-core (cd {} && npm ci)", dir.display()),
         ),
         (
             Path::new("/usr/bin/chromium").exists(),

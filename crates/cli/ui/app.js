@@ -74,6 +74,16 @@ async function api(method, path, body) {
   return json;
 }
 
+// Redraw `into` only when what it shows changed: the overview arrives every few seconds, and
+// a link or a button rebuilt under the pointer loses the click being made on it.
+const shown = new WeakMap();
+function redraw(into, value, draw) {
+  const key = JSON.stringify(value);
+  if (shown.get(into) === key) return;
+  shown.set(into, key);
+  into.replaceChildren(draw());
+}
+
 function alertBox(msg) {
   return h('p', { role: 'alert' }, msg);
 }
@@ -362,8 +372,8 @@ function hostsView() {
         c = { facts, vms, form };
         cards.set(x.name, c);
       }
-      c.facts.replaceChildren(hostFacts(x));
-      c.vms.replaceChildren(vmTable(x.vms));
+      redraw(c.facts, [x.info, x.error], () => hostFacts(x));
+      redraw(c.vms, x.vms.map((v) => [v.name, v.state, v.config.memory_mib, v.config.vcpus]), () => vmTable(x.vms));
       c.form.fill(x.info);
     }
   };
@@ -624,82 +634,101 @@ function sharesView() {
   main.replaceChildren(h('h1', {}, 'Shares'));
   const holder = h('div', {});
   main.append(holder);
-  // Each share's last message and the host and access being chosen in its grant form, kept
-  // across redraws: the overview redraws the page whenever anything changes.
-  const notes = new Map();
-  const choices = new Map();
-  let drawn = null;
+  // One card per file server or share, kept across redraws and patched in place: the
+  // overview changes every few seconds (a share's free space moves with any disk write),
+  // and a form or a button rebuilt under the pointer would lose the click being made on it.
+  const cards = new Map();
   const update = () => {
     if (!overview) return;
     const servers = overview.file_servers || [];
+    const want = [];
     if (!servers.length) {
-      holder.replaceChildren(h('p', {}, 'No file server. Start one with ', h('code', {}, 'ferry share run'),
-        ', enrol it in the cluster, or give ', h('code', {}, 'ferry ui --share-server ADDRESS'), '.'));
-      drawn = null;
-      return;
+      want.push(['none', () => h('p', {}, 'No file server. Start one with ', h('code', {}, 'ferry share run'),
+        ', enrol it in the cluster, or give ', h('code', {}, 'ferry ui --share-server ADDRESS'), '.')]);
     }
-    // Only when something changed, and not while a host or an access level is being chosen.
-    const seen = JSON.stringify([servers, overview.hosts.map((x) => x.name)]);
-    if (seen === drawn) return;
-    const a = document.activeElement;
-    if (a && holder.contains(a) && a.matches('input, select, textarea')) return;
-    drawn = seen;
-    const focused = a && holder.contains(a) ? a.getAttribute('aria-label') || a.id : null;
-    holder.replaceChildren(...servers.map((s) => {
-      if (!s.shares) return h('section', { class: 'card' }, h('h2', {}, s.title), alertBox(`cannot reach ${s.name}: ${s.error}`));
-      if (!s.shares.shares.length) return h('section', { class: 'card' }, h('h2', {}, s.title), h('p', {}, 'No shares.'));
-      return s.shares.shares.map((sh) => shareCard(s, sh, notes, choices));
-    }).flat());
-    // Keep the keyboard where it was (a Grant button, say) when it is still there.
-    if (focused) [...holder.querySelectorAll('button')].find((b) => (b.getAttribute('aria-label') || b.id) === focused)?.focus();
+    for (const s of servers) {
+      if (!s.shares) {
+        want.push([`down:${s.name}:${s.error}`, () => h('section', { class: 'card' }, h('h2', {}, s.title), alertBox(`cannot reach ${s.name}: ${s.error}`))]);
+      } else if (!s.shares.shares.length) {
+        want.push([`empty:${s.name}`, () => h('section', { class: 'card' }, h('h2', {}, s.title), h('p', {}, 'No shares.'))]);
+      } else {
+        for (const sh of s.shares.shares) want.push([`share:${s.name}:${sh.name}`, () => shareCard(s, sh), sh]);
+      }
+    }
+    const keep = new Set(want.map(([k]) => k));
+    for (const [k, c] of cards) if (!keep.has(k)) { c.node.remove(); cards.delete(k); }
+    let prev = null;
+    for (const [k, make, sh] of want) {
+      let c = cards.get(k);
+      if (!c) {
+        const made = make();
+        c = made.node ? made : { node: made };
+        cards.set(k, c);
+      }
+      if (sh && c.fill) c.fill(sh);
+      // In the overview's order, moving only what is out of place.
+      const at = prev ? prev.nextSibling : holder.firstChild;
+      if (at !== c.node) holder.insertBefore(c.node, at);
+      prev = c.node;
+    }
   };
   update();
   return { update };
 }
 
-function shareCard(s, sh, notes, choices) {
+// A share's card: its facts, access list and disks follow the overview; its grant form is
+// built once, so what is being chosen in it stays chosen.
+function shareCard(s, sh) {
   const id = `share-${slug(s.name)}-${slug(sh.name)}`;
   const base = `/shares/${encodeURIComponent(s.name)}/shares/${encodeURIComponent(sh.name)}`;
-  const status = notes.get(id) || h('div', { role: 'status' });
-  notes.set(id, status);
-  const access = Object.entries(sh.access);
-  const hostSel = h('select', {}, overview.hosts.map((x) => h('option', { value: x.name }, x.name)));
+  const status = h('div', { role: 'status' });
+  const facts = h('div', {});
+  const access = h('div', {});
+  const disks = h('div', {});
+  const hostSel = h('select', {});
   const accSel = h('select', {}, h('option', { value: 'read' }, 'read'), h('option', { value: 'write' }, 'read and write'));
-  const chosen = choices.get(id) || {};
-  if (chosen.host && overview.hosts.some((x) => x.name === chosen.host)) hostSel.value = chosen.host;
-  if (chosen.access) accSel.value = chosen.access;
-  const remember = () => choices.set(id, { host: hostSel.value, access: accSel.value });
-  hostSel.addEventListener('change', remember);
-  accSel.addEventListener('change', remember);
   const grant = h('form', { 'aria-label': `Grant access to ${sh.name}` },
     field(`${id}-host`, 'Host', hostSel), field(`${id}-access`, 'Access', accSel),
     h('div', { class: 'actions' }, h('button', { type: 'submit', id: `${id}-grant` }, 'Grant')), status);
   grant.addEventListener('submit', async (ev) => {
     ev.preventDefault();
+    const host = hostSel.value;
+    const a = accSel.value;
     try {
-      await api('PUT', `${base}/access/${encodeURIComponent(hostSel.value)}`, { access: accSel.value });
-      status.replaceChildren(h('span', { class: 'ok' }, `${hostSel.value} may ${accSel.value === 'write' ? 'read and write' : 'read'} ${sh.name}.`));
+      await api('PUT', `${base}/access/${encodeURIComponent(host)}`, { access: a });
+      status.replaceChildren(h('span', { class: 'ok' }, `${host} may ${a === 'write' ? 'read and write' : 'read'} ${sh.name}.`));
     } catch (e) { status.replaceChildren(alertBox(e.message)); }
   });
-  return h('section', { class: 'card', 'aria-labelledby': id },
-    h('h2', { id }, `${s.title}: ${sh.name}`),
-    h('dl', { class: 'facts' }, h('dt', {}, 'Folder'), h('dd', {}, sh.path), h('dt', {}, 'Free'), h('dd', {}, human(sh.free_bytes))),
-    h('h3', {}, 'Access list'),
-    access.length ? h('table', {},
+  const node = h('section', { class: 'card', 'aria-labelledby': id },
+    h('h2', { id }, `${s.title}: ${sh.name}`), facts, h('h3', {}, 'Access list'), access, grant, h('h3', {}, 'Disks'), disks);
+  const drawn = {};
+  const fill = (sh) => {
+    redraw(facts, [sh.path, sh.free_bytes], () => h('dl', { class: 'facts' },
+      h('dt', {}, 'Folder'), h('dd', {}, sh.path), h('dt', {}, 'Free'), h('dd', {}, human(sh.free_bytes))));
+    const list = Object.entries(sh.access);
+    redraw(access, list, () => (list.length ? h('table', {},
       h('thead', {}, h('tr', {}, ['Host', 'Access', ''].map((t) => h('th', { scope: 'col' }, t)))),
-      h('tbody', {}, access.map(([host, a]) => h('tr', {}, h('td', {}, host), h('td', {}, a === 'write' ? 'read and write' : 'read'),
+      h('tbody', {}, list.map(([host, a]) => h('tr', {}, h('td', {}, host), h('td', {}, a === 'write' ? 'read and write' : 'read'),
         h('td', {}, h('button', {
           type: 'button', class: 'quiet', 'aria-label': `Revoke ${host}'s access to ${sh.name}`,
           onclick: async () => {
             try { await api('DELETE', `${base}/access/${encodeURIComponent(host)}`); status.replaceChildren(`${host} no longer has access.`); } catch (e) { status.replaceChildren(alertBox(e.message)); }
           },
-        }, 'Revoke')))))) : h('p', {}, 'No host may open its disks.'),
-    grant,
-    h('h3', {}, 'Disks'),
-    sh.disks.length ? h('table', {},
+        }, 'Revoke')))))) : h('p', {}, 'No host may open its disks.')));
+    // The host list changes rarely; keep the host being chosen when it is still there.
+    const names = overview.hosts.map((x) => x.name);
+    if (drawn.hosts !== JSON.stringify(names)) {
+      drawn.hosts = JSON.stringify(names);
+      const was = hostSel.value;
+      hostSel.replaceChildren(...names.map((n) => h('option', { value: n }, n)));
+      if (names.includes(was)) hostSel.value = was;
+    }
+    redraw(disks, sh.disks, () => (sh.disks.length ? h('table', {},
       h('thead', {}, h('tr', {}, ['Disk', 'Size', 'Allocated', 'Write lease', 'URI'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, sh.disks.map((d) => h('tr', {}, h('td', {}, d.name), h('td', {}, human(d.size_bytes)), h('td', {}, human(d.allocated_bytes)),
-        h('td', {}, d.lease.holder ? `${d.lease.holder} (fence ${d.lease.fence})` : 'nobody'), h('td', {}, d.uri || d.export))))) : h('p', {}, 'No disks.'));
+        h('td', {}, d.lease.holder ? `${d.lease.holder} (fence ${d.lease.fence})` : 'nobody'), h('td', {}, d.uri || d.export))))) : h('p', {}, 'No disks.')));
+  };
+  return { node, fill };
 }
 
 // ---- routing and the live overview -----------------------------------------------------
