@@ -412,6 +412,11 @@ pub struct MigrationProgress {
     /// the destination waits for its missing pages meanwhile).
     #[serde(default)]
     pub postcopy_reconnecting: bool,
+    /// Post-copy broke past its limit after the guest had started on the destination: it
+    /// cannot go on there without the pages it lacked, and must not resume here (it ran there
+    /// since). The guest is lost; this VMM keeps its paused copy as of the switch-over.
+    #[serde(default)]
+    pub guest_lost: bool,
     /// Pages sent as deltas against the copy the destination had.
     #[serde(default)]
     pub delta_pages: u64,

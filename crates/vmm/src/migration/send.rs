@@ -120,6 +120,9 @@ pub enum SendError {
         #[source]
         source: Box<SendError>,
     },
+    /// The commit's answer was lost and the destination's record says it never ran the guest.
+    #[error("{0}; the destination's outcome record says aborted")]
+    CommitAborted(String),
     #[error("the connection broke ({first}) and could not be made again within {limit:?} (last try: {last})")]
     NotRecovered {
         limit: Duration,
@@ -807,12 +810,25 @@ impl Outgoing<'_> {
             Ok(_) => {}
             // It will not run the guest: it goes on here.
             Err(e @ SendError::Protocol(ProtocolError::Refused(_))) => return Err(e),
-            // It may run the guest, which then needs the pages only this side has.
+            // It may run the guest, which then needs the pages only this side has: as in
+            // pre-copy, only the destination's outcome record can say.
             Err(e) => {
-                return Err(SendError::PostcopyBroken {
-                    left: n_left,
-                    source: Box::new(e),
-                })
+                let why = format!("then: {}", crate::vm::error_chain(&e));
+                match settle(self.ctx, &why, self.tls.clone()) {
+                    // It never ran there: the guest goes on here, as after any failure
+                    // before the commit (the record is read once: it will not change).
+                    Outcome::Aborted => {
+                        self.commit_sent = false;
+                        return Err(SendError::CommitAborted(crate::vm::error_chain(&e)));
+                    }
+                    // It runs there: the pages follow, over connections made again if need be.
+                    Outcome::Committed => {
+                        tracing::info!(
+                            "post-copy: the destination's record says committed; its pages follow"
+                        );
+                        self.ctx.update(|p| p.error = None);
+                    }
+                }
             }
         }
         let downtime = pause_at.elapsed().as_secs_f64() * 1000.0;
@@ -1234,6 +1250,7 @@ pub fn run(mut ctx: SendCtx) {
             // copy of its memory in case the destination can still be reached by hand.
             let p = ctx.update(|p| {
                 p.phase = MigrationPhase::Failed;
+                p.guest_lost = true;
                 p.elapsed_ms = elapsed();
                 p.bytes_sent = bytes;
                 p.error = Some(format!(
