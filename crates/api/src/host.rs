@@ -275,6 +275,19 @@ pub struct MoveSettings {
     /// stream, whose encryption one core bounds, and one otherwise).
     #[serde(default)]
     pub channels: u32,
+    /// How memory moves: auto (pre-copy with compression and throttling, post-copy only
+    /// where pre-copy could not converge), precopy, or postcopy (one pass, then the guest runs
+    /// on the destination and fetches what it still lacks from the source).
+    #[serde(default)]
+    pub mode: crate::MigrationMode,
+    /// Post-copy: how long both hosts wait for a broken migration link to come back, s (the
+    /// guest on the destination waits meanwhile; past that it is lost). 0: not at all.
+    #[serde(default = "default_recovery_s")]
+    pub postcopy_recovery_s: u64,
+}
+
+fn default_recovery_s() -> u64 {
+    60
 }
 
 fn default_downtime_ms() -> u64 {
@@ -292,6 +305,8 @@ impl Default for MoveSettings {
             bandwidth_mbit: 0,
             timeout_s: default_timeout_s(),
             channels: 0,
+            mode: crate::MigrationMode::Auto,
+            postcopy_recovery_s: default_recovery_s(),
         }
     }
 }
@@ -368,6 +383,9 @@ pub enum MoveState {
     Migrating,
     /// The guest is paused for the hand-over.
     Switchover,
+    /// Post-copy: the guest runs on the destination (the move has committed), which still
+    /// fetches the pages it lacks from the source while the rest follows.
+    Postcopy,
     /// The hand-over's last answer was lost; the daemons are settling who has the VM.
     Settling,
     Done,
@@ -416,6 +434,10 @@ pub struct MoveReport {
     /// The disks a storage move moved (or tried to).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskMoveReport>,
+    /// The source VMM's last report of the memory copy: the mode it used and why,
+    /// compression, connections, post-copy's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
 }
 
 /// What a storage move did with one disk.

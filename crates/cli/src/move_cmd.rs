@@ -79,6 +79,17 @@ struct MoveArgs {
     /// Default: two for an encrypted stream, one for plaintext.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
     channels: Option<u32>,
+    /// How memory moves. auto: pre-copy (compressing and throttling as needed), switching to
+    /// post-copy only where pre-copy could not converge. precopy: the guest runs here until a
+    /// short pause at the end. postcopy: one pass over memory, then the guest runs on --to at
+    /// once and fetches what it still lacks from here; from then on a broken link stalls the
+    /// guest until it comes back (--postcopy-recovery), and losing this host loses the guest.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "precopy", "postcopy"])]
+    mode: String,
+    /// Post-copy: if the link breaks, both hosts wait this many seconds for it to come back
+    /// (the guest on --to waits meanwhile). Past that the guest is lost. 0: give up at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    postcopy_recovery: u64,
     /// Use this grant (a file from `ferry grant`) instead of signing one.
     #[arg(long)]
     grant: Option<std::path::PathBuf>,
@@ -170,6 +181,8 @@ pub fn run(cmd: MoveCmd, t: &Targets, json: bool) -> Result<()> {
                         bandwidth_mbit: a.bandwidth_mbit,
                         timeout_s: a.timeout,
                         channels: a.channels.unwrap_or(0),
+                        mode: crate::vmm_cmd::mode_of(&a.mode),
+                        postcopy_recovery_s: a.postcopy_recovery,
                     },
                     grant,
                     storage_to: a.storage_to,
@@ -207,6 +220,8 @@ async fn both(t: &Targets, a: MoveArgs, info: ferry_api::host::VmInfo, json: boo
         bandwidth_mbit: a.bandwidth_mbit,
         timeout_s: a.timeout,
         channels: a.channels.unwrap_or(0),
+        mode: crate::vmm_cmd::mode_of(&a.mode),
+        postcopy_recovery_s: a.postcopy_recovery,
     };
     let (_, c, _) = t.find_vm(&info.name).await?;
     let disks = MoveRequest {
@@ -448,6 +463,11 @@ fn print_report(r: &MoveReport) {
             },
             r.auth.as_deref().unwrap_or("-")
         );
+        if let Some(p) = &r.migration {
+            for l in crate::vmm_cmd::mode_lines(p) {
+                println!("  {l}");
+            }
+        }
         print_disks(r);
         if let Some(n) = &r.error {
             println!("note: {n}");
@@ -492,6 +512,9 @@ fn percent(m: &MoveInfo) -> u64 {
     match (&m.progress, m.state) {
         (_, MoveState::Done) => 100,
         (None, _) => 0,
+        (Some(p), MoveState::Postcopy) => {
+            (100 - (p.postcopy_pages_left * 4096 * 100 / total).min(100)).clamp(1, 99)
+        }
         (Some(p), _) if p.round == 0 && p.phase == MigrationPhase::Memory => {
             (p.bytes_sent * 100 / total).min(99)
         }
@@ -505,6 +528,20 @@ fn line(m: &MoveInfo) -> String {
         MoveState::Preparing if storage_only => "making the new copies".to_string(),
         MoveState::Migrating if storage_only => "copying disks".to_string(),
         MoveState::Switchover if storage_only => "switching disks".to_string(),
+        MoveState::Postcopy => {
+            let p = m.progress.clone().unwrap_or_default();
+            return if p.postcopy_reconnecting {
+                format!(
+                    "post-copy: the link to {} broke; reconnecting (the guest there waits for {} pages)",
+                    m.to, p.postcopy_pages_left
+                )
+            } else {
+                format!(
+                    "post-copy: {} runs on {}; {} pages still to go ({} fetched on demand)",
+                    m.vm, m.to, p.postcopy_pages_left, p.postcopy_pages_requested
+                )
+            };
+        }
         s => format!("{s:?}").to_lowercase(),
     };
     if !m.storage.is_empty() && m.progress.is_none() && !m.state.is_final() {

@@ -448,11 +448,7 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             (Some(dir), Some(peer)) => Some(ferry_api::MigrationTls { dir, peer }),
             _ => None,
         },
-        mode: match a.mode.as_str() {
-            "precopy" => MigrationMode::Precopy,
-            "postcopy" => MigrationMode::Postcopy,
-            _ => MigrationMode::Auto,
-        },
+        mode: mode_of(&a.mode),
         postcopy_recovery_s: a.postcopy_recovery,
         compression: match a.compression.as_str() {
             "off" => Compression::Off,
@@ -563,28 +559,8 @@ fn migrate(a: MigrateArgs) -> Result<()> {
             }
         );
         if p.phase == MigrationPhase::Done {
-            let how = match p.mode {
-                MigrationMode::Postcopy => format!(
-                    "post-copy ({} pages fetched on demand{})",
-                    p.postcopy_pages_requested,
-                    match p.postcopy_recoveries {
-                        0 => String::new(),
-                        1 => ", recovered from 1 broken connection".into(),
-                        n => format!(", recovered from {n} broken connections"),
-                    }
-                ),
-                _ => "pre-copy".into(),
-            };
-            let how = match p.channels {
-                n if n >= 2 => format!("{how}, memory on {n} connections"),
-                _ => how,
-            };
-            match &p.mode_reason {
-                Some(why) => println!("mode: {how}: {why}"),
-                None => println!("mode: {how}"),
-            }
-            if let Some(note) = &p.compression_note {
-                println!("compression: {note}");
+            for l in mode_lines(&p) {
+                println!("{l}");
             }
         }
         if let Some(f) = &predicted {
@@ -610,7 +586,45 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     }
 }
 
-fn mode_name(m: MigrationMode) -> &'static str {
+/// What a finished migration's report says of how memory went: the mode and why, and
+/// compression.
+pub(crate) fn mode_lines(p: &MigrationProgress) -> Vec<String> {
+    let how = match p.mode {
+        MigrationMode::Postcopy => format!(
+            "post-copy ({} pages fetched on demand{})",
+            p.postcopy_pages_requested,
+            match p.postcopy_recoveries {
+                0 => String::new(),
+                1 => ", recovered from 1 broken connection".into(),
+                n => format!(", recovered from {n} broken connections"),
+            }
+        ),
+        _ => "pre-copy".into(),
+    };
+    let how = match p.channels {
+        n if n >= 2 => format!("{how}, memory on {n} connections"),
+        _ => how,
+    };
+    let mut lines = vec![match &p.mode_reason {
+        Some(why) => format!("mode: {how}: {why}"),
+        None => format!("mode: {how}"),
+    }];
+    if let Some(note) = &p.compression_note {
+        lines.push(format!("compression: {note}"));
+    }
+    lines
+}
+
+/// `--mode`'s value (one clap already checked).
+pub(crate) fn mode_of(s: &str) -> MigrationMode {
+    match s {
+        "precopy" => MigrationMode::Precopy,
+        "postcopy" => MigrationMode::Postcopy,
+        _ => MigrationMode::Auto,
+    }
+}
+
+pub(crate) fn mode_name(m: MigrationMode) -> &'static str {
     match m {
         MigrationMode::Postcopy => "post-copy",
         MigrationMode::Precopy => "pre-copy",

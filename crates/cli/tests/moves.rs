@@ -48,6 +48,24 @@ const SLOW_DIRTIER: GuestSpec = GuestSpec {
     extra: Vec::new(),
 };
 
+/// Two hosts whose second daemon's VMMs crash at `at` (`FERRY_CRASH_AT`) when they receive.
+fn crashing_destination(at: &str) -> Hosts {
+    let mut h = Hosts::new(2);
+    h.lab.daemon(1).unwrap().kill();
+    let p = h
+        .lab
+        .start_daemon_env(
+            std::path::Path::new(common::ferry_bin()),
+            1,
+            &[],
+            &[("FERRY_CRASH_AT", at)],
+        )
+        .unwrap();
+    h.lab.set_daemon(1, p);
+    h.lab.wait_daemon(1, T).unwrap();
+    h
+}
+
 fn running_on(h: &Hosts, host: &str, vm: &str) {
     assert_eq!(h.state(host, vm), "running", "{vm} on {host}\n{}", h.logs());
 }
@@ -102,6 +120,72 @@ fn a_vm_moves_between_daemons_with_memory_disk_and_tcp_intact() {
     st.read(4 << 20).unwrap();
     g.verify(w2);
     assert_eq!(h.state("hv2", "web01"), "absent");
+}
+
+#[test]
+fn a_post_copy_move_starts_the_guest_on_the_destination_then_brings_every_page() {
+    if !kvm_available() {
+        return;
+    }
+    let h = Hosts::new(2);
+    // A 32 MiB working set rewritten flat out: post-copy runs the guest on hv2 after one pass
+    // and fetches or pushes what it still lacks (under a cap, so that takes a while).
+    let mut g = h.guest(GuestSpec {
+        memory: 128,
+        ..GuestSpec::default()
+    });
+    let mut st = g.stream(&h);
+    st.read(1 << 20).unwrap();
+    let w = g.verify(0);
+    let before = g.wait_durable(20);
+
+    let child = h.spawn(&[
+        "--json",
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--mode",
+        "postcopy",
+        "--bandwidth-mbit",
+        "200",
+    ]);
+    // While its pages still come from hv1, the move has committed: hv2 runs the guest.
+    let m = wait_move(&h, "hv1", "web01", &["postcopy", "done"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), h.logs());
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{r}");
+    assert_eq!(r["runs_on"], "hv2", "{r}");
+    let mig = &r["migration"];
+    assert_eq!(
+        mig["mode"], "postcopy",
+        "the report says how memory went: {r}"
+    );
+    assert!(
+        m["state"] == "postcopy" || mig["postcopy_pages_requested"].as_u64().is_some(),
+        "{m}"
+    );
+    eprintln!(
+        "post-copy move: {} ms, pause {} ms, {} pages fetched on demand; seen live as {}",
+        r["total_ms"], r["downtime_ms"], mig["postcopy_pages_requested"], m["state"]
+    );
+    assert_eq!(h.state("hv1", "web01"), "absent", "gone from the source");
+    running_on(&h, "hv2", "web01");
+    g.follow_on(&h, "hv2");
+    st.read(4 << 20).unwrap();
+    g.verify(w);
+    assert!(
+        g.wait_durable(before + 20) > before,
+        "the disk writer goes on"
+    );
+
+    // As people read it.
+    let out = h.ok(&["move", "web01", "--to", "hv1", "--mode", "postcopy"]);
+    assert!(out.contains("mode: post-copy ("), "{out}");
+    g.follow_on(&h, "hv1");
+    st.read(1 << 20).unwrap();
+    g.verify(w);
 }
 
 #[test]
@@ -521,23 +605,14 @@ fn a_lost_final_ack_is_settled_by_the_daemons() {
     if !kvm_available() {
         return;
     }
-    let mut h = Hosts::new(2);
     // hv2's VMMs die right after resuming a guest, before the source hears of it.
-    h.lab.daemon(1).unwrap().kill();
-    let p = h
-        .lab
-        .start_daemon_env(
-            std::path::Path::new(common::ferry_bin()),
-            1,
-            &[],
-            &[("FERRY_CRASH_AT", "after-resume")],
-        )
-        .unwrap();
-    h.lab.set_daemon(1, p);
-    h.lab.wait_daemon(1, T).unwrap();
+    let h = crashing_destination("after-resume");
     let g = h.guest(GuestSpec::default());
     g.verify(0);
-    let out = h.ferry(&["--json", "move", "web01", "--to", "hv2"]);
+    // Pre-copy: the guest's memory is all on hv2 when it resumes there.
+    let out = h.ferry(&[
+        "--json", "move", "web01", "--to", "hv2", "--mode", "precopy",
+    ]);
     let r = report(&out);
     // The destination committed (its record says so), so the source let go: the move is done
     // and the guest, which crashed with its VMM on hv2, is reported there as crashed.
@@ -554,33 +629,74 @@ fn a_destination_crash_at_commit_is_settled_as_aborted() {
     if !kvm_available() {
         return;
     }
-    let mut h = Hosts::new(2);
-    h.lab.daemon(1).unwrap().kill();
-    let p = h
-        .lab
-        .start_daemon_env(
-            std::path::Path::new(common::ferry_bin()),
-            1,
-            &[],
-            &[("FERRY_CRASH_AT", "on-commit")],
-        )
-        .unwrap();
-    h.lab.set_daemon(1, p);
-    h.lab.wait_daemon(1, T).unwrap();
+    let h = crashing_destination("on-commit");
     let g = h.guest(GuestSpec::default());
     let mut st = g.stream(&h);
     st.read(256 << 10).unwrap();
-    let w = g.verify(0);
-    let out = h.ferry(&["--json", "move", "web01", "--to", "hv2"]);
+    let mut w = g.verify(0);
+    // Either way the commit never happened, so the guest goes on here, with nothing lost:
+    // post-copy too, whose hand-over reads the destination's record as pre-copy's does.
+    for mode in ["precopy", "postcopy"] {
+        let out = h.ferry(&["--json", "move", "web01", "--to", "hv2", "--mode", mode]);
+        let r = report(&out);
+        assert_eq!(r["result"], "failed", "{mode}: {}", text(&out));
+        assert!(
+            r["error"].as_str().unwrap().contains("aborted"),
+            "{mode}: {r}"
+        );
+        assert_eq!(r["runs_on"], "hv1", "{mode}: {r}");
+        running_on(&h, "hv1", "web01");
+        st.read(1 << 20).unwrap();
+        w = g.verify(w);
+        let l = h.json(&["--host", "hv1", "move", "list"]);
+        let m = l["moves"].as_array().unwrap().last().unwrap();
+        assert_eq!(m["report"]["migration"]["mode"], mode, "{m}");
+        let id = m["id"].as_str().unwrap().to_string();
+        h.assert_never_ran_on("hv2", "web01", &id);
+    }
+}
+
+#[test]
+fn the_destination_dying_in_post_copy_loses_the_guest_and_both_hosts_say_so() {
+    if !kvm_available() {
+        return;
+    }
+    // hv2's VMMs die right after resuming a guest: in post-copy, with pages still on hv1.
+    let h = crashing_destination("after-resume");
+    let g = h.guest(GuestSpec::default());
+    g.verify(0);
+    let out = h.ferry(&[
+        "--json",
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--mode",
+        "postcopy",
+        "--postcopy-recovery",
+        "2",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
     let r = report(&out);
-    assert_eq!(r["result"], "failed", "{}", text(&out));
-    assert!(r["error"].as_str().unwrap().contains("aborted"), "{r}");
-    running_on(&h, "hv1", "web01");
-    st.read(1 << 20).unwrap();
-    g.verify(w);
-    let l = h.json(&["--host", "hv1", "move", "list"]);
-    let id = l["moves"][0]["id"].as_str().unwrap().to_string();
-    h.assert_never_ran_on("hv2", "web01", &id);
+    // The one case no system saves (docs/migration.md): the guest ran on hv2, which died with
+    // pages only hv1 had. hv1 must not resume its older copy, and says where things stand.
+    assert_eq!(r["result"], "failed", "{r}");
+    assert_eq!(r["migration"]["guest_lost"], true, "{r}");
+    assert!(r["runs_on"].as_str().unwrap().contains("nowhere"), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("it is lost"), "{r}");
+    assert_eq!(
+        h.state("hv1", "web01"),
+        "absent",
+        "no stale copy left to run on hv1"
+    );
+    h.wait_state("hv2", "web01", "crashed", T);
+    // And hv1's paused copy was stopped, not left holding its memory.
+    let run = h.state_dir("hv1").join("vms/web01");
+    let deadline = Instant::now() + T;
+    while run.exists() {
+        assert!(Instant::now() < deadline, "{} stays", run.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

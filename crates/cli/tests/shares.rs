@@ -154,6 +154,59 @@ fn a_vm_on_a_share_moves_memory_only_and_the_write_lease_follows_it() {
 }
 
 #[test]
+fn a_post_copy_move_hands_the_share_disk_s_lease_over_as_the_guest_starts_there() {
+    if !kvm_available() {
+        return;
+    }
+    let l = Lab::new();
+    l.vms_share(&["hv1", "hv2"]);
+    l.share(&["disk", "create", "vms/web01", "--size", "256M"]);
+    let uri = l.uri("vms/web01");
+    let mut g = share_guest(&l, "hv1", &uri);
+    let before = g.wait_durable(200);
+    let fence = l.disk("vms/web01")["lease"]["fence"].as_u64().unwrap();
+
+    // Under a cap, post-copy's pages take a while after the guest has started on hv2; its
+    // writes must not wait for them, so the lease goes over as it starts.
+    let out = l.h.ferry(&[
+        "--json",
+        "move",
+        "web01",
+        "--to",
+        "hv2",
+        "--mode",
+        "postcopy",
+        "--bandwidth-mbit",
+        "100",
+    ]);
+    let r = report(&out);
+    assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
+    assert_eq!(r["migration"]["mode"], "postcopy", "{r}");
+    let logs = l.h.daemon_log("hv1");
+    let handed = logs
+        .find("handed over to hv2")
+        .unwrap_or_else(|| panic!("no hand-over logged:\n{logs}"));
+    let done = logs
+        .find("web01 runs on hv2 now")
+        .unwrap_or_else(|| panic!("no end logged:\n{logs}"));
+    assert!(
+        handed < done,
+        "the lease went over before the last page had:\n{logs}"
+    );
+    g.follow_on(&l.h, "hv2");
+    let after = wait_durable_or_logs(&l, &g, before + 300);
+    assert!(after > before);
+    let v = g.con.ask(b'v', "VERIFY", T).unwrap();
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+    disk_verify(&g);
+    let d = l.disk("vms/web01");
+    assert_eq!(d["lease"]["holder"], "hv2", "{d}");
+    assert!(d["lease"]["fence"].as_u64().unwrap() > fence, "{d}");
+    assert_eq!(status_num(&g, "disk_errors"), 0);
+    assert!(l.h.vm("hv1", "web01").is_none(), "gone from hv1");
+}
+
+#[test]
 fn the_file_server_refuses_strangers_readers_writing_and_stale_writers() {
     if !kvm_available() {
         return;

@@ -123,6 +123,7 @@ function percent(m, memBytes) {
   }
   const p = m.progress;
   if (!p) return 0;
+  if (m.state === 'postcopy') return Math.max(1, Math.min(99, 100 - Math.floor((p.postcopy_pages_left * 4096 * 100) / memBytes)));
   if (p.round === 0 && p.phase === 'memory') return Math.min(99, Math.floor((p.bytes_sent * 100) / memBytes));
   return Math.max(1, Math.min(99, 100 - Math.floor((p.dirty_pages * 4096 * 100) / memBytes)));
 }
@@ -137,6 +138,11 @@ function moveLine(m) {
     const copied = m.storage.reduce((a, s) => a + s.copied_bytes, 0);
     const skipped = m.storage.reduce((a, s) => a + s.skipped_bytes, 0);
     return `copying disks: ${mib(done)} of ${mib(total)} (${mib(copied)} copied, ${mib(skipped)} skipped as holes)`;
+  }
+  if (p && m.state === 'postcopy') {
+    return p.postcopy_reconnecting
+      ? `post-copy: the link to ${m.to} broke; reconnecting (the guest there waits for ${p.postcopy_pages_left} pages)`
+      : `post-copy: runs on ${m.to}; ${p.postcopy_pages_left} pages still to go (${p.postcopy_pages_requested} fetched on demand)`;
   }
   if (p && ['migrating', 'switchover', 'settling'].includes(m.state)) {
     parts.push(`round ${p.round}`, `${mib(p.bytes_sent)} sent`, `${p.bandwidth_mbit.toFixed(0)} Mbit/s`,
@@ -166,6 +172,12 @@ function reportView(r) {
   if (r.queued_ms >= 100) rows.push(['Queued first', secs(r.queued_ms)]);
   if (r.from !== r.to) rows.push(['Stream', r.encrypted ? 'encrypted (mutual TLS between the hosts)' : 'not encrypted (a network both hosts trust)']);
   if (r.auth) rows.push(['Authorised by', r.auth]);
+  const g = r.migration;
+  if (g && r.result === 'done') {
+    let how = g.mode === 'postcopy' ? `post-copy (${g.postcopy_pages_requested} pages fetched on demand)` : 'pre-copy';
+    if (g.channels >= 2) how += `, memory on ${g.channels} connections`;
+    rows.push(['Mode', g.mode_reason ? `${how}: ${g.mode_reason}` : how]);
+  }
   if (r.error) rows.push(['Note', r.error]);
   const sec = h('section', { 'aria-label': 'Move report', class: 'report' },
     h('h3', {}, 'Report'),

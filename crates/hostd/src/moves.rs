@@ -10,6 +10,8 @@
 //!     Preparing --> Migrating: the destination's VMM listens
 //!     Migrating --> Switchover: the guest pauses
 //!     Switchover --> Done: the destination runs the guest
+//!     Migrating --> Postcopy: post-copy, the guest runs on the destination (committed)
+//!     Postcopy --> Done: every page is there
 //!     Switchover --> Settling: the last answer was lost
 //!     Settling --> Done: the destination's record says committed
 //!     Settling --> Failed: it says aborted (the guest runs on here)
@@ -77,6 +79,9 @@ pub struct OutMove {
     pub disks_to: Vec<ferry_api::host::DiskTargetSpec>,
     /// Keep the old disks once the move is done.
     pub keep_source: bool,
+    /// Post-copy began: the move committed as the guest started on the destination, and the
+    /// disks' write leases went there then (not when the last page had gone).
+    pub postcopy_began: bool,
 }
 
 /// What the state directory keeps of a move sent from here.
@@ -355,6 +360,7 @@ pub(crate) fn register(
                 disk_reports: Vec::new(),
                 disks_to: Vec::new(),
                 keep_source: req.keep_source,
+                postcopy_began: false,
             },
         );
         prune(&mut g);
@@ -574,10 +580,10 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
             dir: crate::security::tls_dir(&d.state.root),
             peer: to.clone(),
         }),
-        // Daemon-driven moves stay pre-copy until `ferry move --mode` and the daemons' side
-        // of post-copy (ownership while pages still flow, disk mirrors) are built and tested.
-        mode: ferry_api::MigrationMode::Precopy,
-        postcopy_recovery_s: 0,
+        // Post-copy commits as the guest starts on the destination: from then on the
+        // destination's daemon owns the VM (see `follow`), this VMM only serves its pages.
+        mode: settings.mode,
+        postcopy_recovery_s: settings.postcopy_recovery_s,
         compression: ferry_api::Compression::Auto,
         delta_cache_mib: 0,
         // Encryption on one core bounds one connection well below a fast link (see
@@ -627,6 +633,7 @@ async fn follow(
     let mut settling: Option<tokio::task::JoinHandle<()>> = None;
     let mut last: Option<MigrationProgress> = None;
     let mut note: Option<String> = None;
+    let mut committed = false;
     loop {
         tokio::select! {
             line = stream.next() => match line {
@@ -637,6 +644,7 @@ async fn follow(
                             MigrationPhase::Connecting | MigrationPhase::Memory => MoveState::Migrating,
                             MigrationPhase::Switchover | MigrationPhase::Committing => MoveState::Switchover,
                             MigrationPhase::InDoubt => MoveState::Settling,
+                            MigrationPhase::Postcopy => MoveState::Postcopy,
                             _ => i.state,
                         };
                         i.progress = Some(p.clone());
@@ -659,6 +667,14 @@ async fn follow(
                                 progress: last,
                             };
                         }
+                        MigrationPhase::Postcopy if !committed => {
+                            // The guest runs on the destination now: its writes to a shared
+                            // disk wait there for the lease, so hand it over at once. Nothing
+                            // can be cancelled any more; a broken link is the VMMs' to mend.
+                            committed = true;
+                            tracing::info!("move {id}: {vm} runs on {to}; its pages follow (post-copy)");
+                            hand_over_leases(d, id, vm, to);
+                        }
                         MigrationPhase::InDoubt if settling.is_none() => {
                             tracing::warn!("move {id}: the hand-over's last answer was lost; settling it with {to}");
                             settling = Some(tokio::spawn(settle_with(dest.clone(), id.to_string(), api.to_path_buf())));
@@ -676,7 +692,7 @@ async fn follow(
                     return vmm_gone(d, id, vm, dest, last).await;
                 }
             },
-            _ = watchdog.tick(), if settling.is_none() && !cancel_sent => {
+            _ = watchdog.tick(), if settling.is_none() && !cancel_sent && !committed => {
                 match dest.get::<IncomingInfo>(&format!("/v1/incoming/{id}")).await {
                     Ok(i) if i.state == IncomingState::Aborted => {
                         note = Some(format!("{to} gave up the move"));
@@ -701,6 +717,25 @@ async fn follow(
                 }
             },
         }
+    }
+}
+
+/// Post-copy began: hand `vm`'s shared disks' write leases over to `to` now (once).
+fn hand_over_leases(d: &Arc<Daemon>, id: &str, vm: &str, to: &str) {
+    let (config, grant) = {
+        let mut g = d.lock();
+        let Some(m) = g.outgoing.get_mut(id) else {
+            return;
+        };
+        if std::mem::replace(&mut m.postcopy_began, true) {
+            return;
+        }
+        let grant = m.grant.clone();
+        (g.vms.get(vm).map(|v| v.record.config.clone()), grant)
+    };
+    if let Some(c) = config {
+        let (d2, to2) = (d.clone(), to.to_string());
+        tokio::spawn(async move { crate::leases::hand_over(&d2, &c, &to2, grant).await });
     }
 }
 
@@ -810,11 +845,37 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         return;
     };
     tracing::debug!("move {id}: the VMM reported {:?}", e.state);
+    let lost = e.state != MoveState::Done
+        && (e.progress.as_ref().is_some_and(|p| p.guest_lost)
+            || d.lock().outgoing.get(id).is_some_and(|m| m.postcopy_began));
+    let mut e = e;
+    if lost {
+        // Post-copy broke past its limit: the guest ran on the destination since the hand-over
+        // and cannot go on there without the pages it lacked; the copy here is older than
+        // what it wrote since, so it must never run. The VM's definition is the destination's.
+        let why = e.error.take().unwrap_or_default();
+        let why = why
+            .split("; the guest cannot go on")
+            .next()
+            .unwrap_or_default();
+        e.error = Some(format!(
+            "post-copy could not finish ({why}): {vm} ran on {to} since the hand-over and cannot \
+             go on there without the pages it lacked, so it is lost; its older copy here was \
+             stopped, since it must never run (see docs/migration.md, \"Post-copy\")"
+        ));
+        tracing::error!("move {id}: {}", e.error.as_deref().unwrap_or_default());
+        d.lock().vms.remove(&vm);
+        let api = d.run_dir(&vm).api();
+        let _ = vmm::call(&api, &Request::Quit).await;
+        let (d2, vm2) = (d.clone(), vm.clone());
+        tokio::spawn(async move { forget(&d2, &vm2).await });
+    }
     if e.state == MoveState::Done {
         // The guest runs on the destination: the VM is not this host's any more. Its VMM exits
         // on its own; its files go once it has.
         let config = d.lock().vms.remove(&vm).map(|v| v.record.config);
-        if let Some(c) = config {
+        let handed = d.lock().outgoing.get(id).is_some_and(|m| m.postcopy_began);
+        if let (Some(c), false) = (config, handed) {
             // The destination takes the disks' write leases once they are handed over.
             let (d2, to2) = (d.clone(), to.clone());
             tokio::spawn(async move { crate::leases::hand_over(&d2, &c, &to2, grant).await });
@@ -822,7 +883,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         let (d2, vm2) = (d.clone(), vm.clone());
         tokio::spawn(async move { forget(&d2, &vm2).await });
     }
-    if e.state != MoveState::Done {
+    if e.state != MoveState::Done && !lost {
         // It was paused for the switch-over: show it as it is now.
         d.refresh(&vm).await;
     }
@@ -855,12 +916,15 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         error: e.error.clone(),
         runs_on: if e.state == MoveState::Done {
             to.clone()
+        } else if lost {
+            "nowhere (lost in post-copy)".into()
         } else {
             d.name.clone()
         },
         encrypted: encrypted && e.progress.is_some(),
         auth: (!auth.is_empty()).then_some(auth),
         disks,
+        migration: e.progress.clone(),
     };
     set_slot(d, id, false);
     let info = update(d, id, |i| {
@@ -1147,6 +1211,7 @@ pub fn recover(d: &Arc<Daemon>) {
                 disk_reports: Vec::new(),
                 disks_to: Vec::new(),
                 keep_source: false,
+                postcopy_began: false,
             },
         );
         if live {

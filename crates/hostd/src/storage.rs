@@ -1114,6 +1114,7 @@ async fn finish(d: &Arc<Daemon>, id: &str, state: MoveState, error: Option<Strin
         encrypted: false,
         auth: (!auth.is_empty()).then_some(auth),
         disks,
+        migration: None,
     };
     if let Some(m) = d.lock().outgoing.get_mut(id) {
         m.holds_slot = false;

@@ -206,6 +206,22 @@ impl Hosts {
         out
     }
 
+    /// Everything host `host`'s daemon has logged so far.
+    pub fn daemon_log(&self, host: &str) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(host) && n.ends_with(".log") {
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
     /// The lab's client connects to a guest's TCP port.
     pub fn connect(&self, ip: &str, port: u16) -> std::net::TcpStream {
         let s = self
