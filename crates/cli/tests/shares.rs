@@ -182,13 +182,19 @@ fn a_post_copy_move_hands_the_share_disk_s_lease_over_as_the_guest_starts_there(
     let r = report(&out);
     assert_eq!(r["result"], "done", "{}\n{}", text(&out), l.h.logs());
     assert_eq!(r["migration"]["mode"], "postcopy", "{r}");
-    let logs = l.h.daemon_log("hv1");
+    // hv1's daemon logs the move's end just after it told the CLI.
+    let deadline = Instant::now() + T;
+    let (logs, done) = loop {
+        let logs = l.h.daemon_log("hv1");
+        if let Some(at) = logs.find("web01 runs on hv2 now") {
+            break (logs, at);
+        }
+        assert!(Instant::now() < deadline, "no end logged:\n{logs}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let handed = logs
         .find("handed over to hv2")
         .unwrap_or_else(|| panic!("no hand-over logged:\n{logs}"));
-    let done = logs
-        .find("web01 runs on hv2 now")
-        .unwrap_or_else(|| panic!("no end logged:\n{logs}"));
     assert!(
         handed < done,
         "the lease went over before the last page had:\n{logs}"
