@@ -118,6 +118,7 @@ pub fn document() -> Value {
     let mvs = d.schema::<MoveList>();
     let req = d.schema::<MoveRequest>();
     let check = d.schema::<CheckReport>();
+    let fc = d.schema::<crate::MigrationForecast>();
     let evac = d.schema::<EvacuateRequest>();
     let evaci = d.schema::<EvacuateInfo>();
     let ic = d.schema::<IncomingCheck>();
@@ -220,6 +221,14 @@ pub fn document() -> Value {
         (200, "The report (ok or not).", Some(check)),
         &[400, 403, 404],
     );
+    d.op(
+        "post",
+        "/v1/moves/forecast",
+        "Forecast a move of a VM to another host, moving nothing: the check, then a few seconds of sampling the guest's dirty rate and the link (the destination answers probes on the address and with the encryption a move would use).",
+        Some(req.clone()),
+        (200, "The forecast: measured figures and the predicted total time, pause, bytes and mode.", Some(fc)),
+        &[400, 403, 404, 409, 422],
+    );
     d.op("post", "/v1/moves", "Check, then move a running VM live to another host. The move is a resource: poll it or follow its events.", Some(req), (202, "The move, started or queued.", Some(mv.clone())), &[400, 403, 404, 409, 422]);
     d.op(
         "get",
@@ -269,9 +278,17 @@ pub fn document() -> Value {
         "post",
         "/v1/incoming/check",
         "(Daemon to daemon.) Could this host receive the VM?",
-        Some(ic),
+        Some(ic.clone()),
         (200, "This host's side of the check.", Some(icr)),
         &[400],
+    );
+    d.op(
+        "post",
+        "/v1/incoming/probe",
+        "(Daemon to daemon.) Answer a forecast's link probes for 30 s; receives nothing.",
+        Some(ic),
+        (200, "Where the source's VMM probes.", Some(irr.clone())),
+        &[400, 403, 422],
     );
     d.op(
         "post",

@@ -62,7 +62,9 @@ struct MoveArgs {
     /// Keep each moved disk's old copy (by default it is removed once the VM uses the new one).
     #[arg(long)]
     keep_source: bool,
-    /// Only check whether the move could happen, and say why not; move nothing.
+    /// Only check whether the move could happen, and say why not; move nothing. For a move of
+    /// the VM to another host, also forecast it: sample the guest's dirty rate and the link for
+    /// a few seconds and predict the total time, pause, bytes and the mode auto would use.
     #[arg(long)]
     check: bool,
     /// Longest pause the guest may see, ms.
@@ -273,10 +275,40 @@ async fn both(t: &Targets, a: MoveArgs, info: ferry_api::host::VmInfo, json: boo
 async fn one(c: &Client, req: &MoveRequest, check: bool, json: bool) -> Result<()> {
     if check {
         let r: CheckReport = c.post("/v1/moves/check", req).await?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+        // A move of the VM itself (no disks): what it would do, measured (a few seconds).
+        let forecast = if r.ok
+            && !req.to.is_empty()
+            && req.storage_to.is_none()
+            && req.disk_to.is_empty()
+        {
+            if !json {
+                print_check(&r);
+                eprintln!("forecasting: sampling {}'s memory and the link to {} for a few seconds; nothing moves...", r.vm, r.to);
+            }
+            Some(
+                c.post::<_, ferry_api::MigrationForecast>("/v1/moves/forecast", req)
+                    .await,
+            )
         } else {
-            print_check(&r);
+            if !json {
+                print_check(&r);
+            }
+            None
+        };
+        if json {
+            let mut v = serde_json::to_value(&r)?;
+            match &forecast {
+                Some(Ok(f)) => v["forecast"] = serde_json::to_value(f)?,
+                Some(Err(e)) => v["forecast_error"] = e.to_string().into(),
+                None => {}
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            match &forecast {
+                Some(Ok(f)) => crate::vmm_cmd::print_forecast(&r.to, f),
+                Some(Err(e)) => println!("forecast: could not run: {e}"),
+                None => {}
+            }
         }
         if !r.ok {
             bail!("{} cannot move to {}", r.vm, r.to);

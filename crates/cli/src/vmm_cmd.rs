@@ -658,7 +658,7 @@ fn get_forecast(a: &MigrateArgs, settings: &MigrateSettings) -> Result<Migration
     }
 }
 
-fn print_forecast(to: &str, f: &MigrationForecast) {
+pub(crate) fn print_forecast(to: &str, f: &MigrationForecast) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!("forecast for a move to {to}:");
     println!(

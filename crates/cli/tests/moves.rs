@@ -348,6 +348,76 @@ fn failed_checks_name_each_problem_and_move_nothing() {
 }
 
 #[test]
+fn the_check_forecasts_the_move_and_moves_nothing() {
+    if !kvm_available() {
+        return;
+    }
+    let h = Hosts::new(2);
+    let g = h.guest(GuestSpec {
+        memory: 128,
+        ..GuestSpec::default()
+    });
+    let w = g.verify(0);
+    let args = ["move", "web01", "--to", "hv2", "--bandwidth-mbit", "200"];
+    let mut check = vec!["--json"];
+    check.extend(args);
+    check.push("--check");
+    let out = h.ferry(&check);
+    assert!(out.status.success(), "{}\n{}", text(&out), h.logs());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let f = &r["forecast"];
+    let link = f["link_mbit"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no forecast: {r}"));
+    assert!(
+        link > 50.0 && link < 240.0,
+        "the link as measured, under the cap: {f}"
+    );
+    assert!(
+        f["dirty_rate_pps"].as_u64().unwrap() > 0,
+        "the writer dirties memory: {f}"
+    );
+    // Nothing moved, nothing started on hv2; hv2 says what it did.
+    running_on(&h, "hv1", "web01");
+    assert_eq!(h.state("hv2", "web01"), "absent");
+    let l = h.json(&["--host", "hv1", "move", "list"]);
+    assert!(l["moves"].as_array().unwrap().is_empty(), "{l}");
+    let audit = h.ok(&["--host", "hv2", "audit"]);
+    assert!(
+        audit.contains("answer a forecast for web01 from hv1"),
+        "{audit}"
+    );
+    g.verify(w);
+
+    // As people read it, then the move itself, beside what was predicted.
+    let mut human = args.to_vec();
+    human.push("--check");
+    let t = h.ok(&human);
+    assert!(
+        t.contains("forecast for a move to hv2") && t.contains("predicted:"),
+        "{t}"
+    );
+    let mut json = vec!["--json"];
+    json.extend(args);
+    let out = h.ferry(&json);
+    let m = report(&out);
+    assert_eq!(m["result"], "done", "{}", text(&out));
+    let (predicted, took) = (
+        f["total_ms"].as_f64().unwrap(),
+        m["total_ms"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "forecast {predicted:.0} ms {} against {took:.0} ms {}",
+        f["mode"], m["migration"]["mode"]
+    );
+    assert!(
+        took / predicted < 2.0 && predicted / took < 2.0,
+        "within a factor of 2: forecast {f}, move {m}"
+    );
+}
+
+#[test]
 fn the_third_move_waits_for_a_free_slot() {
     if !kvm_available() {
         return;

@@ -438,3 +438,21 @@ pub async fn check_move(
         checks,
     })
 }
+
+/// This host's side of the check for `req`, and the migration address it would receive on; a
+/// failed check is the error (nothing was started).
+pub fn incoming_ip(d: &Daemon, req: &IncomingCheck) -> ApiResult<String> {
+    let reply = incoming(d, req);
+    if reply.checks.iter().any(|c| !c.ok) {
+        return Err(ApiError::check_failed(CheckReport {
+            vm: req.vm.clone(),
+            from: req.from.clone(),
+            to: d.name.clone(),
+            ok: false,
+            checks: reply.checks,
+        }));
+    }
+    reply
+        .listen_ip
+        .ok_or_else(|| ApiError::internal("no migration address chosen"))
+}

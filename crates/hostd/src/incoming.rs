@@ -119,6 +119,83 @@ fn authorise(d: &Daemon, req: &IncomingRequest, peer: &Peer) -> ApiResult<String
         .ok_or_else(|| ApiError::internal("no grant checked"))
 }
 
+/// `POST /v1/incoming/probe`: answer a forecast's link probes for the move `req` describes, on
+/// the address a move would take and with its encryption, for 30 s. No receiving VMM, no slot,
+/// no grant used: nothing is received. Only the source host itself may ask.
+pub fn probe(
+    d: &Arc<Daemon>,
+    req: &ferry_api::host::IncomingCheck,
+    peer: &Peer,
+) -> ApiResult<IncomingReply> {
+    let what = format!("answer a forecast for {} from {}", req.vm, req.from);
+    let r = probe_authorised(d, req, peer);
+    crate::audit::record(
+        &d.state.root,
+        peer,
+        &what,
+        r.as_ref().err().map(|e| e.body.error.as_str()),
+        None,
+    );
+    r
+}
+
+fn probe_authorised(
+    d: &Arc<Daemon>,
+    req: &ferry_api::host::IncomingCheck,
+    peer: &Peer,
+) -> ApiResult<IncomingReply> {
+    if d.security.is_some() {
+        match peer {
+            Peer::Cert { identity, .. } if crate::security::is_host(identity, &req.from) => {}
+            p => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "only host {} may forecast its move, not {}",
+                        req.from,
+                        p.describe()
+                    ),
+                ))
+            }
+        }
+    }
+    let ip = check::incoming_ip(d, req)?;
+    let listener = std::net::TcpListener::bind((ip.as_str(), 0))
+        .map_err(|e| ApiError::internal(format!("cannot listen on {ip}: {e}")))?;
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let plaintext = plaintext(d, &ip, req);
+    let tls = if plaintext {
+        None
+    } else {
+        Some(
+            ferry_vmm::migration::transport::MigrationTls::load(
+                &crate::security::tls_dir(&d.state.root),
+                &req.from,
+            )
+            .map_err(|e| ApiError::internal(format!("loading this host's TLS credentials: {e}")))?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("forecast".into())
+        .spawn(move || {
+            ferry_vmm::migration::receive::answer_forecasts(listener, tls, Duration::from_secs(30))
+        })
+        .map_err(|e| ApiError::internal(format!("cannot start the probe answerer: {e}")))?;
+    tracing::info!(
+        "answering a forecast for {} from {} on {listen}",
+        req.vm,
+        req.from
+    );
+    Ok(IncomingReply {
+        listen,
+        encrypted: !plaintext,
+    })
+}
+
 /// Whether a move arriving on migration address `ip` goes in the clear (its memory stream and
 /// a shared-nothing move's disk copies): only where both hosts trust the network for it, or
 /// outside a cluster.

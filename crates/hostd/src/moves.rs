@@ -720,6 +720,80 @@ async fn follow(
     }
 }
 
+/// `POST /v1/moves/forecast`: what moving `req.vm` to `req.to` with `req.settings` would do,
+/// moving nothing. The check first (a failed one is the answer); then the destination answers
+/// link probes on the address and with the encryption a move would use, while this host's VMM
+/// samples the guest's dirty rate and plays the move forward (`ferry vmm migrate --forecast`).
+pub async fn forecast(
+    d: &Arc<Daemon>,
+    req: &MoveRequest,
+) -> ApiResult<ferry_api::MigrationForecast> {
+    if req.to.is_empty() || req.to == d.name || req.storage_to.is_some() || !req.disk_to.is_empty()
+    {
+        return Err(ApiError::bad_request(
+            "a forecast is for moving a VM's memory to another host (--to HOST, no disks)",
+        ));
+    }
+    let report = check::check_move(d, &req.vm, &req.to, None, &[]).await?;
+    if !report.ok {
+        return Err(ApiError::check_failed(report));
+    }
+    let (to_name, to_addr) = d.resolve_host(&req.to)?;
+    let dest = d.client_for(&to_name, &to_addr);
+    let ask = check::incoming_request(d, &req.vm)?;
+    let r: IncomingReply = dest
+        .post("/v1/incoming/probe", &ask)
+        .await
+        .map_err(|e| ApiError::internal(format!("{to_name} would not answer the forecast: {e}")))?;
+    let s = &req.settings;
+    let settings = MigrateSettings {
+        to: r.listen,
+        downtime_ms: s.downtime_ms,
+        bandwidth_mbit: s.bandwidth_mbit,
+        timeout_s: s.timeout_s,
+        on_timeout: ferry_api::OnTimeout::Cancel,
+        migration_id: String::new(),
+        tls: r.encrypted.then(|| ferry_api::MigrationTls {
+            dir: crate::security::tls_dir(&d.state.root),
+            peer: to_name.clone(),
+        }),
+        mode: s.mode,
+        postcopy_recovery_s: s.postcopy_recovery_s,
+        compression: ferry_api::Compression::Auto,
+        delta_cache_mib: 0,
+        channels: match s.channels {
+            0 if r.encrypted => 2,
+            0 => 1,
+            n => n,
+        },
+    };
+    let api = d.run_dir(&req.vm).api();
+    let ask = Request::MigrateForecast {
+        settings,
+        sample_ms: 3000,
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut st = vmm::open(&api, &ask).await?;
+        st.next().await.unwrap_or(Err(vmm::VmmError::NoAnswer))
+    })
+    .await
+    .map_err(|_| {
+        ApiError::internal(format!(
+            "{}'s VMM did not answer the forecast in 60 s",
+            req.vm
+        ))
+    })?
+    .map_err(|e| ApiError::internal(format!("asking {}'s VMM: {e}", req.vm)))?;
+    match answer {
+        Response::Ok(ResponseBody::Forecast(f)) => Ok(f),
+        Response::Error(e) => Err(ApiError::conflict(format!("the forecast failed: {e}"))),
+        other => Err(ApiError::internal(format!(
+            "{}'s VMM answered {other:?}",
+            req.vm
+        ))),
+    }
+}
+
 /// Post-copy began: hand `vm`'s shared disks' write leases over to `to` now (once).
 fn hand_over_leases(d: &Arc<Daemon>, id: &str, vm: &str, to: &str) {
     let (config, grant) = {

@@ -61,12 +61,14 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/moves/check", post(check_move))
+        .route("/v1/moves/forecast", post(forecast_move))
         .route("/v1/moves", get(list_moves).post(start_move))
         .route("/v1/moves/{id}", get(get_move))
         .route("/v1/moves/{id}/events", get(move_events))
         .route("/v1/moves/{id}/cancel", post(cancel_move))
         .route("/v1/evacuate", post(evacuate))
         .route("/v1/incoming/check", post(incoming_check))
+        .route("/v1/incoming/probe", post(incoming_probe))
         .route("/v1/incoming", post(incoming_start))
         .route("/v1/incoming/{id}", get(incoming_info))
         .route("/v1/incoming/{id}/settle", post(incoming_settle))
@@ -329,6 +331,18 @@ async fn evacuate(
 
 async fn incoming_check(State(d): D, Body(req): Body<IncomingCheck>) -> Response {
     json(check::incoming(&d, &req))
+}
+
+async fn incoming_probe(
+    State(d): D,
+    Extension(peer): Extension<Peer>,
+    Body(req): Body<IncomingCheck>,
+) -> ApiResult<Response> {
+    Ok(json(incoming::probe(&d, &req, &peer)?))
+}
+
+async fn forecast_move(State(d): D, Body(req): Body<MoveRequest>) -> ApiResult<Response> {
+    Ok(json(moves::forecast(&d, &req).await?))
 }
 
 async fn incoming_start(

@@ -127,19 +127,7 @@ async fn make(d: &Arc<Daemon>, req: &IncomingRequest) -> ApiResult<DiskTargetRep
             d.name
         )));
     }
-    let reply = check::incoming(d, &req.check);
-    if reply.checks.iter().any(|c| !c.ok) {
-        return Err(ApiError::check_failed(ferry_api::host::CheckReport {
-            vm: req.check.vm.clone(),
-            from: req.check.from.clone(),
-            to: d.name.clone(),
-            ok: false,
-            checks: reply.checks,
-        }));
-    }
-    let ip = reply
-        .listen_ip
-        .ok_or_else(|| ApiError::internal("no migration address chosen"))?;
+    let ip = check::incoming_ip(d, &req.check)?;
     let files: Vec<PathBuf> = req
         .check
         .disks_to

@@ -409,6 +409,62 @@ fn answer_probe(t: &mut Transport, first: Frame) {
     }
 }
 
+/// Answer forecasts on `listener` for `time`, receiving nothing: a host daemon runs this for
+/// a `ferry move --check`, so the source's VMM can measure the link (its `Query` for the
+/// protocol version, then `Probe`s on as many connections as the move would use) without a
+/// receiving VMM, a migration slot or a move. Anything else is hung up on.
+pub fn answer_forecasts(listener: TcpListener, tls: Option<MigrationTls>, time: Duration) {
+    let deadline = Instant::now() + time;
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        wait_for_connection(&listener, left.as_millis().min(200) as i32);
+        let Ok((s, peer)) = listener.accept() else {
+            continue;
+        };
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut t = match Transport::server(s, tls.as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!("forecast: refused a connection from {peer}: {e}");
+                continue;
+            }
+        };
+        match protocol::read_frame(&mut t) {
+            Ok(Some(f)) if f.command == Command::Query => {
+                let a = AckInfo {
+                    ok: true,
+                    message: protocol::ANSWER_UNKNOWN.into(),
+                    protocol_version: Some(protocol::PROTOCOL_VERSION),
+                };
+                let _ = protocol::write_frame(&mut t, Command::Ack, &protocol::json(&a));
+                let _ = t.flush();
+            }
+            Ok(Some(f)) if f.command == Command::Probe => {
+                if probes.load(Ordering::SeqCst) >= protocol::MAX_CHANNELS as usize {
+                    continue;
+                }
+                probes.fetch_add(1, Ordering::SeqCst);
+                let count = probes.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("forecast-probe".into())
+                    .spawn(move || {
+                        answer_probe(&mut t, f);
+                        count.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    probes.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Wait up to `ms` for a connection on the (non-blocking) `listener`: returns as soon as one
 /// is there, rather than sleeping a fixed time between tries.
 fn wait_for_connection(listener: &TcpListener, ms: i32) {
