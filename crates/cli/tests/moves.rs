@@ -764,7 +764,12 @@ fn the_destination_dying_in_post_copy_loses_the_guest_and_both_hosts_say_so() {
     let run = h.state_dir("hv1").join("vms/web01");
     let deadline = Instant::now() + T;
     while run.exists() {
-        assert!(Instant::now() < deadline, "{} stays", run.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} stays\n{}",
+            run.display(),
+            h.daemon_log("hv1")
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -939,8 +939,23 @@ async fn finish(d: &Arc<Daemon>, id: &str, e: Ending) {
         ));
         tracing::error!("move {id}: {}", e.error.as_deref().unwrap_or_default());
         d.lock().vms.remove(&vm);
-        let api = d.run_dir(&vm).api();
-        let _ = vmm::call(&api, &Request::Quit).await;
+        let run = d.run_dir(&vm);
+        if let Err(err) = vmm::call(&run.api(), &Request::Quit).await {
+            tracing::warn!("move {id}: asking {vm}'s old VMM to quit: {err}");
+        }
+        // It must end, one way or the other: a copy that must never run, holding its memory.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(pid) = vmm::running_pid(&run) {
+            if Instant::now() >= deadline {
+                tracing::warn!("move {id}: {vm}'s old VMM (pid {pid}) did not quit; killing it");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         let (d2, vm2) = (d.clone(), vm.clone());
         tokio::spawn(async move { forget(&d2, &vm2).await });
     }
@@ -1029,14 +1044,25 @@ async fn forget(d: &Daemon, vm: &str) {
     }
     // Unless it came back meanwhile (a new definition, arriving or owned): checked and removed
     // under the lock, so a move back that creates the directory again cannot come in between.
-    let g = d.lock();
-    if g.vms.contains_key(vm) {
-        return;
+    // Its monitor may still be writing the exit record as the VMM ends: a second try then.
+    let dir = d.state.vm_dir(vm);
+    for last in [false, true] {
+        {
+            let g = d.lock();
+            if g.vms.contains_key(vm) {
+                return;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => return,
+                Err(err) if last => {
+                    tracing::warn!("removing {vm}'s definition after its move: {err}");
+                    return;
+                }
+                Err(_) => drop(g),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if let Err(err) = std::fs::remove_dir_all(d.state.vm_dir(vm)) {
-        tracing::warn!("removing {vm}'s definition after its move: {err}");
-    }
-    drop(g);
 }
 
 /// `POST /v1/moves/{id}/cancel`.
