@@ -569,31 +569,7 @@ async fn run(d: &Arc<Daemon>, id: &str) -> Ending {
     persist(d, id, MoveState::Migrating, None);
     update(d, id, |i| i.state = MoveState::Migrating);
     let api = d.run_dir(&vm).api();
-    let ms = MigrateSettings {
-        to: listen,
-        downtime_ms: settings.downtime_ms,
-        bandwidth_mbit: settings.bandwidth_mbit,
-        timeout_s: settings.timeout_s,
-        on_timeout: ferry_api::OnTimeout::Cancel,
-        migration_id: id.into(),
-        tls: encrypted.then(|| ferry_api::MigrationTls {
-            dir: crate::security::tls_dir(&d.state.root),
-            peer: to.clone(),
-        }),
-        // Post-copy commits as the guest starts on the destination: from then on the
-        // destination's daemon owns the VM (see `follow`), this VMM only serves its pages.
-        mode: settings.mode,
-        postcopy_recovery_s: settings.postcopy_recovery_s,
-        compression: ferry_api::Compression::Auto,
-        delta_cache_mib: 0,
-        // Encryption on one core bounds one connection well below a fast link (see
-        // docs/benchmarks.md, "Several connections"); plaintext fills it alone.
-        channels: match settings.channels {
-            0 if encrypted => 2,
-            0 => 1,
-            n => n,
-        },
-    };
+    let ms = vmm_settings(d, &settings, listen, id, encrypted, &to);
     let stream = vmm::open(
         &api,
         &Request::Migrate {
@@ -720,6 +696,42 @@ async fn follow(
     }
 }
 
+/// What this host's VMM is told for a move (or a forecast) to `to`, listening on `listen`.
+fn vmm_settings(
+    d: &Daemon,
+    settings: &MoveSettings,
+    listen: String,
+    id: &str,
+    encrypted: bool,
+    to: &str,
+) -> MigrateSettings {
+    MigrateSettings {
+        to: listen,
+        downtime_ms: settings.downtime_ms,
+        bandwidth_mbit: settings.bandwidth_mbit,
+        timeout_s: settings.timeout_s,
+        on_timeout: ferry_api::OnTimeout::Cancel,
+        migration_id: id.into(),
+        tls: encrypted.then(|| ferry_api::MigrationTls {
+            dir: crate::security::tls_dir(&d.state.root),
+            peer: to.into(),
+        }),
+        // Post-copy commits as the guest starts on the destination: from then on the
+        // destination's daemon owns the VM (see `follow`), this VMM only serves its pages.
+        mode: settings.mode,
+        postcopy_recovery_s: settings.postcopy_recovery_s,
+        compression: ferry_api::Compression::Auto,
+        delta_cache_mib: 0,
+        // Encryption on one core bounds one connection well below a fast link (see
+        // docs/benchmarks.md, "Several connections"); plaintext fills it alone.
+        channels: match settings.channels {
+            0 if encrypted => 2,
+            0 => 1,
+            n => n,
+        },
+    }
+}
+
 /// `POST /v1/moves/forecast`: what moving `req.vm` to `req.to` with `req.settings` would do,
 /// moving nothing. The check first (a failed one is the answer); then the destination answers
 /// link probes on the address and with the encryption a move would use, while this host's VMM
@@ -745,28 +757,7 @@ pub async fn forecast(
         .post("/v1/incoming/probe", &ask)
         .await
         .map_err(|e| ApiError::internal(format!("{to_name} would not answer the forecast: {e}")))?;
-    let s = &req.settings;
-    let settings = MigrateSettings {
-        to: r.listen,
-        downtime_ms: s.downtime_ms,
-        bandwidth_mbit: s.bandwidth_mbit,
-        timeout_s: s.timeout_s,
-        on_timeout: ferry_api::OnTimeout::Cancel,
-        migration_id: String::new(),
-        tls: r.encrypted.then(|| ferry_api::MigrationTls {
-            dir: crate::security::tls_dir(&d.state.root),
-            peer: to_name.clone(),
-        }),
-        mode: s.mode,
-        postcopy_recovery_s: s.postcopy_recovery_s,
-        compression: ferry_api::Compression::Auto,
-        delta_cache_mib: 0,
-        channels: match s.channels {
-            0 if r.encrypted => 2,
-            0 => 1,
-            n => n,
-        },
-    };
+    let settings = vmm_settings(d, &req.settings, r.listen, "", r.encrypted, &to_name);
     let api = d.run_dir(&req.vm).api();
     let ask = Request::MigrateForecast {
         settings,
