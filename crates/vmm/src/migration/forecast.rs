@@ -680,6 +680,11 @@ mod tests {
             decide(&s, true, &facts(100_000, Some(200_000), 0.3)),
             Next::Continue { throttle: 0 }
         );
+        // A rest of a few ms goes in the pause, whatever dirty rate a short round measured.
+        assert_eq!(
+            decide(&s, true, &facts(120, Some(190), 0.7)),
+            Next::SwitchOver
+        );
         // A rest that fits the budget (164 ms) but no longer shrinks: switch over, however
         // fast the guest dirties (compressed rounds of a busy guest end this way).
         assert_eq!(
