@@ -2,24 +2,29 @@
 //! `crates/migration/tests/fuzz_regressions.rs` (both pull this file in with `#[path]`), so the
 //! fuzzed logic and the regression test cannot drift apart.
 //!
-//! It mirrors `crates/vmm/src/migration/receive.rs::receive_on`: read_frame -> state.next ->
-//! by command: Start -> check_start; Config -> parse (a JSON value stands in for `VmConfig`);
-//! Pages -> decode_pages against a simulated guest memory; Packed -> decode_packed, deltas
-//! applied to a scratch page; RoundEnd -> parse::<RoundInfo>;
-//! State -> Envelope::MigrationState.decode (a JSON value stands in for `Snapshot`);
-//! Commit / Cancel end the stream. Acks are not written (there is no peer).
+//! The loop is the VMM's own: `ferry_migration::receiver::receive` (every check and decoder
+//! the destination VMM runs on the source's bytes), driving a [`Sim`] destination in place of
+//! the VMM's (KVM, guest memory, devices): a sparse simulated guest memory and a record of
+//! what arrived. After a post-copy Commit the push runs through `receiver::push_step` and
+//! `receiver::push_pages`, as in the VMM. Acknowledgements go to a sink.
 //!
-//! The decoders must return errors on hostile input, never panic; the sink asserts the
-//! invariants `decode_pages` promises (so a decoder bug crashes the fuzzer).
+//! The decoders must return errors on hostile input, never panic; the simulated memory and
+//! destination assert the invariants the loop promises (so a bug crashes the fuzzer).
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use ferry_api::VmConfig;
 use ferry_migration::protocol::{
     self, Command, ProtocolError, ReceiverState, RoundInfo, StartInfo, PAGE_SIZE,
 };
+use ferry_migration::receiver::{self, Committed, Destination, PageMemory, Push, Received};
 use ferry_migration::{pack, Envelope, EnvelopeError};
 
-/// Simulated guest memory: one region `[0, GUEST_MEMORY)`; only bounds are checked.
+/// Guest memory of the seed streams: `[0, GUEST_MEMORY)`.
 pub const GUEST_MEMORY: u64 = 64 << 20;
 
 /// Why a stream was refused.
@@ -27,6 +32,8 @@ pub const GUEST_MEMORY: u64 = 64 << 20;
 pub enum ReceiveError {
     Protocol(ProtocolError),
     State(EnvelopeError),
+    /// What the destination itself refused (the VMM's own checks, simulated).
+    Refused(&'static str),
 }
 
 impl From<ProtocolError> for ReceiveError {
@@ -35,161 +42,241 @@ impl From<ProtocolError> for ReceiveError {
     }
 }
 
-/// What a completed (committed) stream delivered.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Received {
+impl From<EnvelopeError> for ReceiveError {
+    fn from(e: EnvelopeError) -> Self {
+        ReceiveError::State(e)
+    }
+}
+
+impl From<std::convert::Infallible> for ReceiveError {
+    fn from(e: std::convert::Infallible) -> Self {
+        match e {}
+    }
+}
+
+/// Simulated guest memory: one region `[0, end)`, pages kept only where written.
+pub struct SimMemory {
+    pub end: u64,
+    pub pages: RefCell<HashMap<u64, Vec<u8>>>,
+}
+
+impl PageMemory for SimMemory {
+    type Error = std::convert::Infallible;
+
+    fn holds(&self, gpa: u64) -> bool {
+        gpa.is_multiple_of(PAGE_SIZE as u64)
+            && gpa
+                .checked_add(PAGE_SIZE as u64)
+                .is_some_and(|end| end <= self.end)
+    }
+
+    fn end(&self) -> u64 {
+        self.end
+    }
+
+    fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), Self::Error> {
+        assert!(
+            self.holds(gpa),
+            "page {gpa:#x} written outside guest memory"
+        );
+        assert_eq!(data.len(), PAGE_SIZE, "page {gpa:#x} not 4 KiB");
+        self.pages.borrow_mut().insert(gpa, data.to_vec());
+        Ok(())
+    }
+
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        assert!(self.holds(gpa), "page {gpa:#x} read outside guest memory");
+        match self.pages.borrow().get(&gpa) {
+            Some(p) => buf.copy_from_slice(p),
+            None => buf.fill(0),
+        }
+        Ok(())
+    }
+}
+
+/// The destination, simulated: what arrived, in what order.
+#[derive(Default)]
+pub struct Sim {
     pub start: Option<StartInfo>,
-    pub config: Option<serde_json::Value>,
-    pub pages: u64,
-    pub zero_pages: u64,
+    pub config: Option<VmConfig>,
+    pub memory: Option<SimMemory>,
+    pub channels: Option<u32>,
     pub rounds: u32,
+    pub prepared: bool,
+    pub postcopy_pages: u64,
     pub state: Option<serde_json::Value>,
+    pub committed: Option<Committed>,
 }
 
-/// The receiver's page check: page aligned and the whole page inside guest memory.
-pub fn valid_page(gpa: u64) -> bool {
-    gpa.is_multiple_of(PAGE_SIZE as u64)
-        && gpa
-            .checked_add(PAGE_SIZE as u64)
-            .is_some_and(|end| end <= GUEST_MEMORY)
+impl Destination for Sim {
+    type Error = ReceiveError;
+    type Memory = SimMemory;
+    type State = serde_json::Value;
+
+    fn start(&mut self, info: &StartInfo) -> Result<(), ReceiveError> {
+        assert!(self.start.is_none(), "Start accepted twice");
+        assert!(
+            (protocol::MIN_PROTOCOL_VERSION..=protocol::PROTOCOL_VERSION)
+                .contains(&info.protocol_version)
+        );
+        self.start = Some(info.clone());
+        Ok(())
+    }
+
+    fn config(&mut self, c: VmConfig, memory_bytes: u64) -> Result<(), ReceiveError> {
+        assert!(
+            self.start.is_some() && self.config.is_none(),
+            "Config out of order"
+        );
+        // The VMM's check: the memory Start announced is the VM's.
+        if c.memory_mib.checked_mul(1 << 20) != Some(memory_bytes) {
+            return Err(ReceiveError::Refused("memory size differs from Start's"));
+        }
+        self.memory = Some(SimMemory {
+            end: memory_bytes,
+            pages: RefCell::default(),
+        });
+        self.config = Some(c);
+        Ok(())
+    }
+
+    fn memory(&self) -> Option<&SimMemory> {
+        self.memory.as_ref()
+    }
+
+    fn channels(&mut self, count: u32) -> Result<(), ReceiveError> {
+        assert!(self.memory.is_some(), "Channels accepted before Config");
+        assert!(self.channels.is_none(), "Channels accepted twice");
+        assert!((2..=protocol::MAX_CHANNELS).contains(&count));
+        self.channels = Some(count);
+        Ok(())
+    }
+
+    fn round_end(&mut self, _: &RoundInfo, _: &mut Received) -> Result<(), ReceiveError> {
+        assert!(self.memory.is_some(), "RoundEnd accepted before Config");
+        self.rounds += 1;
+        Ok(())
+    }
+
+    fn postcopy_prepare(&mut self, words: Vec<u64>) -> Result<(), ReceiveError> {
+        assert!(!self.prepared, "PostcopyPrepare accepted twice");
+        self.bitmap(&words);
+        self.prepared = true;
+        Ok(())
+    }
+
+    fn postcopy_start(&mut self, words: Vec<u64>) -> Result<(), ReceiveError> {
+        self.postcopy_pages = self.bitmap(&words);
+        Ok(())
+    }
+
+    fn state(&mut self, state: serde_json::Value) -> Result<(), ReceiveError> {
+        assert!(self.memory.is_some(), "State accepted before Config");
+        assert!(self.state.is_none(), "State accepted twice");
+        self.state = Some(state);
+        Ok(())
+    }
+
+    fn commit(&mut self, how: Committed) -> Result<(), ReceiveError> {
+        assert!(self.start.is_some() && self.config.is_some() && self.state.is_some());
+        assert!(self.committed.is_none(), "Commit accepted twice");
+        self.committed = Some(how);
+        Ok(())
+    }
+
+    fn read_failed(&mut self, e: ProtocolError) -> ReceiveError {
+        e.into()
+    }
 }
 
-/// Run the receive loop over `input`. `Ok` only for a stream that reached Commit.
-pub fn receive(mut input: &[u8]) -> Result<Received, ReceiveError> {
-    let r = &mut input;
-    let mut state = ReceiverState::AwaitStart;
-    let mut got = Received::default();
-    let mut have_memory = false;
-    let mut scratch = Vec::new();
-    loop {
-        let frame = protocol::read_frame(r)?.ok_or(ProtocolError::Truncated)?;
-        let before = state;
-        state = state.next(frame.command)?;
-        match frame.command {
-            Command::Start => {
-                assert_eq!(before, ReceiverState::AwaitStart);
-                got.start = Some(protocol::check_start(&frame)?);
-            }
-            Command::Config => {
-                assert_eq!(before, ReceiverState::AwaitConfig);
-                let c: serde_json::Value = protocol::parse(&frame)?;
-                got.config = Some(c);
-                have_memory = true;
-            }
-            Command::Pages => {
-                assert!(have_memory, "Pages accepted before Config");
-                let (mut data_pages, mut zero_pages) = (0u64, 0u64);
-                let n = protocol::decode_pages(&frame.payload, valid_page, |gpa, data| {
-                    assert!(
-                        valid_page(gpa),
-                        "sink got page {gpa:#x} outside guest memory"
-                    );
-                    match data {
-                        Some(d) => {
-                            assert_eq!(d.len(), PAGE_SIZE, "data page {gpa:#x} not 4 KiB");
-                            data_pages += 1;
-                        }
-                        None => zero_pages += 1,
-                    }
-                })?;
-                assert_eq!(n as u64, data_pages + zero_pages, "count != sink calls");
-                assert!(n <= protocol::MAX_PAGES_PER_MESSAGE);
-                got.pages += n as u64;
-                got.zero_pages += zero_pages;
-            }
-            Command::Packed => {
-                assert!(have_memory, "Packed accepted before Config");
-                let mut page = vec![0u8; PAGE_SIZE];
-                let mut calls = 0u64;
-                let n = pack::decode_packed(&frame.payload, valid_page, &mut scratch, |gpa, p| {
-                    assert!(
-                        valid_page(gpa),
-                        "sink got page {gpa:#x} outside guest memory"
-                    );
-                    calls += 1;
-                    match p {
-                        pack::Page::Zero => got.zero_pages += 1,
-                        pack::Page::Full(d) => assert_eq!(d.len(), PAGE_SIZE),
-                        pack::Page::Delta(d) => {
-                            pack::apply_delta(&mut page, d).map_err(pack::bad_delta)?
-                        }
-                    }
-                    Ok(())
-                })?;
-                assert_eq!(n as u64, calls, "count != sink calls");
-                assert!(n <= protocol::MAX_PAGES_PER_MESSAGE);
-                got.pages += n as u64;
-            }
-            Command::RoundEnd => {
-                let _: RoundInfo = protocol::parse(&frame)?;
-                got.rounds += 1;
-            }
-            Command::State => {
-                assert!(have_memory, "State accepted before Config");
-                let (v, version): (serde_json::Value, u32) = Envelope::MigrationState
-                    .decode(&frame.payload)
-                    .map_err(ReceiveError::State)?;
-                assert!((ferry_migration::envelope::MIN_FORMAT_VERSION
-                    ..=ferry_migration::envelope::FORMAT_VERSION)
-                    .contains(&version));
-                got.state = Some(v);
-            }
-            Command::Commit if before == ReceiverState::AwaitPostcopyCommit => {
-                assert_eq!(state, ReceiverState::Postcopy);
-                assert!(got.state.is_some());
-            }
-            Command::Commit => {
-                assert_eq!(before, ReceiverState::AwaitCommit);
-                assert_eq!(state, ReceiverState::Done);
-                assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
-                return Ok(got);
-            }
-            Command::PostcopyPrepare => {
-                assert_eq!(before, ReceiverState::Memory);
-                protocol::decode_bitmap(&frame.payload, GUEST_MEMORY)?;
-            }
-            Command::PostcopyStart => {
-                assert!(matches!(
-                    before,
-                    ReceiverState::Memory | ReceiverState::PostcopyPrepared
-                ));
-                let words = protocol::decode_bitmap(&frame.payload, GUEST_MEMORY)?;
-                let pages: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
-                assert!(pages <= GUEST_MEMORY / PAGE_SIZE as u64);
-            }
-            Command::PostcopyDone => {
-                assert_eq!(before, ReceiverState::Postcopy);
-                assert!(got.start.is_some() && got.config.is_some() && got.state.is_some());
-                return Ok(got);
-            }
-            Command::Channels => {
-                assert_eq!(before, ReceiverState::Memory);
-                let c: protocol::ChannelsInfo = protocol::parse(&frame)?;
-                if !(2..=protocol::MAX_CHANNELS).contains(&c.count) {
-                    return Err(ProtocolError::Malformed(Command::Channels, "count".into()).into());
+impl Sim {
+    /// A decoded bitmap names only pages inside guest memory.
+    fn bitmap(&self, words: &[u64]) -> u64 {
+        let m = self
+            .memory
+            .as_ref()
+            .expect("a bitmap accepted before Config");
+        let pages: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        let top = words
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, w)| **w != 0)
+            .map(|(i, w)| (i as u64 * 64 + 63 - u64::from(w.leading_zeros())) * PAGE_SIZE as u64);
+        assert!(
+            top.is_none_or(|gpa| m.holds(gpa)),
+            "bitmap past guest memory"
+        );
+        pages
+    }
+}
+
+/// The source's bytes to read, and where the acknowledgements go.
+struct Wire<'a> {
+    input: &'a [u8],
+    acks: usize,
+}
+
+impl Read for Wire<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for Wire<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.acks += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a completed stream delivered.
+pub struct Delivered {
+    pub sim: Sim,
+    pub pages: u64,
+}
+
+/// Run the receive loop over `input`. `Ok` only for a stream that reached Commit (and, after
+/// a post-copy Commit, PostcopyDone).
+pub fn receive(input: &[u8]) -> Result<Delivered, ReceiveError> {
+    let mut wire = Wire { input, acks: 0 };
+    let mut sim = Sim::default();
+    let (how, got) = receiver::receive(&mut wire, None, &mut sim)?;
+    assert!(wire.acks > 0, "a committed stream was never acknowledged");
+    let mut pages = got.pages;
+    if how == Committed::Postcopy {
+        let mut state = ReceiverState::Postcopy;
+        let mut scratch = Vec::new();
+        let m = sim.memory.as_ref().expect("memory after Commit");
+        loop {
+            let f = protocol::read_frame(&mut wire)?.ok_or(ProtocolError::Truncated)?;
+            match receiver::push_step(&mut state, &f)? {
+                Push::Pages => {
+                    let mut calls = 0u64;
+                    let n = receiver::push_pages(
+                        &f,
+                        |g| m.holds(g),
+                        &mut scratch,
+                        |gpa, d| {
+                            calls += 1;
+                            let _ = m.write_page(gpa, d.unwrap_or(&[0u8; PAGE_SIZE]));
+                        },
+                    )?;
+                    assert_eq!(n as u64, calls, "count != placed pages");
+                    assert!(n <= protocol::MAX_PAGES_PER_MESSAGE);
+                    pages += n as u64;
+                }
+                Push::Done => {
+                    assert_eq!(state, ReceiverState::Done);
+                    break;
                 }
             }
-            Command::PostcopyChannel
-            | Command::PageRequest
-            | Command::PostcopyResume
-            | Command::PostcopyMissing
-            | Command::MemoryChannel
-            | Command::ChannelDone
-            | Command::Probe => {
-                panic!("the state machine accepted a connection-opening or page-connection message mid-stream")
-            }
-            Command::Cancel => {
-                assert_eq!(state, ReceiverState::Done);
-                return Err(ProtocolError::Cancelled(String::new()).into());
-            }
-            Command::Query => {
-                assert_eq!(before, ReceiverState::AwaitStart);
-                let _: protocol::QueryInfo = protocol::parse(&frame)?;
-                return Err(ProtocolError::Truncated.into());
-            }
-            Command::Ack => panic!("the state machine accepted an Ack from the source"),
         }
     }
+    Ok(Delivered { sim, pages })
 }
 
 /// The `envelope` target: decode the bytes as they are, then again with the checksum fixed

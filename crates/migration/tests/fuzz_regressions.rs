@@ -40,7 +40,7 @@ fn receive_regressions_error_or_complete_without_panicking() {
         // so say which one first.
         eprintln!("replaying {}", path.display());
         match common::receive(&bytes) {
-            Ok(r) => assert!(r.start.is_some() && r.state.is_some()),
+            Ok(r) => assert!(r.sim.start.is_some() && r.sim.state.is_some()),
             Err(e) => eprintln!("  refused: {e:?}"),
         }
     }
@@ -59,15 +59,33 @@ fn generated_seeds_behave() {
     let seeds = common::receive_seeds();
     for (name, bytes) in &seeds {
         let r = common::receive(bytes);
+        let page = |r: &common::Delivered, gpa: u64| {
+            r.sim
+                .memory
+                .as_ref()
+                .unwrap()
+                .pages
+                .borrow()
+                .get(&gpa)
+                .cloned()
+        };
         if *name == "valid" {
             let r = r.expect("the valid stream is accepted");
-            assert_eq!((r.pages, r.zero_pages, r.rounds), (2, 1, 1));
+            assert_eq!((r.pages, r.sim.rounds), (2, 1));
+            // The zero page lands as nothing (fresh memory is zero), the data page as sent.
+            assert_eq!(page(&r, 0x1000), None);
+            assert_eq!(page(&r, 0x20_0000).unwrap()[..3], [1, 2, 3]);
         } else if *name == "postcopy" {
             let r = r.expect("the post-copy stream is accepted");
-            assert_eq!((r.pages, r.zero_pages, r.rounds), (4, 1, 1));
+            assert_eq!((r.pages, r.sim.rounds, r.sim.postcopy_pages), (4, 1, 2));
+            assert!(r.sim.prepared);
+            assert_eq!(page(&r, 0x2000).unwrap()[..3], [0, 1, 2]);
         } else if *name == "packed" {
             let r = r.expect("the stream with compressed pages is accepted");
-            assert_eq!((r.pages, r.zero_pages, r.rounds), (5, 2, 1));
+            assert_eq!((r.pages, r.sim.rounds), (5, 1));
+            // The delta applied to the full page sent before it.
+            let p = page(&r, 0x3000).unwrap();
+            assert_eq!((p[7], p[8], p[23], p[24]), (0, 0xee, 0xee, 24 % 7));
         } else {
             assert!(r.is_err(), "{name} accepted");
         }

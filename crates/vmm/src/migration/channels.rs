@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ferry_migration::protocol::{self, ChannelInfo, Command, ProtocolError};
+use ferry_migration::receiver::{self, LandError};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::compress::{Compressor, Totals};
@@ -414,7 +415,7 @@ pub(super) fn gather(
     Ok(conns.into_iter().flatten().collect())
 }
 
-type Landed = (super::receive::Landed, u64);
+type Landed = (receiver::Landed, u64);
 type LandingThread = JoinHandle<Result<Landed, String>>;
 
 /// Pre-copy's memory connections on the destination: one thread each lands its pages.
@@ -491,7 +492,7 @@ impl Landing {
 
     /// Wait until every connection said `ChannelDone`; where their pages landed, and how many.
     pub fn finish(mut self) -> Result<Landed, super::receive::ReceiveError> {
-        let mut all = super::receive::Landed::default();
+        let mut all = receiver::Landed::default();
         let mut pages = 0;
         for (i, (h, _)) in self.threads.iter_mut().enumerate() {
             let r = h
@@ -537,7 +538,8 @@ impl Drop for Landing {
 
 /// One memory connection: land `Pages`/`Packed` until `ChannelDone`.
 fn land_lane(mut t: Transport, mem: &GuestMemory, count: &AtomicU64) -> Result<Landed, String> {
-    let mut landed = super::receive::Landed::default();
+    let mem = super::receive::Mem(mem.clone());
+    let mut landed = receiver::Landed::default();
     let mut unpacked = Vec::new();
     let mut pages = 0;
     loop {
@@ -546,8 +548,12 @@ fn land_lane(mut t: Transport, mem: &GuestMemory, count: &AtomicU64) -> Result<L
             .ok_or("it ended before ChannelDone")?;
         match f.command {
             Command::Pages | Command::Packed => {
-                let n = super::receive::land_frame(&f, mem, &mut landed, &mut unpacked)
-                    .map_err(|e| crate::vm::error_chain(&e))?;
+                let n = receiver::land_frame(&f, &mem, &mut landed, &mut unpacked).map_err(
+                    |e| match e {
+                        LandError::Stream(e) => crate::vm::error_chain(&e),
+                        LandError::Memory(e) => format!("cannot write guest memory: {e}"),
+                    },
+                )?;
                 pages += n;
                 count.fetch_add(n, Ordering::Relaxed);
             }

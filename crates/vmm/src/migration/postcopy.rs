@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_migration::pack;
 use ferry_migration::protocol::{self, Command, Frame, ProtocolError, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -343,18 +342,7 @@ impl Incoming {
             }
         };
         let valid = |gpa| self.regions.host(gpa).is_some() && memory::region_of(mem, gpa).is_some();
-        let n = if f.command == Command::Packed {
-            pack::decode_packed(&f.payload, valid, scratch, |gpa, page| {
-                match page {
-                    pack::Page::Full(d) => place(gpa, Some(d)),
-                    pack::Page::Zero => place(gpa, None),
-                    pack::Page::Delta(_) => return Err(pack::bad_delta("none in post-copy")),
-                }
-                Ok(())
-            })?
-        } else {
-            protocol::decode_pages(&f.payload, valid, &mut place)?
-        };
+        let n = ferry_migration::receiver::push_pages(f, valid, scratch, &mut place)?;
         match err {
             Some(e) => Err(ProtocolError::Io(e)),
             None => Ok(n),

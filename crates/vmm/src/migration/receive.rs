@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 use ferry_api::{Outcome, VmConfig};
 use ferry_migration::outcome::{outcome_str, OutcomeRecord};
 use ferry_migration::protocol::{
-    self, AckInfo, ChannelInfo, ChannelsInfo, Command, Frame, ProtocolError, QueryInfo,
-    ReceiverState, RoundInfo, PAGE_SIZE,
+    self, AckInfo, ChannelInfo, Command, Frame, ProtocolError, QueryInfo, ReceiverState, RoundInfo,
+    StartInfo, PAGE_SIZE,
 };
-use ferry_migration::Envelope;
+use ferry_migration::receiver::{self, Committed, Destination, PageMemory, Push, Received};
 
 use crate::fail::crash_point;
-use ferry_migration::pack::{self, Page};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::postcopy::{self, Incoming};
@@ -785,22 +784,15 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
                 }
                 Err(e) => return Err(ReceiveError::from(e).into()),
             };
-            state = state.next(f.command).map_err(ReceiveError::from)?;
-            match f.command {
-                Command::Pages | Command::Packed => {
+            match receiver::push_step(&mut state, &f).map_err(ReceiveError::from)? {
+                Push::Pages => {
                     let n = pc
                         .incoming
                         .place_all(&f, mem, &mut unpacked)
                         .map_err(ReceiveError::from)?;
                     pc.incoming.pushed.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Command::PostcopyDone => break,
-                Command::Cancel => {
-                    return Err(
-                        ReceiveError::Protocol(ProtocolError::Cancelled(String::new())).into(),
-                    )
-                }
-                _ => {}
+                Push::Done => break,
             }
         }
         // A page fetched on demand may still be on its way.
@@ -856,111 +848,341 @@ fn finish_postcopy(mut t: Transport, mut pc: PostcopyRx, mem: &GuestMemory) -> R
     Ok(())
 }
 
-/// Where pre-copy pages landed: which pages hold data from the stream (one bit per
-/// guest-physical page), so a zero page is written only over data (fresh memory is zero, and
-/// untouched guest memory stays unallocated here) and a delta knows its base.
-#[derive(Default)]
-pub(super) struct Landed {
-    written: Vec<u64>,
+/// Guest memory as the receive loop writes it (`ferry_migration::receiver`).
+#[derive(Clone)]
+pub(super) struct Mem(pub GuestMemory);
+
+impl PageMemory for Mem {
+    type Error = GuestMemoryError;
+
+    fn holds(&self, gpa: u64) -> bool {
+        valid_page(&self.0, gpa)
+    }
+
+    fn end(&self) -> u64 {
+        postcopy::memory_end(&self.0)
+    }
+
+    fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
+        self.0.write_slice(data, GuestAddress(gpa))
+    }
+
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.0.read_slice(buf, GuestAddress(gpa))
+    }
 }
 
-impl Landed {
-    /// Take in where another receiver's pages landed (a memory connection's, once done).
-    pub(super) fn merge(&mut self, other: &Landed) {
-        if other.written.len() > self.written.len() {
-            self.written.resize(other.written.len(), 0);
-        }
-        for (w, o) in self.written.iter_mut().zip(&other.written) {
-            *w |= o;
-        }
-    }
+/// The VMM's side of the receive loop: what each step of the stream does to this host (the
+/// loop itself, and every check of the bytes, is `ferry_migration::receiver::receive`).
+struct Arriving<'a> {
+    /// The main connection's socket, to cut it (failure injection) and hand to the memory
+    /// connections (which close it when they fail).
+    socket: std::net::TcpStream,
+    listener: &'a TcpListener,
+    ropts: &'a ReceiveOptions,
+    rx: &'a mut Receiving,
+    overrides: &'a RestoreOverrides,
+    opts: RunOptions,
+    log: &'a mut dyn FnMut(&str),
+    config: Option<VmConfig>,
+    mem: Option<Mem>,
+    /// The KVM VM, made while pages arrive.
+    prepared: Option<crate::kvm_vm::KvmVm>,
+    vm: Option<Vm>,
+    post: Option<PostcopyRx>,
+    /// Post-copy prepared before the pause: stale pages dropped, memory registered.
+    prepared_pc: Option<Arc<Incoming>>,
+    /// Pre-copy's memory connections, while they run.
+    lanes: Option<super::channels::Landing>,
+}
 
-    fn bit(&mut self, gpa: u64) -> (&mut u64, u64) {
-        let bit = (gpa / PAGE_SIZE as u64) as usize;
-        let (word, mask) = (bit / 64, 1u64 << (bit % 64));
-        if word >= self.written.len() {
-            self.written.resize(word + 1, 0);
-        }
-        (&mut self.written[word], mask)
+impl From<ProtocolError> for VmError {
+    fn from(e: ProtocolError) -> Self {
+        ReceiveError::Protocol(e).into()
     }
+}
 
-    /// Put a page from the stream in place. A delta that does not apply is the stream's fault
-    /// (`Err`); a memory error is this host's (`Ok(Err)`).
-    fn land(
-        &mut self,
-        m: &GuestMemory,
-        gpa: u64,
-        page: Page<'_>,
-    ) -> Result<Result<(), GuestMemoryError>, ProtocolError> {
-        let (w, mask) = self.bit(gpa);
-        let had = *w & mask != 0;
-        Ok(match page {
-            Page::Full(d) => {
-                *w |= mask;
-                m.write_slice(d, GuestAddress(gpa))
-            }
-            Page::Zero if !had => Ok(()),
-            Page::Zero => {
-                *w &= !mask;
-                m.write_slice(&[0u8; PAGE_SIZE], GuestAddress(gpa))
-            }
-            // Applied to the page as it is here (zero if nothing landed there yet).
-            Page::Delta(d) => {
-                *w |= mask;
-                let mut page = [0u8; PAGE_SIZE];
-                if had {
-                    if let Err(e) = m.read_slice(&mut page, GuestAddress(gpa)) {
-                        return Ok(Err(e));
-                    }
+impl From<ferry_migration::EnvelopeError> for VmError {
+    fn from(e: ferry_migration::EnvelopeError) -> Self {
+        ReceiveError::State(e).into()
+    }
+}
+
+impl From<GuestMemoryError> for VmError {
+    fn from(e: GuestMemoryError) -> Self {
+        memory::MemoryError::Access(e).into()
+    }
+}
+
+impl Arriving<'_> {
+    fn guest_memory(&self) -> Result<&GuestMemory, ReceiveError> {
+        self.mem
+            .as_ref()
+            .map(|m| &m.0)
+            .ok_or(ReceiveError::Protocol(ProtocolError::Truncated))
+    }
+}
+
+impl Destination for Arriving<'_> {
+    type Error = VmError;
+    type Memory = Mem;
+    type State = Snapshot;
+
+    fn start(&mut self, info: &StartInfo) -> Result<(), VmError> {
+        let id = if info.migration_id.is_empty() {
+            super::send::new_migration_id()
+        } else {
+            info.migration_id.clone()
+        };
+        if let Some(want) = &self.ropts.expect_id {
+            if *want != id {
+                return Err(ReceiveError::WrongMove {
+                    expected: want.clone(),
+                    got: info.migration_id.clone(),
                 }
-                pack::apply_delta(&mut page, d).map_err(pack::bad_delta)?;
-                m.write_slice(&page, GuestAddress(gpa))
+                .into());
             }
-        })
-    }
-}
-
-/// Put the pages of a pre-copy `Pages` or `Packed` message in place; how many there were.
-/// `unpacked`: room for a `Packed` message's data area, decompressed.
-pub(super) fn land_frame(
-    frame: &Frame,
-    m: &GuestMemory,
-    landed: &mut Landed,
-    unpacked: &mut Vec<u8>,
-) -> Result<u64, VmError> {
-    let mut err = None;
-    let mut land = |gpa: u64, page: Page<'_>| {
-        if let Err(e) = landed.land(m, gpa, page)? {
-            err.get_or_insert(e);
+        }
+        if self.rx.record.get(&id).map_err(ReceiveError::from)? == Some(Outcome::Aborted) {
+            return Err(ReceiveError::AlreadyAborted(id).into());
+        }
+        self.rx.id = Some(id.clone());
+        if info.protocol_version >= protocol::POSTCOPY_VERSION {
+            // The source may go post-copy: take its page connection whenever it comes.
+            let l = self
+                .listener
+                .try_clone()
+                .map_err(|source| ReceiveError::Listen {
+                    addr: "the migration listener".into(),
+                    source,
+                })?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tx, rx_ch) = mpsc::channel();
+            let (mem_tx, mem_rx) = mpsc::channel();
+            let h = std::thread::Builder::new()
+                .name("migrate-pages-accept".into())
+                .spawn({
+                    let (tls, record, stop) =
+                        (self.ropts.tls.clone(), self.rx.record.clone(), stop.clone());
+                    move || accept_page_channel(l, tls, record, id, stop, tx, mem_tx)
+                })
+                .map_err(ReceiveError::Postcopy)?;
+            self.rx.channel = Some((stop, h, rx_ch));
+            self.rx.memory = Some(mem_rx);
         }
         Ok(())
-    };
-    let valid = |gpa| valid_page(m, gpa);
-    let n = if frame.command == Command::Pages {
-        protocol::decode_pages(&frame.payload, valid, |gpa, data| {
-            // Whole and zero pages: only landing a delta can fail on the stream.
-            let _ = land(gpa, data.map_or(Page::Zero, Page::Full));
-        })
-    } else {
-        pack::decode_packed(&frame.payload, valid, unpacked, &mut land)
     }
-    .map_err(ReceiveError::from)?;
-    if let Some(e) = err {
-        return Err(memory::MemoryError::Access(e).into());
-    }
-    Ok(n as u64)
-}
 
-/// Guest memory and the page bitmap of a `PostcopyPrepare` or `PostcopyStart`.
-fn postcopy_bitmap<'a>(
-    mem: Option<&'a GuestMemory>,
-    frame: &Frame,
-) -> Result<(&'a GuestMemory, Vec<u64>), ReceiveError> {
-    let m = mem.ok_or(ProtocolError::Truncated)?;
-    Ok((
-        m,
-        protocol::decode_bitmap(&frame.payload, postcopy::memory_end(m))?,
-    ))
+    fn config(&mut self, c: VmConfig, memory_bytes: u64) -> Result<(), VmError> {
+        let c = self.overrides.apply(c)?;
+        if c.memory_mib << 20 != memory_bytes {
+            return Err(ReceiveError::MemorySize {
+                expected: c.memory_mib << 20,
+                got: memory_bytes,
+            }
+            .into());
+        }
+        let m = memory::create_guest_memory(memory_bytes)?;
+        // The KVM VM is made now, while pages arrive, not during the pause.
+        self.prepared = Some(Vm::prepare(&m)?);
+        self.mem = Some(Mem(m));
+        (self.log)(&format!(
+            "receiving a {} MiB, {}-vCPU VM",
+            c.memory_mib, c.vcpus
+        ));
+        self.config = Some(c);
+        Ok(())
+    }
+
+    fn memory(&self) -> Option<&Mem> {
+        self.mem.as_ref()
+    }
+
+    fn channels(&mut self, count: u32) -> Result<(), VmError> {
+        let m = self.guest_memory()?;
+        let found = self
+            .rx
+            .memory
+            .as_ref()
+            .ok_or(ReceiveError::Protocol(ProtocolError::Truncated))?;
+        let conns = super::channels::gather(found, count, CHANNEL_WAIT)?;
+        let main = self.socket.try_clone().map_err(ProtocolError::from)?;
+        self.lanes = Some(super::channels::Landing::start(conns, m, main)?);
+        (self.log)(&format!("pre-copy's pages come on {count} connections"));
+        Ok(())
+    }
+
+    fn round_end(&mut self, r: &RoundInfo, got: &mut Received) -> Result<(), VmError> {
+        if r.ack {
+            if r.channels_done {
+                // Pre-copy ends: everything on the memory connections lands first.
+                if let Some(l) = self.lanes.take() {
+                    let (their, n) = l.finish()?;
+                    got.landed.merge(&their);
+                    got.pages += n;
+                }
+            } else if let (Some(l), Some(want)) = (self.lanes.as_ref(), r.channel_pages) {
+                // Before the pause: let them catch up too.
+                l.wait_for(want, CHANNEL_CATCH_UP);
+            }
+        } else {
+            let more = self.lanes.as_ref().map_or(0, |l| l.pages());
+            (self.log)(&format!(
+                "round {}: {} pages received so far, {} dirty",
+                r.round,
+                got.pages + more,
+                r.pages
+            ));
+        }
+        Ok(())
+    }
+
+    fn postcopy_prepare(&mut self, words: Vec<u64>) -> Result<(), VmError> {
+        let t_prep = Instant::now();
+        let i = Incoming::new(self.guest_memory()?).map_err(ReceiveError::Postcopy)?;
+        let n = i.discard(&words).map_err(ReceiveError::Postcopy)?;
+        i.register().map_err(ReceiveError::Postcopy)?;
+        tracing::debug!(
+            "post-copy prepared: {n} stale pages dropped, memory registered in {:?}",
+            t_prep.elapsed()
+        );
+        self.prepared_pc = Some(Arc::new(i));
+        Ok(())
+    }
+
+    fn postcopy_start(&mut self, words: Vec<u64>) -> Result<(), VmError> {
+        let m = self.guest_memory()?.clone();
+        let channel = self
+            .rx
+            .channel
+            .as_ref()
+            .ok_or(ReceiveError::Protocol(ProtocolError::Truncated))?;
+        let (pc, hello) = channel
+            .2
+            .recv_timeout(CHANNEL_WAIT)
+            .map_err(|_| ReceiveError::NoPageChannel(CHANNEL_WAIT))?;
+        let relinks = Arc::new(Relinks::new(
+            hello.migration_id.clone(),
+            Duration::from_millis(hello.recovery_ms.unwrap_or(0)),
+        ));
+        relinks.pages.track(&pc);
+        let t_prep = Instant::now();
+        let incoming = match self.prepared_pc.take() {
+            Some(i) => i,
+            None => {
+                let i = Incoming::new(&m).map_err(ReceiveError::Postcopy)?;
+                i.register().map_err(ReceiveError::Postcopy)?;
+                Arc::new(i)
+            }
+        };
+        let late = incoming.discard(&words).map_err(ReceiveError::Postcopy)?;
+        tracing::debug!(
+            "post-copy: {late} more stale pages dropped in {:?}",
+            t_prep.elapsed()
+        );
+        (self.log)(&format!(
+            "post-copy: {} pages follow after the guest starts here",
+            incoming.left.count()
+        ));
+        let faults = std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn({
+                let (i, r) = (incoming.clone(), relinks.clone());
+                move || {
+                    let stop = || i.stop.load(Ordering::SeqCst);
+                    let relink = |e: &ProtocolError| r.pages.wait(r.limit, e, stop);
+                    let r = i.serve_faults(pc, &m, relink);
+                    if let Err(e) = &r {
+                        tracing::error!("post-copy: fetching pages failed: {e}");
+                    }
+                    r
+                }
+            })
+            .map_err(ReceiveError::Postcopy)?;
+        self.post = Some(PostcopyRx {
+            incoming,
+            faults: Some(faults),
+            relinks,
+        });
+        Ok(())
+    }
+
+    fn state(&mut self, snap: Snapshot) -> Result<(), VmError> {
+        let (Some(c), Some(m), Some(k)) =
+            (self.config.take(), self.mem.take(), self.prepared.take())
+        else {
+            return Err(ReceiveError::Protocol(ProtocolError::Truncated).into());
+        };
+        let paused = RunOptions {
+            paused: true,
+            ..self.opts.clone()
+        };
+        let t_restore = Instant::now();
+        let Snapshot {
+            vm: vm_state,
+            vcpus,
+            devices,
+            ..
+        } = snap;
+        self.vm = Some(Vm::restore_into(
+            k,
+            c,
+            m.0,
+            (vm_state, vcpus, devices),
+            false,
+            paused,
+        )?);
+        tracing::debug!("restored the VM in {:?}", t_restore.elapsed());
+        self.rx.restored = true;
+        crash_point("after-state");
+        Ok(())
+    }
+
+    fn commit(&mut self, _: Committed) -> Result<(), VmError> {
+        let v = self
+            .vm
+            .as_mut()
+            .ok_or(ReceiveError::Protocol(ProtocolError::Truncated))?;
+        let id = self.rx.id.clone().unwrap_or_default();
+        crash_point("on-commit");
+        if crate::fail::fail_point("refuse-commit") {
+            return Err(ReceiveError::InjectedRefusal.into());
+        }
+        v.take_disks()
+            .map_err(|e| ReceiveError::Disks(Box::new(e)))?;
+        // The moment of hand-over: from here this host owns the guest.
+        match self
+            .rx
+            .record
+            .decide(&id, Outcome::Committed, "destination VMM")
+            .map_err(ReceiveError::from)?
+        {
+            Outcome::Committed => {}
+            Outcome::Aborted => {
+                v.release_disks();
+                return Err(ReceiveError::AlreadyAborted(id).into());
+            }
+        }
+        v.resume()?;
+        crash_point("after-resume");
+        v.announce_macs();
+        (self.log)("the guest runs here now");
+        Ok(())
+    }
+
+    fn read_failed(&mut self, e: ProtocolError) -> VmError {
+        // A memory connection that failed closes this one: say why it did.
+        match self.lanes.as_ref().and_then(|l| l.failure()) {
+            Some(why) => ReceiveError::MemoryChannel(why).into(),
+            None => ReceiveError::from(e).into(),
+        }
+    }
+
+    fn before_final_ack(&mut self) {
+        if crate::fail::fail_point("drop-ack") {
+            let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -974,325 +1196,26 @@ fn receive_on(
     opts: RunOptions,
     log: &mut impl FnMut(&str),
 ) -> Result<(Vm, Option<PostcopyRx>), VmError> {
-    let mut state = ReceiverState::AwaitStart;
-    let mut memory_bytes = 0;
-    let mut config: Option<VmConfig> = None;
-    let mut mem: Option<GuestMemory> = None;
-    let mut prepared = None;
-    let mut vm: Option<Vm> = None;
-    let mut pages = 0u64;
-    let mut post: Option<PostcopyRx> = None;
-    // Post-copy prepared before the pause: stale pages dropped, memory registered.
-    let mut prepared_pc: Option<Arc<Incoming>> = None;
-    let mut landed = Landed::default();
-    // The data area of a `Packed` message, decompressed.
-    let mut unpacked = Vec::new();
-    let mut first = Some(first);
-    // Pre-copy's memory connections, while they run.
-    let mut lanes: Option<super::channels::Landing> = None;
-    loop {
-        let frame = match first.take() {
-            Some(f) => f,
-            None => match protocol::read_frame(t).and_then(|f| f.ok_or(ProtocolError::Truncated)) {
-                Ok(f) => f,
-                // A memory connection that failed closes this one: say why it did.
-                Err(e) => match lanes.as_ref().and_then(|l| l.failure()) {
-                    Some(why) => return Err(ReceiveError::MemoryChannel(why).into()),
-                    None => return Err(ReceiveError::from(e).into()),
-                },
-            },
-        };
-        state = state.next(frame.command).map_err(ReceiveError::from)?;
-        match frame.command {
-            Command::Start => {
-                let info = protocol::check_start(&frame).map_err(ReceiveError::from)?;
-                let id = if info.migration_id.is_empty() {
-                    super::send::new_migration_id()
-                } else {
-                    info.migration_id.clone()
-                };
-                if let Some(want) = &ropts.expect_id {
-                    if *want != id {
-                        return Err(ReceiveError::WrongMove {
-                            expected: want.clone(),
-                            got: info.migration_id,
-                        }
-                        .into());
-                    }
-                }
-                if rx.record.get(&id).map_err(ReceiveError::from)? == Some(Outcome::Aborted) {
-                    return Err(ReceiveError::AlreadyAborted(id).into());
-                }
-                rx.id = Some(id.clone());
-                memory_bytes = info.memory_bytes;
-                if info.protocol_version >= protocol::POSTCOPY_VERSION {
-                    // The source may go post-copy: take its page connection whenever it comes.
-                    let l = listener
-                        .try_clone()
-                        .map_err(|source| ReceiveError::Listen {
-                            addr: "the migration listener".into(),
-                            source,
-                        })?;
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let (tx, rx_ch) = mpsc::channel();
-                    let (mem_tx, mem_rx) = mpsc::channel();
-                    let h = std::thread::Builder::new()
-                        .name("migrate-pages-accept".into())
-                        .spawn({
-                            let (tls, record, stop) =
-                                (ropts.tls.clone(), rx.record.clone(), stop.clone());
-                            move || accept_page_channel(l, tls, record, id, stop, tx, mem_tx)
-                        })
-                        .map_err(ReceiveError::Postcopy)?;
-                    rx.channel = Some((stop, h, rx_ch));
-                    rx.memory = Some(mem_rx);
-                }
-                let a = AckInfo {
-                    ok: true,
-                    message: String::new(),
-                    protocol_version: Some(protocol::PROTOCOL_VERSION),
-                };
-                protocol::write_frame(t, Command::Ack, &protocol::json(&a))
-                    .map_err(ReceiveError::from)?;
-            }
-            Command::Config => {
-                let c: VmConfig = protocol::parse(&frame).map_err(ReceiveError::from)?;
-                let c = overrides.apply(c)?;
-                if c.memory_mib << 20 != memory_bytes {
-                    return Err(ReceiveError::MemorySize {
-                        expected: c.memory_mib << 20,
-                        got: memory_bytes,
-                    }
-                    .into());
-                }
-                let m = memory::create_guest_memory(memory_bytes)?;
-                // The KVM VM is made now, while pages arrive, not during the pause.
-                prepared = Some(Vm::prepare(&m)?);
-                mem = Some(m);
-                log(&format!(
-                    "receiving a {} MiB, {}-vCPU VM",
-                    c.memory_mib, c.vcpus
-                ));
-                config = Some(c);
-                ack(t, true, String::new()).map_err(ReceiveError::from)?;
-            }
-            Command::Pages | Command::Packed => {
-                let m = mem
-                    .as_ref()
-                    .ok_or(ProtocolError::Truncated)
-                    .map_err(ReceiveError::from)?;
-                pages += land_frame(&frame, m, &mut landed, &mut unpacked)?;
-            }
-            Command::Channels => {
-                let info: ChannelsInfo = protocol::parse(&frame).map_err(ReceiveError::from)?;
-                let (Some(m), Some(found)) = (mem.as_ref(), rx.memory.as_ref()) else {
-                    return Err(ReceiveError::Protocol(ProtocolError::Truncated).into());
-                };
-                if lanes.is_some() || !(2..=protocol::MAX_CHANNELS).contains(&info.count) {
-                    let e = ProtocolError::Malformed(
-                        Command::Channels,
-                        format!(
-                            "{} memory connections (again, or not 2..={})",
-                            info.count,
-                            protocol::MAX_CHANNELS
-                        ),
-                    );
-                    return Err(ReceiveError::Protocol(e).into());
-                }
-                let conns = super::channels::gather(found, info.count, CHANNEL_WAIT)?;
-                let main = t
-                    .socket()
-                    .map_err(ProtocolError::from)
-                    .map_err(ReceiveError::from)?;
-                lanes = Some(super::channels::Landing::start(conns, m, main)?);
-                log(&format!(
-                    "pre-copy's pages come on {} connections",
-                    info.count
-                ));
-                ack(t, true, String::new()).map_err(ReceiveError::from)?;
-            }
-            Command::PostcopyPrepare => {
-                let (m, words) = postcopy_bitmap(mem.as_ref(), &frame)?;
-                let t_prep = Instant::now();
-                let i = Incoming::new(m).map_err(ReceiveError::Postcopy)?;
-                let n = i.discard(&words).map_err(ReceiveError::Postcopy)?;
-                i.register().map_err(ReceiveError::Postcopy)?;
-                tracing::debug!(
-                    "post-copy prepared: {n} stale pages dropped, memory registered in {:?}",
-                    t_prep.elapsed()
-                );
-                prepared_pc = Some(Arc::new(i));
-                ack(t, true, String::new()).map_err(ReceiveError::from)?;
-            }
-            Command::PostcopyStart => {
-                let (m, words) = postcopy_bitmap(mem.as_ref(), &frame)?;
-                let channel = rx
-                    .channel
-                    .as_ref()
-                    .ok_or(ProtocolError::Truncated)
-                    .map_err(ReceiveError::from)?;
-                let (pc, hello) = channel
-                    .2
-                    .recv_timeout(CHANNEL_WAIT)
-                    .map_err(|_| ReceiveError::NoPageChannel(CHANNEL_WAIT))?;
-                let relinks = Arc::new(Relinks::new(
-                    hello.migration_id.clone(),
-                    Duration::from_millis(hello.recovery_ms.unwrap_or(0)),
-                ));
-                relinks.pages.track(&pc);
-                let t_prep = Instant::now();
-                let incoming = match prepared_pc.take() {
-                    Some(i) => i,
-                    None => {
-                        let i = Incoming::new(m).map_err(ReceiveError::Postcopy)?;
-                        i.register().map_err(ReceiveError::Postcopy)?;
-                        Arc::new(i)
-                    }
-                };
-                let late = incoming.discard(&words).map_err(ReceiveError::Postcopy)?;
-                tracing::debug!(
-                    "post-copy: {late} more stale pages dropped in {:?}",
-                    t_prep.elapsed()
-                );
-                log(&format!(
-                    "post-copy: {} pages follow after the guest starts here",
-                    incoming.left.count()
-                ));
-                let faults = std::thread::Builder::new()
-                    .name("postcopy-faults".into())
-                    .spawn({
-                        let (i, m, r) = (incoming.clone(), m.clone(), relinks.clone());
-                        move || {
-                            let stop = || i.stop.load(Ordering::SeqCst);
-                            let relink = |e: &ProtocolError| r.pages.wait(r.limit, e, stop);
-                            let r = i.serve_faults(pc, &m, relink);
-                            if let Err(e) = &r {
-                                tracing::error!("post-copy: fetching pages failed: {e}");
-                            }
-                            r
-                        }
-                    })
-                    .map_err(ReceiveError::Postcopy)?;
-                post = Some(PostcopyRx {
-                    incoming,
-                    faults: Some(faults),
-                    relinks,
-                });
-            }
-            Command::RoundEnd => {
-                let r: RoundInfo = protocol::parse(&frame).map_err(ReceiveError::from)?;
-                if r.ack {
-                    if r.channels_done {
-                        // Pre-copy ends: everything on the memory connections lands first.
-                        if let Some(l) = lanes.take() {
-                            let (their, n) = l.finish()?;
-                            landed.merge(&their);
-                            pages += n;
-                        }
-                    } else if let (Some(l), Some(want)) = (lanes.as_ref(), r.channel_pages) {
-                        // Before the pause: let them catch up too.
-                        l.wait_for(want, CHANNEL_CATCH_UP);
-                    }
-                    ack(t, true, String::new()).map_err(ReceiveError::from)?;
-                } else {
-                    let more = lanes.as_ref().map_or(0, |l| l.pages());
-                    log(&format!(
-                        "round {}: {} pages received so far, {} dirty",
-                        r.round,
-                        pages + more,
-                        r.pages
-                    ));
-                }
-            }
-            Command::State => {
-                let (snap, _): (Snapshot, u32) = Envelope::MigrationState
-                    .decode(&frame.payload)
-                    .map_err(ReceiveError::State)?;
-                let (Some(c), Some(m), Some(k)) = (config.take(), mem.take(), prepared.take())
-                else {
-                    return Err(ReceiveError::Protocol(ProtocolError::Truncated).into());
-                };
-                let paused = RunOptions {
-                    paused: true,
-                    ..opts.clone()
-                };
-                let t_restore = Instant::now();
-                let Snapshot {
-                    vm: vm_state,
-                    vcpus,
-                    devices,
-                    ..
-                } = snap;
-                vm = Some(Vm::restore_into(
-                    k,
-                    c,
-                    m,
-                    (vm_state, vcpus, devices),
-                    false,
-                    paused,
-                )?);
-                tracing::debug!("restored the VM in {:?}", t_restore.elapsed());
-                rx.restored = true;
-                crash_point("after-state");
-                ack(t, true, String::new()).map_err(ReceiveError::from)?;
-            }
-            Command::Commit => {
-                let mut v = vm
-                    .take()
-                    .ok_or(ProtocolError::Truncated)
-                    .map_err(ReceiveError::from)?;
-                let id = rx.id.clone().unwrap_or_default();
-                crash_point("on-commit");
-                if crate::fail::fail_point("refuse-commit") {
-                    return Err(ReceiveError::InjectedRefusal.into());
-                }
-                v.take_disks()
-                    .map_err(|e| ReceiveError::Disks(Box::new(e)))?;
-                // The moment of hand-over: from here this host owns the guest.
-                match rx
-                    .record
-                    .decide(&id, Outcome::Committed, "destination VMM")
-                    .map_err(ReceiveError::from)?
-                {
-                    Outcome::Committed => {}
-                    Outcome::Aborted => {
-                        v.release_disks();
-                        return Err(ReceiveError::AlreadyAborted(id).into());
-                    }
-                }
-                v.resume()?;
-                crash_point("after-resume");
-                v.announce_macs();
-                if crate::fail::fail_point("drop-ack") {
-                    t.shutdown();
-                }
-                // The guest runs here now, whatever happens to this last message: a source
-                // that misses it asks again (Query) and learns "committed".
-                if let Err(e) = ack(t, true, String::new()) {
-                    tracing::warn!("move {id}: the final acknowledgement did not go out ({e}); the guest runs here, the source will ask");
-                }
-                log("the guest runs here now");
-                return Ok((v, post));
-            }
-            Command::Cancel => {
-                return Err(ReceiveError::Protocol(ProtocolError::Cancelled(String::new())).into())
-            }
-            Command::Ack
-            | Command::Query
-            | Command::PostcopyChannel
-            | Command::PageRequest
-            | Command::PostcopyResume
-            | Command::PostcopyMissing
-            | Command::Probe
-            | Command::MemoryChannel
-            | Command::ChannelDone
-            | Command::PostcopyDone => {
-                let e = ProtocolError::OutOfOrder {
-                    got: frame.command,
-                    state: "receiving",
-                };
-                return Err(ReceiveError::Protocol(e).into());
-            }
-        }
-    }
+    let socket = t.socket().map_err(ProtocolError::from)?;
+    let mut d = Arriving {
+        socket,
+        listener,
+        ropts,
+        rx,
+        overrides,
+        opts,
+        log,
+        config: None,
+        mem: None,
+        prepared: None,
+        vm: None,
+        post: None,
+        prepared_pc: None,
+        lanes: None,
+    };
+    receiver::receive(t, Some(first), &mut d)?;
+    let vm =
+        d.vm.take()
+            .ok_or(ReceiveError::Protocol(ProtocolError::Truncated))?;
+    Ok((vm, d.post.take()))
 }
