@@ -399,6 +399,47 @@ mod tests {
     }
 
     #[test]
+    fn edge_case_pages_round_trip() {
+        // Random bytes (xorshift), all zero, all equal, and one byte changed at either end.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut first = random.clone();
+        first[0] ^= 1;
+        // Against what the destination then holds (`first`).
+        let mut last = first.clone();
+        last[PAGE_SIZE - 1] ^= 0x80;
+        let fulls = [random.clone(), vec![0; PAGE_SIZE], vec![0xff; PAGE_SIZE]];
+        for lz4 in [false, true] {
+            let mut p = Packer::default();
+            let mut want = Vec::new();
+            for (i, f) in fulls.iter().enumerate() {
+                let gpa = (i as u64 + 1) << 12;
+                p.slot().copy_from_slice(f);
+                p.keep_full(gpa);
+                want.push((gpa, f.clone()));
+            }
+            let mut s = Vec::new();
+            for (base, changed) in [(&random, &first), (&first, &last)] {
+                p.slot().copy_from_slice(changed);
+                assert!(p.keep_delta(0x1000, base, &mut s), "one byte: a delta");
+                want.push((0x1000, changed.clone()));
+            }
+            assert_eq!(decode(&payload(&mut p, lz4)).unwrap(), want, "lz4 {lz4}");
+        }
+        // A one-byte change costs one word on the wire, not a page.
+        let mut d = Vec::new();
+        assert!(encode_delta(&first, &last, &mut d, MAX_DELTA));
+        assert!(d.len() <= 2 + 3 + 8, "{} bytes", d.len());
+    }
+
+    #[test]
     fn lz4_shrinks_pages_that_repeat() {
         let mut p = Packer::default();
         for i in 0..64u64 {
