@@ -431,6 +431,7 @@ impl Outgoing<'_> {
         let mut prev_dirty: Option<u64> = None;
         let mut throttle = 0u32;
         let mut postcopy: Option<String> = None;
+        let mut best_spp = f64::INFINITY;
         loop {
             if let Some(l) = self.lanes.as_mut() {
                 // The round ends when its pages are written, not when they are dealt out.
@@ -457,7 +458,11 @@ impl Outgoing<'_> {
             }
             .filter(|_| round > 0)
             .unwrap_or(PAGE_WIRE / bw.max(1.0));
-            let expected_ms = n as f64 * spp * 1000.0;
+            // The pause goes with the guest stopped, so at the best pace a round has shown: a
+            // round the guest's vCPUs starved of CPU (two busy vCPUs on a busy host) reads as a
+            // slow link, and would make a rest that takes 65 ms look like 2.7 s.
+            best_spp = best_spp.min(spp);
+            let expected_ms = n as f64 * best_spp * 1000.0;
             self.ctx.update(|p| {
                 p.round = round;
                 p.dirty_pages = n;
