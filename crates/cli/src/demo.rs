@@ -219,6 +219,20 @@ fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
             r.downtime_ms.unwrap_or_default(),
             gap.as_secs_f64() * 1000.0
         );
+        if let Some(m) = r
+            .migration
+            .as_ref()
+            .filter(|m| m.mode == ferry_api::MigrationMode::Postcopy)
+        {
+            // The guest ran on the destination before all its pages were there: what it saw
+            // includes waiting for pages it touched first.
+            println!(
+                "      post-copy: {}",
+                m.mode_reason
+                    .as_deref()
+                    .unwrap_or("the rest did not fit the pause")
+            );
+        }
         println!(
             "      TCP stream: {} counters, none lost or reordered",
             stream.next
