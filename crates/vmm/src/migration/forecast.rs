@@ -107,8 +107,8 @@ pub fn decide(s: &MigrateSettings, can_postcopy: bool, f: &RoundFacts) -> Next {
     let auto = s.mode == MigrationMode::Auto && can_postcopy;
     let mbit = f.bw * 8.0 / 1e6;
     // Post-copy only where pre-copy cannot make the budget: its price is not in this time
-    // model (the guest stalls on every page it touches before the page arrives; on a busy
-    // host that added up to 220-370 ms for a demo guest whose rest fit a 65 ms pause).
+    // model (the guest stalls on every page it touches before the page arrives), and pre-copy
+    // keeps a runnable copy on the source until the end.
     let slow = f.ratio >= POSTCOPY_RATIO && expected_ms > s.downtime_ms as f64;
     if auto && (stalled || slow) && f.throttle == 0 {
         // Pre-copy would take several times as long as post-copy, or have to slow the guest
