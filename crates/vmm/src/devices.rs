@@ -16,7 +16,7 @@ use ferry_devices::legacy::{I8042State, PmState, PowerManagement, I8042, PM_BASE
 use ferry_devices::serial::{IrqTrigger, SerialDevice, SerialDeviceState, SERIAL_PORT_LEN};
 use ferry_devices::virtio::block::{Block, BlockState, DiskBackend};
 use ferry_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
-use ferry_devices::virtio::net::{Net, NetState};
+use ferry_devices::virtio::net::{Net, NetState, Tap};
 use ferry_devices::virtio::persist::{MmioArgs, MmioState};
 use ferry_devices::virtio::worker::{self, Worker};
 use ferry_devices::virtio::{GuestMemoryMmap, Interrupt, VirtioDevice};
@@ -330,6 +330,17 @@ where
     })
 }
 
+/// A card's tap: its header carries the driver's offloads, which the card sets with `TUNSETOFFLOAD`.
+fn vnet_tap(file: File, index: usize) -> Result<Tap, DevicesError> {
+    let ctl = file
+        .try_clone()
+        .map_err(|source| DevicesError::Virtio { index, source })?;
+    Ok(Tap {
+        file,
+        offload: Some(Box::new(move |flags| host_io::set_tap_offload(&ctl, flags))),
+    })
+}
+
 fn open_net(config: &VmConfig, i: usize) -> Result<(File, [u8; 6]), DevicesError> {
     let net = &config.nets[i];
     let tap = match &net.backend {
@@ -415,15 +426,16 @@ fn build_virtio(
         } else {
             let (tap, mac) = open_net(cfg, index - cfg.disks.len())?;
             let build = |interrupt, kick| match state {
-                None => MmioTransport::new(Net::new(tap, mac), mem, interrupt, kick).map_err(|e| {
-                    DevicesError::Virtio {
-                        index,
-                        source: std::io::Error::other(format!("{e:?}")),
-                    }
-                }),
+                None => {
+                    MmioTransport::new(Net::new(vnet_tap(tap, index)?, mac), mem, interrupt, kick)
+                        .map_err(|e| DevicesError::Virtio {
+                            index,
+                            source: std::io::Error::other(format!("{e:?}")),
+                        })
+                }
                 Some(VirtioSlotState::Net(s)) => MmioTransport::restore(
                     MmioArgs {
-                        device: tap,
+                        device: vnet_tap(tap, index)?,
                         mem,
                         interrupt,
                         kick,

@@ -172,8 +172,11 @@ pub fn inherited_listener(fd: i32) -> io::Result<std::net::TcpListener> {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 
 #[repr(C)]
@@ -224,7 +227,9 @@ fn set_up(name: &str) -> io::Result<()> {
     ioctl(&sock, libc::SIOCSIFFLAGS, &mut r)
 }
 
-/// Open (or create) tap `name`, non-blocking, without packet info, and bring it up.
+/// Open (or create) tap `name`, non-blocking, without packet info, with a 12-byte virtio-net
+/// header on every frame (so a guest's checksum and segmentation offloads pass through), and
+/// bring it up.
 pub fn open_tap(name: &str) -> Result<File, HostIoError> {
     let err = |source| HostIoError::Tap {
         name: name.into(),
@@ -236,8 +241,15 @@ pub fn open_tap(name: &str) -> Result<File, HostIoError> {
         .open("/dev/net/tun")
         .map_err(err)?;
     let mut r = ifreq(name);
-    r.data[..2].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+    r.data[..2].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
     ioctl(&file, TUNSETIFF, &mut r).map_err(err)?;
+    let hdr: libc::c_int = ferry_devices::virtio::net::HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points at `hdr`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // Nothing offloaded until a driver takes it (`set_tap_offload`).
+    set_tap_offload(&file, 0).map_err(err)?;
     // SAFETY: fcntl on a descriptor we own, with plain integer arguments.
     let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
@@ -247,6 +259,17 @@ pub fn open_tap(name: &str) -> Result<File, HostIoError> {
     }
     set_up(name).map_err(err)?;
     Ok(file)
+}
+
+/// Tell tap `tap` what the guest takes unfinished (`TUN_F_*`: partial checksums, TCP segments).
+pub fn set_tap_offload(tap: &File, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Attach interface `tap` to bridge `bridge`.

@@ -96,6 +96,13 @@ impl QueueHarness {
         self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
     }
 
+    /// The device's `avail_event` (EVENT_IDX: notify me when the driver passes this index).
+    pub fn avail_event(&self) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(USED + 4 + u64::from(self.size) * 8))
+            .unwrap()
+    }
+
     pub fn used_len(&self, i: u16) -> u32 {
         self.mem
             .read_obj(GuestAddress(USED + 4 + u64::from(i % self.size) * 8 + 4))

@@ -1,12 +1,11 @@
-//! Saved virtio-net state. The tap is host plumbing, reopened on restore; a frame that was
-//! waiting for a receive buffer is dropped (TCP resends it).
-
-use std::fs::File;
+//! Saved virtio-net state. The tap is host plumbing, reopened on restore (and told again which
+//! offloads the driver takes); a frame that was waiting for a receive buffer is dropped (TCP
+//! resends it).
 
 use ferry_migration::Persist;
 use serde::{Deserialize, Serialize};
 
-use super::Net;
+use super::{Net, Tap};
 
 /// What a network card must carry besides its transport and queues.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,7 +17,7 @@ pub struct NetState {
 impl Persist for Net {
     type State = NetState;
     /// The reopened tap.
-    type ConstructorArgs = File;
+    type ConstructorArgs = Tap;
     type Error = std::convert::Infallible;
 
     fn save(&self) -> Result<NetState, Self::Error> {
@@ -28,9 +27,10 @@ impl Persist for Net {
         })
     }
 
-    fn restore(tap: File, s: &NetState) -> Result<Net, Self::Error> {
+    fn restore(tap: Tap, s: &NetState) -> Result<Net, Self::Error> {
         let mut n = Net::new(tap, s.mac);
         n.acked_features = s.acked_features;
+        n.apply_offloads();
         Ok(n)
     }
 }
