@@ -295,6 +295,9 @@ fn a_running_guest_moves_with_memory_disk_and_tcp_intact() {
         &[],
     );
     let dst_hb = Heartbeat::connect_when_ready(&dst.com2);
+    // The destination tells the segment where the guest's MAC is now (a RARP broadcast
+    // through its tap, virtio-net header and all): the client's namespace sees it.
+    let rarp = common::netns::capture_rarp(&lab.client, Duration::from_secs(8));
     let out = migrate(&g.vmm, &format!("{}:{PORT}", Lab::HOST_B_IP), &[]);
     assert!(out.status.success(), "migrate: {}", text(&out));
     let vmm_pause = pause_ms(&out);
@@ -322,6 +325,12 @@ fn a_running_guest_moves_with_memory_disk_and_tcp_intact() {
         "durable disk writes went backwards: {d2} < {durable}"
     );
     assert!(w2 > writes);
+    // Broadcast, from the guest's MAC (ferry's 52:54:00:..), naming that MAC as its sender.
+    let frames = rarp.join().unwrap();
+    let announced = frames.iter().any(|f| {
+        f.len() >= 42 && f[..6] == [0xff; 6] && f[6..9] == [0x52, 0x54, 0] && f[22..28] == f[6..12]
+    });
+    assert!(announced, "no RARP announcement seen: {frames:02x?}");
     con.send(b'p');
     assert!(dst.wait(T).success());
 }

@@ -75,3 +75,52 @@ impl Lab {
             .unwrap()
     }
 }
+
+/// Capture the RARP frames (ethertype 0x8035) seen in namespace `ns`, up to the first one or for
+/// at most `for_` (a thread that enters the namespace and reads a packet socket on all its
+/// interfaces).
+pub fn capture_rarp(ns: &str, for_: Duration) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a namespace file we hold open; it moves only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let proto = (0x8035u16).to_be() as libc::c_int;
+        // SAFETY: plain socket(2); the result is checked before use and closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval, given by pointer with its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let mut frames = Vec::new();
+        let end = std::time::Instant::now() + for_;
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < end {
+            // SAFETY: recv into `buf`, at most its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                frames.push(buf[..n as usize].to_vec());
+                break;
+            }
+        }
+        // SAFETY: `fd` is ours and closed once.
+        unsafe { libc::close(fd) };
+        frames
+    })
+}
