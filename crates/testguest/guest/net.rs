@@ -12,7 +12,13 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MAC: u64 = 1 << 5;
+/// virtio_net_hdr flags: the checksum from csum_start on is to be finished (sent), or was
+/// left so (received); the host already checked it.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const HDR_F_DATA_VALID: u8 = 2;
 
 /// virtio_net_hdr_v1 (VERSION_1 always has num_buffers).
 const HDR: usize = 12;
@@ -57,6 +63,69 @@ impl Tx {
 pub struct Dev {
     rx: Rx,
     tx: Tx,
+    /// Checksum offload negotiated (CSUM and GUEST_CSUM): TCP checksums are the host's to
+    /// finish on transmit, and on receive to check (or already checked: DATA_VALID).
+    csum: bool,
+}
+
+/// One's-complement sum of `data` (big-endian 16-bit words) added to `sum`, unfolded.
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    let mut c = data.chunks_exact(2);
+    for w in &mut c {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [b] = c.remainder() {
+        sum += u32::from(*b) << 8;
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The IPv4 TCP segment of an Ethernet frame: (offset of the TCP header, the IPv4 header's
+/// pseudo-header sum for it, unfolded); `None` for anything else.
+fn tcp4(frame: &[u8]) -> Option<(usize, u32)> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 || frame[23] != 6 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let tcp = 14 + ihl;
+    if ihl < 20 || total < ihl + 20 || frame.len() < 14 + total {
+        return None;
+    }
+    let len = (total - ihl) as u32;
+    Some((tcp, csum_add(6 + len, &frame[26..34])))
+}
+
+/// Transmit with checksum offload: put the pseudo-header sum in the TCP checksum field and ask
+/// the host to finish it from the TCP header on (as Linux's CHECKSUM_PARTIAL does).
+fn offload_tx_csum(hdr: &mut [u8], frame: &mut [u8]) {
+    let Some((tcp, pseudo)) = tcp4(frame) else {
+        return;
+    };
+    frame[tcp + 16..tcp + 18].copy_from_slice(&csum_fold(pseudo).to_be_bytes());
+    hdr[0] = HDR_F_NEEDS_CSUM;
+    hdr[6..8].copy_from_slice(&(tcp as u16).to_le_bytes());
+    hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+}
+
+/// Receive with checksum offload: a TCP segment the host neither checked nor left to finish is
+/// checked here (smoltcp checks none then).
+fn rx_csum_ok(hdr: &[u8], frame: &[u8]) -> bool {
+    if hdr[0] & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
+        return true;
+    }
+    let Some((tcp, pseudo)) = tcp4(frame) else {
+        return true;
+    };
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    csum_fold(csum_add(pseudo, &frame[tcp..14 + total])) == 0xffff
 }
 
 pub struct RxToken<'a> {
@@ -68,6 +137,7 @@ pub struct RxToken<'a> {
 
 pub struct TxToken<'a> {
     tx: *mut Tx,
+    csum: bool,
     _p: PhantomData<&'a mut Dev>,
 }
 
@@ -107,6 +177,10 @@ impl phy::TxToken for TxToken<'_> {
         let b = unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, HDR + len) };
         b[..HDR].fill(0);
         let r = f(&mut b[HDR..]);
+        if self.csum {
+            let (hdr, frame) = b.split_at_mut(HDR);
+            offload_tx_csum(hdr, frame);
+        }
         tx.q.set_desc(id, addr, (HDR + len) as u32, 0, 0);
         tx.q.push(id);
         tx.frames += 1;
@@ -131,10 +205,16 @@ impl phy::Device for Dev {
         let (id, len) = loop {
             let (id, len) = self.rx.q.pop_used()?;
             if (id as u64) < self.rx.q.size as u64 && len as usize > HDR {
-                break (id, (len as usize - HDR).min(BUF as usize - HDR));
+                let len = (len as usize - HDR).min(BUF as usize - HDR);
+                let at = self.rx.base + id as u64 * BUF;
+                // SAFETY: the buffer is in the used ring: the device is done with it.
+                let b = unsafe { core::slice::from_raw_parts(at as *const u8, HDR + len) };
+                if !self.csum || rx_csum_ok(&b[..HDR], &b[HDR..]) {
+                    break (id, len);
+                }
             }
             if (id as u64) < self.rx.q.size as u64 {
-                self.rx.q.push(id); // runt: recycle
+                self.rx.q.push(id); // runt or bad checksum: recycle
             }
         };
         self.rx.budget -= 1;
@@ -147,6 +227,7 @@ impl phy::Device for Dev {
             },
             TxToken {
                 tx: &mut self.tx,
+                csum: self.csum,
                 _p: PhantomData,
             },
         ))
@@ -159,6 +240,7 @@ impl phy::Device for Dev {
         }
         Some(TxToken {
             tx: &mut self.tx,
+            csum: self.csum,
             _p: PhantomData,
         })
     }
@@ -167,6 +249,9 @@ impl phy::Device for Dev {
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ethernet;
         c.max_transmission_unit = 1514;
+        if self.csum {
+            c.checksum.tcp = phy::Checksum::None;
+        }
         c
     }
 }
@@ -234,7 +319,7 @@ impl Net {
         ip: IpConf,
         now_ms: u64,
     ) -> Result<&'static mut Net, &'static str> {
-        let (_, acc) = mmio.negotiate(F_VERSION_1 | F_MAC)?;
+        let (_, acc) = mmio.negotiate(F_VERSION_1 | F_MAC | F_CSUM | F_GUEST_CSUM)?;
         let (Some(rxq), Some(txq)) = (
             Virtq::new(mmio, 0, QSIZE, arena),
             Virtq::new(mmio, 1, QSIZE, arena),
@@ -281,7 +366,12 @@ impl Net {
         }
         mmio.driver_ok();
         rx.q.kick();
-        let mut dev = Dev { rx, tx };
+        let both = F_CSUM | F_GUEST_CSUM;
+        let mut dev = Dev {
+            rx,
+            tx,
+            csum: acc & both == both,
+        };
 
         let mut cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         cfg.random_seed = rdtsc();
@@ -346,7 +436,7 @@ impl Net {
         };
         let _ = writeln!(
             Uart(COM1),
-            "NET up mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={}.{}.{}.{}/{}",
+            "NET up mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={}.{}.{}.{}/{} csum={}",
             mac[0],
             mac[1],
             mac[2],
@@ -357,7 +447,8 @@ impl Net {
             b,
             c,
             d,
-            ip.prefix
+            ip.prefix,
+            if net.dev.csum { "offload" } else { "guest" }
         );
         Ok(net)
     }

@@ -79,7 +79,7 @@
 //! VIRTIO dev=N base=0xB irq=I type=block|net   (first of each type; printed even if unused)
 //! VIRTIO dev=N error=WHY                  (init failed; device set FAILED)
 //! VIRTIO needs-reset dev=N                (DeviceStatus has DEVICE_NEEDS_RESET; once)
-//! NET up mac=xx:xx:xx:xx:xx:xx ip=A.B.C.D/P   (before READY)
+//! NET up mac=xx:xx:xx:xx:xx:xx ip=A.B.C.D/P csum=offload|guest   (before READY)
 //! NET no ip=                              (net device present, no ip=)
 //! NET none                                (ip= given, no usable net device)
 //! DISK none                               (disk= on, no usable block device)
@@ -123,6 +123,12 @@
 //! line, so they only ever precede a line's first character); strip
 //! leading `.`s of each line before parsing (lines can contain dots, e.g.
 //! IP addresses in `NET up` and in the banner's `cmdline`).
+//!
+//! In `NET up`, `csum=offload`: the card offered
+//! checksum offload both ways (`CSUM` and `GUEST_CSUM`) and the driver took it: TCP checksums
+//! go out for the host to finish (`NEEDS_CSUM`, the pseudo-header sum in the field), and a
+//! received segment the host neither checked (`DATA_VALID`) nor left partial is checked by the
+//! driver; `csum=guest`: smoltcp computes and checks them all.
 //!
 //! # Heartbeat
 //!
