@@ -171,7 +171,7 @@ fn measure(mut cmd: Command) -> Result<Sample> {
     result
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+pub(crate) fn which(bin: &str) -> Option<PathBuf> {
     if bin.is_empty() {
         return None;
     }
