@@ -1,4 +1,6 @@
-//! virtio-blk polling driver and the disk writer/verifier (`disk=`).
+//! virtio-blk polling driver and the disk writer/verifier (`disk=`), and a benchmark mode
+//! (`disk=bench io=... bs=...`) that keeps `qd` requests of one kind in flight and only counts
+//! them (no records, no checks), so a benchmark measures the device, not the guest.
 //!
 //! The disk is an array of 4 KiB records; record `k` lives at sector `8k`:
 //!
@@ -43,7 +45,23 @@ const K: u64 = 0x9E37_79B9_7F4A_7C15;
 pub enum Mode {
     Write,
     Verify,
+    /// Requests of one kind, counted (`disk=bench`).
+    Bench(BenchKind),
 }
+
+/// What `disk=bench` does (`io=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BenchKind {
+    RandRead,
+    RandWrite,
+    Read,
+    Write,
+    /// A write of `bs`, then a flush, one after the other (`qd` ignored): a flush's cost.
+    WriteFlush,
+}
+
+/// Largest `bs=` of the benchmark mode.
+pub const MAX_BS: u64 = 1 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -52,6 +70,9 @@ enum Op {
     Read(u64),
     Flush(u64),
     GetId,
+    /// Benchmark requests: byte offset.
+    BenchRead(u64),
+    BenchWrite(u64),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -178,6 +199,12 @@ pub struct Blk {
     first_bad: Option<(u64, Bad)>,
     verify_pending: bool,
     serial: [u8; 20],
+    /// Each slot's data buffer (4 KiB, or `bs` in the benchmark mode).
+    slot_bytes: u64,
+    /// Benchmark mode: request size, the next sequential offset, the random state.
+    bs: u64,
+    cursor: u64,
+    rng: u64,
 }
 
 impl Blk {
@@ -189,6 +216,7 @@ impl Blk {
         mode: Mode,
         qd: usize,
         flush_every: u64,
+        bs: u64,
     ) -> Result<Blk, &'static str> {
         let (_, acc) = dev.negotiate(F_VERSION_1 | F_FLUSH | F_EVENT_IDX)?;
         let want = (3 * (qd as u16 + 1)).next_power_of_two();
@@ -205,9 +233,15 @@ impl Blk {
         }
         // Three descriptors per request, plus one request for flush/get-id.
         let qd = qd.min(q.size as usize / 3 - 1);
+        let bs = bs.clamp(REC, MAX_BS) / REC * REC;
+        let slot_bytes = if matches!(mode, Mode::Bench(_)) {
+            bs
+        } else {
+            REC
+        };
         let (Some(hdr), Some(data)) = (
             arena.alloc(32 * SLOTS as u64, 4096),
-            arena.alloc(REC * SLOTS as u64, 4096),
+            arena.alloc(slot_bytes * SLOTS as u64, 4096),
         ) else {
             dev.fail();
             return Err("no-memory");
@@ -244,6 +278,10 @@ impl Blk {
             first_bad: None,
             verify_pending: false,
             serial: [0; 20],
+            slot_bytes,
+            bs,
+            cursor: 0,
+            rng: 0x2545_F491_4F6C_DD1D ^ crate::io::rdtsc(),
         };
         b.submit(b.qd, Op::GetId);
         b.q.kick();
@@ -253,7 +291,7 @@ impl Blk {
     fn buf(&mut self, slot: usize) -> &mut [u8; REC as usize] {
         // SAFETY: slot < SLOTS; each slot's buffer is a distinct arena page
         // that the device only touches while the slot's request is in flight.
-        unsafe { &mut *((self.data + slot as u64 * REC) as *mut [u8; REC as usize]) }
+        unsafe { &mut *((self.data + slot as u64 * self.slot_bytes) as *mut [u8; REC as usize]) }
     }
 
     fn status_ptr(&self, slot: usize) -> *mut u8 {
@@ -269,6 +307,8 @@ impl Blk {
             Op::Read(r) => (T_IN, r * SECTORS_PER_REC, REC as u32, true),
             Op::Flush(_) => (T_FLUSH, 0, 0, false),
             Op::GetId => (T_GET_ID, 0, 20, true),
+            Op::BenchRead(o) => (T_IN, o / 512, self.bs as u32, true),
+            Op::BenchWrite(o) => (T_OUT, o / 512, self.bs as u32, false),
             Op::Free => return,
         };
         let h = self.hdr + slot as u64 * 32;
@@ -285,8 +325,13 @@ impl Blk {
         } else {
             self.q.set_desc(d, h, 16, DESC_F_NEXT, d + 1);
             let flags = DESC_F_NEXT | if wr { DESC_F_WRITE } else { 0 };
-            self.q
-                .set_desc(d + 1, self.data + slot as u64 * REC, len, flags, d + 2);
+            self.q.set_desc(
+                d + 1,
+                self.data + slot as u64 * self.slot_bytes,
+                len,
+                flags,
+                d + 2,
+            );
         }
         self.q.set_desc(d + 2, h + 16, 1, DESC_F_WRITE, 0);
         self.ops[slot] = op;
@@ -319,11 +364,33 @@ impl Blk {
                     self.serial = s;
                 }
                 self.start_scan();
+                if matches!(self.mode, Mode::Bench(_)) {
+                    // Nothing to find: report the disk and go.
+                    self.first_invalid = 0;
+                    self.rd_end = 0;
+                }
+            }
+            Op::BenchRead(_) | Op::BenchWrite(_) => {
+                if st == ST_OK {
+                    if let Mode::Bench(BenchKind::WriteFlush) = self.mode {
+                        // The write is done: its flush next (counted when it is).
+                        self.flush_inflight = true;
+                        self.submit(self.qd, Op::Flush(self.acked + 1));
+                    } else {
+                        self.acked += 1;
+                        self.durable = self.acked;
+                    }
+                } else {
+                    self.error(self.acked, st, now_ms);
+                }
             }
             Op::Flush(target) => {
                 self.flush_inflight = false;
                 if st == ST_OK {
                     self.durable = self.durable.max(target);
+                    if matches!(self.mode, Mode::Bench(_)) {
+                        self.acked = target;
+                    }
                 } else {
                     self.error(target, st, now_ms);
                     self.flush_requested_at = self.durable;
@@ -475,6 +542,38 @@ impl Blk {
         }
     }
 
+    /// Benchmark mode: keep `qd` requests of the kind in flight (one write-then-flush).
+    fn issue_bench(&mut self, kind: BenchKind) {
+        let span = (self.capacity * REC / self.bs).max(1);
+        if kind == BenchKind::WriteFlush {
+            if self.ops[0] == Op::Free && !self.flush_inflight {
+                let o = (self.cursor % span) * self.bs;
+                self.cursor += 1;
+                self.submit(0, Op::BenchWrite(o));
+            }
+            return;
+        }
+        while let Some(s) = self.free_slot() {
+            let i = match kind {
+                BenchKind::RandRead | BenchKind::RandWrite => {
+                    self.rng ^= self.rng << 13;
+                    self.rng ^= self.rng >> 7;
+                    self.rng ^= self.rng << 17;
+                    self.rng % span
+                }
+                _ => {
+                    self.cursor += 1;
+                    (self.cursor - 1) % span
+                }
+            };
+            let op = match kind {
+                BenchKind::RandRead | BenchKind::Read => Op::BenchRead(i * self.bs),
+                _ => Op::BenchWrite(i * self.bs),
+            };
+            self.submit(s, op);
+        }
+    }
+
     /// Handles completions and issues new requests; bounded work.
     pub fn poll(&mut self, now_ms: u64) {
         let mut n = 0;
@@ -513,6 +612,8 @@ impl Blk {
                     self.issue_reads();
                 } else if self.mode == Mode::Write {
                     self.issue_writes(now_ms);
+                } else if let Mode::Bench(kind) = self.mode {
+                    self.issue_bench(kind);
                 }
             }
         }

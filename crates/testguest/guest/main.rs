@@ -283,6 +283,8 @@ struct Config {
     rate: u64,
     touch: u64,
     disk: Option<blk::Mode>,
+    bench: blk::BenchKind,
+    bs: u64,
     flush: u64,
     qd: usize,
     ip: Option<([u8; 4], u8)>,
@@ -345,6 +347,8 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
         rate: 0,
         touch: 512,
         disk: None,
+        bench: blk::BenchKind::RandRead,
+        bs: blk::REC,
         flush: 1,
         qd: 4,
         ip: None,
@@ -402,6 +406,28 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
                     c.disk = Some(blk::Mode::Verify);
                     true
                 }
+                b"bench" => {
+                    c.disk = Some(blk::Mode::Bench(c.bench));
+                    true
+                }
+                _ => false,
+            },
+            b"io" => {
+                let k = match v {
+                    b"randread" => Some(blk::BenchKind::RandRead),
+                    b"randwrite" => Some(blk::BenchKind::RandWrite),
+                    b"read" => Some(blk::BenchKind::Read),
+                    b"write" => Some(blk::BenchKind::Write),
+                    b"flush" => Some(blk::BenchKind::WriteFlush),
+                    _ => None,
+                };
+                k.map(|k| c.bench = k).is_some()
+            }
+            b"bs" => match parse_num(v) {
+                Some(n) if (blk::REC..=blk::MAX_BS).contains(&n) && n.is_multiple_of(blk::REC) => {
+                    c.bs = n;
+                    true
+                }
                 _ => false,
             },
             b"flush" => parse_num(v).map(|n| c.flush = n).is_some(),
@@ -432,6 +458,10 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
             let _ = out.write_str(" bad=");
             put_sanitized(out, k);
         }
+    }
+    // `io=` may come after `disk=bench`.
+    if let Some(blk::Mode::Bench(_)) = c.disk {
+        c.disk = Some(blk::Mode::Bench(c.bench));
     }
     c
 }
@@ -921,7 +951,7 @@ fn setup_virtio(
         let now_ms = (rdtsc() - tsc0) / tsc_khz;
         let r = if id == virtio::DEV_BLOCK {
             let Some(mode) = cfg.disk else { continue };
-            blk::Blk::new(m, arena, mode, cfg.qd, cfg.flush).map(|b| blk = Some(b))
+            blk::Blk::new(m, arena, mode, cfg.qd, cfg.flush, cfg.bs).map(|b| blk = Some(b))
         } else {
             let Some((addr, prefix)) = cfg.ip else {
                 let _ = writeln!(out, "NET no ip=");

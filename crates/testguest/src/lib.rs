@@ -54,6 +54,9 @@
 //! | `disk=off\|write\|verify` | `off` | disk writer/verifier on the first virtio-blk device |
 //! | `flush=N` | 1 | `disk=write`: FLUSH after every N acknowledged records (0 = only when the disk is full) |
 //! | `qd=N` | 4 | disk requests in flight, 1..=16 |
+//! | `disk=bench` | – | benchmark mode: `qd` requests of one kind in flight, counted in `disk_acked`, no records or checks |
+//! | `io=randread\|randwrite\|read\|write\|flush` | `randread` | `disk=bench`: random or sequential reads or writes of `bs`, or (`flush`) a write then a FLUSH, one after the other (`disk_acked` counts flushes) |
+//! | `bs=BYTES` | 4096 | `disk=bench`: request size, a multiple of 4096 up to 1 MiB |
 //! | `ip=A.B.C.D/PREFIX` | – | enables the first virtio-net device with this address (prefix defaults to 24) |
 //! | `gw=A.B.C.D` | – | default IPv4 route |
 //!
