@@ -65,6 +65,55 @@ fn disk_writes_survive_a_restart_and_verify() {
     assert!(vmm.wait(T).success());
 }
 
+/// The guest's benchmark mode (what `ferry bench io` measures with): each kind keeps its
+/// requests going with no errors (a write-then-flush counts flushes), and the writes reach
+/// the image.
+#[test]
+fn the_guest_s_benchmark_mode_keeps_each_kind_of_request_going() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tmp();
+    let disk = disk_image(dir.path(), 16);
+    for (k, io) in [
+        "io=randread bs=4096 qd=16",
+        "io=randwrite bs=4096 qd=1",
+        "io=read bs=1048576 qd=4",
+        "io=write bs=1048576 qd=4",
+        "io=flush",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cmdline = format!("hb=0 disk=bench {io}");
+        let (mut vmm, mut con) = start_disk_guest(
+            dir.path(),
+            &format!("b{k}"),
+            disk.to_str().unwrap(),
+            &cmdline,
+        );
+        let found = con.wait_line("DISK found=", T);
+        assert!(found.contains("capacity=4096"), "{found}");
+        let s0 = con.ask(b's', "STATUS");
+        std::thread::sleep(Duration::from_millis(300));
+        let s1 = con.ask(b's', "STATUS");
+        assert_eq!(num(&s1, "disk_errors"), 0, "{io}: {s1}");
+        let done = num(&s1, "disk_acked") - num(&s0, "disk_acked");
+        assert!(
+            done >= 10,
+            "{io}: only {done} requests in 300 ms: {s0} / {s1}"
+        );
+        con.send(b'p');
+        assert!(vmm.wait(T).success());
+    }
+    // The writers' requests reached the image (a sparse file before: blocks were allocated for
+    // them), and nothing beyond the disk's end was touched.
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&disk).unwrap();
+    assert_eq!(m.len(), 16 << 20);
+    assert!(m.blocks() * 512 >= 4 << 20, "{} blocks", m.blocks());
+}
+
 #[test]
 fn flushed_writes_survive_sigkill_of_the_vmm() {
     if !kvm_available() {
