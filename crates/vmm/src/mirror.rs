@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_api::{MirrorProgress, MirrorState};
-use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind};
+use ferry_devices::virtio::block::{gather, DiskBackend, DiskOp, DiskOpKind, GuestSegments};
+use ferry_devices::virtio::GuestMemoryMmap;
 
 /// What the background pass copies at a time.
 pub const CHUNK: u64 = 1 << 20;
@@ -551,6 +552,43 @@ impl DiskBackend for SwitchDisk {
         if g.mirror.is_some() {
             Self::mirror_ops(&mut g, ops);
         }
+    }
+    fn direct(&self) -> bool {
+        self.lock().disk.direct()
+    }
+    /// Reads come from the disk the guest uses, mirror or not (the backend it has now: a
+    /// switch between the device's check and this read is fine, every backend can).
+    fn read_to_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &GuestSegments,
+        offset: u64,
+    ) -> io::Result<()> {
+        self.lock().disk.read_to_guest(mem, segs, offset)
+    }
+    /// Writes go straight to the disk, or, while a mirror runs, to both copies as every write
+    /// does then.
+    fn write_from_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &GuestSegments,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut g = self.lock();
+        if g.mirror.is_none() {
+            return g.disk.write_from_guest(mem, segs, offset);
+        }
+        let buf = gather(mem, segs)?;
+        let mut ops = [DiskOp::new(
+            DiskOpKind::Write,
+            offset,
+            buf.len() as u64,
+            buf,
+        )];
+        g.disk.run(&mut ops);
+        Self::mirror_ops(&mut g, &ops);
+        let [op] = ops;
+        op.result
     }
 }
 

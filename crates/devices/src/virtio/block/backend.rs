@@ -6,10 +6,17 @@
 //! of a batch before it returns (a paused device never has a request half done).
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use rustix::fs::FallocateFlags;
+use vm_memory::io::{ReadVolatile, WriteVolatile};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::virtio::GuestMemoryMmap;
+
+/// Guest memory a request's data sits in: (guest-physical address, length) in order.
+pub type GuestSegments = [(u64, usize)];
 
 /// What one request asks of the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +42,9 @@ pub struct DiskOp {
     pub len: u64,
     /// The data: filled by a read, the bytes to write for a write; empty otherwise.
     pub buf: Vec<u8>,
+    /// Where in guest memory a large read or write goes straight to or from (then `buf` is
+    /// empty; see [`DiskBackend::read_to_guest`]).
+    pub guest: Vec<(u64, usize)>,
     pub result: io::Result<()>,
 }
 
@@ -45,6 +55,7 @@ impl DiskOp {
             offset,
             len,
             buf,
+            guest: Vec::new(),
             result: Ok(()),
         }
     }
@@ -84,9 +95,109 @@ pub trait DiskBackend: Send {
             op.result = op.run_on(self);
         }
     }
+
+    /// Whether this backend reads and writes guest memory itself ([`Self::read_to_guest`]),
+    /// sparing a large request the copy through a buffer.
+    fn direct(&self) -> bool {
+        false
+    }
+
+    /// Read the bytes at `offset` into guest memory at `segs` (what it writes there is marked
+    /// in the dirty bitmap, as every device write is). Through a buffer by default; a
+    /// [`Self::direct`] backend reads straight into guest memory.
+    fn read_to_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &GuestSegments,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; segs.iter().map(|s| s.1).sum()];
+        self.read_at(&mut buf, offset)?;
+        let mut at = 0;
+        for &(a, n) in segs {
+            mem.write_slice(&buf[at..at + n], GuestAddress(a))
+                .map_err(mem_err)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Write guest memory at `segs` to `offset` (through a buffer by default).
+    fn write_from_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &GuestSegments,
+        offset: u64,
+    ) -> io::Result<()> {
+        let buf = gather(mem, segs)?;
+        self.write_at(&buf, offset)
+    }
+}
+
+/// Copy guest memory at `segs` out, in order.
+pub fn gather(mem: &GuestMemoryMmap, segs: &GuestSegments) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; segs.iter().map(|s| s.1).sum()];
+    let mut at = 0;
+    for &(a, n) in segs {
+        mem.read_slice(&mut buf[at..at + n], GuestAddress(a))
+            .map_err(mem_err)?;
+        at += n;
+    }
+    Ok(buf)
+}
+
+fn mem_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("guest memory: {e}"))
+}
+
+/// `segs` of guest memory as slices, in order (each within one memory region).
+fn slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    segs: &GuestSegments,
+) -> io::Result<
+    Vec<vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, vm_memory::bitmap::AtomicBitmap>>>,
+> {
+    segs.iter()
+        .map(|&(a, n)| mem.get_slice(GuestAddress(a), n).map_err(mem_err))
+        .collect()
 }
 
 impl DiskBackend for File {
+    fn direct(&self) -> bool {
+        true
+    }
+
+    /// From the file's page cache straight into guest memory: one copy, by `read(2)` after a
+    /// seek (the device's worker is the only one to move this file's offset; every other user
+    /// of the file reads and writes at explicit offsets).
+    fn read_to_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &GuestSegments,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut f: &File = self;
+        f.seek(SeekFrom::Start(offset))?;
+        for mut s in slices(mem, segs)? {
+            f.read_exact_volatile(&mut s).map_err(mem_err)?;
+        }
+        Ok(())
+    }
+
+    fn write_from_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &GuestSegments,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut f: &File = self;
+        f.seek(SeekFrom::Start(offset))?;
+        for s in slices(mem, segs)? {
+            f.write_all_volatile(&s).map_err(mem_err)?;
+        }
+        Ok(())
+    }
+
     fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }

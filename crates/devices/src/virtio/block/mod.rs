@@ -10,7 +10,7 @@
 mod backend;
 mod persist;
 
-pub use backend::{DiskBackend, DiskOp, DiskOpKind};
+pub use backend::{gather, DiskBackend, DiskOp, DiskOpKind, GuestSegments};
 pub use persist::BlockState;
 
 use std::io::{Read, Write};
@@ -58,6 +58,9 @@ const MAX_ZERO_SECTORS: u32 = 1 << 22;
 const MAX_BATCH: usize = 64;
 /// Most data bytes in one batch (reads and writes).
 const MAX_BATCH_BYTES: usize = 32 << 20;
+/// Reads and writes this large go straight between the disk and guest memory where the
+/// backend can (`DiskBackend::direct`), not through a buffer: one copy of every byte, not two.
+const DIRECT_MIN: usize = 64 << 10;
 
 /// The 16-byte request header: type, reserved, sector (little endian).
 #[derive(Clone, Copy, Default, Debug)]
@@ -228,6 +231,10 @@ impl Block {
     ) -> Result<Pending<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>, String>
     {
         let head = chain.head_index();
+        let descs: Vec<(u64, usize, bool)> = chain
+            .clone()
+            .map(|d| (d.addr().0, d.len() as usize, d.is_write_only()))
+            .collect();
         let mut reader = Reader::new(mem, chain.clone())
             .map_err(|e| format!("bad readable descriptors: {e}"))?;
         let mut writer =
@@ -246,7 +253,23 @@ impl Block {
             .map_err(|e| format!("status split: {e}"))?;
         self.requests += 1;
         let mut written = 0u32;
+        let direct = self.disk.direct();
         let work = match header.request_type {
+            T_IN if direct && data_len >= DIRECT_MIN => {
+                // The data: the writable bytes before the status byte.
+                let segs = take_bytes(descs.iter().filter(|d| d.2), 0, data_len);
+                self.direct_op(DiskOpKind::Read, header.sector, data_len, segs, ops)
+            }
+            T_OUT if direct && reader.available_bytes() >= DIRECT_MIN => {
+                // The data: the readable bytes after the 16-byte header.
+                let len = reader.available_bytes();
+                let segs = take_bytes(descs.iter().filter(|d| !d.2), 16, len);
+                if self.read_only {
+                    Err(ReqError::Io)
+                } else {
+                    self.direct_op(DiskOpKind::Write, header.sector, len, segs, ops)
+                }
+            }
             T_IN => self.read_op(header.sector, data_len, ops),
             T_OUT => self.write_op(header.sector, &mut reader, ops),
             T_FLUSH => {
@@ -273,6 +296,25 @@ impl Block {
             work,
             written,
         })
+    }
+
+    /// A large read or write that goes straight to or from guest memory at `segs`.
+    fn direct_op(
+        &mut self,
+        kind: DiskOpKind,
+        sector: u64,
+        len: usize,
+        segs: Vec<(u64, usize)>,
+        ops: &mut Vec<DiskOp>,
+    ) -> Result<usize, ReqError> {
+        if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
+            return Err(ReqError::Io);
+        }
+        let off = self.check_range(sector, len as u64)?;
+        let mut op = DiskOp::new(kind, off, len as u64, Vec::new());
+        op.guest = segs;
+        ops.push(op);
+        Ok(ops.len() - 1)
     }
 
     fn read_op(
@@ -361,6 +403,11 @@ impl Block {
             Ok(i) => {
                 let op = &mut ops[i];
                 match (&op.result, op.kind) {
+                    // Already in guest memory.
+                    (Ok(()), DiskOpKind::Read) if !op.guest.is_empty() => {
+                        written = op.len as u32;
+                        Ok(())
+                    }
                     (Ok(()), DiskOpKind::Read) => match p.data.write_all(&op.buf) {
                         Ok(()) => {
                             written = op.len as u32;
@@ -390,6 +437,61 @@ impl Block {
             .map_err(|e| format!("cannot write status: {e}"))?;
         Ok(written + 1)
     }
+}
+
+impl Block {
+    /// Serve a batch: the large reads and writes straight to and from guest memory first (so a
+    /// flush of the batch covers those writes), then the rest on the backend together.
+    fn run_ops(&mut self, ops: &mut [DiskOp], mem: &GuestMemoryMmap) {
+        let mut rest = Vec::new();
+        for (i, op) in ops.iter_mut().enumerate() {
+            if op.guest.is_empty() {
+                rest.push(i);
+                continue;
+            }
+            op.result = match op.kind {
+                DiskOpKind::Read => self.disk.read_to_guest(mem, &op.guest, op.offset),
+                _ => self.disk.write_from_guest(mem, &op.guest, op.offset),
+            };
+        }
+        if rest.len() == ops.len() {
+            self.disk.run(ops);
+            return;
+        }
+        let placeholder = || DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new());
+        let mut batch: Vec<DiskOp> = rest
+            .iter()
+            .map(|&i| std::mem::replace(&mut ops[i], placeholder()))
+            .collect();
+        self.disk.run(&mut batch);
+        for (op, &i) in batch.into_iter().zip(&rest) {
+            ops[i] = op;
+        }
+    }
+}
+
+/// The first `len` bytes after `skip` of the buffers `descs` (address, length, writable), as
+/// guest segments.
+fn take_bytes<'a>(
+    descs: impl Iterator<Item = &'a (u64, usize, bool)>,
+    mut skip: usize,
+    mut len: usize,
+) -> Vec<(u64, usize)> {
+    let mut out = Vec::new();
+    for &(addr, n, _) in descs {
+        if len == 0 {
+            break;
+        }
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(len);
+        out.push((addr + skip as u64, take));
+        len -= take;
+        skip = 0;
+    }
+    out
 }
 
 impl VirtioDevice for Block {
@@ -479,7 +581,7 @@ impl VirtioDevice for Block {
                 // longer, then turns them back on (`VirtioDevice::polls`).
                 break;
             }
-            self.disk.run(&mut ops);
+            self.run_ops(&mut ops, mem);
             for p in pending.iter_mut() {
                 let len = match self.complete(p, &mut ops) {
                     Ok(n) => n,

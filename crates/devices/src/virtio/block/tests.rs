@@ -286,6 +286,74 @@ fn device_writes_to_guest_memory_are_in_the_dirty_bitmap() {
     assert!(!dirty(0x60000), "untouched memory");
 }
 
+/// Large reads and writes go straight between the file and guest memory, across however many
+/// buffers the chain splits them into, and a read's data is in the dirty bitmap all the same.
+#[test]
+fn large_requests_go_straight_to_and_from_guest_memory() {
+    use vm_memory::GuestMemoryBackend;
+    let (_t, file) = disk(1024);
+    let pattern: Vec<u8> = (0..128 * 1024u32).map(|i| (i % 251) as u8).collect();
+    file.write_all_at(&pattern, 64 * 512).unwrap();
+    let mut b = active(file);
+    assert!(b.disk.direct());
+    let mut h = QueueHarness::new(16);
+    let mut q: Queue = h.queue();
+    // 128 KiB at sector 64, read into two buffers of 96 and 32 KiB.
+    header(&h, 0x10000, T_IN, 64);
+    h.add_chain(&[
+        (0x10000, 16, 0),
+        (0x20000, 96 * 1024, WRITE),
+        (0x50000, 32 * 1024, WRITE),
+        (0x12000, 1, WRITE),
+    ]);
+    let region = h.mem.iter().next().unwrap();
+    let bitmap = region.get_mmap();
+    bitmap.bitmap().reset();
+    b.process(Wake::Queue(0), std::slice::from_mut(&mut q), &h.mem);
+    assert_eq!(status(&h, 0x12000), S_OK);
+    assert_eq!(h.used_len(0), 128 * 1024 + 1);
+    let mut got = vec![0u8; 128 * 1024];
+    h.mem
+        .read_slice(&mut got[..96 * 1024], GuestAddress(0x20000))
+        .unwrap();
+    h.mem
+        .read_slice(&mut got[96 * 1024..], GuestAddress(0x50000))
+        .unwrap();
+    assert_eq!(got, pattern);
+    let dirty = |a: usize| bitmap.bitmap().is_addr_set(a);
+    assert!(
+        dirty(0x20000) && dirty(0x37000) && dirty(0x57000),
+        "read data"
+    );
+    assert!(!dirty(0x60000), "untouched memory");
+    // Write it back 256 sectors further, from the same two buffers (the header and the data
+    // share the first descriptor this time).
+    let first = 0x20000 - 16;
+    header(&h, first, T_OUT, 320);
+    h.add_chain(&[
+        (first, 16 + 96 * 1024, 0),
+        (0x50000, 32 * 1024, 0),
+        (0x13000, 1, WRITE),
+    ]);
+    // The header took 16 bytes of the first buffer: put the data after it.
+    h.mem
+        .write_slice(&pattern[..96 * 1024], GuestAddress(first + 16))
+        .unwrap();
+    b.process(Wake::Queue(0), std::slice::from_mut(&mut q), &h.mem);
+    assert_eq!(status(&h, 0x13000), S_OK);
+    let f = b.file_bytes();
+    assert_eq!(&f[320 * 512..320 * 512 + 128 * 1024], &pattern[..]);
+    // A write straddling the end of the disk is refused, nothing written.
+    header(&h, 0x70000, T_OUT, 1024 - 64);
+    h.add_chain(&[
+        (0x70000, 16, 0),
+        (0x80000, 64 * 1024, 0),
+        (0x14000, 1, WRITE),
+    ]);
+    b.process(Wake::Queue(0), std::slice::from_mut(&mut q), &h.mem);
+    assert_eq!(status(&h, 0x14000), S_IOERR);
+}
+
 /// A backend that serves from memory and records the batches it was handed.
 struct Recorder {
     data: Vec<u8>,
