@@ -69,6 +69,9 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: Option<&Path>) -> Result<Gue
     let guest = dir.join("testguest.elf");
     std::fs::write(&guest, ferry_testguest::elf())?;
     let (api, com1) = (dir.join("io.api"), dir.join("io.com1"));
+    // A VMM killed by the row before left its sockets behind.
+    let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&com1);
     let mut cmd = Lab::exec(&lab.hosts[0].ns);
     cmd.arg(std::env::current_exe()?)
         .args(["vmm", "run", "--kernel"])
@@ -284,7 +287,8 @@ fn tcp_rates(lab: &Lab, secs: u64) -> Result<(f64, f64)> {
     let connect = |port: u16| -> Result<std::net::TcpStream> {
         let addr = format!("{}:{port}", ferry_lab::guest_ip(0)).parse()?;
         let s =
-            ferry_vmm::host_io::connect_in_netns(&lab.hosts[0].ns, addr, Duration::from_secs(20))?;
+            ferry_vmm::host_io::connect_in_netns(&lab.hosts[0].ns, addr, Duration::from_secs(20))
+                .with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.set_write_timeout(Some(Duration::from_secs(30)))?;
         Ok(s)
@@ -331,7 +335,8 @@ fn run_rows(
     }
     let mut g = boot(&format!("hb=0 ip={}/24", ferry_lab::guest_ip(0)), None)?;
     g.line(0, "NET up", Duration::from_secs(30))?;
-    let tcp = tcp_rates(lab, secs)?;
+    let tcp = tcp_rates(lab, secs)
+        .with_context(|| format!("TCP to the guest; its console:\n{}", g.con.text()))?;
     g.vmm.kill();
     Ok(Figures { disk, tcp })
 }
