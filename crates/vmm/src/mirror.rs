@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_api::{MirrorProgress, MirrorState};
-use ferry_devices::virtio::block::{gather, DiskBackend, DiskOp, DiskOpKind, GuestSegments};
+use ferry_devices::virtio::block::{
+    gather, serve_each, DiskBackend, DiskOp, DiskOpKind, GuestSegments,
+};
 use ferry_devices::virtio::GuestMemoryMmap;
 
 /// What the background pass copies at a time.
@@ -553,8 +555,20 @@ impl DiskBackend for SwitchDisk {
             Self::mirror_ops(&mut g, ops);
         }
     }
-    fn direct(&self) -> bool {
-        self.lock().disk.direct()
+    fn direct_min(&self) -> Option<usize> {
+        self.lock().disk.direct_min()
+    }
+    /// With no mirror, the batch goes to the disk as one (all in flight where it can); while
+    /// a mirror runs, request by request, each write to both copies.
+    fn serve(&mut self, ops: &mut [DiskOp], mem: &GuestMemoryMmap) {
+        {
+            let mut g = self.lock();
+            if g.mirror.is_none() {
+                g.disk.serve(ops, mem);
+                return;
+            }
+        }
+        serve_each(self, ops, mem);
     }
     /// Reads come from the disk the guest uses, mirror or not (the backend it has now: a
     /// switch between the device's check and this read is fine, every backend can).

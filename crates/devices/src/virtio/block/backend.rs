@@ -96,10 +96,20 @@ pub trait DiskBackend: Send {
         }
     }
 
-    /// Whether this backend reads and writes guest memory itself ([`Self::read_to_guest`]),
-    /// sparing a large request the copy through a buffer.
-    fn direct(&self) -> bool {
-        false
+    /// The smallest read or write this backend takes straight to or from guest memory
+    /// ([`Self::read_to_guest`]), sparing the request the copy through a buffer; `None`: every
+    /// request goes through a buffer.
+    fn direct_min(&self) -> Option<usize> {
+        None
+    }
+
+    /// Serve a batch in which some reads and writes (those with [`DiskOp::guest`] segments) go
+    /// straight to or from guest memory; set each one's `result`. Every request is done when
+    /// this returns. By default those go one by one through [`Self::read_to_guest`] and
+    /// [`Self::write_from_guest`] first (so a flush of the batch covers those writes), then the
+    /// rest through [`Self::run`]; a backend that can keep them all in flight does.
+    fn serve(&mut self, ops: &mut [DiskOp], mem: &GuestMemoryMmap) {
+        serve_each(self, ops, mem);
     }
 
     /// Read the bytes at `offset` into guest memory at `segs` (what it writes there is marked
@@ -134,6 +144,39 @@ pub trait DiskBackend: Send {
     }
 }
 
+/// [`DiskBackend::serve`]'s default: the requests on guest memory one by one, then the rest
+/// together through [`DiskBackend::run`].
+pub fn serve_each<D: DiskBackend + ?Sized>(
+    disk: &mut D,
+    ops: &mut [DiskOp],
+    mem: &GuestMemoryMmap,
+) {
+    let mut rest = Vec::new();
+    for (i, op) in ops.iter_mut().enumerate() {
+        if op.guest.is_empty() {
+            rest.push(i);
+            continue;
+        }
+        op.result = match op.kind {
+            DiskOpKind::Read => disk.read_to_guest(mem, &op.guest, op.offset),
+            _ => disk.write_from_guest(mem, &op.guest, op.offset),
+        };
+    }
+    if rest.len() == ops.len() {
+        disk.run(ops);
+        return;
+    }
+    let placeholder = || DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new());
+    let mut batch: Vec<DiskOp> = rest
+        .iter()
+        .map(|&i| std::mem::replace(&mut ops[i], placeholder()))
+        .collect();
+    disk.run(&mut batch);
+    for (op, &i) in batch.into_iter().zip(&rest) {
+        ops[i] = op;
+    }
+}
+
 /// Copy guest memory at `segs` out, in order.
 pub fn gather(mem: &GuestMemoryMmap, segs: &GuestSegments) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; segs.iter().map(|s| s.1).sum()];
@@ -162,9 +205,13 @@ fn slices<'m>(
         .collect()
 }
 
+/// Reads and writes this large go straight between a file and guest memory (one `read(2)` after
+/// a seek, no copy through a buffer); smaller ones are cheaper as one `pread` and a copy.
+pub const FILE_DIRECT_MIN: usize = 64 << 10;
+
 impl DiskBackend for File {
-    fn direct(&self) -> bool {
-        true
+    fn direct_min(&self) -> Option<usize> {
+        Some(FILE_DIRECT_MIN)
     }
 
     /// From the file's page cache straight into guest memory: one copy, by `read(2)` after a

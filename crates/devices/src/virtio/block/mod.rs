@@ -10,7 +10,9 @@
 mod backend;
 mod persist;
 
-pub use backend::{gather, DiskBackend, DiskOp, DiskOpKind, GuestSegments};
+pub use backend::{
+    gather, serve_each, DiskBackend, DiskOp, DiskOpKind, GuestSegments, FILE_DIRECT_MIN,
+};
 pub use persist::BlockState;
 
 use std::io::{Read, Write};
@@ -58,9 +60,6 @@ const MAX_ZERO_SECTORS: u32 = 1 << 22;
 const MAX_BATCH: usize = 64;
 /// Most data bytes in one batch (reads and writes).
 const MAX_BATCH_BYTES: usize = 32 << 20;
-/// Reads and writes this large go straight between the disk and guest memory where the
-/// backend can (`DiskBackend::direct`), not through a buffer: one copy of every byte, not two.
-const DIRECT_MIN: usize = 64 << 10;
 
 /// The 16-byte request header: type, reserved, sector (little endian).
 #[derive(Clone, Copy, Default, Debug)]
@@ -126,6 +125,8 @@ pub struct Block {
     pub(crate) acked_features: u64,
     /// Data buffers kept for the next batch.
     spare: Vec<Vec<u8>>,
+    /// The backend's [`DiskBackend::direct_min`], asked at each batch.
+    direct_min: Option<usize>,
     errors: LogLimit,
     /// Requests served (for status and benchmarks).
     pub requests: u64,
@@ -178,6 +179,7 @@ impl Block {
             serial: s,
             acked_features: 0,
             spare: Vec::new(),
+            direct_min: None,
             errors: LogLimit::default(),
             requests: 0,
         })
@@ -253,14 +255,15 @@ impl Block {
             .map_err(|e| format!("status split: {e}"))?;
         self.requests += 1;
         let mut written = 0u32;
-        let direct = self.disk.direct();
+        // Straight to or from guest memory where the backend takes a request this large.
+        let direct = |len: usize| self.direct_min.is_some_and(|m| len >= m);
         let work = match header.request_type {
-            T_IN if direct && data_len >= DIRECT_MIN => {
+            T_IN if direct(data_len) => {
                 // The data: the writable bytes before the status byte.
                 let segs = take_bytes(descs.iter().filter(|d| d.2), 0, data_len);
                 self.direct_op(DiskOpKind::Read, header.sector, data_len, segs, ops)
             }
-            T_OUT if direct && reader.available_bytes() >= DIRECT_MIN => {
+            T_OUT if direct(reader.available_bytes()) => {
                 // The data: the readable bytes after the 16-byte header.
                 let len = reader.available_bytes();
                 let segs = take_bytes(descs.iter().filter(|d| !d.2), 16, len);
@@ -439,37 +442,6 @@ impl Block {
     }
 }
 
-impl Block {
-    /// Serve a batch: the large reads and writes straight to and from guest memory first (so a
-    /// flush of the batch covers those writes), then the rest on the backend together.
-    fn run_ops(&mut self, ops: &mut [DiskOp], mem: &GuestMemoryMmap) {
-        let mut rest = Vec::new();
-        for (i, op) in ops.iter_mut().enumerate() {
-            if op.guest.is_empty() {
-                rest.push(i);
-                continue;
-            }
-            op.result = match op.kind {
-                DiskOpKind::Read => self.disk.read_to_guest(mem, &op.guest, op.offset),
-                _ => self.disk.write_from_guest(mem, &op.guest, op.offset),
-            };
-        }
-        if rest.len() == ops.len() {
-            self.disk.run(ops);
-            return;
-        }
-        let placeholder = || DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new());
-        let mut batch: Vec<DiskOp> = rest
-            .iter()
-            .map(|&i| std::mem::replace(&mut ops[i], placeholder()))
-            .collect();
-        self.disk.run(&mut batch);
-        for (op, &i) in batch.into_iter().zip(&rest) {
-            ops[i] = op;
-        }
-    }
-}
-
 /// The first `len` bytes after `skip` of the buffers `descs` (address, length, writable), as
 /// guest segments.
 fn take_bytes<'a>(
@@ -549,6 +521,7 @@ impl VirtioDevice for Block {
             let mut ops = Vec::new();
             let mut pending = Vec::new();
             let mut bytes = 0usize;
+            self.direct_min = self.disk.direct_min();
             while pending.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 let Some(chain) = q.pop_descriptor_chain(mem) else {
                     break;
@@ -581,7 +554,7 @@ impl VirtioDevice for Block {
                 // longer, then turns them back on (`VirtioDevice::polls`).
                 break;
             }
-            self.run_ops(&mut ops, mem);
+            self.disk.serve(&mut ops, mem);
             for p in pending.iter_mut() {
                 let len = match self.complete(p, &mut ops) {
                     Ok(n) => n,

@@ -295,7 +295,7 @@ fn large_requests_go_straight_to_and_from_guest_memory() {
     let pattern: Vec<u8> = (0..128 * 1024u32).map(|i| (i % 251) as u8).collect();
     file.write_all_at(&pattern, 64 * 512).unwrap();
     let mut b = active(file);
-    assert!(b.disk.direct());
+    assert_eq!(b.disk.direct_min(), Some(FILE_DIRECT_MIN));
     let mut h = QueueHarness::new(16);
     let mut q: Queue = h.queue();
     // 128 KiB at sector 64, read into two buffers of 96 and 32 KiB.
