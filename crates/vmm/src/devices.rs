@@ -267,7 +267,8 @@ fn open_disk_store(
                 host_io::open_disk_unlocked(&d.path, d.read_only)?
             };
             let dup = file.try_clone().map_err(io)?;
-            Ok((Box::new(file), DiskStore::File(dup)))
+            let disk = crate::uring_disk::UringFile::new(file);
+            Ok((Box::new(disk), DiskStore::File(dup)))
         }
     }
 }

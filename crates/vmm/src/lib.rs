@@ -27,6 +27,7 @@ pub mod nbd_disk;
 pub mod serial_backend;
 pub mod snapshot;
 pub mod uffd;
+pub mod uring_disk;
 pub mod vcpu;
 pub mod vm;
 
