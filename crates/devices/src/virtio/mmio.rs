@@ -133,6 +133,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status_seen.store(self.status, Ordering::SeqCst);
     }
 
+    /// How many queues the device has (each gets its own notification).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
     /// The device model.
     pub fn device(&self) -> &D {
         &self.device

@@ -27,8 +27,10 @@ use super::{
 #[cfg(test)]
 use ferry_migration::Persist;
 
-/// Queue size of the single request queue.
+/// Size of each request queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Most request queues a device offers.
+pub const MAX_QUEUES: u16 = 16;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the device ID returned by GET_ID.
@@ -38,6 +40,7 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 
@@ -123,6 +126,8 @@ pub struct Block {
     capacity_sectors: u64,
     serial: [u8; ID_LEN],
     pub(crate) acked_features: u64,
+    /// Request queues offered (VIRTIO_BLK_F_MQ when more than one).
+    queues: u16,
     /// Data buffers kept for the next batch.
     spare: Vec<Vec<u8>>,
     /// The backend's [`DiskBackend::direct_min`], asked at each batch.
@@ -178,11 +183,24 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             serial: s,
             acked_features: 0,
+            queues: 1,
             spare: Vec::new(),
             direct_min: None,
             errors: LogLimit::default(),
             requests: 0,
         })
+    }
+
+    /// Offer `n` request queues (1 to [`MAX_QUEUES`]): a guest that takes VIRTIO_BLK_F_MQ may
+    /// give each of its CPUs its own; one worker serves them all.
+    pub fn with_queues(mut self, n: u16) -> Block {
+        self.queues = n.clamp(1, MAX_QUEUES);
+        self
+    }
+
+    /// Request queues offered.
+    pub fn queues(&self) -> u16 {
+        self.queues
     }
 
     /// Capacity in 512-byte sectors.
@@ -195,6 +213,7 @@ impl Block {
         c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&self.queues.to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
@@ -472,11 +491,14 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+        vec![QUEUE_SIZE; self.queues as usize]
     }
 
     fn avail_features(&self) -> u64 {
         let mut f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | VIRTIO_RING_F_EVENT_IDX;
+        if self.queues > 1 {
+            f |= F_MQ;
+        }
         if self.read_only {
             f |= F_RO;
         } else {
@@ -509,10 +531,23 @@ impl VirtioDevice for Block {
         self.acked_features = 0;
     }
 
+    /// Every ready queue, whichever woke it: looking at a queue with nothing new costs a read
+    /// of its index, and a notification is never missed.
     fn process(&mut self, _wake: Wake, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(q) = queues.first_mut() else {
-            return false;
-        };
+        let mut interrupt = false;
+        for q in queues.iter_mut() {
+            // A queue the driver did not set up (one without VIRTIO_BLK_F_MQ) is not ready.
+            if q.ready() {
+                interrupt |= self.serve_queue(q, mem);
+            }
+        }
+        interrupt
+    }
+}
+
+impl Block {
+    /// Serve every request queued on `q`; whether the driver wants an interrupt.
+    fn serve_queue(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         // The driver need not notify while the device works through the queue.
         let _ = q.disable_notification(mem);

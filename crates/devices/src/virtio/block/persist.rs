@@ -13,6 +13,13 @@ pub struct BlockState {
     pub read_only: bool,
     pub serial: String,
     pub acked_features: u64,
+    /// Request queues offered (state saved before multiqueue had one).
+    #[serde(default = "one_queue")]
+    pub queues: u16,
+}
+
+fn one_queue() -> u16 {
+    1
 }
 
 /// Why a block device could not be restored.
@@ -41,11 +48,12 @@ impl Persist for Block {
             read_only: self.read_only,
             serial: String::from_utf8_lossy(&self.serial[..end]).into_owned(),
             acked_features: self.acked_features,
+            queues: self.queues,
         })
     }
 
     fn restore(disk: Box<dyn DiskBackend>, s: &BlockState) -> Result<Block, BlockPersistError> {
-        let mut b = Block::with_backend(disk, s.read_only, &s.serial)?;
+        let mut b = Block::with_backend(disk, s.read_only, &s.serial)?.with_queues(s.queues);
         if b.capacity_sectors != s.capacity_sectors {
             return Err(BlockPersistError::Resized {
                 saved: s.capacity_sectors,
