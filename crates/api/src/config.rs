@@ -72,6 +72,10 @@ pub struct DiskConfig {
     /// (reconnecting, resending what was not acknowledged) before it fails; default 60 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stall_limit_s: Option<u64>,
+    /// Request queues offered to the guest (1 to 16); default one per vCPU, as QEMU does. A
+    /// guest that supports multiqueue (Linux's virtio-blk does) gives each CPU its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 /// The default stall limit of an NBD disk.
@@ -88,7 +92,7 @@ impl DiskConfig {
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// `PATH|nbd://HOST:PORT/EXPORT[,readonly][,serial=S][,stall=SECONDS]`
+    /// `PATH|nbd://HOST:PORT/EXPORT[,readonly][,serial=S][,stall=SECONDS][,queues=N]`
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let path = parts
@@ -100,6 +104,7 @@ impl FromStr for DiskConfig {
             read_only: false,
             serial: None,
             stall_limit_s: None,
+            queues: None,
         };
         for p in parts {
             match p.split_once('=') {
@@ -108,6 +113,10 @@ impl FromStr for DiskConfig {
                 Some(("stall", v)) if d.nbd_uri().is_some() => {
                     d.stall_limit_s = Some(v.parse().map_err(|_| ConfigError::Disk(s.into()))?)
                 }
+                Some(("queues", v)) => match v.parse() {
+                    Ok(n @ 1..=16) => d.queues = Some(n),
+                    _ => return Err(ConfigError::Disk(s.into())),
+                },
                 _ => return Err(ConfigError::Disk(s.into())),
             }
         }
@@ -346,7 +355,7 @@ pub enum ConfigError {
     TwoStdio,
     #[error("COM1 and COM2 cannot share {0}")]
     SharedPath(String),
-    #[error("disk {0:?} is not PATH|nbd://HOST:PORT/EXPORT[,readonly][,serial=S][,stall=SECONDS] (serial up to 20 bytes; stall only for NBD)")]
+    #[error("disk {0:?} is not PATH|nbd://HOST:PORT/EXPORT[,readonly][,serial=S][,stall=SECONDS][,queues=N] (serial up to 20 bytes; stall only for NBD; queues 1 to 16)")]
     Disk(String),
     #[error("network card {0:?} is not tap=NAME[,mac=MAC] or bridge=BR[,mac=MAC]")]
     Net(String),
@@ -474,8 +483,13 @@ mod tests {
                 read_only: true,
                 serial: Some("abc".into()),
                 stall_limit_s: None,
+                queues: None,
             }
         );
+        let d: DiskConfig = "/img/a.raw,queues=4".parse().unwrap();
+        assert_eq!(d.queues, Some(4));
+        assert!("/a,queues=0".parse::<DiskConfig>().is_err());
+        assert!("/a,queues=17".parse::<DiskConfig>().is_err());
         let d: DiskConfig = "nbd://fs1:10809/web01,stall=5".parse().unwrap();
         assert_eq!(d.nbd_uri(), Some("nbd://fs1:10809/web01"));
         assert_eq!(d.stall_limit_s, Some(5));

@@ -213,8 +213,10 @@ pub struct VmOptions {
     /// Number of vCPUs [default: 1].
     #[arg(long)]
     pub vcpus: Option<u8>,
-    /// A virtio disk on a raw image: PATH[,readonly][,serial=S]. Repeat for more disks.
-    /// The image is locked: a second VMM cannot open it for writing.
+    /// A virtio disk on a raw image: PATH[,readonly][,serial=S][,queues=N]. Repeat for more
+    /// disks. The image is locked: a second VMM cannot open it for writing. Requests go
+    /// through io_uring where the kernel has it; queues=N request queues (default: one per
+    /// vCPU) for a guest that supports multiqueue.
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     pub disks: Vec<DiskConfig>,
     /// A virtio network card: tap=NAME[,mac=MAC] (an existing tap) or bridge=BR[,mac=MAC]

@@ -266,6 +266,7 @@ async fn remove_old(d: &Daemon, p: &Path) -> String {
         read_only: false,
         serial: None,
         stall_limit_s: None,
+        queues: None,
     };
     let r = match storage::share_of(d, &disk) {
         Some((s, n)) => storage::remove_share_copy(&s, &n).await,

@@ -297,7 +297,6 @@ fn virtio_slot<D>(
     name: &str,
     build: impl FnOnce(Interrupt, EventFd) -> Result<MmioTransport<D>, DevicesError>,
     wrap: impl FnOnce(Arc<Mutex<MmioTransport<D>>>) -> VirtioKind,
-    queues: usize,
 ) -> Result<VirtioSlot, DevicesError>
 where
     D: VirtioDevice,
@@ -313,6 +312,7 @@ where
             source,
         })?;
     let transport = build(Interrupt::new(irq_evt), nonblocking_eventfd().map_err(io)?)?;
+    let queues = transport.queue_count();
     let mut queue_evts = Vec::with_capacity(queues);
     for q in 0..queues {
         let evt = nonblocking_eventfd().map_err(io)?;
@@ -402,8 +402,11 @@ fn build_virtio(
                 .unwrap_or_else(|| format!("ferry-disk{index}"));
             let build = |interrupt, kick| match state {
                 None => {
+                    // One request queue per vCPU unless the config says (QEMU's default).
+                    let queues = d.queues.unwrap_or(u16::from(cfg.vcpus));
                     let dev = Block::with_backend(disk, d.read_only, &serial)
-                        .map_err(|source| DevicesError::Virtio { index, source })?;
+                        .map_err(|source| DevicesError::Virtio { index, source })?
+                        .with_queues(queues);
                     MmioTransport::new(dev, mem, interrupt, kick).map_err(|e| {
                         DevicesError::Virtio {
                             index,
@@ -423,7 +426,7 @@ fn build_virtio(
                 .map_err(vstate),
                 Some(_) => Err(DevicesError::VirtioKind(index)),
             };
-            virtio_slot(args, index, "blk", build, VirtioKind::Block, 1)?
+            virtio_slot(args, index, "blk", build, VirtioKind::Block)?
         } else {
             let (tap, mac) = open_net(cfg, index - cfg.disks.len())?;
             let build = |interrupt, kick| match state {
@@ -446,7 +449,7 @@ fn build_virtio(
                 .map_err(vstate),
                 Some(_) => Err(DevicesError::VirtioKind(index)),
             };
-            virtio_slot(args, index, "net", build, VirtioKind::Net, 2)?
+            virtio_slot(args, index, "net", build, VirtioKind::Net)?
         };
         slots.push(slot);
     }
@@ -577,6 +580,7 @@ impl Devices {
             read_only: false,
             serial: None,
             stall_limit_s: None,
+            queues: None,
         };
         let (backend, store) = open_disk_store(i, &cfg, true, Some(MIRROR_STALL))
             .map_err(|e| crate::error_chain(&e))?;
