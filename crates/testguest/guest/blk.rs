@@ -17,6 +17,9 @@ use crate::virtio::{Arena, Mmio, Virtq, DESC_F_NEXT, DESC_F_WRITE, F_EVENT_IDX, 
 use core::fmt::Write;
 
 const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
+/// Most request queues this driver sets up (`blkq=`).
+pub const MAX_QUEUES: usize = 4;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -163,6 +166,9 @@ fn check_record(buf: &[u8; REC as usize], index: u64) -> Result<(), Bad> {
 
 pub struct Blk {
     q: Virtq,
+    /// Queues 1.. when the device took VIRTIO_BLK_F_MQ: slot `i` goes on queue `i % nq`.
+    more: [Option<Virtq>; MAX_QUEUES - 1],
+    nq: usize,
     mode: Mode,
     /// Capacity in records.
     pub capacity: u64,
@@ -217,8 +223,10 @@ impl Blk {
         qd: usize,
         flush_every: u64,
         bs: u64,
+        queues: usize,
     ) -> Result<Blk, &'static str> {
-        let (_, acc) = dev.negotiate(F_VERSION_1 | F_FLUSH | F_EVENT_IDX)?;
+        let mq = if queues > 1 { F_MQ } else { 0 };
+        let (_, acc) = dev.negotiate(F_VERSION_1 | F_FLUSH | F_EVENT_IDX | mq)?;
         let want = (3 * (qd as u16 + 1)).next_power_of_two();
         let Some(mut q) = Virtq::new(dev, 0, want, arena) else {
             dev.fail();
@@ -226,6 +234,30 @@ impl Blk {
         };
         if acc & F_EVENT_IDX != 0 {
             q.use_event_idx();
+        }
+        // num_queues (config offset 34) bounds how many the device has.
+        let offered = if acc & F_MQ != 0 {
+            (dev.cfg32(32) >> 16) as usize
+        } else {
+            1
+        };
+        let mut more = [None, None, None];
+        let mut nq = 1;
+        while nq < queues.min(offered).min(MAX_QUEUES) {
+            let Some(mut extra) = Virtq::new(dev, nq as u16, want, arena) else {
+                dev.fail();
+                return Err("queue");
+            };
+            if acc & F_EVENT_IDX != 0 {
+                extra.use_event_idx();
+            }
+            // Each queue's table holds every slot's descriptors (a slot uses its own queue's).
+            if extra.size != q.size {
+                dev.fail();
+                return Err("queue-sizes-differ");
+            }
+            more[nq - 1] = Some(extra);
+            nq += 1;
         }
         if q.size < 8 {
             dev.fail();
@@ -250,6 +282,8 @@ impl Blk {
         dev.driver_ok();
         let mut b = Blk {
             q,
+            more,
+            nq,
             mode,
             capacity,
             has_flush: acc & F_FLUSH != 0,
@@ -284,8 +318,31 @@ impl Blk {
             rng: 0x2545_F491_4F6C_DD1D ^ crate::io::rdtsc(),
         };
         b.submit(b.qd, Op::GetId);
-        b.q.kick();
+        b.kick_all();
         Ok(b)
+    }
+
+    /// The queue slot `slot`'s requests go on.
+    fn queue(&mut self, slot: usize) -> &mut Virtq {
+        match slot % self.nq {
+            0 => &mut self.q,
+            i => self.more[i - 1].as_mut().unwrap_or(&mut self.q),
+        }
+    }
+
+    fn kick_all(&mut self) {
+        self.q.kick();
+        for q in self.more.iter_mut().flatten() {
+            q.kick();
+        }
+    }
+
+    /// A completed request from any queue.
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if let Some(u) = self.q.pop_used() {
+            return Some(u);
+        }
+        self.more.iter_mut().flatten().find_map(|q| q.pop_used())
     }
 
     fn buf(&mut self, slot: usize) -> &mut [u8; REC as usize] {
@@ -320,22 +377,18 @@ impl Blk {
             self.status_ptr(slot).write_volatile(ST_UNSET);
         }
         let d = (slot * 3) as u16;
-        if len == 0 {
-            self.q.set_desc(d, h, 16, DESC_F_NEXT, d + 2);
-        } else {
-            self.q.set_desc(d, h, 16, DESC_F_NEXT, d + 1);
-            let flags = DESC_F_NEXT | if wr { DESC_F_WRITE } else { 0 };
-            self.q.set_desc(
-                d + 1,
-                self.data + slot as u64 * self.slot_bytes,
-                len,
-                flags,
-                d + 2,
-            );
-        }
-        self.q.set_desc(d + 2, h + 16, 1, DESC_F_WRITE, 0);
+        let buf = self.data + slot as u64 * self.slot_bytes;
         self.ops[slot] = op;
-        self.q.push(d);
+        let q = self.queue(slot);
+        if len == 0 {
+            q.set_desc(d, h, 16, DESC_F_NEXT, d + 2);
+        } else {
+            q.set_desc(d, h, 16, DESC_F_NEXT, d + 1);
+            let flags = DESC_F_NEXT | if wr { DESC_F_WRITE } else { 0 };
+            q.set_desc(d + 1, buf, len, flags, d + 2);
+        }
+        q.set_desc(d + 2, h + 16, 1, DESC_F_WRITE, 0);
+        q.push(d);
     }
 
     fn free_slot(&self) -> Option<usize> {
@@ -486,7 +539,7 @@ impl Blk {
                 },
             );
         }
-        let _ = out.write_str("\"\n");
+        let _ = writeln!(out, "\" queues={}", self.nq);
         if let Some((k, why)) = self.first_bad {
             let _ = writeln!(out, "DISK VERIFY FAIL record={} reason={}", k, why);
         }
@@ -577,7 +630,7 @@ impl Blk {
     /// Handles completions and issues new requests; bounded work.
     pub fn poll(&mut self, now_ms: u64) {
         let mut n = 0;
-        while let Some((head, _)) = self.q.pop_used() {
+        while let Some((head, _)) = self.pop_used() {
             let slot = head as usize / 3;
             if slot < SLOTS {
                 self.complete(slot, now_ms);
@@ -617,6 +670,6 @@ impl Blk {
                 }
             }
         }
-        self.q.kick();
+        self.kick_all();
     }
 }

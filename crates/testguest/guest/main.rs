@@ -287,6 +287,8 @@ struct Config {
     bs: u64,
     flush: u64,
     qd: usize,
+    /// Request queues the disk driver sets up when the device has them (`blkq=`).
+    blkq: usize,
     ip: Option<([u8; 4], u8)>,
     gw: Option<[u8; 4]>,
     devs: [virtio::DevSpec; virtio::MAX_DEVS],
@@ -351,6 +353,7 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
         bs: blk::REC,
         flush: 1,
         qd: 4,
+        blkq: 1,
         ip: None,
         gw: None,
         devs: [virtio::DevSpec::default(); virtio::MAX_DEVS],
@@ -434,6 +437,13 @@ fn parse_cmdline(s: &[u8], out: &mut Uart) -> Config {
             b"qd" => match parse_num(v) {
                 Some(n @ 1..=16) => {
                     c.qd = n as usize;
+                    true
+                }
+                _ => false,
+            },
+            b"blkq" => match parse_num(v) {
+                Some(n) if (1..=blk::MAX_QUEUES as u64).contains(&n) => {
+                    c.blkq = n as usize;
                     true
                 }
                 _ => false,
@@ -951,7 +961,7 @@ fn setup_virtio(
         let now_ms = (rdtsc() - tsc0) / tsc_khz;
         let r = if id == virtio::DEV_BLOCK {
             let Some(mode) = cfg.disk else { continue };
-            blk::Blk::new(m, arena, mode, cfg.qd, cfg.flush, cfg.bs).map(|b| blk = Some(b))
+            blk::Blk::new(m, arena, mode, cfg.qd, cfg.flush, cfg.bs, cfg.blkq).map(|b| blk = Some(b))
         } else {
             let Some((addr, prefix)) = cfg.ip else {
                 let _ = writeln!(out, "NET no ip=");

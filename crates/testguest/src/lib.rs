@@ -54,6 +54,7 @@
 //! | `disk=off\|write\|verify` | `off` | disk writer/verifier on the first virtio-blk device |
 //! | `flush=N` | 1 | `disk=write`: FLUSH after every N acknowledged records (0 = only when the disk is full) |
 //! | `qd=N` | 4 | disk requests in flight, 1..=16 |
+//! | `blkq=N` | 1 | disk request queues, 1..=4, where the device offers several (VIRTIO_BLK_F_MQ); request `i` goes on queue `i % N` |
 //! | `disk=bench` | – | benchmark mode: `qd` requests of one kind in flight, counted in `disk_acked`, no records or checks |
 //! | `io=randread\|randwrite\|read\|write\|flush` | `randread` | `disk=bench`: random or sequential reads or writes of `bs`, or (`flush`) a write then a FLUSH, one after the other (`disk_acked` counts flushes) |
 //! | `bs=BYTES` | 4096 | `disk=bench`: request size, a multiple of 4096 up to 1 MiB |
