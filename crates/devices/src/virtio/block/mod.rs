@@ -252,10 +252,13 @@ impl Block {
     ) -> Result<Pending<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>, String>
     {
         let head = chain.head_index();
-        let descs: Vec<(u64, usize, bool)> = chain
-            .clone()
-            .map(|d| (d.addr().0, d.len() as usize, d.is_write_only()))
-            .collect();
+        // The chain's buffers (address, length, writable), read again for a direct request.
+        let again = chain.clone();
+        let descs = || {
+            again
+                .clone()
+                .map(|d| (d.addr().0, d.len() as usize, d.is_write_only()))
+        };
         let mut reader = Reader::new(mem, chain.clone())
             .map_err(|e| format!("bad readable descriptors: {e}"))?;
         let mut writer =
@@ -279,13 +282,13 @@ impl Block {
         let work = match header.request_type {
             T_IN if direct(data_len) => {
                 // The data: the writable bytes before the status byte.
-                let segs = take_bytes(descs.iter().filter(|d| d.2), 0, data_len);
+                let segs = take_bytes(descs().filter(|d| d.2), 0, data_len);
                 self.direct_op(DiskOpKind::Read, header.sector, data_len, segs, ops)
             }
             T_OUT if direct(reader.available_bytes()) => {
                 // The data: the readable bytes after the 16-byte header.
                 let len = reader.available_bytes();
-                let segs = take_bytes(descs.iter().filter(|d| !d.2), 16, len);
+                let segs = take_bytes(descs().filter(|d| !d.2), 16, len);
                 if self.read_only {
                     Err(ReqError::Io)
                 } else {
@@ -463,13 +466,13 @@ impl Block {
 
 /// The first `len` bytes after `skip` of the buffers `descs` (address, length, writable), as
 /// guest segments.
-fn take_bytes<'a>(
-    descs: impl Iterator<Item = &'a (u64, usize, bool)>,
+fn take_bytes(
+    descs: impl Iterator<Item = (u64, usize, bool)>,
     mut skip: usize,
     mut len: usize,
 ) -> Vec<(u64, usize)> {
     let mut out = Vec::new();
-    for &(addr, n, _) in descs {
+    for (addr, n, _) in descs {
         if len == 0 {
             break;
         }
