@@ -73,31 +73,27 @@ impl UringFile {
             return;
         };
         let fd = types::Fd(self.file.as_raw_fd());
-        // Everything a submitted entry points at lives here until every entry completed.
-        let mut slices: Vec<Vec<Slice<'_>>> = Vec::with_capacity(ops.len());
-        let mut iovecs: Vec<Vec<libc::iovec>> = Vec::with_capacity(ops.len());
+        // Everything a submitted entry points at lives here until every entry completed:
+        // every op's guest buffers, as slices (to mark what reads land in) and as iovecs, in
+        // vectors sized once so that no push moves them.
+        let total = ops.iter().map(|o| o.guest.len()).sum();
+        let mut slices: Vec<Slice<'_>> = Vec::with_capacity(total);
+        let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(total);
+        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(ops.len());
         let mut results: Vec<Option<io::Result<()>>> = Vec::with_capacity(ops.len());
         let mut entries = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter_mut().enumerate() {
-            let mut s = Vec::new();
-            let mut v = Vec::new();
+            let start = iovecs.len();
             let entry = match op.kind {
                 DiskOpKind::Read | DiskOpKind::Write if !op.guest.is_empty() => {
-                    match mem.map(|m| guest_slices(m, &op.guest)) {
-                        Some(Ok(got)) => {
-                            s = got;
-                            v = s
-                                .iter()
-                                .map(|sl| libc::iovec {
-                                    iov_base: sl.ptr_guard_mut().as_ptr().cast(),
-                                    iov_len: sl.len(),
-                                })
-                                .collect();
+                    match mem.map(|m| guest_slices(m, &op.guest, &mut slices, &mut iovecs)) {
+                        Some(Ok(())) => {
+                            let v = &iovecs[start..];
                             if op.kind == DiskOpKind::Write {
                                 // Now, from guest memory (see `write_now`).
-                                results.push(Some(write_now(&mut self.file, &v, op, mem)));
+                                results.push(Some(write_now(&mut self.file, v, op, mem)));
                                 None
-                            } else if let [one] = v.as_slice() {
+                            } else if let [one] = v {
                                 // One buffer (the usual case): no vector for the kernel to copy.
                                 Some(
                                     opcode::Read::new(fd, one.iov_base.cast(), one.iov_len as u32)
@@ -113,6 +109,8 @@ impl UringFile {
                             }
                         }
                         Some(Err(e)) => {
+                            slices.truncate(start);
+                            iovecs.truncate(start);
                             results.push(Some(Err(e)));
                             None
                         }
@@ -149,8 +147,7 @@ impl UringFile {
                 results.push(None);
                 entries.push(e.user_data(i as u64));
             }
-            slices.push(s);
-            iovecs.push(v);
+            spans.push((start, iovecs.len()));
         }
         let mut in_flight = 0usize;
         for e in &entries {
@@ -216,7 +213,8 @@ impl UringFile {
                 },
                 Ok(()) if op.kind == DiskOpKind::Read => {
                     // The kernel wrote guest memory behind vm-memory's back: mark it.
-                    for sl in &slices[i] {
+                    let (a, b) = spans[i];
+                    for sl in &slices[a..b] {
                         sl.bitmap().mark_dirty(0, sl.len());
                     }
                     Ok(())
@@ -262,14 +260,25 @@ fn write_now(
     }
 }
 
-/// `segs` of guest memory as slices, in order (each within one memory region).
-fn guest_slices<'m>(mem: &'m GuestMemoryMmap, segs: &GuestSegments) -> io::Result<Vec<Slice<'m>>> {
-    segs.iter()
-        .map(|&(a, n)| {
-            mem.get_slice(GuestAddress(a), n)
-                .map_err(|e| io::Error::other(format!("guest memory: {e}")))
-        })
-        .collect()
+/// `segs` of guest memory, appended to `slices` and as iovecs to `iov` (each within one
+/// memory region); on an error, what was appended stays for the caller to drop.
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    segs: &GuestSegments,
+    slices: &mut Vec<Slice<'m>>,
+    iov: &mut Vec<libc::iovec>,
+) -> io::Result<()> {
+    for &(a, n) in segs {
+        let sl = mem
+            .get_slice(GuestAddress(a), n)
+            .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
+        iov.push(libc::iovec {
+            iov_base: sl.ptr_guard_mut().as_ptr().cast(),
+            iov_len: sl.len(),
+        });
+        slices.push(sl);
+    }
+    Ok(())
 }
 
 impl DiskBackend for UringFile {
