@@ -1095,7 +1095,10 @@ struct Partial {
 }
 
 /// The reader thread: returns why it stopped.
-fn receive(s: &Shared, mut rd: WireReader) -> Result<(), String> {
+fn receive(s: &Shared, rd: WireReader) -> Result<(), String> {
+    // Reply headers are 16 to 20 bytes: read them from a buffer, not one system call (or one
+    // lock of the TLS session) each.
+    let mut rd = io::BufReader::with_capacity(256 << 10, rd);
     let mut partial: HashMap<Cookie, Partial> = HashMap::new();
     let ctx = s.info.base_allocation;
     loop {
@@ -1177,7 +1180,7 @@ fn receive(s: &Shared, mut rd: WireReader) -> Result<(), String> {
 
 /// Take in one structured chunk.
 fn chunk(
-    rd: &mut WireReader,
+    rd: &mut io::BufReader<WireReader>,
     h: &ChunkHeader,
     p: &mut Partial,
     ctx: Option<u32>,
