@@ -163,9 +163,25 @@ impl UringFile {
             in_flight += 1;
         }
         let mut retries = 0u32;
+        let mut submitted = 0usize;
+        let mut give_up = false;
         while in_flight > 0 {
             match ring.submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(n) => submitted += n,
+                Err(e)
+                    if submitted == 0
+                        && !matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                        ) =>
+                {
+                    // The kernel took none of them and will not: serve them without the ring.
+                    tracing::warn!(
+                        "io_uring_enter failed ({e}): disk requests are served one at a time"
+                    );
+                    give_up = true;
+                    break;
+                }
                 Err(e) => {
                     // Entries already submitted are still the kernel's: wait on, whatever the
                     // error, rather than hand their buffers back while it may write them.
@@ -195,10 +211,16 @@ impl UringFile {
                 in_flight -= 1;
             }
         }
-        // Every entry is back: the buffers are the device's again.
+        // Every entry is back (or none was taken): the buffers are the device's again.
         drop(iovecs);
+        if give_up {
+            self.ring = None;
+        }
         for (i, op) in ops.iter_mut().enumerate() {
-            let r = results[i].take().unwrap_or(Ok(()));
+            // None: never taken by the kernel, served below like a short transfer.
+            let r = results[i]
+                .take()
+                .unwrap_or_else(|| Err(io::Error::from(io::ErrorKind::UnexpectedEof)));
             op.result = match r {
                 // A short transfer (the kernel may stop early): do the whole request again,
                 // one call at a time, which finishes it or says why not.
