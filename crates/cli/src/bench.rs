@@ -38,11 +38,14 @@ pub enum BenchCmd {
     /// total time as the admin sees it, guest-observed pause beside its noise floor; and an
     /// evacuation of 4 idle VMs against the sum of their single moves.
     Move(move_::MoveArgs),
-    /// Virtio as the test guest sees it: 4 KiB disk write and read IOPS beside the same file
-    /// on the host, and guest-to-host TCP throughput (a lab host; needs root).
+    /// Virtio as the test guest sees it, beside QEMU running the same guest and the host's own
+    /// figure on the same file: 4 KiB random reads and writes at 1 and 16 in flight (and at 16
+    /// with a cold page cache), 1 MiB sequential reads and writes, write + flush latency, TCP
+    /// both ways (a lab host; needs root).
     Io(io::IoArgs),
     /// A VM's disk on a file server's share (NBD over TLS, a lab file server) against the same
-    /// disk on the host's own filesystem: guest write and read IOPS, and their ratio; and live
+    /// disk on the host's own filesystem: 1 MiB sequential and 4 KiB random writes and reads,
+    /// and their ratios; and live
     /// storage moves (to a folder, to the share, with the VM to the other host) beside QEMU's.
     Storage(storage::StorageArgs),
 }

@@ -32,9 +32,6 @@ pub struct IoArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
-    /// Requests the guest keeps in flight.
-    #[arg(long, default_value_t = 16)]
-    qd: u32,
     /// One JSON object per figure.
     #[arg(long)]
     json: bool,

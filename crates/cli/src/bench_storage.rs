@@ -24,7 +24,7 @@ use ferry_lab::{Lab, LabOptions, Port};
 
 #[derive(Args)]
 pub struct StorageArgs {
-    /// Seconds of writing per measurement.
+    /// Seconds each I/O row is timed.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
     /// Runs of each (medians are printed).
