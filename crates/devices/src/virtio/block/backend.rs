@@ -114,7 +114,7 @@ pub trait DiskBackend: Send {
 
     /// Read the bytes at `offset` into guest memory at `segs` (what it writes there is marked
     /// in the dirty bitmap, as every device write is). Through a buffer by default; a
-    /// [`Self::direct`] backend reads straight into guest memory.
+    /// backend with [`Self::direct_min`] reads straight into guest memory.
     fn read_to_guest(
         &mut self,
         mem: &GuestMemoryMmap,
