@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hosts;
+pub mod migrate;
 pub mod netns;
 
 use std::os::unix::net::UnixStream;
