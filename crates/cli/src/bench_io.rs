@@ -109,7 +109,7 @@ fn boot(lab: &Lab, dir: &Path, cmdline: &str, disk: Option<&Path>) -> Result<Gue
 }
 
 /// The same guest under QEMU: microvm with a modern virtio-mmio disk on `disk` and a card on a
-/// tap of the lab host's bridge (QEMU appends the `virtio_mmio.device=` tokens itself).
+/// tap of the lab host's bridge (`qemu_microvm` names the transports on its command line).
 fn boot_qemu(
     lab: &Lab,
     dir: &Path,
@@ -139,41 +139,7 @@ fn boot_qemu(
     }
     let com1 = dir.join("qemu.com1");
     let _ = std::fs::remove_file(&com1);
-    let mut cmd = Lab::exec(ns);
-    cmd.arg(qemu).args([
-        "-M",
-        "microvm,acpi=off,x-option-roms=off,rtc=off,pit=on,pic=on,isa-serial=on",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        "1",
-        "-m",
-        "256",
-        "-display",
-        "none",
-        "-nodefaults",
-        "-no-reboot",
-        "-monitor",
-        "none",
-    ]);
-    // microvm adds its `virtio_mmio.device=` tokens only for Linux's boot path, not for a
-    // Multiboot kernel's command line: name all eight of its transports (512 bytes each from
-    // 0xfeb00000, IRQ 5 on); the guest skips the empty ones.
-    let tokens: Vec<String> = (0..8u64)
-        .map(|i| {
-            format!(
-                "virtio_mmio.device=512@{:#x}:{}",
-                0xfeb0_0000u64 + i * 512,
-                5 + i
-            )
-        })
-        .collect();
-    let append = format!("{cmdline} {}", tokens.join(" "));
-    cmd.arg("-kernel").arg(&guest).args(["-append", &append]);
+    let mut cmd = super::qemu_microvm(ns, qemu, &guest, cmdline, 256);
     if let Some(disk) = disk {
         cmd.arg("-drive").arg(format!(
             "id=d0,file={},format=raw,if=none,cache=writeback",

@@ -234,30 +234,7 @@ fn qemu_vm(
     let con_path = dir.join(format!("{tag}.con"));
     let qmp_path = dir.join(format!("{tag}.qmp"));
     let _ = std::fs::remove_file(&qmp_path);
-    let mut cmdline = CMDLINE.to_string();
-    for i in 0..8 {
-        cmdline += &format!(
-            " virtio_mmio.device=512@0x{:x}:{}",
-            0xfeb0_0000u64 + i * 0x200,
-            5 + i
-        );
-    }
-    let mut cmd = Lab::exec(ns);
-    cmd.arg(qemu).args([
-        "-M",
-        "microvm,acpi=off,x-option-roms=off,rtc=off,pit=on,pic=on,isa-serial=on",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        "1",
-        "-m",
-        "256",
-    ]);
-    cmd.arg("-kernel").arg(&kernel).args(["-append", &cmdline]);
+    let mut cmd = super::qemu_microvm(ns, qemu, &kernel, CMDLINE, 256);
     cmd.arg("-drive")
         .arg(format!(
             "id=d0,file={},format=raw,if=none,cache=writeback,aio=threads",
@@ -266,14 +243,6 @@ fn qemu_vm(
         .args(["-device", "virtio-blk-device,drive=d0,serial=ferrydisk"]);
     cmd.arg("-serial")
         .arg(format!("unix:{},server=on,wait=off", con_path.display()));
-    cmd.args([
-        "-display",
-        "none",
-        "-nodefaults",
-        "-no-reboot",
-        "-monitor",
-        "none",
-    ]);
     cmd.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
     cmd.args(extra);
