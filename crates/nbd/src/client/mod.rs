@@ -825,59 +825,79 @@ impl Client {
     /// Send every request of `reqs` in one write (one TLS flight, one syscall where they fit)
     /// and return a ticket for each, in order.
     pub fn submit_all(&self, reqs: &[Request]) -> Vec<Result<Ticket, RequestError>> {
-        let mut out: Vec<Result<Ticket, RequestError>> = Vec::with_capacity(reqs.len());
-        let mut wires: Vec<(usize, Wire<'_>)> = Vec::new();
+        let mut rxs = Vec::with_capacity(reqs.len());
+        let sent = self.submit_all_with(reqs, |_| {
+            let (tx, rx) = mpsc::sync_channel(1);
+            rxs.push(rx);
+            Box::new(move |_, c| {
+                let _ = tx.send(c);
+            })
+        });
+        sent.into_iter()
+            .zip(rxs)
+            .map(|(r, rx)| r.map(|cookie| Ticket { cookie, rx }))
+            .collect()
+    }
+
+    /// Send every request of `reqs` in one write; `done(i)` makes the callback that runs on the
+    /// reader thread when request `i` completes (asked once per request, in order). `Err`
+    /// for a request means its callback was not (and will not be) called.
+    pub fn submit_all_with(
+        &self,
+        reqs: &[Request],
+        mut done: impl FnMut(usize) -> Callback,
+    ) -> Vec<Result<Cookie, RequestError>> {
+        let mut out: Vec<Result<Cookie, RequestError>> = Vec::with_capacity(reqs.len());
+        let mut wires: Vec<(usize, Wire<'_>, Callback)> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
+            let cb = done(i);
             match self.wire(r) {
                 Ok(mut w) => {
                     w.header.cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
-                    wires.push((i, w));
-                    out.push(Err(RequestError::Invalid("not sent")));
+                    out.push(Ok(w.header.cookie));
+                    wires.push((i, w, cb));
                 }
                 Err(e) => out.push(Err(e)),
             }
         }
-        {
-            let mut p = lock(&self.shared.pending);
-            if let Some(why) = p.closed.clone() {
-                for (i, _) in &wires {
-                    out[*i] = Err(RequestError::Disconnected(why.clone()));
-                }
-                return out;
-            }
-            for (i, w) in &wires {
-                let (tx, rx) = mpsc::sync_channel(1);
-                p.map.insert(
-                    w.header.cookie,
-                    Entry {
-                        expect: w.expect,
-                        done: Box::new(move |_, c| {
-                            let _ = tx.send(c);
-                        }),
-                    },
-                );
-                out[*i] = Ok(Ticket {
-                    cookie: w.header.cookie,
-                    rx,
-                });
-            }
-        }
         let hdrs: Vec<[u8; REQUEST_LEN]> = wires
             .iter()
-            .map(|(_, w)| encode_request(&w.header))
+            .map(|(_, w, _)| encode_request(&w.header))
             .collect();
         let mut parts: Vec<&[u8]> = Vec::with_capacity(wires.len() * 2);
-        for (k, (_, w)) in wires.iter().enumerate() {
+        for (k, (_, w, _)) in wires.iter().enumerate() {
             parts.push(&hdrs[k]);
             if !w.payload.is_empty() {
                 parts.push(w.payload);
             }
         }
+        let cookies: Vec<(usize, Cookie)> = wires
+            .iter()
+            .map(|(i, w, _)| (*i, w.header.cookie))
+            .collect();
+        {
+            let mut p = lock(&self.shared.pending);
+            if let Some(why) = p.closed.clone() {
+                for (i, _) in &cookies {
+                    out[*i] = Err(RequestError::Disconnected(why.clone()));
+                }
+                return out;
+            }
+            for (_, w, cb) in wires {
+                p.map.insert(
+                    w.header.cookie,
+                    Entry {
+                        expect: w.expect,
+                        done: cb,
+                    },
+                );
+            }
+        }
         if let Err(e) = lock(&self.shared.writer).send(&parts) {
             let _ = self.shared.sock.shutdown(Shutdown::Both);
             let mut p = lock(&self.shared.pending);
-            for (i, w) in &wires {
-                if p.map.remove(&w.header.cookie).is_some() {
+            for (i, cookie) in &cookies {
+                if p.map.remove(cookie).is_some() {
                     out[*i] = Err(RequestError::Disconnected(e.to_string()));
                 }
             }
