@@ -93,7 +93,7 @@ impl FastRegisters {
 impl<D: VirtioDevice> MmioTransport<D> {
     /// A device in its reset state. `kick` wakes the device's worker.
     pub fn new(
-        device: D,
+        mut device: D,
         mem: GuestMemoryMmap,
         interrupt: Interrupt,
         kick: EventFd,
@@ -103,6 +103,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .into_iter()
             .map(Queue::new)
             .collect::<Result<_, _>>()?;
+        device.set_interrupt(interrupt.clone());
         Ok(MmioTransport {
             device,
             queues,

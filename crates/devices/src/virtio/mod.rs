@@ -110,6 +110,9 @@ pub trait VirtioDevice: Send + 'static {
     fn reset(&mut self);
     /// Do the work `wake` asks for. Returns whether the driver should be interrupted.
     fn process(&mut self, wake: Wake, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// The device's interrupt line, for a device that answers requests while `process` is
+    /// still running (the transport hands it over when it is created).
+    fn set_interrupt(&mut self, _interrupt: Interrupt) {}
     /// Whether the transport should poll the queues for a while after `process` (which then
     /// leaves the driver's notifications off), before it turns notifications back on.
     fn polls(&self) -> bool {

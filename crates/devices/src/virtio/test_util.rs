@@ -103,6 +103,13 @@ impl QueueHarness {
             .unwrap()
     }
 
+    /// The head of the chain in used ring entry `i`.
+    pub fn used_id(&self, i: u16) -> u32 {
+        self.mem
+            .read_obj(GuestAddress(USED + 4 + u64::from(i % self.size) * 8))
+            .unwrap()
+    }
+
     pub fn used_len(&self, i: u16) -> u32 {
         self.mem
             .read_obj(GuestAddress(USED + 4 + u64::from(i % self.size) * 8 + 4))

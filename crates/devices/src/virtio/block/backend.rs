@@ -1,13 +1,17 @@
 //! Where a virtio disk's bytes live: a raw image file here, or (in the VMM) an NBD export.
 //!
-//! The device hands its backend a batch of requests at a time ([`DiskBackend::run`]): a file
-//! serves them one by one, a network backend sends them all before it waits for the first
-//! reply, so several requests are in flight while the device still completes every request
-//! of a batch before it returns (a paused device never has a request half done).
+//! The device hands its backend a stream of requests ([`DiskBackend::serve_stream`]) through
+//! a [`RequestFeed`]: by default the backend takes a batch, serves it whole
+//! ([`DiskBackend::serve`]: a file through io_uring, all of it in flight at once) and takes
+//! the next; a network backend keeps taking requests while earlier ones are on the wire, so
+//! the guest's queue never waits for a whole batch's round trip. Either way the stream returns
+//! only with every request it took answered (a paused device never has a request half done).
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use rustix::fs::FallocateFlags;
 use vm_memory::io::{ReadVolatile, WriteVolatile};
@@ -17,6 +21,21 @@ use crate::virtio::GuestMemoryMmap;
 
 /// Guest memory a request's data sits in: (guest-physical address, length) in order.
 pub type GuestSegments = [(u64, usize)];
+
+/// Most requests taken from the guest at once by [`serve_batches`].
+pub const MAX_BATCH: usize = 64;
+/// Most data bytes (reads and writes) taken from the guest at once by [`serve_batches`].
+pub const MAX_BATCH_BYTES: usize = 32 << 20;
+
+/// The device's side of [`DiskBackend::serve_stream`].
+pub trait RequestFeed {
+    /// Requests the guest has queued, parsed, each with the device's tag for it: at most `max`
+    /// of them, stopping once `max_bytes` of reads and writes are taken. None: nothing queued
+    /// now, or the stream should end (someone waits for the disk).
+    fn take(&mut self, max: usize, max_bytes: usize, out: &mut Vec<(usize, DiskOp)>);
+    /// A request taken is finished (its `result` set): the device answers the guest at once.
+    fn done(&mut self, tag: usize, op: DiskOp);
+}
 
 /// What one request asks of the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +107,15 @@ pub trait DiskBackend: Send {
         Ok(false)
     }
 
+    /// Serve requests from `feed` until it has none and none is in flight; every request taken
+    /// is handed back done. A batch at a time through [`Self::serve`] by default
+    /// ([`serve_batches`]); a backend that can keep requests in flight across batches takes new
+    /// ones while earlier ones are out. A flush covers every write completed before it was
+    /// taken.
+    fn serve_stream(&mut self, feed: &mut dyn RequestFeed, mem: &GuestMemoryMmap) {
+        serve_batches(self, feed, mem);
+    }
+
     /// Serve every request of `ops` and set each one's `result`, in any order, but a flush
     /// covers every write completed before it was issued. One at a time by default.
     fn run(&mut self, ops: &mut [DiskOp]) {
@@ -141,6 +169,89 @@ pub trait DiskBackend: Send {
     ) -> io::Result<()> {
         let buf = gather(mem, segs)?;
         self.write_at(&buf, offset)
+    }
+}
+
+/// A lock around a disk that a stream of requests holds while it runs and gives up as soon as
+/// anyone else wants the disk (a storage move starting or switching, a flush before a
+/// hand-over): the stream's feed then takes nothing new, and the stream ends once what it has
+/// in flight is answered. Anything but a stream locks with [`StreamLock::lock`].
+pub struct StreamLock<T> {
+    inner: Mutex<T>,
+    /// Threads waiting in [`StreamLock::lock`].
+    waiting: AtomicUsize,
+}
+
+impl<T> StreamLock<T> {
+    pub fn new(v: T) -> Self {
+        StreamLock {
+            inner: Mutex::new(v),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The disk, for anything but a stream (which ends soon if it holds it).
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        g
+    }
+
+    /// Run a stream on the disk: `f` gets it and a feed that takes nothing new once someone
+    /// waits in [`Self::lock`]. Someone waiting already goes first.
+    pub fn stream<R>(
+        &self,
+        feed: &mut dyn RequestFeed,
+        f: impl FnOnce(&mut T, &mut dyn RequestFeed) -> R,
+    ) -> R {
+        while self.waiting.load(Ordering::SeqCst) > 0 {
+            std::thread::yield_now();
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut yielding = Yielding {
+            feed,
+            waiting: &self.waiting,
+        };
+        f(&mut g, &mut yielding)
+    }
+}
+
+/// A feed that runs dry while someone waits for the disk.
+struct Yielding<'a> {
+    feed: &'a mut dyn RequestFeed,
+    waiting: &'a AtomicUsize,
+}
+
+impl RequestFeed for Yielding<'_> {
+    fn take(&mut self, max: usize, max_bytes: usize, out: &mut Vec<(usize, DiskOp)>) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            self.feed.take(max, max_bytes, out);
+        }
+    }
+    fn done(&mut self, tag: usize, op: DiskOp) {
+        self.feed.done(tag, op);
+    }
+}
+
+/// [`DiskBackend::serve_stream`]'s default: take a batch (up to [`MAX_BATCH`] requests and
+/// [`MAX_BATCH_BYTES`]), serve it whole through [`DiskBackend::serve`], hand it back, again.
+pub fn serve_batches<D: DiskBackend + ?Sized>(
+    disk: &mut D,
+    feed: &mut dyn RequestFeed,
+    mem: &GuestMemoryMmap,
+) {
+    let mut taken = Vec::new();
+    loop {
+        feed.take(MAX_BATCH, MAX_BATCH_BYTES, &mut taken);
+        if taken.is_empty() {
+            return;
+        }
+        let (tags, mut ops): (Vec<usize>, Vec<DiskOp>) = taken.drain(..).unzip();
+        disk.serve(&mut ops, mem);
+        for (tag, op) in tags.into_iter().zip(ops) {
+            feed.done(tag, op);
+        }
     }
 }
 
@@ -298,5 +409,64 @@ impl DiskBackend for File {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that always has another request queued.
+    struct Endless {
+        taken: usize,
+        done: usize,
+    }
+
+    impl RequestFeed for Endless {
+        fn take(&mut self, max: usize, _: usize, out: &mut Vec<(usize, DiskOp)>) {
+            for _ in 0..max.min(4) {
+                out.push((self.taken, DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new())));
+                self.taken += 1;
+            }
+        }
+        fn done(&mut self, _: usize, _: DiskOp) {
+            self.done += 1;
+        }
+    }
+
+    #[test]
+    fn a_stream_gives_the_disk_up_when_someone_waits_for_it_with_nothing_left_in_flight() {
+        let disk = std::sync::Arc::new(StreamLock::new(0u64));
+        let other = {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                *disk.lock() += 1_000_000;
+            })
+        };
+        let mut feed = Endless { taken: 0, done: 0 };
+        // The stream takes for as long as its feed gives, answering as it goes: it ends only
+        // because the other thread wants the disk.
+        disk.stream(&mut feed, |served, feed| {
+            let mut ops = Vec::new();
+            loop {
+                feed.take(4, usize::MAX, &mut ops);
+                if ops.is_empty() {
+                    return;
+                }
+                for (tag, op) in ops.drain(..) {
+                    *served += 1;
+                    feed.done(tag, op);
+                }
+            }
+        });
+        other.join().unwrap();
+        assert!(feed.taken > 0);
+        assert_eq!(feed.taken, feed.done, "everything taken was answered");
+        assert_eq!(
+            *disk.lock(),
+            1_000_000 + feed.taken as u64,
+            "the other thread had the disk after the stream"
+        );
     }
 }

@@ -1,8 +1,12 @@
 //! virtio-blk on a [`DiskBackend`]: a raw image file, or an NBD export (VIRTIO 1.1 §5.2).
 //!
-//! The device's worker thread takes every request the guest queued (up to a batch), hands
-//! them to the backend together (a network backend keeps them all in flight), and completes
-//! them all before it returns, so when the transport is paused no request is half done: a
+//! The device's worker thread hands the backend a stream of requests
+//! ([`DiskBackend::serve_stream`]): the backend takes what the guest has queued (a file a
+//! batch at a time, all of it in flight together; a network disk as many as it keeps in
+//! flight, taking the next ones as earlier ones are answered), and the device answers each
+//! request, and interrupts the driver if it asks, as soon as the backend is done with it. The
+//! stream ends when the queues are dry and nothing is in flight, so when the transport is
+//! paused (after the vCPUs, so the guest queues nothing more) no request is half done: a
 //! snapshot or a migration never has to carry in-flight block requests. Read, write, flush
 //! (acknowledged only once the data is on stable storage), get-id (serial), discard and
 //! write-zeroes.
@@ -11,7 +15,8 @@ mod backend;
 mod persist;
 
 pub use backend::{
-    gather, serve_each, DiskBackend, DiskOp, DiskOpKind, GuestSegments, FILE_DIRECT_MIN,
+    gather, serve_batches, serve_each, DiskBackend, DiskOp, DiskOpKind, GuestSegments, RequestFeed,
+    StreamLock, FILE_DIRECT_MIN, MAX_BATCH, MAX_BATCH_BYTES,
 };
 pub use persist::BlockState;
 
@@ -21,8 +26,8 @@ use std::os::fd::RawFd;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
 use super::{
-    read_config_bytes, wants_interrupt, GuestMemoryMmap, LogLimit, VirtioDevice, Wake, TYPE_BLOCK,
-    VIRTIO_RING_F_EVENT_IDX,
+    read_config_bytes, wants_interrupt, GuestMemoryMmap, Interrupt, LogLimit, VirtioDevice, Wake,
+    TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 #[cfg(test)]
 use ferry_migration::Persist;
@@ -59,10 +64,6 @@ const S_UNSUPP: u8 = 2;
 const MAX_TRANSFER: usize = 16 << 20;
 /// Largest discard / write-zeroes range in sectors.
 const MAX_ZERO_SECTORS: u32 = 1 << 22;
-/// Most requests handed to the backend at once.
-const MAX_BATCH: usize = 64;
-/// Most data bytes in one batch (reads and writes).
-const MAX_BATCH_BYTES: usize = 32 << 20;
 
 /// The 16-byte request header: type, reserved, sector (little endian).
 #[derive(Clone, Copy, Default, Debug)]
@@ -122,19 +123,29 @@ impl ZeroSegment {
 /// A virtio block device.
 pub struct Block {
     disk: Box<dyn DiskBackend>,
+    /// Everything a request is checked and answered against.
+    req: Requests,
+    /// Request queues offered (VIRTIO_BLK_F_MQ when more than one).
+    queues: u16,
+    /// The device's interrupt line, to tell the driver of completions while requests are still
+    /// in flight (set by the transport; without it the transport interrupts after `process`).
+    interrupt: Option<Interrupt>,
+}
+
+/// What parsing and answering requests needs, apart from the disk (which serves them while
+/// this takes the next ones off the queues).
+struct Requests {
     read_only: bool,
     capacity_sectors: u64,
     serial: [u8; ID_LEN],
-    pub(crate) acked_features: u64,
-    /// Request queues offered (VIRTIO_BLK_F_MQ when more than one).
-    queues: u16,
-    /// Data buffers kept for the next batch.
+    acked_features: u64,
+    /// Data buffers kept for the next requests.
     spare: Vec<Vec<u8>>,
-    /// The backend's [`DiskBackend::direct_min`], asked at each batch.
+    /// The backend's [`DiskBackend::direct_min`], asked before each stream of requests.
     direct_min: Option<usize>,
     errors: LogLimit,
     /// Requests served (for status and benchmarks).
-    pub requests: u64,
+    served: u64,
 }
 
 /// Why a request failed, turned into a status byte.
@@ -143,19 +154,19 @@ enum ReqError {
     Io,
 }
 
-/// `Pending::work` of a request answered without the backend.
-const ANSWERED: usize = usize::MAX;
-
-/// A request taken off the queue: where its reply goes, and what it asks.
+/// A request taken off a queue: where its reply goes.
 struct Pending<'a, B: vm_memory::bitmap::BitmapSlice> {
     head: u16,
     data: Writer<'a, B>,
     status: Writer<'a, B>,
-    /// Its index in the batch's ops, or the answer it already has.
-    work: Result<usize, ReqError>,
+    /// The answer it already has (`Ok(None)`: none yet, the disk's work decides it).
+    answer: Result<Option<()>, ReqError>,
     /// Bytes the answer puts into guest buffers besides the status (GET_ID).
     written: u32,
 }
+
+/// The guest memory slices of the requests in flight.
+type Slices<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 
 impl Block {
     /// A block device on `disk`. `serial` is truncated to 20 bytes.
@@ -179,15 +190,18 @@ impl Block {
         s[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Block {
             disk,
-            read_only,
-            capacity_sectors: len / SECTOR_SIZE,
-            serial: s,
-            acked_features: 0,
+            req: Requests {
+                read_only,
+                capacity_sectors: len / SECTOR_SIZE,
+                serial: s,
+                acked_features: 0,
+                spare: Vec::new(),
+                direct_min: None,
+                errors: LogLimit::default(),
+                served: 0,
+            },
             queues: 1,
-            spare: Vec::new(),
-            direct_min: None,
-            errors: LogLimit::default(),
-            requests: 0,
+            interrupt: None,
         })
     }
 
@@ -205,12 +219,17 @@ impl Block {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
-        self.capacity_sectors
+        self.req.capacity_sectors
+    }
+
+    /// Requests served so far.
+    pub fn requests_served(&self) -> u64 {
+        self.req.served
     }
 
     fn config(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        c[0..8].copy_from_slice(&self.req.capacity_sectors.to_le_bytes());
         c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         c[34..36].copy_from_slice(&self.queues.to_le_bytes()); // num_queues
@@ -222,7 +241,9 @@ impl Block {
         c[56] = 1; // write_zeroes_may_unmap
         c
     }
+}
 
+impl Requests {
     fn check_range(&self, sector: u64, bytes: u64) -> Result<u64, ReqError> {
         let end = sector
             .checked_mul(SECTOR_SIZE)
@@ -241,16 +262,14 @@ impl Block {
         b
     }
 
-    /// Take one request apart: check it, copy a write's data out of the guest, and add what
-    /// the backend must do to `ops`. Returns the request, or why it is malformed (it is then
+    /// Take one request apart: check it, copy a write's data out of the guest, and say what
+    /// the backend must do for it. Returns the request, or why it is malformed (it is then
     /// dropped with nothing written).
     fn parse<'a>(
         &mut self,
         chain: DescriptorChain<&'a GuestMemoryMmap>,
         mem: &'a GuestMemoryMmap,
-        ops: &mut Vec<DiskOp>,
-    ) -> Result<Pending<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>, String>
-    {
+    ) -> Result<(Pending<'a, Slices<'a>>, Option<DiskOp>), String> {
         let head = chain.head_index();
         // The chain's buffers (address, length, writable), read again for a direct request.
         let again = chain.clone();
@@ -275,7 +294,7 @@ impl Block {
         let status = writer
             .split_at(data_len)
             .map_err(|e| format!("status split: {e}"))?;
-        self.requests += 1;
+        self.served += 1;
         let mut written = 0u32;
         // Straight to or from guest memory where the backend takes a request this large.
         let direct = |len: usize| self.direct_min.is_some_and(|m| len >= m);
@@ -283,7 +302,7 @@ impl Block {
             T_IN if direct(data_len) => {
                 // The data: the writable bytes before the status byte.
                 let segs = take_bytes(descs().filter(|d| d.2), 0, data_len);
-                self.direct_op(DiskOpKind::Read, header.sector, data_len, segs, ops)
+                self.direct_op(DiskOpKind::Read, header.sector, data_len, segs)
             }
             T_OUT if direct(reader.available_bytes()) => {
                 // The data: the readable bytes after the 16-byte header.
@@ -292,35 +311,40 @@ impl Block {
                 if self.read_only {
                     Err(ReqError::Io)
                 } else {
-                    self.direct_op(DiskOpKind::Write, header.sector, len, segs, ops)
+                    self.direct_op(DiskOpKind::Write, header.sector, len, segs)
                 }
             }
-            T_IN => self.read_op(header.sector, data_len, ops),
-            T_OUT => self.write_op(header.sector, &mut reader, ops),
-            T_FLUSH => {
-                ops.push(DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new()));
-                Ok(ops.len() - 1)
-            }
+            T_IN => self.read_op(header.sector, data_len),
+            T_OUT => self.write_op(header.sector, &mut reader),
+            T_FLUSH => Ok(Some(DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new()))),
             T_GET_ID => {
                 let n = data_len.min(ID_LEN);
                 match writer.write_all(&self.serial[..n]) {
                     Ok(()) => {
                         written = n as u32;
-                        Ok(ANSWERED)
+                        Ok(None)
                     }
                     Err(_) => Err(ReqError::Io),
                 }
             }
-            T_DISCARD | T_WRITE_ZEROES => self.zero_op(header.request_type, &mut reader, ops),
+            T_DISCARD | T_WRITE_ZEROES => self.zero_op(header.request_type, &mut reader),
             _ => Err(ReqError::Unsupported),
         };
-        Ok(Pending {
-            head,
-            data: writer,
-            status,
-            work,
-            written,
-        })
+        let (answer, op) = match work {
+            Ok(Some(op)) => (Ok(None), Some(op)),
+            Ok(None) => (Ok(Some(())), None),
+            Err(e) => (Err(e), None),
+        };
+        Ok((
+            Pending {
+                head,
+                data: writer,
+                status,
+                answer,
+                written,
+            },
+            op,
+        ))
     }
 
     /// A large read or write that goes straight to or from guest memory at `segs`.
@@ -330,39 +354,30 @@ impl Block {
         sector: u64,
         len: usize,
         segs: Vec<(u64, usize)>,
-        ops: &mut Vec<DiskOp>,
-    ) -> Result<usize, ReqError> {
+    ) -> Result<Option<DiskOp>, ReqError> {
         if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
             return Err(ReqError::Io);
         }
         let off = self.check_range(sector, len as u64)?;
         let mut op = DiskOp::new(kind, off, len as u64, Vec::new());
         op.guest = segs;
-        ops.push(op);
-        Ok(ops.len() - 1)
+        Ok(Some(op))
     }
 
-    fn read_op(
-        &mut self,
-        sector: u64,
-        len: usize,
-        ops: &mut Vec<DiskOp>,
-    ) -> Result<usize, ReqError> {
+    fn read_op(&mut self, sector: u64, len: usize) -> Result<Option<DiskOp>, ReqError> {
         if !len.is_multiple_of(SECTOR_SIZE as usize) || len > MAX_TRANSFER {
             return Err(ReqError::Io);
         }
         let off = self.check_range(sector, len as u64)?;
         let buf = self.buffer(len);
-        ops.push(DiskOp::new(DiskOpKind::Read, off, len as u64, buf));
-        Ok(ops.len() - 1)
+        Ok(Some(DiskOp::new(DiskOpKind::Read, off, len as u64, buf)))
     }
 
     fn write_op(
         &mut self,
         sector: u64,
         r: &mut Reader<'_, impl vm_memory::bitmap::BitmapSlice>,
-        ops: &mut Vec<DiskOp>,
-    ) -> Result<usize, ReqError> {
+    ) -> Result<Option<DiskOp>, ReqError> {
         if self.read_only {
             return Err(ReqError::Io);
         }
@@ -373,8 +388,7 @@ impl Block {
         let off = self.check_range(sector, len as u64)?;
         let mut buf = self.buffer(len);
         r.read_exact(&mut buf).map_err(|_| ReqError::Io)?;
-        ops.push(DiskOp::new(DiskOpKind::Write, off, len as u64, buf));
-        Ok(ops.len() - 1)
+        Ok(Some(DiskOp::new(DiskOpKind::Write, off, len as u64, buf)))
     }
 
     /// Discard / write-zeroes: one segment (max_discard_seg and max_write_zeroes_seg are 1).
@@ -382,8 +396,7 @@ impl Block {
         &mut self,
         kind: u32,
         r: &mut Reader<'_, impl vm_memory::bitmap::BitmapSlice>,
-        ops: &mut Vec<DiskOp>,
-    ) -> Result<usize, ReqError> {
+    ) -> Result<Option<DiskOp>, ReqError> {
         let feature = if kind == T_DISCARD {
             F_DISCARD
         } else {
@@ -410,23 +423,24 @@ impl Block {
                 unmap: seg.flags & 1 != 0,
             }
         };
-        ops.push(DiskOp::new(k, off, len, Vec::new()));
-        Ok(ops.len() - 1)
+        Ok(Some(DiskOp::new(k, off, len, Vec::new())))
     }
 
-    /// Write a request's answer into the guest; returns the bytes written (for the used ring).
+    /// Write a request's answer into the guest (`op`: what the disk did for it); returns the
+    /// bytes written (for the used ring).
     fn complete(
         &mut self,
         p: &mut Pending<'_, impl vm_memory::bitmap::BitmapSlice>,
-        ops: &mut [DiskOp],
+        op: Option<&DiskOp>,
     ) -> Result<u32, String> {
         let mut written = p.written;
-        let result = match p.work {
-            Err(ReqError::Io) => Err(ReqError::Io),
-            Err(ReqError::Unsupported) => Err(ReqError::Unsupported),
-            Ok(ANSWERED) => Ok(()),
-            Ok(i) => {
-                let op = &mut ops[i];
+        let result = match (&p.answer, op) {
+            (Err(ReqError::Io), _) => Err(ReqError::Io),
+            (Err(ReqError::Unsupported), _) => Err(ReqError::Unsupported),
+            (Ok(Some(())), _) => Ok(()),
+            // Nothing done for a request that needed the disk: never left unanswered.
+            (Ok(None), None) => Err(ReqError::Io),
+            (Ok(None), Some(op)) => {
                 match (&op.result, op.kind) {
                     // Already in guest memory.
                     (Ok(()), DiskOpKind::Read) if !op.guest.is_empty() => {
@@ -502,7 +516,7 @@ impl VirtioDevice for Block {
         if self.queues > 1 {
             f |= F_MQ;
         }
-        if self.read_only {
+        if self.req.read_only {
             f |= F_RO;
         } else {
             f |= F_DISCARD | F_WRITE_ZEROES;
@@ -527,98 +541,168 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, acked_features: u64) {
-        self.acked_features = acked_features;
+        self.req.acked_features = acked_features;
     }
 
     fn reset(&mut self) {
-        self.acked_features = 0;
+        self.req.acked_features = 0;
     }
 
     /// Every ready queue, whichever woke it: looking at a queue with nothing new costs a read
     /// of its index, and a notification is never missed.
     fn process(&mut self, _wake: Wake, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let mut interrupt = false;
-        for q in queues.iter_mut() {
-            // A queue the driver did not set up (one without VIRTIO_BLK_F_MQ) is not ready.
-            if q.ready() {
-                interrupt |= self.serve_queue(q, mem);
-            }
+        self.req.direct_min = self.disk.direct_min();
+        for q in queues.iter_mut().filter(|q| q.ready()) {
+            // The driver need not notify while the device works through the queue; the
+            // transport turns notifications back on once it is dry (`VirtioDevice::polls`).
+            let _ = q.disable_notification(mem);
         }
-        interrupt
+        let mut feed = Feed {
+            req: &mut self.req,
+            unsignaled: vec![false; queues.len()],
+            queues,
+            mem,
+            pending: Vec::new(),
+            free: Vec::new(),
+            next_queue: 0,
+            interrupt: self.interrupt.as_ref(),
+        };
+        self.disk.serve_stream(&mut feed, mem);
+        debug_assert!(
+            feed.pending.iter().all(Option::is_none),
+            "the disk returned with requests unanswered"
+        );
+        feed.wants_interrupt()
+    }
+
+    fn set_interrupt(&mut self, interrupt: Interrupt) {
+        self.interrupt = Some(interrupt);
     }
 }
 
-impl Block {
-    /// Serve every request queued on `q`; whether the driver wants an interrupt.
-    fn serve_queue(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        // The driver need not notify while the device works through the queue.
-        let _ = q.disable_notification(mem);
-        loop {
-            // A batch: every queued request, up to MAX_BATCH requests and MAX_BATCH_BYTES of data.
-            let mut ops = Vec::new();
-            let mut pending = Vec::new();
-            let mut bytes = 0usize;
-            self.direct_min = self.disk.direct_min();
-            while pending.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                let Some(chain) = q.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                match self.parse(chain, mem, &mut ops) {
-                    Ok(p) => {
-                        if let Ok(i) = p.work {
-                            if let Some(op) = ops.get(i) {
-                                bytes += op.len as usize;
-                            }
-                        }
-                        pending.push(p);
-                    }
-                    Err(msg) => {
-                        if self.errors.allow() {
-                            tracing::warn!("virtio-blk: malformed request dropped: {msg}");
-                        }
-                        if let Err(e) = q.add_used(mem, head, 0) {
-                            if self.errors.allow() {
-                                tracing::warn!("virtio-blk: cannot complete request: {e:?}");
-                            }
-                        }
-                        used = true;
-                    }
-                }
+/// The device's side of a stream of requests ([`DiskBackend::serve_stream`]): takes them off
+/// the ready queues (in turn) and answers each as the disk finishes it.
+struct Feed<'a> {
+    req: &'a mut Requests,
+    queues: &'a mut [Queue],
+    mem: &'a GuestMemoryMmap,
+    /// The requests the disk has, by tag: their queue and where their answer goes.
+    pending: Vec<Option<(usize, Pending<'a, Slices<'a>>)>>,
+    /// Free tags.
+    free: Vec<usize>,
+    /// The queue looked at first by the next `take`.
+    next_queue: usize,
+    /// Queues with answers the driver has not been interrupted for.
+    unsignaled: Vec<bool>,
+    interrupt: Option<&'a Interrupt>,
+}
+
+impl Feed<'_> {
+    /// Whether the driver wants an interrupt for the answers added since the last one (asking
+    /// resets each queue's count).
+    fn wants_interrupt(&mut self) -> bool {
+        let mut wanted = false;
+        for (q, u) in self.queues.iter_mut().zip(self.unsignaled.iter_mut()) {
+            if std::mem::take(u) {
+                wanted |= wants_interrupt(q, self.mem);
             }
-            if pending.is_empty() {
-                // Notifications stay off: the transport looks for more requests a little
-                // longer, then turns them back on (`VirtioDevice::polls`).
-                break;
-            }
-            self.disk.serve(&mut ops, mem);
-            for p in pending.iter_mut() {
-                let len = match self.complete(p, &mut ops) {
-                    Ok(n) => n,
-                    Err(msg) => {
-                        if self.errors.allow() {
-                            tracing::warn!("virtio-blk: {msg}");
-                        }
-                        0
-                    }
-                };
-                if let Err(e) = q.add_used(mem, p.head, len) {
-                    if self.errors.allow() {
-                        tracing::warn!("virtio-blk: cannot complete request: {e:?}");
-                    }
-                }
-                used = true;
-            }
-            self.spare.extend(
-                ops.into_iter()
-                    .map(|o| o.buf)
-                    .filter(|b| b.capacity() > 0)
-                    .take(MAX_BATCH),
-            );
-            self.spare.truncate(MAX_BATCH);
         }
-        used && wants_interrupt(q, mem)
+        wanted
+    }
+
+    /// Put a request's answer on its queue's used ring.
+    fn answer(&mut self, queue: usize, head: u16, len: u32) {
+        if let Err(e) = self.queues[queue].add_used(self.mem, head, len) {
+            if self.req.errors.allow() {
+                tracing::warn!("virtio-blk: cannot complete request: {e:?}");
+            }
+        }
+        self.unsignaled[queue] = true;
+    }
+
+    /// Answer a request the disk had (or never needed).
+    fn finish(&mut self, queue: usize, mut p: Pending<'_, Slices<'_>>, op: Option<&DiskOp>) {
+        let len = match self.req.complete(&mut p, op) {
+            Ok(n) => n,
+            Err(msg) => {
+                if self.req.errors.allow() {
+                    tracing::warn!("virtio-blk: {msg}");
+                }
+                0
+            }
+        };
+        self.answer(queue, p.head, len);
+    }
+}
+
+impl RequestFeed for Feed<'_> {
+    fn take(&mut self, max: usize, max_bytes: usize, out: &mut Vec<(usize, DiskOp)>) {
+        // Answers given since the last take: the driver hears of them before the disk waits.
+        if self.interrupt.is_some() && self.wants_interrupt() {
+            if let Some(i) = self.interrupt {
+                i.signal_used();
+            }
+        }
+        let mem = self.mem;
+        let n = self.queues.len();
+        let (mut taken, mut bytes) = (0usize, 0usize);
+        let mut dry = 0;
+        // Round the ready queues, one request from each in turn, until all are dry or enough.
+        while taken < max && bytes < max_bytes && dry < n {
+            let qi = self.next_queue % n;
+            self.next_queue = (qi + 1) % n;
+            let q = &mut self.queues[qi];
+            let chain = if q.ready() {
+                q.pop_descriptor_chain(mem)
+            } else {
+                None
+            };
+            let Some(chain) = chain else {
+                dry += 1;
+                continue;
+            };
+            dry = 0;
+            let head = chain.head_index();
+            match self.req.parse(chain, mem) {
+                Ok((p, Some(op))) => {
+                    taken += 1;
+                    if matches!(op.kind, DiskOpKind::Read | DiskOpKind::Write) {
+                        bytes += op.len as usize;
+                    }
+                    let tag = match self.free.pop() {
+                        Some(t) => {
+                            self.pending[t] = Some((qi, p));
+                            t
+                        }
+                        None => {
+                            self.pending.push(Some((qi, p)));
+                            self.pending.len() - 1
+                        }
+                    };
+                    out.push((tag, op));
+                }
+                // Answered already (GET_ID) or refused: no disk work.
+                Ok((p, None)) => self.finish(qi, p, None),
+                Err(msg) => {
+                    if self.req.errors.allow() {
+                        tracing::warn!("virtio-blk: malformed request dropped: {msg}");
+                    }
+                    self.answer(qi, head, 0);
+                }
+            }
+        }
+    }
+
+    fn done(&mut self, tag: usize, op: DiskOp) {
+        let Some((queue, p)) = self.pending.get_mut(tag).and_then(Option::take) else {
+            tracing::error!("virtio-blk: the disk answered request {tag}, which it did not have");
+            return;
+        };
+        self.free.push(tag);
+        self.finish(queue, p, Some(&op));
+        if op.buf.capacity() > 0 && self.req.spare.len() < MAX_BATCH {
+            self.req.spare.push(op.buf);
+        }
     }
 }
 
@@ -626,7 +710,7 @@ impl Block {
 #[cfg(test)]
 impl Block {
     fn file_bytes(&mut self) -> Vec<u8> {
-        let mut v = vec![0u8; (self.capacity_sectors * SECTOR_SIZE) as usize];
+        let mut v = vec![0u8; (self.req.capacity_sectors * SECTOR_SIZE) as usize];
         self.disk.read_at(&mut v, 0).unwrap();
         v
     }

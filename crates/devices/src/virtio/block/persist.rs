@@ -39,28 +39,29 @@ impl Persist for Block {
 
     fn save(&self) -> Result<BlockState, BlockPersistError> {
         let end = self
+            .req
             .serial
             .iter()
             .position(|&b| b == 0)
-            .unwrap_or(self.serial.len());
+            .unwrap_or(self.req.serial.len());
         Ok(BlockState {
-            capacity_sectors: self.capacity_sectors,
-            read_only: self.read_only,
-            serial: String::from_utf8_lossy(&self.serial[..end]).into_owned(),
-            acked_features: self.acked_features,
+            capacity_sectors: self.req.capacity_sectors,
+            read_only: self.req.read_only,
+            serial: String::from_utf8_lossy(&self.req.serial[..end]).into_owned(),
+            acked_features: self.req.acked_features,
             queues: self.queues,
         })
     }
 
     fn restore(disk: Box<dyn DiskBackend>, s: &BlockState) -> Result<Block, BlockPersistError> {
         let mut b = Block::with_backend(disk, s.read_only, &s.serial)?.with_queues(s.queues);
-        if b.capacity_sectors != s.capacity_sectors {
+        if b.req.capacity_sectors != s.capacity_sectors {
             return Err(BlockPersistError::Resized {
                 saved: s.capacity_sectors,
-                now: b.capacity_sectors,
+                now: b.req.capacity_sectors,
             });
         }
-        b.acked_features = s.acked_features;
+        b.req.acked_features = s.acked_features;
         Ok(b)
     }
 }
