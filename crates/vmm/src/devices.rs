@@ -257,7 +257,9 @@ fn open_disk_store(
             };
             let n = crate::nbd_disk::NbdDisk::open(uri, d.read_only, nbd_stall, tls)
                 .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            let shared = crate::nbd_disk::SharedNbd(Arc::new(Mutex::new(n)));
+            let shared = crate::nbd_disk::SharedNbd(Arc::new(
+                ferry_devices::virtio::block::StreamLock::new(n),
+            ));
             Ok((Box::new(shared.clone()), DiskStore::Nbd(shared)))
         }
         None => {

@@ -20,12 +20,13 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
 use ferry_api::{MirrorProgress, MirrorState};
 use ferry_devices::virtio::block::{
-    gather, serve_each, DiskBackend, DiskOp, DiskOpKind, GuestSegments,
+    gather, serve_batches, serve_each, DiskBackend, DiskOp, DiskOpKind, GuestSegments, RequestFeed,
+    StreamLock,
 };
 use ferry_devices::virtio::GuestMemoryMmap;
 
@@ -39,7 +40,7 @@ const FLUSH_EVERY: u64 = 1 << 30;
 /// A disk's storage as its device reaches it: switchable, and mirrored during a storage move.
 #[derive(Clone)]
 pub struct SwitchDisk {
-    inner: Arc<Mutex<Slot>>,
+    inner: Arc<StreamLock<Slot>>,
 }
 
 struct Slot {
@@ -129,7 +130,7 @@ impl SwitchDisk {
     pub fn new(disk: Box<dyn DiskBackend>) -> io::Result<SwitchDisk> {
         let size = disk.size()?;
         Ok(SwitchDisk {
-            inner: Arc::new(Mutex::new(Slot {
+            inner: Arc::new(StreamLock::new(Slot {
                 disk,
                 size,
                 mirror: None,
@@ -138,7 +139,7 @@ impl SwitchDisk {
     }
 
     fn lock(&self) -> MutexGuard<'_, Slot> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// Start mirroring to `target` (same size, reads as zeros) and its background pass.
@@ -557,6 +558,21 @@ impl DiskBackend for SwitchDisk {
     }
     fn direct_min(&self) -> Option<usize> {
         self.lock().disk.direct_min()
+    }
+    /// With no mirror, the stream goes to the disk (which keeps its requests in flight as it
+    /// can) until someone else wants the disk (a mirror starting, the switch); while a mirror
+    /// runs, a batch at a time, each write to both copies.
+    fn serve_stream(&mut self, feed: &mut dyn RequestFeed, mem: &GuestMemoryMmap) {
+        let mirrored = self.inner.stream(feed, |g, feed| {
+            if g.mirror.is_some() {
+                return true;
+            }
+            g.disk.serve_stream(feed, mem);
+            false
+        });
+        if mirrored {
+            serve_batches(self, feed, mem);
+        }
     }
     /// With no mirror, the batch goes to the disk as one (all in flight where it can); while
     /// a mirror runs, request by request, each write to both copies.

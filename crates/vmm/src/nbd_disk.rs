@@ -1,25 +1,33 @@
 //! A virtio disk on an NBD export (`--disk nbd://HOST:PORT/EXPORT`): a ferry share or any
 //! standard NBD server (qemu-nbd, nbdkit).
 //!
-//! Every request of a batch is sent before the first reply is awaited, so several are in
-//! flight. When the server or the network goes away, guest I/O stalls: the disk reconnects
-//! (with back-off) and sends again every request of the batch that was not acknowledged, for
-//! up to the stall limit (default 60 s). Past it the requests still unanswered fail with EIO,
-//! which the guest sees as I/O errors; nothing acknowledged is lost (an acknowledged write is
-//! the server's) and nothing is acknowledged that was not (a request is completed only by its
-//! reply). Later requests try to reconnect once, quickly, so the disk comes back by itself when
-//! the server does.
+//! The device's requests stream through the disk ([`DiskBackend::serve_stream`]): up to
+//! [`STREAM_DEPTH`] are on the wire at once, and the guest's next requests go out as soon as
+//! earlier ones are answered, so the guest's queue never waits for a whole batch's round trip.
+//! A flush waits for the writes taken before it. When the server or the network goes away,
+//! guest I/O stalls: the disk reconnects (with back-off) and sends again every request that was
+//! not acknowledged, for up to the stall limit (default 60 s). Past it the requests still
+//! unanswered fail with EIO, which the guest sees as I/O errors; nothing acknowledged is lost
+//! (an acknowledged write is the server's) and nothing is acknowledged that was not (a request
+//! is completed only by its reply). Later requests try to reconnect once, quickly, so the disk
+//! comes back by itself when the server does.
 //!
-//! Resending is safe: NBD reads and writes are idempotent, and requests of one batch are in
-//! flight together, so the guest has no order between them to rely on.
+//! Resending is safe: NBD reads and writes are idempotent, and requests in flight together
+//! have no order between them the guest may rely on (it has not seen any of them complete).
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind};
-use ferry_nbd::client::{parse_uri, Client, ClientTls, Reply, Request, RequestError, Ticket};
+use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind, RequestFeed, StreamLock};
+use ferry_devices::virtio::GuestMemoryMmap;
+use ferry_nbd::client::{parse_uri, Client, ClientTls, Completion, Reply, Request, RequestError};
+
+/// Most of the guest's requests a stream keeps on the wire at once.
+pub const STREAM_DEPTH: usize = 64;
+/// Most data bytes (reads and writes) a stream keeps on the wire at once.
+const STREAM_BYTES: usize = 32 << 20;
 
 /// How long one connection attempt (TCP connect and handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -215,166 +223,211 @@ impl NbdDisk {
     }
 }
 
-/// Where one NBD request's answer goes.
-struct Slot {
-    op: usize,
-    /// Byte offset of this chunk inside the op's buffer (reads).
-    at: usize,
-    req: Request,
-    done: bool,
+/// What a reply (or its absence) means for the request it answers.
+enum Outcome {
+    /// The server answered: data, done, or an error the guest gets.
+    Answered(Answer),
+    /// The connection is gone: send the request again on a new one.
+    Lost,
+    /// A write refused for want of the lease: this host's VM has just moved here and the lease
+    /// follows it; a new connection writes under it.
+    NoLease,
+}
+
+/// A server's answer to one request.
+enum Answer {
+    Data(Vec<u8>),
+    Done,
+    Failed(io::Error),
+}
+
+impl Outcome {
+    /// `quiet`: the connection is already known lost (log nothing more about it).
+    fn of(c: Completion, req: &Request, uri: &str, quiet: bool) -> Outcome {
+        match c {
+            Ok(Reply::Data(d)) => Outcome::Answered(Answer::Data(d)),
+            Ok(_) => Outcome::Answered(Answer::Done),
+            Err(RequestError::Disconnected(why)) => {
+                if !quiet {
+                    tracing::debug!("{uri}: connection lost: {why}");
+                }
+                Outcome::Lost
+            }
+            Err(RequestError::Server { errno, .. })
+                if errno == ferry_nbd::proto::Errno::EPERM
+                    && matches!(
+                        req,
+                        Request::Write { .. } | Request::Trim { .. } | Request::WriteZeroes { .. }
+                    ) =>
+            {
+                if !quiet {
+                    tracing::debug!("{uri}: write refused (no lease yet)");
+                }
+                Outcome::NoLease
+            }
+            Err(e) => {
+                let errno = e.errno().map(|e| e.0 as i32);
+                Outcome::Answered(Answer::Failed(match errno {
+                    Some(n) => io::Error::from_raw_os_error(n),
+                    None => io::Error::other(e.to_string()),
+                }))
+            }
+        }
+    }
+}
+
+impl Answer {
+    /// Put the answer to the chunk at byte `at` of `op` into it.
+    fn apply(self, op: &mut DiskOp, at: usize) {
+        match self {
+            Answer::Data(d) => {
+                let end = (at + d.len()).min(op.buf.len());
+                op.buf[at..end].copy_from_slice(&d[..end - at]);
+            }
+            Answer::Done => {}
+            Answer::Failed(e) => op.result = Err(e),
+        }
+    }
 }
 
 impl NbdDisk {
-    /// Run `ops` to completion: in flight together, resent after reconnects, within the stall
-    /// limit. Flushes go after every write of the batch has been acknowledged.
+    /// Run `ops` to completion: through the stream, so in flight together, resent after
+    /// reconnects, within the stall limit. Flushes are taken last, so they go after every
+    /// write of the batch has been acknowledged.
     fn run_batch(&mut self, ops: &mut [DiskOp]) {
-        let (flushes, rest): (Vec<usize>, Vec<usize>) =
-            (0..ops.len()).partition(|&i| ops[i].kind == DiskOpKind::Flush);
-        self.run_some(ops, &rest);
-        self.run_some(ops, &flushes);
+        let mut order: Vec<usize> = (0..ops.len()).collect();
+        order.sort_by_key(|&i| ops[i].kind == DiskOpKind::Flush);
+        let mut batch = Batch {
+            ops,
+            order,
+            next: 0,
+        };
+        self.stream(&mut batch);
     }
 
-    fn run_some(&mut self, ops: &mut [DiskOp], which: &[usize]) {
-        if which.is_empty() {
+    /// Serve the device's requests as they come, up to [`STREAM_DEPTH`] on the wire (see the
+    /// module's documentation).
+    fn stream(&mut self, feed: &mut dyn RequestFeed) {
+        let mut st = Stream::default();
+        let (tx, rx) = mpsc::channel::<(usize, u64, Completion)>();
+        let mut taken = Vec::new();
+        loop {
+            if st.stall.is_none() {
+                let (n, bytes) = (st.ops.live(), st.bytes);
+                if n < STREAM_DEPTH && bytes < STREAM_BYTES {
+                    feed.take(STREAM_DEPTH - n, STREAM_BYTES - bytes, &mut taken);
+                    for (tag, op) in taken.drain(..) {
+                        let reqs = self.requests(&op);
+                        st.add(tag, op, reqs);
+                    }
+                }
+            }
+            if st.ops.live() == 0 {
+                return;
+            }
+            if st.lost || (!st.to_send.is_empty() && self.client.is_none()) {
+                self.recover(&mut st, feed);
+                continue;
+            }
+            if !st.to_send.is_empty() {
+                let refused = st.send(self.client.as_ref().expect("checked above"), &tx);
+                for (k, a) in refused {
+                    st.answered(k, a, feed);
+                }
+                if st.lost {
+                    continue;
+                }
+            }
+            // Wait for the first answer, then take every one that is in.
+            let first = match rx.recv_timeout(self.reply_timeout()) {
+                Ok(m) => m,
+                Err(_) => {
+                    // No answer: take the connection for dead (a cut link says nothing).
+                    st.lost = true;
+                    continue;
+                }
+            };
+            let mut next = Some(first);
+            while let Some((part, gen, c)) = next {
+                if let Some(p) = st.parts.get(part).filter(|p| p.gen == gen) {
+                    match Outcome::of(c, &p.req, &self.uri, st.lost) {
+                        Outcome::Answered(a) => {
+                            if let Some(since) = st.stall.take() {
+                                st.warned = false;
+                                tracing::info!(
+                                    "{}: I/O resumed after {:?}",
+                                    self.uri,
+                                    since.elapsed()
+                                );
+                            }
+                            st.answered(part, a, feed);
+                        }
+                        Outcome::Lost => st.lost = true,
+                        Outcome::NoLease => {
+                            st.lost = true;
+                            st.lease_wait = true;
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+        }
+    }
+
+    /// The connection is lost (or there is none): reconnect within the stall limit and send
+    /// every unanswered request again, or fail them all past it.
+    fn recover(&mut self, st: &mut Stream, feed: &mut dyn RequestFeed) {
+        let started = *st.stall.get_or_insert_with(Instant::now);
+        if !st.warned && !self.failed {
+            st.warned = true;
+            if st.lease_wait {
+                tracing::info!(
+                    "{}: waiting for this host's write lease (up to {:?})",
+                    self.uri,
+                    self.stall_limit
+                );
+            } else {
+                tracing::warn!(
+                    "{}: the server went away; guest I/O waits (up to {:?})",
+                    self.uri,
+                    self.stall_limit
+                );
+            }
+        }
+        self.drop_connection();
+        let deadline = started + self.stall_limit;
+        if st.lease_wait {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let connected = if st.lease_wait && Instant::now() >= deadline {
+            tracing::warn!(
+                "{}: this host did not get the write lease: writes fail",
+                self.uri
+            );
+            false
+        } else {
+            self.ensure(deadline)
+        };
+        if connected {
+            st.resend_all();
             return;
         }
-        let mut slots = Vec::new();
-        for &i in which {
-            ops[i].result = Ok(());
-            let mut at = 0usize;
-            for req in self.requests(&ops[i]) {
-                let n = match &req {
-                    Request::Read { len, .. } => *len as usize,
-                    _ => 0,
-                };
-                slots.push(Slot {
-                    op: i,
-                    at,
-                    req,
-                    done: false,
-                });
-                at += n;
-            }
+        if !st.lease_wait && !self.failed {
+            self.failed = true;
+            tracing::warn!(
+                "{}: unreachable for {:?} (stall limit {:?}): failing {} requests",
+                self.uri,
+                started.elapsed(),
+                self.stall_limit,
+                st.ops.live()
+            );
         }
-        let started = Instant::now();
-        let deadline = started + self.stall_limit;
-        let mut stalled = false;
-        loop {
-            if !self.ensure(deadline) {
-                self.failed = true;
-                tracing::warn!(
-                    "{}: unreachable for {:?} (stall limit {:?}): failing {} requests",
-                    self.uri,
-                    started.elapsed(),
-                    self.stall_limit,
-                    slots.iter().filter(|s| !s.done).count()
-                );
-                for s in slots.iter().filter(|s| !s.done) {
-                    ops[s.op].result = Err(io::Error::other("NBD server unreachable"));
-                }
-                return;
-            }
-            let Some(client) = self.client.as_ref() else {
-                return;
-            };
-            // Send every request not yet answered, then collect the replies.
-            let todo: Vec<usize> = (0..slots.len()).filter(|&k| !slots[k].done).collect();
-            let reqs: Vec<Request> = todo.iter().map(|&k| slots[k].req.clone()).collect();
-            let tickets: Vec<(usize, Result<Ticket, RequestError>)> =
-                todo.into_iter().zip(client.submit_all(&reqs)).collect();
-            let mut lost = false;
-            let mut lease_wait = false;
-            for (k, t) in tickets {
-                let c = match t {
-                    Ok(t) => match t.wait_timeout(self.reply_timeout()) {
-                        Some(c) => c,
-                        None => {
-                            // No answer: take the connection for dead (a cut link says nothing).
-                            client.abort();
-                            t.wait()
-                        }
-                    },
-                    Err(e) => Err(e),
-                };
-                let s = &mut slots[k];
-                match c {
-                    Ok(Reply::Data(d)) => {
-                        let buf = &mut ops[s.op].buf;
-                        let end = (s.at + d.len()).min(buf.len());
-                        buf[s.at..end].copy_from_slice(&d[..end - s.at]);
-                        s.done = true;
-                    }
-                    Ok(_) => s.done = true,
-                    Err(RequestError::Disconnected(why)) => {
-                        if !lost {
-                            tracing::debug!("{}: connection lost: {why}", self.uri);
-                        }
-                        lost = true;
-                    }
-                    // A write refused for want of the lease: this host's VM has just moved
-                    // here and the lease follows it; a new connection writes under it.
-                    Err(RequestError::Server { errno, .. })
-                        if errno == ferry_nbd::proto::Errno::EPERM
-                            && matches!(
-                                s.req,
-                                Request::Write { .. }
-                                    | Request::Trim { .. }
-                                    | Request::WriteZeroes { .. }
-                            ) =>
-                    {
-                        if !lost {
-                            tracing::debug!("{}: write refused (no lease yet)", self.uri);
-                        }
-                        lost = true;
-                        lease_wait = true;
-                    }
-                    Err(e) => {
-                        s.done = true;
-                        let errno = e.errno().map(|e| e.0 as i32);
-                        ops[s.op].result = Err(match errno {
-                            Some(n) => io::Error::from_raw_os_error(n),
-                            None => io::Error::other(e.to_string()),
-                        });
-                    }
-                }
-            }
-            if !lost {
-                if stalled {
-                    tracing::info!("{}: I/O resumed after {:?}", self.uri, started.elapsed());
-                }
-                return;
-            }
-            if !stalled {
-                if lease_wait {
-                    tracing::info!(
-                        "{}: waiting for this host's write lease (up to {:?})",
-                        self.uri,
-                        self.stall_limit
-                    );
-                } else {
-                    tracing::warn!(
-                        "{}: the server went away; guest I/O waits (up to {:?})",
-                        self.uri,
-                        self.stall_limit
-                    );
-                }
-            }
-            stalled = true;
-            self.drop_connection();
-            if lease_wait {
-                std::thread::sleep(Duration::from_millis(10));
-                if Instant::now() >= deadline {
-                    for s in slots.iter().filter(|s| !s.done) {
-                        ops[s.op].result = Err(io::Error::from_raw_os_error(libc::EPERM));
-                    }
-                    tracing::warn!(
-                        "{}: this host did not get the write lease: writes fail",
-                        self.uri
-                    );
-                    return;
-                }
-            }
-        }
+        let errno = if st.lease_wait {
+            libc::EPERM
+        } else {
+            libc::EIO
+        };
+        st.fail_all(errno, feed);
     }
 
     fn one(
@@ -428,16 +481,303 @@ impl DiskBackend for NbdDisk {
     fn run(&mut self, ops: &mut [DiskOp]) {
         self.run_batch(ops);
     }
+
+    fn serve_stream(&mut self, feed: &mut dyn RequestFeed, _mem: &GuestMemoryMmap) {
+        self.stream(feed);
+    }
+}
+
+/// A batch of requests as a stream's feed: all of it at once (within the stream's limits),
+/// each put back in its place when answered.
+struct Batch<'a> {
+    ops: &'a mut [DiskOp],
+    /// The order to hand them out in.
+    order: Vec<usize>,
+    next: usize,
+}
+
+impl RequestFeed for Batch<'_> {
+    fn take(&mut self, max: usize, max_bytes: usize, out: &mut Vec<(usize, DiskOp)>) {
+        let (mut n, mut bytes) = (0, 0);
+        while n < max && bytes < max_bytes && self.next < self.order.len() {
+            let i = self.order[self.next];
+            self.next += 1;
+            let op = std::mem::replace(
+                &mut self.ops[i],
+                DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new()),
+            );
+            n += 1;
+            bytes += op.len as usize;
+            out.push((i, op));
+        }
+    }
+    fn done(&mut self, tag: usize, op: DiskOp) {
+        self.ops[tag] = op;
+    }
+}
+
+/// A slab: values by index, indexes reused.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, v: T) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i] = Some(v);
+                i
+            }
+            None => {
+                self.items.push(Some(v));
+                self.items.len() - 1
+            }
+        }
+    }
+    fn get(&self, i: usize) -> Option<&T> {
+        self.items.get(i).and_then(Option::as_ref)
+    }
+    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.items.get_mut(i).and_then(Option::as_mut)
+    }
+    fn remove(&mut self, i: usize) -> Option<T> {
+        let v = self.items.get_mut(i).and_then(Option::take);
+        if v.is_some() {
+            self.free.push(i);
+        }
+        v
+    }
+    fn live(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_ref().map(|v| (i, v)))
+    }
+}
+
+/// One of the guest's requests in a stream.
+struct StreamOp {
+    tag: usize,
+    op: DiskOp,
+    /// Its NBD requests not answered yet.
+    left: usize,
+    /// Order taken (a flush waits for the writes taken before it).
+    seq: u64,
+    /// A flush waiting for those writes; its NBD request, to send then.
+    held: Option<Request>,
+}
+
+impl StreamOp {
+    fn writes(&self) -> bool {
+        !matches!(self.op.kind, DiskOpKind::Read | DiskOpKind::Flush)
+    }
+}
+
+/// One NBD request of a stream, and the connection (generation) it was last sent on.
+struct Part {
+    op: usize,
+    /// Byte offset of this chunk inside the op's buffer (reads).
+    at: usize,
+    req: Request,
+    gen: u64,
+}
+
+/// The state of one [`NbdDisk::stream`].
+#[derive(Default)]
+struct Stream {
+    ops: Slab<StreamOp>,
+    parts: Slab<Part>,
+    /// Data bytes of the reads and writes in flight.
+    bytes: usize,
+    seq: u64,
+    /// The connection's generation: answers from an earlier one are ignored (their requests
+    /// were sent again).
+    gen: u64,
+    to_send: Vec<usize>,
+    lost: bool,
+    lease_wait: bool,
+    /// Since when guest I/O has been waiting for the server.
+    stall: Option<Instant>,
+    warned: bool,
+}
+
+impl Stream {
+    fn add(&mut self, tag: usize, mut op: DiskOp, reqs: Vec<Request>) {
+        op.result = Ok(());
+        self.seq += 1;
+        if matches!(op.kind, DiskOpKind::Read | DiskOpKind::Write) {
+            self.bytes += op.len as usize;
+        }
+        let flush = op.kind == DiskOpKind::Flush;
+        let i = self.ops.insert(StreamOp {
+            tag,
+            op,
+            left: reqs.len(),
+            seq: self.seq,
+            held: None,
+        });
+        if flush && self.ops.iter().any(|(_, o)| o.writes()) {
+            self.ops.get_mut(i).expect("just added").held = reqs.into_iter().next();
+            return;
+        }
+        let mut at = 0usize;
+        for req in reqs {
+            let n = match &req {
+                Request::Read { len, .. } => *len as usize,
+                _ => 0,
+            };
+            let k = self.parts.insert(Part {
+                op: i,
+                at,
+                req,
+                gen: self.gen,
+            });
+            self.to_send.push(k);
+            at += n;
+        }
+    }
+
+    /// Send what waits to be sent, in one write; a request that cannot go marks the
+    /// connection lost. Returns the requests refused before they went out (the server does
+    /// not offer them), with the guest's error.
+    fn send(
+        &mut self,
+        client: &Client,
+        tx: &mpsc::Sender<(usize, u64, Completion)>,
+    ) -> Vec<(usize, Answer)> {
+        let gen = self.gen;
+        let ks = std::mem::take(&mut self.to_send);
+        let reqs: Vec<Request> = ks
+            .iter()
+            .filter_map(|&k| self.parts.get(k).map(|p| p.req.clone()))
+            .collect();
+        let sent = client.submit_all_with(&reqs, |i| {
+            let (tx, k) = (tx.clone(), ks[i]);
+            Box::new(move |_, c| {
+                let _ = tx.send((k, gen, c));
+            })
+        });
+        let mut refused = Vec::new();
+        for (k, r) in ks.into_iter().zip(sent) {
+            match r {
+                Ok(_) => {}
+                Err(RequestError::Disconnected(_)) => self.lost = true,
+                Err(e) => refused.push((k, Answer::Failed(io::Error::other(e.to_string())))),
+            }
+        }
+        refused
+    }
+
+    /// The server answered part `k`; a request whose parts are all answered goes back to the
+    /// device.
+    fn answered(&mut self, k: usize, a: Answer, feed: &mut dyn RequestFeed) {
+        let Some(p) = self.parts.remove(k) else {
+            return;
+        };
+        let Some(o) = self.ops.get_mut(p.op) else {
+            return;
+        };
+        a.apply(&mut o.op, p.at);
+        o.left -= 1;
+        if o.left == 0 {
+            self.finish(p.op, feed);
+        }
+    }
+
+    fn finish(&mut self, i: usize, feed: &mut dyn RequestFeed) {
+        let Some(o) = self.ops.remove(i) else {
+            return;
+        };
+        if matches!(o.op.kind, DiskOpKind::Read | DiskOpKind::Write) {
+            self.bytes -= o.op.len as usize;
+        }
+        let wrote = o.writes();
+        feed.done(o.tag, o.op);
+        if wrote {
+            self.release_flushes();
+        }
+    }
+
+    /// Send each held flush that no longer has a write taken before it in flight.
+    fn release_flushes(&mut self) {
+        let held: Vec<(usize, u64)> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.held.is_some())
+            .map(|(i, o)| (i, o.seq))
+            .collect();
+        for (i, seq) in held {
+            if self.ops.iter().any(|(_, o)| o.writes() && o.seq < seq) {
+                continue;
+            }
+            let Some(req) = self.ops.get_mut(i).and_then(|o| o.held.take()) else {
+                continue;
+            };
+            let k = self.parts.insert(Part {
+                op: i,
+                at: 0,
+                req,
+                gen: self.gen,
+            });
+            self.to_send.push(k);
+        }
+    }
+
+    /// A new connection: every unanswered request goes again on it.
+    fn resend_all(&mut self) {
+        self.gen += 1;
+        self.lost = false;
+        self.lease_wait = false;
+        let gen = self.gen;
+        self.to_send.clear();
+        for (k, p) in self.parts.items.iter_mut().enumerate() {
+            if let Some(p) = p {
+                p.gen = gen;
+                self.to_send.push(k);
+            }
+        }
+    }
+
+    /// Fail every request in flight with `errno`.
+    fn fail_all(&mut self, errno: i32, feed: &mut dyn RequestFeed) {
+        self.parts = Slab::default();
+        self.to_send.clear();
+        let all: Vec<usize> = self.ops.iter().map(|(i, _)| i).collect();
+        for i in all {
+            if let Some(mut o) = self.ops.remove(i) {
+                o.op.result = Err(io::Error::from_raw_os_error(errno));
+                feed.done(o.tag, o.op);
+            }
+        }
+        self.bytes = 0;
+        self.lost = false;
+        self.lease_wait = false;
+        self.stall = None;
+        self.warned = false;
+    }
 }
 
 /// An NBD disk shared between its virtio device and the VMM (which flushes it before a
 /// migration hands the disk over).
 #[derive(Clone)]
-pub struct SharedNbd(pub Arc<Mutex<NbdDisk>>);
+pub struct SharedNbd(pub Arc<StreamLock<NbdDisk>>);
 
 impl SharedNbd {
     fn lock(&self) -> std::sync::MutexGuard<'_, NbdDisk> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock()
     }
 
     /// How long guest I/O rides out an outage from now on (a mirror's copy, once it is the
@@ -468,5 +808,134 @@ impl DiskBackend for SharedNbd {
     }
     fn run(&mut self, ops: &mut [DiskOp]) {
         self.lock().run(ops)
+    }
+    fn serve_stream(&mut self, feed: &mut dyn RequestFeed, mem: &GuestMemoryMmap) {
+        self.0.stream(feed, |d, feed| d.serve_stream(feed, mem))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Answers(Vec<(usize, io::Result<()>)>);
+
+    impl RequestFeed for Answers {
+        fn take(&mut self, _: usize, _: usize, _: &mut Vec<(usize, DiskOp)>) {}
+        fn done(&mut self, tag: usize, op: DiskOp) {
+            self.0.push((tag, op.result));
+        }
+    }
+
+    fn write(at: u64) -> (DiskOp, Vec<Request>) {
+        let op = DiskOp::new(DiskOpKind::Write, at, 512, vec![7; 512]);
+        let req = Request::Write {
+            offset: at,
+            data: Arc::from(&op.buf[..]),
+            fua: false,
+        };
+        (op, vec![req])
+    }
+
+    fn queued(st: &Stream) -> Vec<&'static str> {
+        st.to_send
+            .iter()
+            .map(|&k| match st.parts.get(k).map(|p| &p.req) {
+                Some(Request::Write { .. }) => "write",
+                Some(Request::Read { .. }) => "read",
+                Some(Request::Flush) => "flush",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flush_goes_out_once_the_writes_taken_before_it_are_answered() {
+        let mut st = Stream::default();
+        let mut feed = Answers::default();
+        let (w, reqs) = write(0);
+        st.add(0, w, reqs);
+        let read = DiskOp::new(DiskOpKind::Read, 4096, 512, vec![0; 512]);
+        st.add(
+            1,
+            read,
+            vec![Request::Read {
+                offset: 4096,
+                len: 512,
+            }],
+        );
+        st.add(
+            2,
+            DiskOp::new(DiskOpKind::Flush, 0, 0, Vec::new()),
+            vec![Request::Flush],
+        );
+        let (w, reqs) = write(8192);
+        st.add(3, w, reqs);
+        assert_eq!(queued(&st), ["write", "read", "write"], "the flush waits");
+        st.to_send.clear();
+        // The read answered: the flush still waits for the first write.
+        st.answered(1, Answer::Data(vec![5; 512]), &mut feed);
+        assert!(st.to_send.is_empty());
+        st.answered(0, Answer::Done, &mut feed);
+        assert_eq!(
+            queued(&st),
+            ["flush"],
+            "the write after the flush does not hold it"
+        );
+        let flush = st.to_send[0];
+        st.answered(flush, Answer::Done, &mut feed);
+        st.answered(2, Answer::Done, &mut feed);
+        let tags: Vec<usize> = feed.0.iter().map(|a| a.0).collect();
+        assert_eq!(tags, [1, 0, 2, 3], "each answered as it finished");
+        assert!(feed.0.iter().all(|a| a.1.is_ok()));
+        assert_eq!((st.ops.live(), st.parts.live(), st.bytes), (0, 0, 0));
+    }
+
+    #[test]
+    fn after_a_lost_connection_every_unanswered_request_goes_again_or_fails_whole() {
+        let mut st = Stream::default();
+        let mut feed = Answers::default();
+        // A 1 MiB read in two chunks, and a write.
+        let read = DiskOp::new(DiskOpKind::Read, 0, 1 << 20, vec![0; 1 << 20]);
+        let half = 1u32 << 19;
+        st.add(
+            0,
+            read,
+            vec![
+                Request::Read {
+                    offset: 0,
+                    len: half,
+                },
+                Request::Read {
+                    offset: u64::from(half),
+                    len: half,
+                },
+            ],
+        );
+        let (w, reqs) = write(1 << 20);
+        st.add(1, w, reqs);
+        st.to_send.clear();
+        // The first chunk came back, then the connection went.
+        st.answered(0, Answer::Data(vec![9; half as usize]), &mut feed);
+        assert!(feed.0.is_empty(), "half a read is not an answer");
+        st.lost = true;
+        let gen = st.gen;
+        st.resend_all();
+        assert!(!st.lost);
+        assert_eq!(st.gen, gen + 1);
+        assert_eq!(queued(&st), ["read", "write"], "only what was not answered");
+        assert!(st
+            .to_send
+            .iter()
+            .all(|&k| st.parts.get(k).unwrap().gen == st.gen));
+        // Past the stall limit: both fail, the half-read too.
+        st.fail_all(libc::EIO, &mut feed);
+        assert_eq!(feed.0.len(), 2);
+        assert!(feed
+            .0
+            .iter()
+            .all(|(_, r)| r.as_ref().unwrap_err().raw_os_error() == Some(libc::EIO)));
+        assert_eq!((st.ops.live(), st.parts.live(), st.bytes), (0, 0, 0));
     }
 }
