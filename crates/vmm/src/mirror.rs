@@ -76,6 +76,9 @@ struct Mirror {
     workers: usize,
     /// The pass is through and the copy flushed.
     ready: bool,
+    /// The last worker's handle of the copy, kept once the pass is through: the switch flushes
+    /// through it before it takes the lock.
+    flusher: Option<Box<dyn DiskBackend>>,
 }
 
 impl Mirror {
@@ -187,6 +190,7 @@ impl SwitchDisk {
             done_count: 0,
             workers: handles.len(),
             ready: false,
+            flusher: None,
         });
         drop(g);
         // Several workers, so several chunks are in flight (each gets its share of the cap).
@@ -238,7 +242,10 @@ impl SwitchDisk {
         let mut g = self.lock();
         if let Some(m) = g.mirror.as_mut() {
             match r {
-                Ok(()) => m.ready = true,
+                Ok(()) => {
+                    m.ready = true;
+                    m.flusher = Some(writer);
+                }
                 Err(e) => {
                     m.error = Some(format!(
                         "flushing the copy {}: {e}",
@@ -397,6 +404,12 @@ impl SwitchDisk {
         &self,
         disk: usize,
     ) -> io::Result<(Box<dyn DiskBackend>, MirrorProgress, std::time::Duration)> {
+        // Most of the copy's unflushed writes go to stable storage while the guest still runs:
+        // the flush under the lock then finds only what the guest wrote in between.
+        let flusher = self.lock().mirror.as_mut().and_then(|m| m.flusher.take());
+        if let Some(mut f) = flusher {
+            f.flush()?;
+        }
         let mut g = self.lock();
         let t = Instant::now();
         let size = g.size;
