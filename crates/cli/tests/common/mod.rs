@@ -96,14 +96,12 @@ pub fn ferry_output(args: &[&str], timeout: Duration) -> Output {
     }
 }
 
-fn connect_retry(path: &Path, timeout: Duration) -> UnixStream {
+fn try_connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     let deadline = Instant::now() + timeout;
     loop {
         match UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e) if Instant::now() > deadline => {
-                panic!("cannot connect to {}: {e}", path.display())
-            }
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
@@ -322,7 +320,13 @@ impl Vmm {
     /// Run `ferry vmm SUB --api SOCK [extra]` and return its output.
     pub fn ctl(&self, sub: &str, extra: &[&str]) -> Output {
         // The API socket appears once the VM is built (a restore reads its memory first).
-        drop(connect_retry(&self.api, Duration::from_secs(30)));
+        if let Err(e) = try_connect(&self.api, Duration::from_secs(30)) {
+            panic!(
+                "cannot connect to {}: {e}; the VMM's log:\n{}",
+                self.api.display(),
+                self.log()
+            );
+        }
         let mut args = vec!["vmm", sub, "--api", self.api.to_str().unwrap()];
         args.extend_from_slice(extra);
         ferry_output(&args, Duration::from_secs(60))
