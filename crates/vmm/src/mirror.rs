@@ -34,6 +34,8 @@ use ferry_devices::virtio::GuestMemoryMmap;
 pub const CHUNK: u64 = 1 << 20;
 /// The copy pass's workers (chunks in flight at once).
 pub const WORKERS: usize = 4;
+/// The largest write the pass makes to the copy.
+const WRITE_PIECE: usize = 128 << 10;
 /// How much the pass copies between flushes of the copy.
 const FLUSH_EVERY: u64 = 1 << 30;
 
@@ -517,7 +519,11 @@ fn copy_chunk(
         }
         return Ok(false);
     }
-    to.write_at(buf, off)?;
+    // In pieces: a guest write mirrored to the copy meanwhile waits for one piece (the file's
+    // lock is held for each write), not for the whole chunk.
+    for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
+        to.write_at(piece, off + (i * WRITE_PIECE) as u64)?;
+    }
     Ok(true)
 }
 
