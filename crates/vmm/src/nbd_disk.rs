@@ -659,11 +659,11 @@ impl Stream {
         tx: &mpsc::Sender<(usize, u64, Completion)>,
     ) -> Vec<(usize, Answer)> {
         let gen = self.gen;
-        let ks = std::mem::take(&mut self.to_send);
-        let reqs: Vec<Request> = ks
-            .iter()
-            .filter_map(|&k| self.parts.get(k).map(|p| p.req.clone()))
-            .collect();
+        // Each part still waiting, beside its request (the two lists stay in step).
+        let (ks, reqs): (Vec<usize>, Vec<Request>) = std::mem::take(&mut self.to_send)
+            .into_iter()
+            .filter_map(|k| self.parts.get(k).map(|p| (k, p.req.clone())))
+            .unzip();
         let sent = client.submit_all_with(&reqs, |i| {
             let (tx, k) = (tx.clone(), ks[i]);
             Box::new(move |_, c| {
