@@ -822,26 +822,10 @@ impl Client {
         self.ticket(w)
     }
 
-    /// Send every request of `reqs` in one write (one TLS flight, one syscall where they fit)
-    /// and return a ticket for each, in order.
-    pub fn submit_all(&self, reqs: &[Request]) -> Vec<Result<Ticket, RequestError>> {
-        let mut rxs = Vec::with_capacity(reqs.len());
-        let sent = self.submit_all_with(reqs, |_| {
-            let (tx, rx) = mpsc::sync_channel(1);
-            rxs.push(rx);
-            Box::new(move |_, c| {
-                let _ = tx.send(c);
-            })
-        });
-        sent.into_iter()
-            .zip(rxs)
-            .map(|(r, rx)| r.map(|cookie| Ticket { cookie, rx }))
-            .collect()
-    }
-
-    /// Send every request of `reqs` in one write; `done(i)` makes the callback that runs on the
-    /// reader thread when request `i` completes (asked once per request, in order). `Err`
-    /// for a request means its callback was not (and will not be) called.
+    /// Send every request of `reqs` in one write (one TLS flight, one syscall where they fit);
+    /// `done(i)` makes the callback that runs on the reader thread when request `i` completes
+    /// (asked once per request, in order). `Err` for a request means its callback was not (and
+    /// will not be) called.
     pub fn submit_all_with(
         &self,
         reqs: &[Request],

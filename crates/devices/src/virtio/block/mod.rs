@@ -144,8 +144,6 @@ struct Requests {
     /// The backend's [`DiskBackend::direct_min`], asked before each stream of requests.
     direct_min: Option<usize>,
     errors: LogLimit,
-    /// Requests served (for status and benchmarks).
-    served: u64,
 }
 
 /// Why a request failed, turned into a status byte.
@@ -198,7 +196,6 @@ impl Block {
                 spare: Vec::new(),
                 direct_min: None,
                 errors: LogLimit::default(),
-                served: 0,
             },
             queues: 1,
             interrupt: None,
@@ -220,11 +217,6 @@ impl Block {
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.req.capacity_sectors
-    }
-
-    /// Requests served so far.
-    pub fn requests_served(&self) -> u64 {
-        self.req.served
     }
 
     fn config(&self) -> [u8; 60] {
@@ -294,7 +286,6 @@ impl Requests {
         let status = writer
             .split_at(data_len)
             .map_err(|e| format!("status split: {e}"))?;
-        self.served += 1;
         let mut written = 0u32;
         // Straight to or from guest memory where the backend takes a request this large.
         let direct = |len: usize| self.direct_min.is_some_and(|m| len >= m);
