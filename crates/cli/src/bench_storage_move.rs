@@ -96,17 +96,6 @@ fn wait_console(con: &Port, what: &str, ready: bool) -> Result<()> {
     Ok(())
 }
 
-/// The last `n` lines of a log file (or why there are none).
-fn tail(path: &Path, n: usize) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(t) => {
-            let lines: Vec<&str> = t.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        }
-        Err(e) => format!("({}: {e})", path.display()),
-    }
-}
-
 fn ferry_row(
     lab: &Lab,
     dir: &Path,
@@ -176,7 +165,8 @@ fn ferry_row(
     }
     let out = ferry(&args)?;
     let now_on = if dest == "host" { &lab.hosts[1] } else { h };
-    let vmm_log = now_on.state_dir.join("vms").join(&name).join("run/vmm.log");
+    let vmm_log =
+        ferry_hostd::vmm::RunDir(now_on.state_dir.join("vms").join(&name).join("run")).log();
     let (con, host) = if dest == "host" {
         con.close();
         let h2 = &lab.hosts[1];
@@ -198,9 +188,10 @@ fn ferry_row(
         bail!("the storage move of {name} did not finish: {out}");
     }
     // A guest that stopped answering: the VMM's log says what its disk was doing.
-    let v = con
-        .ask(b'd', "DISK VERIFY", T)
-        .with_context(|| format!("the VMM's log ends:\n{}", tail(&vmm_log, 40)))?;
+    let v = con.ask(b'd', "DISK VERIFY", T).with_context(|| {
+        let log = ferry_hostd::vmm::tail(&vmm_log, 40).join("\n");
+        format!("the VMM's log ({}) ends:\n{log}", vmm_log.display())
+    })?;
     if !v.starts_with("DISK VERIFY OK") {
         bail!("the guest's disk check failed after the move: {v}");
     }
