@@ -14,13 +14,20 @@
 //!
 //! Resending is safe: NBD reads and writes are idempotent, and requests in flight together
 //! have no order between them the guest may rely on (it has not seen any of them complete).
+//!
+//! The disk takes no request straight to or from guest memory (no `direct_min`), but it may
+//! still be handed one: the device asks its backend before a stream, and a storage move can
+//! switch the disk from an image file (which takes them) to this one in between. Such a
+//! request goes through a buffer here, as every other one does.
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ferry_devices::virtio::block::{DiskBackend, DiskOp, DiskOpKind, RequestFeed, StreamLock};
+use ferry_devices::virtio::block::{
+    gather, DiskBackend, DiskOp, DiskOpKind, RequestFeed, StreamLock,
+};
 use ferry_devices::virtio::GuestMemoryMmap;
 use ferry_nbd::client::{parse_uri, Client, ClientTls, Completion, Reply, Request, RequestError};
 
@@ -302,12 +309,13 @@ impl NbdDisk {
             order,
             next: 0,
         };
-        self.stream(&mut batch);
+        self.stream(&mut batch, None);
     }
 
     /// Serve the device's requests as they come, up to [`STREAM_DEPTH`] on the wire (see the
-    /// module's documentation).
-    fn stream(&mut self, feed: &mut dyn RequestFeed) {
+    /// module's documentation). `mem`: the guest memory requests taken straight to or from it
+    /// live in.
+    fn stream(&mut self, feed: &mut dyn RequestFeed, mem: Option<&GuestMemoryMmap>) {
         let mut st = Stream::default();
         let (tx, rx) = mpsc::channel::<(usize, u64, Completion)>();
         let mut taken = Vec::new();
@@ -316,7 +324,12 @@ impl NbdDisk {
                 let (n, bytes) = (st.ops.live(), st.bytes);
                 if n < STREAM_DEPTH && bytes < STREAM_BYTES {
                     feed.take(STREAM_DEPTH - n, STREAM_BYTES - bytes, &mut taken);
-                    for (tag, op) in taken.drain(..) {
+                    for (tag, mut op) in taken.drain(..) {
+                        if let Err(e) = buffered(&mut op, mem) {
+                            op.result = Err(e);
+                            feed.done(tag, op);
+                            continue;
+                        }
                         let reqs = self.requests(&op);
                         st.add(tag, op, reqs);
                     }
@@ -482,9 +495,29 @@ impl DiskBackend for NbdDisk {
         self.run_batch(ops);
     }
 
-    fn serve_stream(&mut self, feed: &mut dyn RequestFeed, _mem: &GuestMemoryMmap) {
-        self.stream(feed);
+    fn serve_stream(&mut self, feed: &mut dyn RequestFeed, mem: &GuestMemoryMmap) {
+        self.stream(feed, Some(mem));
     }
+}
+
+/// Make a request meant to go straight to or from guest memory (see the module's
+/// documentation) an ordinary one: a write's data copied out of the guest, a read's buffer
+/// made (the device copies it into the guest when it answers).
+fn buffered(op: &mut DiskOp, mem: Option<&GuestMemoryMmap>) -> io::Result<()> {
+    if op.guest.is_empty() {
+        return Ok(());
+    }
+    let segs = std::mem::take(&mut op.guest);
+    match op.kind {
+        DiskOpKind::Write => {
+            let mem =
+                mem.ok_or_else(|| io::Error::other("a write from guest memory without it"))?;
+            op.buf = gather(mem, &segs)?;
+        }
+        DiskOpKind::Read => op.buf = vec![0; op.len as usize],
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A batch of requests as a stream's feed: all of it at once (within the stream's limits),
@@ -848,6 +881,95 @@ mod tests {
                 _ => "other",
             })
             .collect()
+    }
+
+    /// The requests given, once; those answered.
+    struct Given(Vec<DiskOp>, Vec<DiskOp>);
+
+    impl RequestFeed for Given {
+        fn take(&mut self, _: usize, _: usize, out: &mut Vec<(usize, DiskOp)>) {
+            out.extend(self.0.drain(..).enumerate());
+        }
+        fn done(&mut self, _: usize, op: DiskOp) {
+            self.1.push(op);
+        }
+    }
+
+    /// `path` served as export "disk" by ferry's NBD server on 127.0.0.1; its address.
+    fn serve(path: &std::path::Path) -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        l.set_nonblocking(true).unwrap();
+        let export = ferry_nbd::export::RawFileExport::open(path, false).unwrap();
+        let provider = ferry_nbd::export::StaticProvider::new().with("disk", Arc::new(export));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                ferry_nbd::server::serve(l, Arc::new(provider), None)
+                    .await
+                    .unwrap();
+            });
+        });
+        addr
+    }
+
+    #[test]
+    fn requests_the_device_meant_for_guest_memory_go_through_a_buffer() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let addr = serve(&path);
+        let mut disk = NbdDisk::open(
+            &format!("nbd://{addr}/disk"),
+            false,
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let data: Vec<u8> = (0..128u32 << 10)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        mem.write_slice(&data[..64 << 10], GuestAddress(0x10000))
+            .unwrap();
+        mem.write_slice(&data[64 << 10..], GuestAddress(0x40000))
+            .unwrap();
+        // A write from two pieces of guest memory, as the device parses one for an image file
+        // (the disk it had when it asked), then a read of it into guest memory.
+        let mut w = DiskOp::new(DiskOpKind::Write, 1 << 19, 128 << 10, Vec::new());
+        w.guest = vec![(0x10000, 64 << 10), (0x40000, 64 << 10)];
+        let mut feed = Given(vec![w], Vec::new());
+        disk.serve_stream(&mut feed, &mem);
+        assert_eq!(feed.1.len(), 1, "the write was answered");
+        assert!(feed.1[0].result.is_ok(), "{:?}", feed.1[0].result);
+        let mut on_disk = vec![0u8; 128 << 10];
+        file.read_exact_at(&mut on_disk, 1 << 19).unwrap();
+        assert!(on_disk == data, "the guest's data is on the disk");
+
+        let mut r = DiskOp::new(DiskOpKind::Read, 1 << 19, 128 << 10, Vec::new());
+        r.guest = vec![(0x80000, 128 << 10)];
+        let mut feed = Given(vec![r], Vec::new());
+        disk.serve_stream(&mut feed, &mem);
+        let r = &feed.1[0];
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        assert!(
+            r.guest.is_empty() && r.buf == data,
+            "the read is in its buffer, for the device to copy into the guest"
+        );
     }
 
     #[test]

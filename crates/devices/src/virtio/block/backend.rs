@@ -111,7 +111,9 @@ pub trait DiskBackend: Send {
     /// is handed back done. A batch at a time through [`Self::serve`] by default
     /// ([`serve_batches`]); a backend that can keep requests in flight across batches takes new
     /// ones while earlier ones are out. A flush covers every write completed before it was
-    /// taken.
+    /// taken. A request may come with [`DiskOp::guest`] segments whatever
+    /// [`Self::direct_min`] says (the device asks before the stream, and a disk that switches
+    /// its storage may change its answer meanwhile): an override serves those too.
     fn serve_stream(&mut self, feed: &mut dyn RequestFeed, mem: &GuestMemoryMmap) {
         serve_batches(self, feed, mem);
     }
