@@ -514,10 +514,12 @@ impl Devices {
         Ok(())
     }
 
-    /// Flush every disk image to stable storage (best effort; the flush that counts comes with
-    /// `release_disks`).
+    /// Flush every disk image, and every copy a storage move is making, to stable storage (best
+    /// effort, before a migration's pause; the flush that counts comes with `release_disks`
+    /// and `flush_mirrors`).
     pub fn sync_disks(&self) {
         for d in &self.disks {
+            d.slot.sync_mirror();
             let r = match &d.store {
                 DiskStore::File(f) => f.sync_data(),
                 DiskStore::Nbd(n) => n.clone().flush(),
@@ -586,13 +588,20 @@ impl Devices {
         };
         let (backend, store) = open_disk_store(i, &cfg, true, Some(MIRROR_STALL))
             .map_err(|e| crate::error_chain(&e))?;
-        // The copy pass's own handles on the disk and on the copy, one pair per worker.
+        // The copy pass's own handles on the disk and on the copy, one pair per worker; an
+        // image file copy is written around the page cache where its file system can.
         let mut handles = Vec::new();
         for _ in 0..crate::mirror::WORKERS {
-            handles.push((
-                store_handle(&h.store).map_err(|e| e.to_string())?,
-                store_handle(&store).map_err(|e| e.to_string())?,
-            ));
+            let direct = match &store {
+                DiskStore::File(f) => crate::mirror::DirectWriter::open(target, f)
+                    .map_err(|e| format!("opening {}: {e}", target.display()))?,
+                DiskStore::Nbd(_) => None,
+            };
+            let writer: Box<dyn DiskBackend> = match direct {
+                Some(d) => Box::new(d),
+                None => store_handle(&store).map_err(|e| e.to_string())?,
+            };
+            handles.push((store_handle(&h.store).map_err(|e| e.to_string())?, writer));
         }
         h.slot
             .start_mirror(
