@@ -5,6 +5,8 @@
 //! resume), the backend's fd (a tap), and an exit eventfd. Each wake-up locks the transport and
 //! runs the device; while the VM is paused the transport's `paused` flag makes that a no-op, and
 //! a kick on resume catches up.
+//!
+//! A worker that panics stops the VMM (see [`failed`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -67,6 +69,7 @@ pub fn spawn<D: VirtioDevice>(
     for (i, e) in queue_evts.iter().enumerate() {
         add(e.as_raw_fd(), i as u64)?;
     }
+    let me = name.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         let mut events = vec![EpollEvent::default(); 16];
         loop {
@@ -93,7 +96,12 @@ pub fn spawn<D: VirtioDevice>(
                         Wake::Queue(i as usize)
                     }
                 };
-                dev.lock().unwrap_or_else(|e| e.into_inner()).process(wake);
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    dev.lock().unwrap_or_else(|e| e.into_inner()).process(wake)
+                }));
+                if ran.is_err() {
+                    failed(&me);
+                }
             }
         }
     })?;
@@ -101,4 +109,96 @@ pub fn spawn<D: VirtioDevice>(
         exit,
         thread: Some(thread),
     })
+}
+
+/// The device's worker panicked (the panic is printed just before, to the VMM's log): the device
+/// answers nothing from now on, so the requests the guest has queued would wait for good while
+/// everything else (the vCPUs, the API) carries on, a hang nobody sees. Stop the VMM instead,
+/// loudly: the host daemon sees it gone and says so, and the disks are as the guest last had
+/// them acknowledged (nothing it was told is done is lost).
+fn failed(name: &str) -> ! {
+    let msg = format!(
+        "virtio device {name}: its worker failed (see the panic above); stopping the VM rather than leave its guest waiting for a device that no longer answers"
+    );
+    tracing::error!("{msg}");
+    eprintln!("ferry: {msg}");
+    std::process::abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::{GuestMemoryMmap, Interrupt, Queue};
+    use vm_memory::GuestAddress;
+
+    struct Broken;
+
+    impl VirtioDevice for Broken {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![8]
+        }
+        fn avail_features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn activate(&mut self, _: u64) {}
+        fn reset(&mut self) {}
+        fn process(&mut self, _: Wake, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
+            panic!("the device broke");
+        }
+    }
+
+    const CHILD: &str = "FERRY_TEST_BROKEN_WORKER";
+
+    #[test]
+    fn a_worker_whose_device_panics_stops_the_vmm_instead_of_hanging_the_guest() {
+        if std::env::var_os(CHILD).is_some() {
+            // The child: a driver brings the device up; its worker runs it and panics.
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let irq = Interrupt::new(EventFd::new(0).unwrap());
+            let t = MmioTransport::new(Broken, mem, irq, EventFd::new(0).unwrap()).unwrap();
+            let dev = Arc::new(Mutex::new(t));
+            let _w = spawn("blk0".into(), dev.clone(), vec![EventFd::new(0).unwrap()]).unwrap();
+            {
+                let mut d = dev.lock().unwrap();
+                d.write(0x24, &1u32.to_le_bytes()); // driver features, high word:
+                d.write(0x20, &1u32.to_le_bytes()); // VIRTIO_F_VERSION_1
+                d.write(0x70, &15u32.to_le_bytes()); // ACK | DRIVER | FEATURES_OK | DRIVER_OK
+            }
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            std::process::exit(0); // still here: the worker did not stop the process
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "virtio::worker::tests::a_worker_whose_device_panics_stops_the_vmm_instead_of_hanging_the_guest",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(6 /* SIGABRT */),
+            "{:?}\n{err}",
+            out.status
+        );
+        assert!(
+            err.contains("the device broke"),
+            "the panic is in the log: {err}"
+        );
+        assert!(
+            err.contains("virtio device blk0: its worker failed"),
+            "and what became of the VM: {err}"
+        );
+    }
 }
