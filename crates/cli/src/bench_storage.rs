@@ -7,7 +7,7 @@
 //! sequential writes at 4 in flight (timed once they have filled the disk), 1 MiB sequential
 //! reads at 4, 4 KiB random writes and reads at 16.
 //!
-//! The move half: a 4 GiB disk (its last GiB full of data, its start taking the guest's
+//! The move half: a 6 GiB disk (its last GiB full of data, its start taking the guest's
 //! writes: 4 KiB records, one in flight, so write latency is 1/IOPS) moved while the guest
 //! writes, by `ferry move --storage-to` (to another folder, and to the share) and, in the same
 //! run, by QEMU's drive-mirror + block-job-complete (to another folder), unlimited and at
@@ -36,7 +36,7 @@ pub struct StorageArgs {
     /// Which half: the share against local disks (`io`), live storage moves (`move`), or both.
     #[arg(long, default_value = "all", value_parser = ["all", "io", "move"])]
     part: String,
-    /// MiB of data at the end of the moved disk (4 GiB; at most 1024).
+    /// MiB of data at the end of the moved disk (6 GiB; at most 1024).
     #[arg(long, default_value_t = 1024)]
     data_mib: u64,
     /// QEMU for the side-by-side move rows.
