@@ -305,6 +305,18 @@ fn mirror_ready(q: &mut Qmp) -> Result<()> {
     }
 }
 
+/// Wait until QEMU's block jobs have ended (a completed or cancelled mirror).
+fn jobs_gone(q: &mut Qmp) -> Result<()> {
+    while q
+        .cmd("query-block-jobs", json!({}))?
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -388,13 +400,7 @@ fn qemu_shared_nothing(
     // the destination runs.
     let migrated = Instant::now();
     sq.cmd("block-job-cancel", json!({"device": "m"}))?;
-    while sq
-        .cmd("query-block-jobs", json!({}))?
-        .as_array()
-        .is_some_and(|a| !a.is_empty())
-    {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    jobs_gone(&mut sq)?;
     dq.cmd("nbd-server-stop", json!({}))?;
     dq.cmd("cont", json!({}))?;
     let last_copy = migrated.elapsed();
@@ -467,13 +473,7 @@ fn qemu_row(
     mirror_ready(&mut q)?;
     let t_switch = Instant::now();
     q.cmd("block-job-complete", json!({"device": "m"}))?;
-    while q
-        .cmd("query-block-jobs", json!({}))?
-        .as_array()
-        .is_some_and(|a| !a.is_empty())
-    {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    jobs_gone(&mut q)?;
     let switch = t_switch.elapsed();
     let total = t0.elapsed();
     let s2 = acked(&con)?;
