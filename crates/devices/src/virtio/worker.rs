@@ -117,11 +117,10 @@ pub fn spawn<D: VirtioDevice>(
 /// loudly: the host daemon sees it gone and says so, and the disks are as the guest last had
 /// them acknowledged (nothing it was told is done is lost).
 fn failed(name: &str) -> ! {
-    let msg = format!(
-        "virtio device {name}: its worker failed (see the panic above); stopping the VM rather than leave its guest waiting for a device that no longer answers"
+    // Straight to stderr (the VMM's log), beside the panic the default hook printed there.
+    eprintln!(
+        "ferry: virtio device {name}: its worker failed (see the panic above); stopping the VM rather than leave its guest waiting for a device that no longer answers"
     );
-    tracing::error!("{msg}");
-    eprintln!("ferry: {msg}");
     std::process::abort();
 }
 
