@@ -64,8 +64,9 @@ const MAX_BATCH: usize = 256;
 /// While less than this is queued, the copy's writer waits up to [`GATHER`] for more before
 /// it writes (unless a flush waits). The guest never waits for that, so the longer the wait,
 /// the fewer times the writer wakes and takes a core from the guest: measured against 200 µs
-/// and 256 KiB, guest write latency during a move to a folder went from 2.0-3.1x of idle to
-/// 1.8-2.1x (5 ms did no better).
+/// and 256 KiB, guest write latency during a move to a folder went from 2.0-3.1x of idle
+/// (single runs) to 1.82x uncapped and 1.96x at 1 Gbit/s (medians of 3; single runs up to
+/// 2.5x). 5 ms did no better.
 const GATHER_BYTES: u64 = 1 << 20;
 const GATHER: Duration = Duration::from_millis(2);
 
